@@ -1,0 +1,12 @@
+"""resify: add residual shortcuts to a PyTorch model by graph surgery, and show the gradient flow."""
+from .analyze import ExistingShortcut, Layer
+from .api import apply, plan
+from .errors import ModelLoadError, PlanError, ResifyError, ResifyWarning, RewriteError, TraceError
+from .planner import Plan, Policy, Site, Skipped
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__", "apply", "plan", "Plan", "Policy", "Site", "Skipped", "ExistingShortcut", "Layer",
+    "ResifyError", "TraceError", "PlanError", "RewriteError", "ModelLoadError", "ResifyWarning",
+]

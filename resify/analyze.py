@@ -1,0 +1,279 @@
+"""Stage 2 of the pipeline: graph facts about a traced model.
+
+From the traced GraphModule, ``analyze`` finds the layers (a parametric op plus the activation,
+norm, dropout and pooling ops that follow it), the shortcuts the model already has (an add or
+concat one of whose operands bypasses the layers the other goes through), and answers, for any
+run of consecutive layers, whether it is a single-entry single-exit region of the data-flow graph
+(dominators and post-dominators computed once with networkx). It changes nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch.fx
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .ops import data_input, follower_role, is_layer_node, layer_kind, layer_name, merge_operands
+from .trace import TensorInfo, Traced
+
+__all__ = ["Layer", "ExistingShortcut", "Analysis", "analyze", "NAMESPACE"]
+
+_SOURCE = "__resify_source__"
+#: The attribute under which resify puts every module and parameter it adds.
+NAMESPACE = "resify"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A parametric op and the parameter-free or normalising ops that follow it."""
+
+    name: str  # qualified module name of the parametric op, e.g. "layers.0.0"
+    kind: str  # "Linear", "Conv2d", …
+    anchor: str  # fx node name of the parametric op
+    output: str  # fx node name of the layer's last op
+    roles: tuple[str, ...]  # roles of the ops that follow: "activation", "norm", …
+    nodes: tuple[str, ...]  # fx node names of the parametric op and its followers
+    in_info: TensorInfo | None
+    out_info: TensorInfo | None
+
+
+@dataclass(frozen=True)
+class ExistingShortcut:
+    """A shortcut the model already has: an add or concat whose one operand bypasses layers."""
+
+    kind: str  # "add" or "concat"
+    node: str  # fx node name of the merge
+    start: str  # first layer (or parametric module) inside the bypassed region
+    end: str  # last one
+    bypass: str  # "identity" (the input itself) or "projection" (through one layer, no activation)
+    layers: tuple[str, ...]  # names of the resify layers inside the region
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "node": self.node, "start": self.start, "end": self.end,
+                "bypass": self.bypass, "layers": list(self.layers)}
+
+
+@dataclass
+class Analysis:
+    """What the analyze stage found; ``span_problem`` answers region questions."""
+
+    traced: Traced
+    layers: list[Layer]
+    existing: list[ExistingShortcut]
+    inside_existing: dict[str, str]  # layer name -> merge node of the shortcut it sits in
+    _order: dict = field(repr=False, default_factory=dict)
+    _idom: dict = field(repr=False, default_factory=dict)
+    _ipdom: dict = field(repr=False, default_factory=dict)
+    _merges: list = field(repr=False, default_factory=list)
+
+    @property
+    def module(self) -> torch.fx.GraphModule:
+        return self.traced.module
+
+    def node(self, name: str) -> torch.fx.Node:
+        return self._nodes[name]
+
+    def __post_init__(self) -> None:
+        self._nodes = {n.name: n for n in self.module.graph.nodes}
+
+    def has_batchnorm(self, layer: Layer) -> bool:
+        """True when one of the layer's ops is a batch norm (a conv projection then gets one too)."""
+        for name in layer.nodes:
+            n = self._nodes[name]
+            if n.op == "call_module" and isinstance(self.module.get_submodule(n.target), _BatchNorm):
+                return True
+            if n.op == "call_function" and n.target is F.batch_norm:
+                return True
+        return False
+
+    def taken_names(self) -> list[str]:
+        """Names already used under the resify namespace (when resify is applied to its own output)."""
+        try:
+            ns = self.module.get_submodule(NAMESPACE)
+        except AttributeError:
+            return []
+        return [name for name, _ in ns.named_children()] + [name for name, _ in ns.named_parameters(recurse=False)]
+
+    def span_problem(self, entry: object, exit: torch.fx.Node) -> str | None:
+        """Why the region from ``entry`` (the span's input) to ``exit`` cannot take a shortcut; None if it can."""
+        if not isinstance(entry, torch.fx.Node) or entry not in self._idom:
+            return "the span's input is a constant, not a value computed from the model's input"
+        if exit not in self._ipdom:
+            return "the span's result does not reach the model's output"
+        lo, hi = self._order[entry], self._order[exit]
+        n = exit
+        while n is not entry and self._order.get(n, -1) > lo:
+            n = self._idom[n]
+        if n is not entry:
+            joiner = self._first_outside_input(entry, exit)
+            return (f"another value ({joiner}) joins the span between its input and output: "
+                    "not single-entry single-exit")
+        n = entry
+        while n is not exit and n in self._ipdom and self._order[n] < hi:
+            n = self._ipdom[n]
+        if n is not exit:
+            return f"{self._escaping_value(entry, exit)}: not single-entry single-exit"
+        for m in self._merges:
+            if lo < self._order[m] <= hi:
+                return f"the span would enclose the existing shortcut at '{m.name}'"
+        return None
+
+    def _region(self, entry: torch.fx.Node, exit: torch.fx.Node) -> list[torch.fx.Node]:
+        lo, hi = self._order[entry], self._order[exit]
+        seen, stack = {entry}, [entry]
+        while stack:
+            n = stack.pop()
+            for u in n.users:
+                if u not in seen and lo < self._order.get(u, hi + 1) <= hi:
+                    seen.add(u)
+                    stack.append(u)
+        return sorted(seen, key=self._order.__getitem__)
+
+    def _first_outside_input(self, entry: torch.fx.Node, exit: torch.fx.Node) -> str:
+        region = set(self._region(entry, exit))
+        for n in sorted(region, key=self._order.__getitem__):
+            for a in n.all_input_nodes:
+                if a not in region and a in self._order:
+                    return f"'{a.name}' into '{n.name}'"
+        return "a value from outside"
+
+    def _escaping_value(self, entry: torch.fx.Node, exit: torch.fx.Node) -> str:
+        region = self._region(entry, exit)
+        inside = set(region)
+        for n in region:
+            if n is exit:
+                continue
+            for u in n.users:
+                if u not in inside:
+                    return f"'{n.name}' is also used by '{u.name}' outside the span"
+        return "a value inside the span is also used outside it"
+
+
+def _dataflow(graph: torch.fx.Graph) -> nx.DiGraph:
+    """Nodes computed from the model's inputs, with an edge from each input to its user."""
+    g = nx.DiGraph()
+    g.add_node(_SOURCE)
+    live: set[torch.fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            live.add(n)
+            g.add_edge(_SOURCE, n)
+            continue
+        inputs = [a for a in n.all_input_nodes if a in live]
+        if inputs:
+            live.add(n)
+            for a in inputs:
+                g.add_edge(a, n)
+    return g
+
+
+def _find_layers(traced: Traced) -> list[Layer]:
+    gm = traced.module
+    layers = []
+    for n in gm.graph.nodes:
+        if not is_layer_node(gm, n) or layer_name(n).startswith(NAMESPACE + "."):
+            continue  # resify's own projections are shortcuts, not layers
+        cur, roles, chain = n, [], [n.name]
+        while len(cur.users) == 1:
+            (u,) = cur.users
+            role = follower_role(gm, u)
+            if role is None or data_input(u) is not cur or is_layer_node(gm, u):
+                break
+            roles.append(role)
+            chain.append(u.name)
+            cur = u
+        x = data_input(n)
+        layers.append(Layer(
+            name=layer_name(n), kind=layer_kind(gm, n), anchor=n.name, output=cur.name,
+            roles=tuple(roles), nodes=tuple(chain),
+            in_info=x.meta.get("resify") if isinstance(x, torch.fx.Node) else None,
+            out_info=cur.meta.get("resify"),
+        ))
+    return layers
+
+
+def _weight(gm: torch.fx.GraphModule, n: torch.fx.Node, anchors: set) -> tuple[int, int, int]:
+    """(layers, parametric modules, activations) of one node, to compare merge operands."""
+    if n in anchors:
+        return 1, 1, 0
+    act = 1 if follower_role(gm, n) == "activation" else 0
+    params = 0
+    if n.op == "call_module":
+        params = int(any(True for _ in gm.get_submodule(n.target).parameters()))
+    return 0, params, act
+
+
+def _backward_set(start: torch.fx.Node, stop: object, order: dict) -> set:
+    """Nodes on paths from ``stop`` (excluded) to ``start`` (included)."""
+    if start is stop:
+        return set()
+    lo = order.get(stop, -1)
+    seen, stack = {start}, [start]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a is not stop and a not in seen and order.get(a, -1) > lo:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def _find_existing(gm, order, idom, layers) -> tuple[list[ExistingShortcut], dict[str, str], list]:
+    anchors = {n for n in gm.graph.nodes if is_layer_node(gm, n)}
+    layer_by_anchor = {layer.anchor: layer for layer in layers}
+    existing, inside, merges = [], {}, []
+    for m in gm.graph.nodes:
+        found = merge_operands(m)
+        if found is None or m not in idom:
+            continue
+        kind, operands = found
+        operands = [o for o in operands if o in order]
+        if len(operands) < 2:
+            continue
+        fork = idom[m]
+        sets = [_backward_set(o, fork, order) for o in operands]
+        weights = []
+        for s in sets:
+            w = [0, 0, 0]
+            for n in s:
+                for i, v in enumerate(_weight(gm, n, anchors)):
+                    w[i] += v
+            weights.append(tuple(w))
+        bypass = [i for i, w in enumerate(weights) if w[2] == 0 and w[0] <= 1]
+        if not bypass:
+            continue
+        b = min(bypass, key=lambda i: sum(weights[i]))
+        heavier = [w for i, w in enumerate(weights) if i != b and (w[0] + w[1]) > 0 and sum(w) > sum(weights[b])]
+        if not heavier:
+            continue
+        region = set().union(*sets)
+        members = sorted((n for n in region if n in anchors or _weight(gm, n, anchors)[1]),
+                         key=order.__getitem__)
+        names = [layer_by_anchor[n.name].name if n.name in layer_by_anchor else str(n.target) for n in members
+                 if not str(n.target).startswith(NAMESPACE + ".")] or [m.name]
+        inner = tuple(layer_by_anchor[n.name].name for n in members if n.name in layer_by_anchor)
+        for name in inner:
+            inside.setdefault(name, m.name)
+        merges.append(m)
+        existing.append(ExistingShortcut(
+            kind=kind, node=m.name, start=names[0], end=names[-1],
+            bypass="identity" if not sets[b] else "projection", layers=inner,
+        ))
+    return existing, inside, merges
+
+
+def analyze(traced: Traced) -> Analysis:
+    """Find layers, existing shortcuts and the dominator trees of a traced model."""
+    gm = traced.module
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    order[_SOURCE] = -1
+    flow = _dataflow(graph)
+    idom = nx.immediate_dominators(flow, _SOURCE)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    ipdom = nx.immediate_dominators(flow.reverse(copy=False), output) if output in flow else {}
+    layers = _find_layers(traced)
+    existing, inside, merges = _find_existing(gm, order, idom, layers)
+    return Analysis(traced, layers, existing, inside, order, idom, ipdom, merges)

@@ -1,0 +1,46 @@
+"""The public entry points: ``apply`` and ``plan``, each running trace → analyze → plan (→ rewrite)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx
+from torch import nn
+
+from .analyze import analyze
+from .planner import Plan, Policy, make_plan
+from .rewrite import rewrite
+from .trace import Traced, trace
+
+__all__ = ["apply", "plan"]
+
+
+def _prepare(model: nn.Module, example_input: Any, policy: dict[str, Any]) -> tuple[Traced, Plan]:
+    pol = Policy.from_kwargs(**policy)
+    traced = trace(model, example_input, leaf_modules=pol.leaf_modules)
+    params = sum(p.numel() for p in model.parameters())
+    return traced, make_plan(analyze(traced), pol, params_before=params)
+
+
+def plan(model: nn.Module, example_input: Any = None, **policy: Any) -> Plan:
+    """Say what ``apply`` would do to ``model``, and why, without changing anything.
+
+    Args:
+        model: any ``nn.Module`` (never modified).
+        example_input: a tensor or tuple of tensors; derived when the first layer is an nn.Linear.
+        **policy: ``shortcut`` ('auto' | 'identity'), ``group``, ``include``, ``exclude``,
+            ``gate`` (None | 'rezero' | 'layerscale'), ``gate_init``, ``leaf_modules``.
+
+    Returns:
+        A frozen :class:`~resify.planner.Plan`: ``sites``, ``skipped`` (with reasons), ``existing``.
+    """
+    return _prepare(model, example_input, policy)[1]
+
+
+def apply(model: nn.Module, example_input: Any = None, **policy: Any) -> torch.fx.GraphModule:
+    """Return a new GraphModule: ``model`` with residual shortcuts added (``model`` is not changed).
+
+    Takes the same arguments as :func:`plan`; the plan that was carried out is in
+    ``result.meta["resify_plan"]``.
+    """
+    traced, the_plan = _prepare(model, example_input, policy)
+    return rewrite(traced.module, the_plan)

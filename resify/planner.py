@@ -1,0 +1,345 @@
+"""Stage 3 of the pipeline: a pure function from the analysis and a policy to a frozen Plan.
+
+The Plan says which shortcuts will be inserted (Sites), which candidates were not used and why
+(Skipped), and which shortcuts the model already has (Existing). It prints as a table and
+converts to a plain dict; ``rewrite`` only executes it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .analyze import Analysis, ExistingShortcut, Layer
+from .errors import PlanError
+from .ops import data_input
+from .trace import TensorInfo
+
+__all__ = ["Policy", "Site", "Skipped", "Plan", "make_plan", "SHORTCUTS", "GATES", "PLAN_SCHEMA_VERSION"]
+
+SHORTCUTS = ("auto", "identity")
+GATES = (None, "rezero", "layerscale")
+PLAN_SCHEMA_VERSION = 1
+_DEFAULT_GATE_INIT = {None: None, "rezero": 0.0, "layerscale": 1e-4}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How to add shortcuts; the keywords of ``resify.apply`` and ``resify.plan``."""
+
+    shortcut: str = "auto"
+    group: int = 1
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    gate: str | None = None
+    gate_init: float | None = None
+    leaf_modules: tuple = ()
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "Policy":
+        """Validate policy keywords; unknown names or values raise PlanError saying what is allowed."""
+        names = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise PlanError(
+                f"unknown policy keyword(s) {', '.join(unknown)}; expected some of {', '.join(sorted(names))}"
+            )
+        for key in ("include", "exclude", "leaf_modules"):
+            value = kwargs.get(key)
+            if value is None:
+                kwargs.pop(key, None)
+            elif isinstance(value, (str, type)):
+                kwargs[key] = (value,)
+            else:
+                kwargs[key] = tuple(value)
+        policy = cls(**kwargs)
+        if policy.shortcut not in SHORTCUTS:
+            raise PlanError(f"shortcut must be one of {', '.join(map(repr, SHORTCUTS))}, found {policy.shortcut!r}")
+        if policy.gate not in GATES:
+            raise PlanError(f"gate must be one of None, 'rezero', 'layerscale', found {policy.gate!r}")
+        if not isinstance(policy.group, int) or isinstance(policy.group, bool) or policy.group < 1:
+            raise PlanError(f"group must be a positive integer (layers per shortcut), found {policy.group!r}")
+        if policy.gate_init is not None and policy.gate is None:
+            raise PlanError("gate_init was given without a gate; pass gate='rezero' or gate='layerscale' too")
+        if policy.gate_init is not None and not math.isfinite(float(policy.gate_init)):
+            raise PlanError(f"gate_init must be a finite number, found {policy.gate_init!r}")
+        return policy
+
+    @property
+    def effective_gate_init(self) -> float | None:
+        return self.gate_init if self.gate_init is not None else _DEFAULT_GATE_INIT[self.gate]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["leaf_modules"] = [x if isinstance(x, str) else x.__name__ for x in self.leaf_modules]
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
+
+
+@dataclass(frozen=True)
+class Site:
+    """One shortcut to insert: around the layers from ``start`` to ``end``."""
+
+    kind: str  # "identity" or "projection"
+    start: str
+    end: str
+    layers: tuple[str, ...]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    gate: str | None
+    gate_init: float | None
+    added_params: int
+    projection: str | None  # e.g. "Linear(128, 64)" or "Conv2d(64, 128, 1×1, stride 2) + BatchNorm2d"
+    # how rewrite finds and builds it
+    anchor: str  # fx node of the first layer's parametric op (its input is the span's input)
+    exit: str  # fx node of the span's output
+    name: str  # key under the resify namespace
+    stride: tuple[int, ...] = ()
+    norm: str | None = None  # BatchNorm type to follow a conv projection
+    channels: tuple[int, int] = (0, 0)  # (in, out) channels or features
+    channel_dim: int = -1  # -1 for [..., C] tensors (Linear), 1 for [N, C, *spatial] (ConvNd)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("layers", "in_shape", "out_shape", "stride", "channels"):
+            d[key] = list(d[key])
+        return d
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A candidate span that was not used, with the reason."""
+
+    start: str
+    end: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``resify.apply`` will do to a model, and why. Frozen; print it or call ``to_dict()``."""
+
+    model_class: str
+    tracer: str
+    policy: Policy
+    n_layers: int
+    params_before: int
+    sites: tuple[Site, ...]
+    skipped: tuple[Skipped, ...]
+    existing: tuple[ExistingShortcut, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def added_params(self) -> int:
+        return sum(s.added_params for s in self.sites)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.sites:
+            out[s.kind] = out.get(s.kind, 0) + 1
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": PLAN_SCHEMA_VERSION,
+            "model_class": self.model_class,
+            "tracer": self.tracer,
+            "policy": self.policy.to_dict(),
+            "n_layers": self.n_layers,
+            "params_before": self.params_before,
+            "added_params": self.added_params,
+            "sites": [s.to_dict() for s in self.sites],
+            "skipped": [s.to_dict() for s in self.skipped],
+            "existing": [e.to_dict() for e in self.existing],
+        }
+
+    def summary(self) -> str:
+        """One line: sites by kind, parameters added and growth."""
+        by_kind = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items())) or "none"
+        growth = 100.0 * self.added_params / self.params_before if self.params_before else 0.0
+        return (f"{len(self.sites)} shortcut(s) ({by_kind}); {len(self.skipped)} skipped; "
+                f"{len(self.existing)} existing; +{self.added_params:,} parameters (+{growth:.2f}%)")
+
+    def __str__(self) -> str:
+        return format_plan(self)
+
+
+def _shape(s: Sequence[int]) -> str:
+    return "[" + ", ".join(str(x) for x in s) + "]"
+
+
+def _span_label(start: str, end: str) -> str:
+    return start if start == end else f"{start} … {end}"
+
+
+def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return [fmt(header), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]]
+
+
+def format_plan(plan: Plan, width: int = 100) -> str:
+    """The plan as an aligned text table (sites, skipped with reasons, existing, totals)."""
+    lines = [f"resify plan for {plan.model_class} ({plan.tracer} trace, {plan.n_layers} layers, "
+             f"{plan.params_before:,} parameters)"]
+    if plan.sites:
+        rows = [[_span_label(s.start, s.end), f"{_shape(s.in_shape)} -> {_shape(s.out_shape)}",
+                 s.kind if s.projection is None else s.projection, s.gate or "-", f"{s.added_params:,}"]
+                for s in plan.sites]
+        lines += ["", *_table(["span", "shape", "shortcut", "gate", "+params"], rows)]
+    else:
+        lines += ["", "no shortcut will be added"]
+    if plan.skipped:
+        lines += ["", f"skipped ({len(plan.skipped)}):"]
+        for s in plan.skipped:
+            lines.append(_clip(f"  {_span_label(s.start, s.end)}: {s.reason}", width))
+    if plan.existing:
+        lines += ["", f"existing shortcuts ({len(plan.existing)}):"]
+        for e in plan.existing:
+            lines.append(_clip(f"  {e.kind} at {e.node} over {_span_label(e.start, e.end)} ({e.bypass})", width))
+    lines += ["", "total: " + plan.summary()]
+    return "\n".join(lines)
+
+
+def _clip(line: str, width: int) -> str:
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# the pure planning function
+
+
+def _pattern_reason(name: str, policy: Policy) -> str | None:
+    for p in policy.exclude:
+        if fnmatch.fnmatchcase(name, p):
+            return f"excluded by pattern {p!r}"
+    if policy.include and not any(fnmatch.fnmatchcase(name, p) for p in policy.include):
+        return f"not matched by include={list(policy.include)!r}"
+    return None
+
+
+def _conv_stride(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Integer strides s with ceil(in/s) == out per spatial dim (what a 1×1 conv of stride s gives)."""
+    strides = []
+    for i, o in zip(in_shape[2:], out_shape[2:]):
+        if o <= 0:
+            return None
+        found = None
+        for s in {max(1, i // o), max(1, -(-i // o))}:
+            if -(-i // s) == o:
+                found = s
+                break
+        if found is None:
+            return None
+        strides.append(found)
+    return tuple(strides)
+
+
+def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name: str) -> Site | str:
+    """A Site for the span over ``layers``, or the reason there cannot be one."""
+    first, last = layers[0], layers[-1]
+    anchor = analysis.node(first.anchor)
+    exit = analysis.node(last.output)
+    problem = analysis.span_problem(data_input(anchor), exit)
+    if problem:
+        return problem
+    src: TensorInfo | None = first.in_info
+    dst: TensorInfo | None = last.out_info
+    if src is None or dst is None:
+        return "no tensor shape was recorded for the span's input or output"
+    if not src.is_float or not dst.is_float:
+        return f"non-float input ({src.dtype}); shortcuts need floating-point tensors"
+    if src.dtype != dst.dtype:
+        return f"dtype changes across the span ({src.dtype} -> {dst.dtype})"
+    gate, gate_init = policy.gate, policy.effective_gate_init
+    common = dict(start=first.name, end=last.name, layers=tuple(l.name for l in layers),
+                  in_shape=src.shape, out_shape=dst.shape, gate=gate, gate_init=gate_init,
+                  anchor=first.anchor, exit=last.output, name=name)
+    channel_dim = -1 if first.kind == "Linear" else 1
+    common["channel_dim"] = channel_dim
+    out_c = dst.shape[channel_dim] if dst.shape else 1
+    gate_params = {None: 0, "rezero": 1, "layerscale": out_c}[gate]
+    if src.shape == dst.shape:
+        return Site(kind="identity", added_params=gate_params, projection=None,
+                    channels=(out_c, out_c), **common)
+    change = f"{_shape(src.shape)} -> {_shape(dst.shape)}"
+    if policy.shortcut == "identity":
+        return (f"shape changes {change}; shortcut='identity' adds shortcuts only where shapes "
+                "match; try shortcut='auto' for a learned projection")
+    if len(src.shape) != len(dst.shape):
+        return f"rank change {change} (e.g. a flatten) inside the span; a projection cannot bridge it"
+    if first.kind == "Linear":
+        if src.shape[:-1] != dst.shape[:-1]:
+            return f"unsupported shape change {change}: a Linear projection changes the last dimension only"
+        cin, cout = src.shape[-1], dst.shape[-1]
+        return Site(kind="projection", added_params=cin * cout + cout + gate_params,
+                    projection=f"Linear({cin}, {cout})", channels=(cin, cout), **common)
+    dims = int(first.kind[-2])  # "Conv2d" -> 2
+    if len(src.shape) != dims + 2 or src.shape[0] != dst.shape[0]:
+        return f"unsupported shape change {change} for a {first.kind} span"
+    stride = _conv_stride(src.shape, dst.shape)
+    if stride is None:
+        return (f"unsupported shape change {change}: the spatial size does not shrink by an integer "
+                "stride, so a strided 1×1 projection cannot match it")
+    cin, cout = src.shape[1], dst.shape[1]
+    norm = next((f"BatchNorm{dims}d" for l in layers for r in l.roles if r == "norm"
+                 and analysis.has_batchnorm(l)), None)
+    added = cin * cout + (2 * cout if norm else 0) + gate_params
+    label = f"Conv{dims}d({cin}, {cout}, 1, stride={stride[0] if len(set(stride)) == 1 else stride})"
+    return Site(kind="projection", added_params=added, projection=label + (f" + {norm}" if norm else ""),
+                stride=stride, norm=norm, channels=(cin, cout), **common)
+
+
+def _site_name(layers: Sequence[Layer], taken: set[str]) -> str:
+    base = layers[0].name.replace(".", "_") or "layer"
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0) -> Plan:
+    """Decide the shortcut sites for an analysed model under ``policy`` (pure: changes nothing)."""
+    skipped: list[Skipped] = []
+    runs: list[list[Layer]] = [[]]
+    for layer in analysis.layers:
+        reason = None
+        if layer.name in analysis.inside_existing:
+            reason = f"inside the existing shortcut at '{analysis.inside_existing[layer.name]}'"
+        else:
+            reason = _pattern_reason(layer.name, policy)
+        if reason:
+            skipped.append(Skipped(layer.name, layer.name, reason))
+            if runs[-1]:
+                runs.append([])
+        else:
+            runs[-1].append(layer)
+    taken = set(analysis.taken_names())
+    sites: list[Site] = []
+    for run in runs:
+        i = 0
+        while i < len(run):
+            group = run[i:i + policy.group]
+            if len(group) < policy.group:
+                skipped.append(Skipped(group[0].name, group[-1].name,
+                                       f"only {len(group)} layer(s) left for group={policy.group}"))
+                break
+            found = _site_for(group, analysis, policy, _site_name(group, taken))
+            if isinstance(found, Site):
+                sites.append(found)
+                i += policy.group
+            else:
+                skipped.append(Skipped(group[0].name, group[-1].name, found))
+                i += 1 if policy.group > 1 else policy.group
+    return Plan(
+        model_class=analysis.traced.model_class, tracer=analysis.traced.tracer, policy=policy,
+        n_layers=len(analysis.layers), params_before=params_before, sites=tuple(sites),
+        skipped=tuple(skipped), existing=tuple(analysis.existing),
+    )

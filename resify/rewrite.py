@@ -1,0 +1,120 @@
+"""Stage 4 of the pipeline: execute a Plan on the traced private copy and return the new GraphModule.
+
+For each Site it inserts, right after the span's output, ``out = gate·F(x) + S(x)`` where S is
+the identity or a learned projection (nn.Linear; or a 1×1 strided ConvNd, with a BatchNorm when
+the span has one) and the gate, when asked for, is a learnable scalar (rezero) or per-channel
+vector (layerscale). Everything new lives under the ``resify`` namespace, on the device and
+dtype of the layer it bridges. Original layers keep their qualified names.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+from torch import nn
+
+from .analyze import NAMESPACE
+from .errors import RewriteError
+from .ops import data_input, layer_weight
+from .planner import Plan, Site
+from .trace import TensorInfo
+
+__all__ = ["rewrite"]
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BATCHNORM = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d, "BatchNorm3d": nn.BatchNorm3d}
+
+
+def _container(gm: torch.fx.GraphModule, path: str) -> nn.Module:
+    """The module at ``path`` under gm, creating empty containers where missing."""
+    mod: nn.Module = gm
+    for atom in path.split("."):
+        child = getattr(mod, atom, None)
+        if child is None:
+            child = nn.Module()
+            child.training = gm.training
+            mod.add_module(atom, child)
+        elif not isinstance(child, nn.Module):
+            raise RewriteError(
+                f"cannot add shortcut modules under '{path}': the model already has a non-module "
+                f"attribute '{atom}' there; rename it or exclude that layer"
+            )
+        mod = child
+    return mod
+
+
+def _projection(site: Site, factory: dict) -> list[tuple[str, nn.Module]]:
+    cin, cout = site.channels
+    if not site.stride:
+        return [("proj", nn.Linear(cin, cout, bias=True, **factory))]
+    conv = _CONV[len(site.stride)](cin, cout, kernel_size=1, stride=site.stride, bias=False, **factory)
+    mods: list[tuple[str, nn.Module]] = [("proj", conv)]
+    if site.norm:
+        mods.append(("norm", _BATCHNORM[site.norm](cout, **factory)))
+    return mods
+
+
+def _gate_parameter(site: Site, factory: dict) -> torch.Tensor:
+    init = float(site.gate_init if site.gate_init is not None else 0.0)
+    if site.gate == "rezero":
+        return torch.full((), init, **factory)
+    channels = site.channels[1]
+    ones = (1,) * (len(site.out_shape) - 2) if site.channel_dim == 1 else ()
+    return torch.full((channels, *ones), init, **factory)
+
+
+def _insert_site(gm: torch.fx.GraphModule, nodes: dict[str, torch.fx.Node], site: Site) -> None:
+    graph = gm.graph
+    try:
+        anchor, exit = nodes[site.anchor], nodes[site.exit]
+    except KeyError as e:
+        raise RewriteError(f"the plan names node {e} that is not in this graph; make the plan from the same model") from e
+    entry = data_input(anchor)
+    weight = layer_weight(gm, anchor)
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    prefix = f"{NAMESPACE}.{site.name}"
+    info = TensorInfo(tuple(site.out_shape), weight.dtype)
+    new: set[torch.fx.Node] = set()
+
+    def made(n: torch.fx.Node) -> torch.fx.Node:
+        n.meta["resify"] = info
+        new.add(n)
+        return n
+
+    with graph.inserting_before(exit.next):
+        shortcut = entry
+        if site.kind == "projection":
+            for attr, mod in _projection(site, factory):
+                mod.train(gm.training)
+                _container(gm, prefix).add_module(attr, mod)
+                shortcut = made(graph.call_module(f"{prefix}.{attr}", (shortcut,)))
+        branch = exit
+        if site.gate is not None:
+            param = nn.Parameter(_gate_parameter(site, factory))
+            attr = "alpha" if site.gate == "rezero" else "gamma"
+            _container(gm, prefix).register_parameter(attr, param)
+            scale = graph.get_attr(f"{prefix}.{attr}")
+            scale.meta["resify"] = None
+            new.add(scale)
+            branch = made(graph.call_function(operator.mul, (exit, scale)))
+        out = made(graph.call_function(operator.add, (branch, shortcut)))
+    exit.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new)
+
+
+def rewrite(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    """Insert the plan's shortcuts into ``gm`` (a private traced copy) and return it recompiled.
+
+    Raises:
+        RewriteError: the plan does not fit this graph, or the result fails ``graph.lint()``.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for site in plan.sites:
+        _insert_site(gm, nodes, site)
+    try:
+        gm.graph.lint()
+    except Exception as e:  # pragma: no cover - a bug in resify, not in the user's model
+        raise RewriteError(f"the rewritten graph is invalid ({e}); please report this with the model") from e
+    gm.recompile()
+    gm.meta["resify_plan"] = plan
+    return gm

@@ -1,0 +1,442 @@
+"""Stage 1 of the pipeline: capture a model as a torch.fx graph with a shape on every node.
+
+``trace`` deep-copies the model (the caller's model is never touched), tries torch.fx symbolic
+tracing with the standard ``torch.nn`` layers as leaves and, when that fails on data-dependent
+control flow (``if x.shape == y.shape``, ``len(x)``, ``int(x.size(0))``), falls back to a tracer
+that runs the model on the concrete example input and specialises every such decision on it.
+It writes one thing: ``node.meta["resify"]``, a :class:`TensorInfo` for each tensor-valued node.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import os
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.node import map_arg
+from torch.fx.proxy import Attribute, Proxy
+
+from .errors import ResifyWarning, TraceError
+
+__all__ = ["TensorInfo", "Traced", "trace", "as_inputs", "derive_example_input", "LeafSpec"]
+
+#: Module types or glob patterns on qualified module names that the tracer keeps whole.
+LeafSpec = Iterable[Union[type, str]]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of the tensor a graph node produced on the example input."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+@dataclass
+class Traced:
+    """A traced private copy of the model, with shapes, and how it was captured."""
+
+    module: torch.fx.GraphModule
+    tracer: str  # "symbolic" or "concrete"
+    example_inputs: tuple[Any, ...]
+    model_class: str
+    training: bool
+
+
+def as_inputs(example_input: Any) -> tuple[Any, ...] | None:
+    """Normalise ``example_input`` (a tensor, a tuple/list of tensors, or None) to a tuple."""
+    if example_input is None:
+        return None
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input)
+    raise TraceError(
+        f"example_input must be a tensor or a tuple of tensors, found {type(example_input).__name__}; "
+        "pass e.g. example_input=torch.randn(8, 3, 32, 32)"
+    )
+
+
+def _first_parameter(model: nn.Module) -> torch.Tensor | None:
+    return next(iter(model.parameters()), None)
+
+
+def derive_example_input(model: nn.Module, first_layer: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
+    """Build an example input when the model's first layer fixes its shape (nn.Linear → (2, in_features)).
+
+    Raises:
+        TraceError: the first layer does not fix the input shape; the message suggests one.
+    """
+    if first_layer is None:
+        first_layer = next(
+            (m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None
+        )
+    param = _first_parameter(model)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    if isinstance(first_layer, nn.Linear):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, first_layer.in_features, generator=g, dtype=dtype)
+        return (x.to(device),)
+    hint = "example_input=torch.randn(...)"
+    if isinstance(first_layer, nn.modules.conv._ConvNd):
+        spatial = ", ".join(["32"] * (first_layer.weight.dim() - 2))
+        hint = f"example_input=torch.randn(2, {first_layer.in_channels}, {spatial})"
+    found = type(first_layer).__name__ if first_layer is not None else "no layer with parameters"
+    raise TraceError(
+        f"no example_input given and the first layer ({found}) does not fix the input shape; "
+        f"pass one, e.g. {hint} (CLI: --input-shape)"
+    )
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Symbolic tracer that keeps torch.nn layers and user-named modules whole."""
+
+    def __init__(self, leaves: LeafSpec = ()) -> None:
+        super().__init__()
+        leaves = list(leaves)
+        self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self._leaf_names = [x for x in leaves if isinstance(x, str)]
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if any(fnmatch.fnmatchcase(module_qualified_name, p) for p in self._leaf_names):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+class _ConcreteMixin:
+    """Proxy behaviour that answers Python's questions (bool, len, int) from concrete values."""
+
+    tracer: _ConcreteTracer
+
+    def __getattr__(self, k: str) -> Attribute:
+        return _ConcreteAttribute(self, k)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.tracer.value_of(self))
+
+    def __int__(self) -> int:
+        return int(self.tracer.value_of(self, specialise=True))
+
+    def __index__(self) -> int:
+        return int(self.tracer.value_of(self, specialise=True))
+
+    def __float__(self) -> float:
+        return float(self.tracer.value_of(self, specialise=True))
+
+
+class _ConcreteProxy(_ConcreteMixin, Proxy):
+    pass
+
+
+class _ConcreteAttribute(_ConcreteMixin, Attribute):
+    pass
+
+
+class _ConcreteTracer(_LeafTracer):
+    """Tracer whose proxies carry the value the op computed on the example input.
+
+    Control flow that depends on those values is decided on them (and counted in
+    ``specialised``); the recorded graph is therefore valid for inputs shaped like the example.
+    """
+
+    def __init__(self, inputs: tuple[Any, ...], leaves: LeafSpec = ()) -> None:
+        super().__init__(leaves)
+        self._inputs = inputs
+        self._placeholders = 0
+        self.values: dict[torch.fx.Node, Any] = {}
+        self.specialised = 0
+        self._computing = False  # True while a leaf module runs on concrete values
+
+    def call_module(self, m, forward, args, kwargs):  # type: ignore[override]
+        if self._computing:  # inside a leaf's own forward: plain execution, nothing recorded
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):  # type: ignore[override]
+        if self._computing:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def proxy(self, node: torch.fx.Node) -> Proxy:
+        return _ConcreteProxy(node, self)
+
+    def _fetch_attr(self, target: str) -> Any:
+        obj: Any = self.root
+        for atom in target.split("."):
+            obj = getattr(obj, atom)
+        return obj
+
+    def _value_of_node(self, n: torch.fx.Node) -> Any:
+        if n not in self.values and n.op == "get_attr":
+            self.values[n] = self._fetch_attr(n.target)  # type: ignore[arg-type]
+        return self.values[n]
+
+    def value_of(self, p: Proxy, specialise: bool = False) -> Any:
+        if specialise:
+            self.specialised += 1
+        return self._value_of_node(p.node)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[override]
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        vargs = map_arg(node.args, self._value_of_node)
+        vkwargs = map_arg(node.kwargs, self._value_of_node)
+        self._computing = True
+        try:
+            value = self._compute(kind, target, node, vargs, vkwargs)
+        finally:
+            self._computing = False
+        self.values[node] = value
+        return proxy
+
+    def _compute(self, kind: str, target: Any, node: torch.fx.Node, vargs: Any, vkwargs: Any) -> Any:
+        with torch.no_grad():
+            if kind == "placeholder":
+                i = self._placeholders
+                self._placeholders += 1
+                if i < len(self._inputs):
+                    value = self._inputs[i]
+                elif node.args:
+                    value = node.args[0]
+                else:
+                    raise TraceError(
+                        f"the model's forward takes an input '{target}' that example_input does not "
+                        f"provide (found {len(self._inputs)} input(s)); pass a tuple with one tensor per input"
+                    )
+            elif kind == "get_attr":
+                value = self._fetch_attr(target)
+            elif kind == "call_function":
+                value = target(*vargs, **vkwargs)
+            elif kind == "call_method":
+                value = getattr(vargs[0], target)(*vargs[1:], **vkwargs)
+            elif kind == "call_module":
+                value = self.root.get_submodule(target)(*vargs, **vkwargs)
+            else:
+                value = None
+        return value
+
+    def to_bool(self, obj: Proxy) -> bool:
+        return bool(self.value_of(obj, specialise=True))
+
+    def iter(self, obj: Proxy) -> Iterator:
+        n = len(self.value_of(obj, specialise=True))
+        return (obj[i] for i in range(n))
+
+    def keys(self, obj: Proxy) -> Any:
+        return self.value_of(obj, specialise=True).keys()
+
+
+@contextlib.contextmanager
+def _state_kept(module: nn.Module) -> Iterator[None]:
+    """Run code on ``module`` without changing its buffers (BatchNorm statistics) or any RNG."""
+    saved = {name: b.clone() for name, b in module.named_buffers()}
+    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                if name in saved and b.shape == saved[name].shape:
+                    b.copy_(saved[name])
+
+
+def _tensor_info(value: Any) -> TensorInfo | None:
+    if isinstance(value, torch.Tensor):
+        return TensorInfo(tuple(value.shape), value.dtype)
+    return None
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Runs the graph on the example input and records a TensorInfo per node (cf. ShapeProp)."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except TraceError:
+            raise
+        except Exception as e:  # the user's model rejected the input: say where and why
+            raise TraceError(_rejection_message(self.module, n, self._arg_shapes(n), e)) from e
+        n.meta["resify"] = _tensor_info(result)
+        return result
+
+    def _arg_shapes(self, n: torch.fx.Node) -> list[tuple[int, ...]]:
+        shapes = []
+        for a in n.all_input_nodes:
+            info = a.meta.get("resify")
+            if info is not None:
+                shapes.append(info.shape)
+        return shapes
+
+
+def _rejection_message(root: nn.Module, n: torch.fx.Node, shapes: list, e: Exception) -> str:
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    shown = ", ".join(str(list(s)) for s in shapes) or "its input"
+    if n.op == "call_module":
+        what = f"layer '{n.target}' ({type(root.get_submodule(n.target)).__name__})"
+    else:
+        what = f"operation '{n.name}' ({n.format_node()})"
+    return (
+        f"{what} rejected input of shape {shown}: {first_line}; "
+        "pass an example_input with the shape the model expects (CLI: --input-shape)"
+    )
+
+
+def _user_frame(e: BaseException) -> str:
+    """The innermost source line outside torch where ``e`` was raised, as 'file:line: code'."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    frames = [f for f in frames if os.path.basename(os.path.dirname(f.filename)) != "resify"]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {os.path.basename(f.filename)}:{f.lineno} `{(f.line or '').strip()}`"
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def trace(
+    model: nn.Module,
+    example_input: Any = None,
+    *,
+    leaf_modules: LeafSpec = (),
+) -> Traced:
+    """Trace a private copy of ``model`` into a GraphModule with a TensorInfo on every tensor node.
+
+    Args:
+        model: any ``nn.Module``; it is deep-copied and never changed.
+        example_input: a tensor or tuple of tensors; derived when the first layer fixes it.
+        leaf_modules: module types or glob patterns on qualified names to keep whole.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        TraceError: both tracers failed, or the example input was rejected.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"resify expects a torch.nn.Module, found {type(model).__name__}; "
+            "pass the model object itself (e.g. resify.apply(MyNet(), x))"
+        )
+    leaves = list(leaf_modules)
+    inputs = as_inputs(example_input)
+    try:
+        private = copy.deepcopy(model)
+    except Exception as e:
+        raise TraceError(f"could not copy {type(model).__name__} ({_one_line(e)}); resify works on a deep copy") from e
+    name = type(model).__name__
+
+    symbolic_error: Exception | None = None
+    where = module_hint = ""
+    tracer_used = "symbolic"
+    try:
+        tracer = _LeafTracer(leaves)
+        graph = tracer.trace(private)
+    except Exception as e:  # any failure of symbolic tracing sends us to the concrete tracer
+        symbolic_error = e
+        where = _user_frame(e)
+        module_hint = _current_module(tracer)
+
+    if symbolic_error is None:
+        gm = torch.fx.GraphModule(tracer.root, graph, name)
+        if inputs is None:
+            inputs = derive_example_input(private, _first_called_module(gm))
+        with _state_kept(gm):
+            _ShapeRecorder(gm).run(*inputs)
+    else:
+        if inputs is None:
+            try:
+                inputs = derive_example_input(private)
+            except TraceError as e:
+                raise TraceError(
+                    f"symbolic tracing of {name} failed{where}: {_one_line(symbolic_error)}; "
+                    f"tracing on a concrete input needs one: {e}"
+                ) from symbolic_error
+        tracer_used = "concrete"
+        ctracer = _ConcreteTracer(inputs, leaves)
+        try:
+            with _state_kept(private):
+                graph = ctracer.trace(private)
+        except TraceError:
+            raise
+        except Exception as e:
+            shapes = ", ".join(str(list(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
+            raise TraceError(
+                f"could not trace {name}: symbolic tracing failed{where}{module_hint}: "
+                f"{_one_line(symbolic_error)}; tracing on the example input {shapes} failed{_user_frame(e)}"
+                f"{_current_module(ctracer)}: {_one_line(e)}; "
+                "try leaf_modules=[...] (CLI: --leaf) for the module named, or check the example input's shape"
+            ) from e
+        _drop_specialisation_nodes(graph, ctracer.values)
+        for n in graph.nodes:
+            n.meta["resify"] = _tensor_info(ctracer.values.get(n))
+        gm = torch.fx.GraphModule(ctracer.root, graph, name)
+        if ctracer.specialised:
+            warnings.warn(
+                f"{name} has data-dependent control flow{where} that symbolic tracing cannot capture "
+                f"({_one_line(symbolic_error)}); traced it on the example input instead: the converted "
+                "model is valid for inputs shaped like " + ", ".join(
+                    str(list(t.shape)) for t in inputs if isinstance(t, torch.Tensor)),
+                ResifyWarning,
+                stacklevel=3,
+            )
+    gm.train(model.training)
+    _copy_training_flags(gm, model)
+    return Traced(gm, tracer_used, inputs, name, model.training)
+
+
+def _copy_training_flags(gm: torch.fx.GraphModule, source: nn.Module) -> None:
+    """gm.train() set every submodule's flag; give each the flag it has in the user's model (read only)."""
+    flags = {name: m.training for name, m in source.named_modules()}
+    for name, m in gm.named_modules():
+        if name and name in flags:
+            m.training = flags[name]
+
+
+def _current_module(tracer: torch.fx.Tracer) -> str:
+    stack = list(getattr(tracer, "module_stack", {}) or {})
+    stack = [s for s in stack if s]
+    return f" in module '{stack[-1]}'" if stack else ""
+
+
+def _first_called_module(gm: torch.fx.GraphModule) -> nn.Module | None:
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            if any(True for _ in m.parameters()):
+                return m
+    return None
+
+
+def _drop_specialisation_nodes(graph: torch.fx.Graph, values: dict) -> None:
+    """Remove unused nodes that computed non-tensor values only to decide control flow."""
+    for n in reversed(list(graph.nodes)):
+        if n.op in ("call_function", "call_method") and not n.users:
+            v = values.get(n)
+            if not isinstance(v, torch.Tensor) and not _holds_tensor(v):
+                graph.erase_node(n)
+
+
+def _holds_tensor(v: Any) -> bool:
+    if isinstance(v, (list, tuple)):
+        return any(_holds_tensor(x) for x in v)
+    if isinstance(v, dict):
+        return any(_holds_tensor(x) for x in v.values())
+    return isinstance(v, torch.Tensor)

@@ -1,0 +1,131 @@
+"""The plan stage: policies, groups, patterns, reasons, printing and dict conversion."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import resify
+from reference import ImprovedResidualNetwork, vgg_style_cnn
+
+
+def test_plan_prints_a_table_and_converts_to_json():
+    plan = resify.plan(ImprovedResidualNetwork([128, 64, 32, 16, 8, 1], False), torch.randn(10, 128))
+    text = str(plan)
+    assert "layers.0.0" in text and "Linear(128, 64)" in text and "[10, 128] -> [10, 64]" in text
+    assert "total: 5 shortcut(s) (5 projection)" in text
+    d = json.loads(json.dumps(plan.to_dict()))
+    assert d["schema_version"] == 1
+    assert [s["kind"] for s in d["sites"]] == ["projection"] * 5
+    assert d["sites"][0]["in_shape"] == [10, 128] and d["sites"][0]["added_params"] == 128 * 64 + 64
+    assert d["policy"]["shortcut"] == "auto"
+
+
+def test_plan_is_frozen():
+    plan = resify.plan(ImprovedResidualNetwork([8, 8], False))
+    with pytest.raises(AttributeError):
+        plan.sites = ()  # type: ignore[misc]
+
+
+def test_group_spans_several_layers():
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(16, 16), nn.ReLU())])
+    plan = resify.plan(model, torch.randn(2, 16), group=2)
+    assert [(s.start, s.end) for s in plan.sites] == [("0", "2"), ("4", "6"), ("8", "10")]
+    assert all(len(s.layers) == 2 for s in plan.sites)
+    plan3 = resify.plan(model, torch.randn(2, 16), group=4)
+    assert [(s.start, s.end) for s in plan3.sites] == [("0", "6")]
+    assert plan3.skipped[-1].reason == "only 2 layer(s) left for group=4"
+    x = torch.randn(3, 16)
+    converted = resify.apply(model, x, group=2)
+    ref = x
+    for i in range(0, 12, 4):
+        ref = ref + model[i + 3](model[i + 2](model[i + 1](model[i](ref))))
+    torch.testing.assert_close(converted(x), ref)
+
+
+def test_include_and_exclude_patterns():
+    model = vgg_style_cnn()
+    x = torch.randn(2, 3, 16, 16)
+    plan = resify.plan(model, x, exclude=["2*"])
+    assert "20" not in [s.start for s in plan.sites]
+    assert any(s.start == "20" and "excluded by pattern '2*'" in s.reason for s in plan.skipped)
+    plan = resify.plan(model, x, include="1?")
+    assert [s.start for s in plan.sites] == ["10", "13", "17"]
+    assert any("not matched by include" in s.reason for s in plan.skipped)
+
+
+def test_flatten_inside_a_group_is_a_rank_change():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    plan = resify.plan(model, torch.randn(2, 3, 8, 8), group=2)
+    assert plan.sites == ()
+    assert "rank change [2, 3, 8, 8] -> [2, 10]" in plan.skipped[0].reason
+
+
+def test_unsupported_spatial_change_is_skipped_with_reason():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))  # 10x10 -> 8x8
+    plan = resify.plan(model, torch.randn(2, 3, 10, 10))
+    assert [s.start for s in plan.sites] == ["2"]
+    assert "not shrink by an integer stride" in plan.skipped[0].reason
+
+
+def test_branches_are_not_single_entry_single_exit():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Linear(8, 8)
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.trunk(x))
+            return self.a(h) * self.b(h)
+
+    plan = resify.plan(TwoHeads(), torch.randn(2, 8))
+    assert [s.start for s in plan.sites] == ["trunk"]
+    reasons = {s.start: s.reason for s in plan.skipped}
+    assert "also used by" in reasons["a"] and "single-entry single-exit" in reasons["a"]
+
+
+def test_functional_layers_are_found():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(16, 16) * 0.1)
+            self.w2 = nn.Parameter(torch.randn(8, 16) * 0.1)
+
+        def forward(self, x):
+            x = torch.tanh(nn.functional.linear(x, self.w1))
+            return nn.functional.linear(x, self.w2)
+
+    x = torch.randn(2, 16)
+    model = Functional()
+    converted = resify.apply(model, x)
+    plan = converted.meta["resify_plan"]
+    assert [(s.start, s.kind) for s in plan.sites] == [("w1", "identity"), ("w2", "projection")]
+    assert converted(x).shape == (2, 8)
+
+
+def test_non_float_input_is_skipped():
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x.float())
+
+    plan = resify.plan(Embed(), torch.ones(2, 4, 5, dtype=torch.long))
+    assert plan.sites[0].in_shape == (2, 4, 5)  # the cast is before the layer: its input is float
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"shortcut": "sideways"}, "shortcut must be one of 'auto', 'identity'"),
+    ({"gate": "sigmoid"}, "gate must be one of"),
+    ({"group": 0}, "group must be a positive integer"),
+    ({"group": 1.5}, "group must be a positive integer"),
+    ({"gate_init": 0.1}, "gate_init was given without a gate"),
+    ({"shorcut": "auto"}, "unknown policy keyword"),
+])
+def test_bad_policies_raise_plan_errors(kwargs, match):
+    with pytest.raises(resify.PlanError, match=match):
+        resify.plan(ImprovedResidualNetwork([8, 8], False), **kwargs)
