@@ -3,10 +3,12 @@ from .analyze import ExistingShortcut, Layer
 from .api import apply, plan
 from .errors import ModelLoadError, PlanError, ResifyError, ResifyWarning, RewriteError, TraceError
 from .planner import Plan, Policy, Site, Skipped
+from .report import FlowComparison, GradientFlow, LayerFlow, compare, gradient_flow
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "apply", "plan", "Plan", "Policy", "Site", "Skipped", "ExistingShortcut", "Layer",
     "ResifyError", "TraceError", "PlanError", "RewriteError", "ModelLoadError", "ResifyWarning",
+    "gradient_flow", "compare", "GradientFlow", "FlowComparison", "LayerFlow",
 ]

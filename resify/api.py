@@ -40,7 +40,10 @@ def apply(model: nn.Module, example_input: Any = None, **policy: Any) -> torch.f
     """Return a new GraphModule: ``model`` with residual shortcuts added (``model`` is not changed).
 
     Takes the same arguments as :func:`plan`; the plan that was carried out is in
-    ``result.meta["resify_plan"]``.
+    ``result.meta["resify_plan"]`` and the example input used (given or derived) in
+    ``result.meta["resify_example_inputs"]``.
     """
     traced, the_plan = _prepare(model, example_input, policy)
-    return rewrite(traced.module, the_plan)
+    result = rewrite(traced.module, the_plan)
+    result.meta["resify_example_inputs"] = traced.example_inputs
+    return result

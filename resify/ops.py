@@ -21,6 +21,7 @@ __all__ = [
     "layer_weight",
     "follower_role",
     "merge_operands",
+    "describe",
 ]
 
 #: Parametric modules that make a layer (the seed's nn.Linear, and convolutions).
@@ -135,6 +136,17 @@ def follower_role(gm: torch.fx.GraphModule, n: torch.fx.Node) -> str | None:
     if n.op == "call_method" and n.target in _ACTIVATION_METHODS:
         return "activation"
     return None
+
+
+def describe(gm: torch.fx.GraphModule, n: torch.fx.Node) -> str:
+    """A short human name for a node: "'21' (Flatten)", "'view' (Tensor.view)", "'add' (add)"."""
+    if n.op == "call_module":
+        return f"'{n.target}' ({type(gm.get_submodule(n.target)).__name__})"
+    if n.op == "call_method":
+        return f"'{n.name}' (Tensor.{n.target})"
+    if n.op == "call_function":
+        return f"'{n.name}' ({getattr(n.target, '__name__', str(n.target))})"
+    return f"'{n.name}'"
 
 
 def is_activation(gm: torch.fx.GraphModule, n: torch.fx.Node) -> bool:

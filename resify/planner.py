@@ -19,7 +19,7 @@ from .trace import TensorInfo
 
 __all__ = ["Policy", "Site", "Skipped", "Plan", "make_plan", "SHORTCUTS", "GATES", "PLAN_SCHEMA_VERSION"]
 
-SHORTCUTS = ("auto", "identity")
+SHORTCUTS = ("auto", "identity", "dense")
 GATES = (None, "rezero", "layerscale")
 PLAN_SCHEMA_VERSION = 1
 _DEFAULT_GATE_INIT = {None: None, "rezero": 0.0, "layerscale": 1e-4}
@@ -36,6 +36,8 @@ class Policy:
     gate: str | None = None
     gate_init: float | None = None
     leaf_modules: tuple = ()
+    preserve_output: bool = False
+    dense_max_growth: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "Policy":
@@ -57,6 +59,23 @@ class Policy:
         policy = cls(**kwargs)
         if policy.shortcut not in SHORTCUTS:
             raise PlanError(f"shortcut must be one of {', '.join(map(repr, SHORTCUTS))}, found {policy.shortcut!r}")
+        if policy.shortcut == "dense" and policy.gate is not None:
+            raise PlanError(
+                f"gate={policy.gate!r} does not combine with shortcut='dense': a dense shortcut keeps the layer's "
+                "output whole (the widened layer's new weights start at zero); drop the gate"
+            )
+        if policy.dense_max_growth is not None and (
+            policy.shortcut != "dense" or not isinstance(policy.dense_max_growth, int) or policy.dense_max_growth < 1
+        ):
+            raise PlanError(
+                f"dense_max_growth must be a positive integer used with shortcut='dense', found "
+                f"{policy.dense_max_growth!r} with shortcut={policy.shortcut!r}"
+            )
+        if policy.preserve_output and policy.gate_init is not None and policy.gate_init != 1.0:
+            raise PlanError(
+                f"preserve_output=True keeps outputs unchanged only with the gate at 1, found gate_init={policy.gate_init}; "
+                "leave gate_init out"
+            )
         if policy.gate not in GATES:
             raise PlanError(f"gate must be one of None, 'rezero', 'layerscale', found {policy.gate!r}")
         if not isinstance(policy.group, int) or isinstance(policy.group, bool) or policy.group < 1:
@@ -69,7 +88,11 @@ class Policy:
 
     @property
     def effective_gate_init(self) -> float | None:
-        return self.gate_init if self.gate_init is not None else _DEFAULT_GATE_INIT[self.gate]
+        if self.gate_init is not None:
+            return self.gate_init
+        if self.preserve_output and self.gate is not None:
+            return 1.0  # the branch must start whole for the output to be unchanged
+        return _DEFAULT_GATE_INIT[self.gate]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -82,7 +105,7 @@ class Policy:
 class Site:
     """One shortcut to insert: around the layers from ``start`` to ``end``."""
 
-    kind: str  # "identity" or "projection"
+    kind: str  # "identity", "projection" or "dense"
     start: str
     end: str
     layers: tuple[str, ...]
@@ -100,10 +123,14 @@ class Site:
     norm: str | None = None  # BatchNorm type to follow a conv projection
     channels: tuple[int, int] = (0, 0)  # (in, out) channels or features
     channel_dim: int = -1  # -1 for [..., C] tensors (Linear), 1 for [N, C, *spatial] (ConvNd)
+    preserve_output: bool = False  # the shortcut is scaled by a learnable β that starts at 0
+    consumer: str | None = None  # dense: the layer that is widened to take the concatenation
+    widened_norms: tuple[str, ...] = ()  # dense: BatchNorms between the span and its consumer
+    extra_channels: int = 0  # dense: channels/features the consumer gains
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("layers", "in_shape", "out_shape", "stride", "channels"):
+        for key in ("layers", "in_shape", "out_shape", "stride", "channels", "widened_norms"):
             d[key] = list(d[key])
         return d
 
@@ -240,7 +267,7 @@ def _conv_stride(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple
     return tuple(strides)
 
 
-def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name: str) -> Site | str:
+def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name: str, carry: int = 0) -> Site | str:
     """A Site for the span over ``layers``, or the reason there cannot be one."""
     first, last = layers[0], layers[-1]
     anchor = analysis.node(first.anchor)
@@ -262,8 +289,11 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
                   anchor=first.anchor, exit=last.output, name=name)
     channel_dim = -1 if first.kind == "Linear" else 1
     common["channel_dim"] = channel_dim
+    if policy.shortcut == "dense":
+        return _dense_site(src, dst, first, analysis, policy, common, carry)
+    common["preserve_output"] = policy.preserve_output
     out_c = dst.shape[channel_dim] if dst.shape else 1
-    gate_params = {None: 0, "rezero": 1, "layerscale": out_c}[gate]
+    gate_params = {None: 0, "rezero": 1, "layerscale": out_c}[gate] + int(policy.preserve_output)
     if src.shape == dst.shape:
         return Site(kind="identity", added_params=gate_params, projection=None,
                     channels=(out_c, out_c), **common)
@@ -295,6 +325,39 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
                 stride=stride, norm=norm, channels=(cin, cout), **common)
 
 
+def _dense_site(src: TensorInfo, dst: TensorInfo, first: Layer, analysis: Analysis, policy: Policy,
+                common: dict, carry: int) -> Site | str:
+    """A dense site: cat([x, F(x)]) and the consumer widened with zero weights for x, or why not."""
+    cd = common["channel_dim"]
+    change = f"{_shape(src.shape)} -> {_shape(dst.shape)}"
+    if len(src.shape) != len(dst.shape):
+        return f"rank change {change} (e.g. a flatten) inside the span; cannot concatenate"
+    stride: tuple[int, ...] = ()
+    if cd == -1:
+        if src.shape[:-1] != dst.shape[:-1]:
+            return f"unsupported shape change {change}: concatenation on the last dimension needs the others equal"
+    else:
+        if src.shape[0] != dst.shape[0]:
+            return f"unsupported shape change {change}"
+        found_stride = _conv_stride(src.shape, dst.shape)
+        if found_stride is None:
+            return f"unsupported shape change {change}: the spatial size does not shrink by an integer stride"
+        stride = () if all(s == 1 for s in found_stride) else found_stride
+    found = analysis.dense_consumer(analysis.node(common["exit"]), cd)
+    if isinstance(found, str):
+        return found
+    consumer, norms, consumer_params_per_channel = found
+    extra = src.shape[cd] + carry
+    if policy.dense_max_growth is not None and extra > policy.dense_max_growth:
+        return (f"would add {extra} channels/features to '{consumer}', more than "
+                f"dense_max_growth={policy.dense_max_growth}")
+    added = extra * consumer_params_per_channel + 2 * extra * len(norms)
+    pool = f" (shortcut avg-pooled, stride {stride[0] if len(set(stride)) == 1 else stride})" if stride else ""
+    return Site(kind="dense", added_params=added, projection=f"concat, widens {consumer} by {extra}{pool}",
+                stride=stride, channels=(extra, dst.shape[cd]), consumer=consumer, widened_norms=tuple(norms),
+                extra_channels=extra, **common)
+
+
 def _site_name(layers: Sequence[Layer], taken: set[str]) -> str:
     base = layers[0].name.replace(".", "_") or "layer"
     name, i = base, 1
@@ -323,6 +386,7 @@ def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0) -> Pla
             runs[-1].append(layer)
     taken = set(analysis.taken_names())
     sites: list[Site] = []
+    carry: dict[str, int] = {}  # dense: consumer layer name -> features its input already gained
     for run in runs:
         i = 0
         while i < len(run):
@@ -331,9 +395,11 @@ def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0) -> Pla
                 skipped.append(Skipped(group[0].name, group[-1].name,
                                        f"only {len(group)} layer(s) left for group={policy.group}"))
                 break
-            found = _site_for(group, analysis, policy, _site_name(group, taken))
+            found = _site_for(group, analysis, policy, _site_name(group, taken), carry.pop(group[0].name, 0))
             if isinstance(found, Site):
                 sites.append(found)
+                if found.consumer is not None:
+                    carry[found.consumer] = found.extra_channels
                 i += policy.group
             else:
                 skipped.append(Skipped(group[0].name, group[-1].name, found))

@@ -89,6 +89,13 @@ def _insert_site(gm: torch.fx.GraphModule, nodes: dict[str, torch.fx.Node], site
                 mod.train(gm.training)
                 _container(gm, prefix).add_module(attr, mod)
                 shortcut = made(graph.call_module(f"{prefix}.{attr}", (shortcut,)))
+        if site.preserve_output:
+            beta = nn.Parameter(torch.zeros((), **factory))
+            _container(gm, prefix).register_parameter("beta", beta)
+            b = graph.get_attr(f"{prefix}.beta")
+            b.meta["resify"] = None
+            new.add(b)
+            shortcut = made(graph.call_function(operator.mul, (shortcut, b)))
         branch = exit
         if site.gate is not None:
             param = nn.Parameter(_gate_parameter(site, factory))
@@ -102,6 +109,74 @@ def _insert_site(gm: torch.fx.GraphModule, nodes: dict[str, torch.fx.Node], site
     exit.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new)
 
 
+_AVGPOOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+def _replace_module(gm: torch.fx.GraphModule, path: str, new: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    owner = gm.get_submodule(parent) if parent else gm
+    new.train(getattr(owner, attr).training)
+    setattr(owner, attr, new)
+
+
+@torch.no_grad()
+def _widened_layer(m: nn.Module, extra: int) -> nn.Module:
+    """A copy of Linear/ConvNd ``m`` taking ``extra`` more inputs first, with zero weights for them."""
+    w = m.weight
+    zeros = torch.zeros(w.shape[0], extra, *w.shape[2:], device=w.device, dtype=w.dtype)
+    if isinstance(m, nn.Linear):
+        new: nn.Module = nn.Linear(m.in_features + extra, m.out_features, bias=m.bias is not None,
+                                   device=w.device, dtype=w.dtype)
+    else:
+        new = type(m)(m.in_channels + extra, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                      dilation=m.dilation, groups=1, bias=m.bias is not None, padding_mode=m.padding_mode,
+                      device=w.device, dtype=w.dtype)
+    new.weight.copy_(torch.cat([zeros, w], dim=1))
+    if m.bias is not None:
+        new.bias.copy_(m.bias)
+    return new
+
+
+@torch.no_grad()
+def _widened_norm(m: nn.Module, extra: int) -> nn.Module:
+    """A copy of BatchNorm ``m`` with ``extra`` more channels first (identity statistics for them)."""
+    ref = m.weight
+    new = type(m)(m.num_features + extra, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                  track_running_stats=m.track_running_stats, device=ref.device, dtype=ref.dtype)
+    fill = lambda v, t: torch.cat([torch.full((extra,), v, device=t.device, dtype=t.dtype), t])  # noqa: E731
+    new.weight.copy_(fill(1.0, m.weight))
+    new.bias.copy_(fill(0.0, m.bias))
+    if m.track_running_stats:
+        new.running_mean.copy_(fill(0.0, m.running_mean))
+        new.running_var.copy_(fill(1.0, m.running_var))
+        new.num_batches_tracked.copy_(m.num_batches_tracked)
+    return new
+
+
+def _insert_dense(gm: torch.fx.GraphModule, nodes: dict[str, torch.fx.Node], site: Site) -> None:
+    graph = gm.graph
+    anchor, exit = nodes[site.anchor], nodes[site.exit]
+    entry = data_input(anchor)
+    new: set[torch.fx.Node] = set()
+    shortcut = entry
+    with graph.inserting_before(exit.next):
+        if site.stride:
+            pool = _AVGPOOL[len(site.stride)](kernel_size=site.stride, stride=site.stride, ceil_mode=True,
+                                              count_include_pad=False)
+            pool.train(gm.training)
+            _container(gm, f"{NAMESPACE}.{site.name}").add_module("pool", pool)
+            shortcut = graph.call_module(f"{NAMESPACE}.{site.name}.pool", (entry,))
+            new.add(shortcut)
+        cat = graph.call_function(torch.cat, ([shortcut, exit],), {"dim": site.channel_dim})
+        cat.meta["resify"] = None
+        new.add(cat)
+    exit.replace_all_uses_with(cat, delete_user_cb=lambda user: user not in new)
+    for path in site.widened_norms:
+        _replace_module(gm, path, _widened_norm(gm.get_submodule(path), site.extra_channels))
+    assert site.consumer is not None
+    _replace_module(gm, site.consumer, _widened_layer(gm.get_submodule(site.consumer), site.extra_channels))
+
+
 def rewrite(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     """Insert the plan's shortcuts into ``gm`` (a private traced copy) and return it recompiled.
 
@@ -110,7 +185,7 @@ def rewrite(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     for site in plan.sites:
-        _insert_site(gm, nodes, site)
+        (_insert_dense if site.kind == "dense" else _insert_site)(gm, nodes, site)
     try:
         gm.graph.lint()
     except Exception as e:  # pragma: no cover - a bug in resify, not in the user's model

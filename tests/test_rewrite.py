@@ -25,7 +25,7 @@ def test_vgg_style_cnn_gets_identity_and_strided_projections():
     assert isinstance(proj, nn.Conv2d) and proj.kernel_size == (1, 1) and proj.stride == (2, 2) and proj.bias is None
     assert isinstance(converted.get_submodule("resify.6.norm"), nn.BatchNorm2d)
     # the classifier sees [4, 64] after flatten: Linear 64 -> 10 gets a Linear projection
-    assert by_start["20"].projection == "Linear(64, 10)"
+    assert by_start["22"].projection == "Linear(64, 10)"
     y = converted(x)
     assert y.shape == model(x).shape
     y.square().mean().backward()

@@ -1,0 +1,280 @@
+"""Conversion speed: ``resify.apply`` against ``torch.fx.symbolic_trace`` of the same model, as a ratio.
+
+For plain MLPs of 10, 100, 1,000 and 10,000 layers (Linear(64, 64) + ReLU, the seed's pattern)
+and for the torchvision classification zoo (``weights=None``, eval mode, one 3×224×224 image;
+299×299 for inception_v3), it times, alternately in one process, ``symbolic_trace(model)`` and
+``resify.apply(model, x)`` and reports the ratio of their medians. ``apply`` does more than the
+trace: it deep-copies the model (it never changes the user's), runs it once on the example input
+to record shapes, analyses the graph, plans, rewrites and recompiles; the MLP table splits its
+time into those stages, and ``--profile N`` runs cProfile on the N-layer MLP.
+
+Run from the repository root::
+
+    python benchmarks/bench_conversion.py                   # MLPs + the whole zoo (about 20 min)
+    python benchmarks/bench_conversion.py --skip-big        # without the four >250M-parameter models
+    python benchmarks/bench_conversion.py --models resnet50 vit_b_16 --depths 10 100
+    python benchmarks/bench_conversion.py --no-zoo --profile 10000
+
+It prints plain tables and writes ``benchmarks/results/conversion.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import math
+import os
+import pstats
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import resify  # noqa: E402
+from common import SeedMLP, machine, mlp_sizes, table  # noqa: E402
+from resify.analyze import analyze  # noqa: E402
+from resify.planner import Policy, make_plan  # noqa: E402
+from resify.rewrite import rewrite  # noqa: E402
+from resify.trace import trace  # noqa: E402
+
+__all__ = ["Timing", "time_conversion", "stage_times", "mlp", "zoo_names", "main"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: torchvision models of more than 250M parameters, left out by --skip-big.
+BIG = ("vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median seconds of symbolic_trace and of resify.apply on one model, and what apply made."""
+
+    name: str
+    layers: int
+    trace_s: float
+    apply_s: float
+    forward_s: float
+    reps: int
+    tracer: str
+    sites: int
+
+    @property
+    def ratio(self) -> float:
+        return self.apply_s / self.trace_s
+
+
+def _clock(fn: Callable[[], object]) -> float:
+    gc.collect()  # garbage from the previous call is not this call's cost
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def time_conversion(name: str, model: nn.Module, x: torch.Tensor, reps: int = 3,
+                    budget_s: float = 20.0) -> Timing:
+    """Median times of symbolic_trace and resify.apply, alternating; fewer reps once ``budget_s`` is spent."""
+    traces, applies, forwards = [], [], []
+    result = None
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(reps):
+            traces.append(_clock(lambda: torch.fx.symbolic_trace(model)))
+            box: list = []
+            applies.append(_clock(lambda: box.append(resify.apply(model, x))))
+            result = box[0]
+            del box
+            with torch.no_grad():
+                forwards.append(_clock(lambda: model(x)))
+            if time.perf_counter() - start > budget_s:
+                break
+    the_plan = result.meta["resify_plan"]
+    return Timing(name, the_plan.n_layers, statistics.median(traces), statistics.median(applies),
+                  statistics.median(forwards), len(traces), the_plan.tracer, len(the_plan.sites))
+
+
+def stage_times(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Seconds of each stage of ``resify.apply``: deep copy + trace + shapes, analyze, plan, rewrite."""
+    out: dict[str, float] = {}
+    box: dict = {}
+    gc.collect()
+    t = time.perf_counter()
+    box["traced"] = trace(model, x)
+    out["trace"] = time.perf_counter() - t
+    t = time.perf_counter()
+    box["analysis"] = analyze(box["traced"])
+    out["analyze"] = time.perf_counter() - t
+    t = time.perf_counter()
+    box["plan"] = make_plan(box["analysis"], Policy.from_kwargs(), params_before=0)
+    out["plan"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rewrite(box["traced"].module, box["plan"])
+    out["rewrite"] = time.perf_counter() - t
+    return out
+
+
+def mlp(depth: int) -> nn.Module:
+    """A plain MLP of ``depth`` Linear(64, 64) + ReLU layers (the seed's pattern, no shortcut)."""
+    torch.manual_seed(0)
+    return SeedMLP([64] * (depth + 1), use_shortcut=False, act=nn.ReLU)
+
+
+def zoo_names() -> list[str]:
+    """The torchvision classification models."""
+    import torchvision
+
+    return list(torchvision.models.list_models(torchvision.models))
+
+
+def _zoo_model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    import torchvision
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None)
+    model.eval()
+    side = 299 if name == "inception_v3" else 224
+    return model, torch.randn(1, 3, side, side)
+
+
+def profile_mlp(depth: int, top: int = 30) -> str:
+    """cProfile of resify.apply on the ``depth``-layer MLP: the top functions by cumulative time."""
+    model, x = mlp(depth), torch.randn(2, 64)
+    prof = cProfile.Profile()
+    gc.collect()
+    prof.enable()
+    resify.apply(model, x)
+    prof.disable()
+    s = io.StringIO()
+    stats = pstats.Stats(prof, stream=s)
+    stats.sort_stats("cumulative").print_stats(top)
+    s.write("\n--- by own time ---\n")
+    stats.sort_stats("tottime").print_stats(15)
+    return s.getvalue()
+
+
+def _gc_share(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """resify.apply seconds with the cyclic garbage collector on, then off."""
+    on = _clock(lambda: resify.apply(model, x))
+    gc.disable()
+    try:
+        off = _clock(lambda: resify.apply(model, x))
+    finally:
+        gc.enable()
+    return on, off
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depths", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    p.add_argument("--models", nargs="+", help="torchvision model names (default: all classification models)")
+    p.add_argument("--no-zoo", action="store_true")
+    p.add_argument("--skip-big", action="store_true", help=f"leave out {', '.join(BIG)}")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile", type=int, default=10000, metavar="N",
+                   help="cProfile the N-layer MLP (0: no profile)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "conversion.md"))
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    md = ["# Conversion speed: resify.apply vs torch.fx.symbolic_trace", "",
+          f"Command: `python benchmarks/bench_conversion.py {' '.join(sys.argv[1:])}`".rstrip() + "  ",
+          f"Machine: {machine()}", "",
+          "Times are medians of alternating runs in one process (garbage collected before each); "
+          "`forward` is one no-grad forward pass of the model on the example input, which `apply` "
+          "runs once to record shapes. Ratio = apply / symbolic_trace.", ""]
+
+    # ---- MLPs
+    rows, stage_rows = [], []
+    for depth in args.depths:
+        model, x = mlp(depth), torch.randn(2, 64)
+        reps = args.reps if depth <= 1000 else 1
+        t = time_conversion(f"MLP-{depth}", model, x, reps=reps, budget_s=60)
+        st = stage_times(model, x)
+        total = sum(st.values())
+        rows.append([depth, f"{t.trace_s:.3f}", f"{t.apply_s:.3f}", f"{t.ratio:.2f}",
+                     f"{1e6 * t.trace_s / depth:.0f}", f"{1e6 * t.apply_s / depth:.0f}", t.sites])
+        stage_rows.append([depth, *(f"{st[k]:.3f} ({100 * st[k] / total:.0f}%)" for k in st)])
+        print(f"  MLP-{depth}: trace {t.trace_s:.3f} s, apply {t.apply_s:.3f} s, ratio {t.ratio:.2f}", flush=True)
+        del model
+    head = ["layers", "symbolic_trace s", "resify.apply s", "ratio", "trace µs/layer", "apply µs/layer", "sites"]
+    print("\n" + table(head, rows))
+    stage_head = ["layers", "trace (copy+trace+shapes)", "analyze", "plan", "rewrite (+recompile)"]
+    print("\n" + table(stage_head, stage_rows))
+    md += ["## Plain MLPs (Linear(64, 64) + ReLU per layer, input [2, 64])", "", table(head, rows, True), "",
+           "Where `apply`'s time goes, by stage (one run):", "", table(stage_head, stage_rows, True), ""]
+
+    if args.profile:
+        on, off = _gc_share(mlp(args.profile), torch.randn(2, 64))
+        prof = profile_mlp(args.profile)
+        print(f"\nresify.apply on the {args.profile}-layer MLP: {on:.2f} s with the garbage collector, "
+              f"{off:.2f} s without\n")
+        print(prof)
+        md += [f"## Profile of the {args.profile:,}-layer MLP", "",
+               f"`resify.apply`: {on:.2f} s with Python's cyclic garbage collector on, {off:.2f} s with it off "
+               f"(the collector's passes over the many new objects are {100 * (on - off) / on:.0f}% of the time).", "",
+               "cProfile (profiling roughly doubles the times):", "", "```", prof.strip(), "```", ""]
+
+    # ---- zoo
+    if not args.no_zoo:
+        names = args.models or zoo_names()
+        if args.skip_big:
+            names = [n for n in names if n not in BIG]
+        zoo: list[Timing] = []
+        failed: list[tuple[str, str]] = []
+        for name in names:
+            try:
+                model, x = _zoo_model(name)
+                zoo.append(time_conversion(name, model, x, reps=args.reps, budget_s=20))
+                z = zoo[-1]
+                print(f"  {name}: trace {z.trace_s:.3f} s, apply {z.apply_s:.3f} s (forward {z.forward_s:.3f} s), "
+                      f"ratio {z.ratio:.2f}, {z.sites} sites, {z.tracer}", flush=True)
+            except Exception as e:  # a model resify cannot convert is a finding, not a crash
+                failed.append((name, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+                print(f"  {name}: FAILED {failed[-1][1]}", flush=True)
+            finally:
+                model = None
+                gc.collect()
+        zrows = [[z.name, z.layers, z.sites, z.tracer, f"{z.trace_s:.3f}", f"{z.apply_s:.3f}",
+                  f"{z.forward_s:.3f}", f"{z.ratio:.2f}", f"{(z.apply_s - z.forward_s) / z.trace_s:.2f}"]
+                 for z in zoo]
+        zhead = ["model", "layers", "sites", "tracer", "trace s", "apply s", "forward s", "ratio",
+                 "ratio w/o forward"]
+        ratios = [z.ratio for z in zoo]
+        no_fwd = [(z.apply_s - z.forward_s) / z.trace_s for z in zoo]
+        if zoo:
+            worst = max(zoo, key=lambda z: z.ratio)
+            summary = (f"{len(zoo)} models: ratio median {statistics.median(ratios):.2f}, worst "
+                       f"{worst.ratio:.2f} ({worst.name}), geometric mean "
+                       f"{math.exp(statistics.fmean(map(math.log, ratios))):.2f}; without the shape-recording "
+                       f"forward pass: median {statistics.median(no_fwd):.2f}, worst {max(no_fwd):.2f}")
+        else:
+            summary = "no model converted"
+        print("\n" + table(zhead, zrows) + "\n\n" + summary)
+        md += ["## torchvision classification zoo (weights=None, eval, one image)", "", summary, "",
+               "`ratio w/o forward` = (apply − forward) / trace: the ratio if shapes were recorded "
+               "without computing (e.g. on fake or meta tensors).", "", table(zhead, zrows, True), ""]
+        if failed:
+            print("\nfailed:\n" + "\n".join(f"  {n}: {e}" for n, e in failed))
+            md += ["Failed:", "", *[f"- `{n}`: {e}" for n, e in failed], ""]
+        if args.skip_big:
+            md += [f"Left out (--skip-big): {', '.join(BIG)}.", ""]
+    if not args.no_write:
+        os.makedirs(os.path.dirname(args.results), exist_ok=True)
+        with open(args.results, "w") as f:
+            f.write("\n".join(md))
+        print(f"\nwrote {os.path.relpath(args.results, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

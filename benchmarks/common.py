@@ -1,0 +1,186 @@
+"""Models, machine description and table printing shared by the benchmark scripts.
+
+The networks follow the seed guide's ``ImprovedResidualNetwork``: one class with a
+``use_shortcut`` switch. ``use_shortcut=False`` gives the plain network that resify converts;
+``use_shortcut=True`` gives the hand-written residual equivalent (``x = layer(x) + identity``,
+with a learned projection wherever the shape changes), which is what ``resify.apply`` with
+``gate=None`` should reproduce. The scripts import this module as ``common`` (run them from the
+repository root or from ``benchmarks/``; each puts its own folder on ``sys.path``).
+"""
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+import resify
+
+__all__ = [
+    "ACTIVATIONS", "SeedMLP", "VGGNet", "mlp_sizes", "copy_shortcut_weights", "machine", "table",
+]
+
+#: The activations the efficacy sweep covers, by the name used on the command line.
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def mlp_sizes(depth: int, width: int = 64, in_features: int = 64, classes: int = 10) -> list[int]:
+    """Layer sizes of an MLP with ``depth`` Linear layers: ``depth - 1`` hidden ones and the output layer."""
+    return [in_features] + [width] * (depth - 1) + [classes]
+
+
+class SeedMLP(nn.Module):
+    """The seed's ImprovedResidualNetwork with a choice of activation and a linear output layer.
+
+    Every layer but the last is ``Linear`` + activation; the last is a bare ``Linear`` (logits).
+    With ``use_shortcut`` each layer adds its input back, through a ``Linear`` projection where
+    the width changes (as in the seed).
+    """
+
+    def __init__(self, layer_sizes: Sequence[int], use_shortcut: bool, act: type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.use_shortcut = use_shortcut
+        self.layers = nn.ModuleList()
+        self.projections = nn.ModuleList()
+        last = len(layer_sizes) - 2
+        for i in range(len(layer_sizes) - 1):
+            linear = nn.Linear(layer_sizes[i], layer_sizes[i + 1])
+            self.layers.append(nn.Sequential(linear) if i == last else nn.Sequential(linear, act()))
+            if use_shortcut and layer_sizes[i] != layer_sizes[i + 1]:
+                self.projections.append(nn.Linear(layer_sizes[i], layer_sizes[i + 1]))
+            else:
+                self.projections.append(None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            identity = x
+            x = layer(x)
+            if self.use_shortcut:
+                if self.projections[i] is not None:
+                    identity = self.projections[i](identity)
+                x = x + identity
+        return x
+
+
+class VGGNet(nn.Module):
+    """A VGG-style CNN: stages of 3×3 conv (+ BatchNorm) + ReLU, max-pool ending each stage but the last.
+
+    ``stages=(16, 32, 64)`` and ``per_stage=7`` give 21 conv layers, then global average pooling
+    and a Linear classifier. With ``use_shortcut`` every conv block and the classifier add their
+    input back, through a 1×1 strided conv (+ BatchNorm when ``norm``) or a Linear where the shape
+    changes: the hand-written counterpart of ``resify.apply(plain, gate=None)``. resify counts the
+    global average pool as part of the last conv layer (a pool that follows it), so the last
+    block's shortcut is a 1×1 conv whose stride is the final feature map's size; the hand-written
+    model does the same, to be the same computation.
+    """
+
+    def __init__(self, in_channels: int = 1, classes: int = 10, stages: Sequence[int] = (16, 32, 64),
+                 per_stage: int = 7, norm: bool = True, use_shortcut: bool = False,
+                 input_size: int = 8) -> None:
+        super().__init__()
+        self.use_shortcut = use_shortcut
+        self.layers = nn.ModuleList()
+        self.projections = nn.ModuleList()
+        cin, size = in_channels, input_size
+        n = len(stages) * per_stage
+        for s, cout in enumerate(stages):
+            for j in range(per_stage):
+                block: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=not norm)]
+                if norm:
+                    block.append(nn.BatchNorm2d(cout))
+                block.append(nn.ReLU())
+                stride = 1
+                if j == per_stage - 1 and s < len(stages) - 1:
+                    block.append(nn.MaxPool2d(2))
+                    stride = 2
+                elif len(self.layers) == n - 1:
+                    block.append(nn.AdaptiveAvgPool2d(1))
+                    stride = size
+                size //= stride
+                self.layers.append(nn.Sequential(*block))
+                if use_shortcut and (cin != cout or stride != 1):
+                    proj: list[nn.Module] = [nn.Conv2d(cin, cout, 1, stride=stride, bias=False)]
+                    if norm:
+                        proj.append(nn.BatchNorm2d(cout))
+                    self.projections.append(nn.Sequential(*proj))
+                else:
+                    self.projections.append(None)
+                cin = cout
+        self.flatten = nn.Flatten()
+        self.head = nn.Linear(cin, classes)
+        self.head_projection = nn.Linear(cin, classes) if use_shortcut else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            identity = x
+            x = layer(x)
+            if self.use_shortcut:
+                if self.projections[i] is not None:
+                    identity = self.projections[i](identity)
+                x = x + identity
+        x = self.flatten(x)
+        out = self.head(x)
+        if self.use_shortcut:
+            out = out + self.head_projection(x)
+        return out
+
+
+def copy_shortcut_weights(converted: torch.fx.GraphModule, hand: nn.Module) -> None:
+    """Give ``hand`` (use_shortcut=True) the converted model's weights: layers by name, projections in order.
+
+    Raises:
+        ValueError: the two do not have the same projections (then they are not the same computation).
+    """
+    state = converted.state_dict()
+    target = hand.state_dict()
+    for key in target:
+        if key in state:
+            target[key] = state[key].clone()
+    plan = converted.meta["resify_plan"]
+    ours = [s for s in plan.sites if s.kind == "projection"]
+    theirs = [p for p in list(getattr(hand, "projections", [])) if p is not None]
+    prefixes = [f"projections.{i}" for i, p in enumerate(getattr(hand, "projections", [])) if p is not None]
+    if getattr(hand, "head_projection", None) is not None:
+        theirs.append(hand.head_projection)
+        prefixes.append("head_projection")
+    if len(ours) != len(theirs):
+        raise ValueError(f"resify made {len(ours)} projection(s), the hand-written model has {len(theirs)}")
+    for site, prefix in zip(ours, prefixes):
+        src = f"resify.{site.name}."
+        for key in [k for k in state if k.startswith(src)]:
+            sub = key[len(src):]  # "proj.weight", "norm.running_mean", …
+            seq = prefix + "." + sub.replace("proj.", "0.", 1).replace("norm.", "1.", 1)
+            dst = seq if seq in target else prefix + "." + sub.split(".", 1)[1]
+            if dst not in target or target[dst].shape != state[key].shape:
+                raise ValueError(f"no place in the hand-written model for {key} {tuple(state[key].shape)}")
+            target[dst] = state[key].clone()
+    hand.load_state_dict(target)
+
+
+def machine() -> str:
+    """One line naming the CPU, its cores, the OS, Python and torch (for results files)."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical cores (torch threads: {torch.get_num_threads()}), "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, resify {resify.__version__}")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]], markdown: bool = False) -> str:
+    """Rows as an aligned plain-text table, or as a Markdown table."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells[1:]])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(cells[0]), fmt(["-" * w for w in widths]), *map(fmt, cells[1:])])

@@ -1,0 +1,544 @@
+"""Efficacy on real data: do deep plain networks train once resify adds shortcuts?
+
+scikit-learn's ``load_digits`` (1,797 8×8 images, shipped with the package: no download),
+a stratified 75/25 split with a fixed seed, features standardised on the training part.
+Every network trains with Adam (lr 1e-3), batch 64, for a fixed budget of epochs (30 by default)
+from each seed; the table gives final test accuracy, mean ± std over seeds.
+
+Networks (width 64; "depth" counts Linear layers, the last being the 10-way output layer):
+
+* ``plain``: the seed guide's ImprovedResidualNetwork pattern with ``use_shortcut=False``;
+* ``resify``: ``resify.apply(plain, x, gate=None)``;
+* ``resify+rezero``: ``resify.apply(plain, x, gate='rezero')``;
+* ``hand``: the same class with ``use_shortcut=True``, written by hand (``x = act(linear(x)) + x``,
+  a Linear projection where the width changes: here only at the output layer).
+
+plus a VGG-style CNN of 21 conv layers (with and without BatchNorm) on the images, plain vs
+converted, and, with ``--big``, a 1,000-layer MLP converted with ``gate='rezero'``.
+It also reports the first-layer gradient ratio at initialisation: mean |∂loss/∂W| of the first
+layer's weight in the converted (or hand-written) net over the same in the plain net, on the
+whole training set.
+
+Run from the repository root::
+
+    python benchmarks/efficacy_digits.py                 # the full sweep (about 40 min on 1 CPU thread)
+    python benchmarks/efficacy_digits.py --quick         # depth 8 and 32, 1 seed, 5 epochs (about 1 min)
+    python benchmarks/efficacy_digits.py --big --only-big   # just the 1,000-layer row
+
+It prints plain tables, writes ``benchmarks/results/efficacy.md`` (and ``efficacy.json``) and the
+figure ``docs/efficacy_depth.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import resify  # noqa: E402
+from common import ACTIVATIONS, SeedMLP, VGGNet, machine, mlp_sizes, table  # noqa: E402
+
+__all__ = [
+    "Digits", "Run", "load_data", "build", "train", "accuracy", "first_layer_grad", "run_mlp",
+    "run_cnn", "VARIANTS", "main",
+]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPLIT_SEED = 0
+VARIANTS = ("plain", "resify", "resify+rezero", "hand")
+_LABEL = {"plain": "plain", "resify": "resify gate=None", "resify+rezero": "resify gate='rezero'",
+          "hand": "hand-written"}
+
+
+@dataclass(frozen=True)
+class Digits:
+    """The split, standardised with the training part's mean and std (test data never seen)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Run:
+    """One trained network: what it was and how it did."""
+
+    model: str  # "mlp" or "cnn" / "cnn-nobn"
+    act: str
+    depth: int
+    variant: str
+    seed: int
+    epochs: int
+    accuracy: float
+    grad_ratio: float | None  # first-layer mean |grad| at init, variant / plain (None for plain)
+    first_grad: float
+    seconds: float
+    diverged: bool
+
+
+def load_data(split_seed: int = SPLIT_SEED) -> Digits:
+    """load_digits, stratified 75/25 split with ``split_seed``, standardised on the training part."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, stratify=y, random_state=split_seed)
+    scaler = StandardScaler().fit(x_tr)
+    f = lambda a: torch.tensor(scaler.transform(a), dtype=torch.float32)  # noqa: E731
+    return Digits(f(x_tr), torch.tensor(y_tr), f(x_te), torch.tensor(y_te))
+
+
+def _image(x: torch.Tensor) -> torch.Tensor:
+    return x.view(-1, 1, 8, 8)
+
+
+def build(variant: str, depth: int, act: str, seed: int, example: torch.Tensor, width: int = 64) -> nn.Module:
+    """The MLP ``variant`` of ``depth`` Linear layers, initialised from ``seed``.
+
+    The plain net's layers are drawn first, so every variant starts from the same layer weights;
+    resify's projection and the hand-written one each draw their own.
+    """
+    sizes = mlp_sizes(depth, width)
+    torch.manual_seed(seed)
+    plain = SeedMLP(sizes, use_shortcut=False, act=ACTIVATIONS[act])
+    if variant == "plain":
+        return plain
+    if variant == "hand":
+        torch.manual_seed(seed)
+        hand = SeedMLP(sizes, use_shortcut=True, act=ACTIVATIONS[act])
+        hand.load_state_dict(plain.state_dict(), strict=False)  # identical layers, its own projection
+        return hand
+    gate = {"resify": None, "resify+rezero": "rezero"}[variant]
+    torch.manual_seed(seed + 10_000)
+    return resify.apply(plain, example, gate=gate)
+
+
+def build_cnn(variant: str, seed: int, norm: bool, example: torch.Tensor) -> nn.Module:
+    """The 21-conv VGG-style net (plain) or its conversion (``resify`` / ``resify+rezero``)."""
+    torch.manual_seed(seed)
+    plain = VGGNet(in_channels=1, classes=10, norm=norm)
+    if variant == "plain":
+        return plain
+    torch.manual_seed(seed + 10_000)
+    return resify.apply(plain, _image(example), gate={"resify": None, "resify+rezero": "rezero"}[variant])
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of ``x`` classified as ``y`` (eval mode; NaN logits count as wrong)."""
+    was = model.training
+    model.eval()
+    try:
+        logits = model(x)
+        ok = (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
+        return ok.float().mean().item()
+    finally:
+        model.train(was)
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int,
+          lr: float = 1e-3, batch: int = 64) -> bool:
+    """Adam on cross-entropy for ``epochs`` epochs, shuffled from ``seed``; True if the loss went non-finite."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    diverged = False
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch):
+            idx = perm[i:i + batch]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            if not torch.isfinite(loss):
+                diverged = True
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return diverged
+
+
+def _first_weight(model: nn.Module) -> tuple[str, torch.Tensor]:
+    for name, p in model.named_parameters():
+        if name.endswith("weight") and p.dim() >= 2 and not name.startswith("resify."):
+            return name, p
+    raise ValueError(f"{type(model).__name__} has no layer weight")
+
+
+def first_layer_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean |∂ cross-entropy / ∂ W| of the first layer's weight, on (x, y), at the model's current weights.
+
+    Uses ``resify.gradient_flow`` when the installed resify has it, else plain autograd
+    (the two agree by construction: both are one backward pass of the same loss). Gradients
+    are computed on a copy, so the model keeps no ``.grad``.
+    """
+    import copy
+
+    probe = copy.deepcopy(model)
+    name, weight = _first_weight(probe)
+    flow = getattr(resify, "gradient_flow", None)
+    if flow is not None:
+        value = _from_gradient_flow(flow, probe, x, y, name)
+        if value is not None:
+            return value
+    probe.zero_grad(set_to_none=True)
+    F.cross_entropy(probe(x), y).backward()
+    return 0.0 if weight.grad is None else weight.grad.abs().mean().item()
+
+
+def _from_gradient_flow(flow: Callable, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        name: str) -> float | None:
+    """The first layer's mean |grad| from resify.gradient_flow, or None if its API is not the one expected."""
+    try:
+        result = flow(model, x, target=y, loss=F.cross_entropy)
+    except TypeError:
+        return None
+    for layer in getattr(result, "layers", ()):
+        lname = getattr(layer, "name", None)
+        if lname is not None and (name == lname or name.startswith(lname + ".")):
+            for attr in ("grad_mean_abs", "mean_abs_grad", "grad_mean", "mean_abs"):
+                if hasattr(layer, attr):
+                    return float(getattr(layer, attr))
+    return None
+
+
+def _one(model_kind: str, act: str, depth: int, variant: str, seed: int, epochs: int, data: Digits,
+         net: nn.Module, plain_grad: float | None, to_input: Callable[[torch.Tensor], torch.Tensor]) -> Run:
+    xtr, xte = to_input(data.x_train), to_input(data.x_test)
+    grad = first_layer_grad(net, xtr, data.y_train)
+    ratio = None if variant == "plain" or plain_grad is None else _ratio(grad, plain_grad)
+    t = time.perf_counter()
+    diverged = train(net, xtr, data.y_train, epochs, seed)
+    seconds = time.perf_counter() - t
+    return Run(model_kind, act, depth, variant, seed, epochs, accuracy(net, xte, data.y_test), ratio,
+               grad, seconds, diverged)
+
+
+def _ratio(a: float, b: float) -> float:
+    if b == 0.0:
+        return math.inf if a > 0 else math.nan
+    return a / b
+
+
+def run_mlp(depth: int, act: str, variant: str, seed: int, epochs: int, data: Digits,
+            plain_grad: float | None = None) -> Run:
+    """Build, measure the first-layer gradient, train and test one MLP."""
+    net = build(variant, depth, act, seed, data.x_train[:2])
+    return _one("mlp", act, depth, variant, seed, epochs, data, net, plain_grad, lambda x: x)
+
+
+def run_cnn(variant: str, seed: int, epochs: int, data: Digits, norm: bool = True,
+            plain_grad: float | None = None) -> Run:
+    """Build, measure, train and test the 21-conv VGG-style net (``variant``: plain/resify/resify+rezero)."""
+    net = build_cnn(variant, seed, norm, data.x_train[:2])
+    return _one("cnn" if norm else "cnn-nobn", "relu", 21, variant, seed, epochs, data, net, plain_grad,
+                _image)
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep, tables, figure
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    m = 100 * statistics.fmean(values)
+    s = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def _fmt_ratio(values: Sequence[float | None]) -> str:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "-"
+    if any(math.isinf(v) for v in vals):
+        return "inf (plain grad = 0)"
+    geo = math.exp(statistics.fmean(math.log(v) for v in vals)) if all(v > 0 for v in vals) else statistics.fmean(vals)
+    return f"{geo:.3g}"
+
+
+def _group(runs: Sequence[Run], **key: object) -> list[Run]:
+    return [r for r in runs if all(getattr(r, k) == v for k, v in key.items())]
+
+
+def accuracy_tables(runs: Sequence[Run], markdown: bool = False) -> str:
+    """One table per activation: depth × variant, test accuracy (%) mean ± std."""
+    out = []
+    for act in dict.fromkeys(r.act for r in runs if r.model == "mlp"):
+        depths = sorted({r.depth for r in runs if r.model == "mlp" and r.act == act})
+        variants = [v for v in VARIANTS if any(r.variant == v for r in _group(runs, model="mlp", act=act))]
+        rows = []
+        for d in depths:
+            row: list[object] = [d]
+            for v in variants:
+                rs = _group(runs, model="mlp", act=act, depth=d, variant=v)
+                cell = _mean_std([r.accuracy for r in rs])
+                if any(r.diverged for r in rs):
+                    cell += f" ({sum(r.diverged for r in rs)} diverged)"
+                row.append(cell)
+            rows.append(row)
+        title = f"{act.upper()} MLP, width 64: test accuracy % (mean ± std over {_n_seeds(runs)} seeds)"
+        out.append(("### " if markdown else "") + title + "\n\n" +
+                   table(["depth", *[_LABEL[v] for v in variants]], rows, markdown))
+    return "\n\n".join(out)
+
+
+def grad_tables(runs: Sequence[Run], markdown: bool = False) -> str:
+    """First-layer gradient ratio at init (geometric mean over seeds), variant / plain."""
+    rows = []
+    for act in dict.fromkeys(r.act for r in runs if r.model == "mlp"):
+        for d in sorted({r.depth for r in runs if r.model == "mlp" and r.act == act}):
+            plain = _group(runs, model="mlp", act=act, depth=d, variant="plain")
+            row: list[object] = [act, d, f"{statistics.fmean(r.first_grad for r in plain):.3g}" if plain else "-"]
+            for v in VARIANTS[1:]:
+                row.append(_fmt_ratio([r.grad_ratio for r in _group(runs, model="mlp", act=act, depth=d, variant=v)]))
+            rows.append(row)
+    return table(["activation", "depth", "plain mean |grad|", *[_LABEL[v] + " / plain" for v in VARIANTS[1:]]],
+                 rows, markdown)
+
+
+def cnn_table(runs: Sequence[Run], markdown: bool = False) -> str:
+    rows = []
+    for kind, label in (("cnn", "21 conv + BatchNorm"), ("cnn-nobn", "21 conv, no norm")):
+        rs = _group(runs, model=kind)
+        if not rs:
+            continue
+        row: list[object] = [label]
+        for v in ("plain", "resify", "resify+rezero"):
+            vs = [r for r in rs if r.variant == v]
+            cell = _mean_std([r.accuracy for r in vs])
+            if vs and v != "plain":
+                cell += f" (grad ×{_fmt_ratio([r.grad_ratio for r in vs])})"
+            row.append(cell)
+        rows.append(row)
+    return table(["VGG-style CNN", "plain", "resify gate=None", "resify gate='rezero'"], rows, markdown)
+
+
+def big_table(runs: Sequence[Run], markdown: bool = False) -> str:
+    rows = []
+    for v in VARIANTS:
+        rs = _group(runs, model="mlp-big", variant=v)
+        if rs:
+            rows.append([rs[0].depth, _LABEL[v], _mean_std([r.accuracy for r in rs]),
+                         ", ".join(f"{100 * r.accuracy:.1f}" for r in rs),
+                         f"{statistics.fmean(r.seconds for r in rs):.0f} s"])
+    return table(["depth", "variant", "test acc %", "per seed", "train time / seed"], rows, markdown)
+
+
+def _n_seeds(runs: Sequence[Run]) -> int:
+    return len({r.seed for r in runs})
+
+
+def figure(runs: Sequence[Run], path: str) -> None:
+    """Accuracy vs depth, one panel per activation, a line per variant with ±1 std bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acts = list(dict.fromkeys(r.act for r in runs if r.model == "mlp"))
+    fig, axes = plt.subplots(1, len(acts), figsize=(4.2 * len(acts), 3.8), sharey=True, squeeze=False)
+    style = {"plain": ("#888888", "o", "-"), "resify": ("#1f77b4", "s", "-"),
+             "resify+rezero": ("#2ca02c", "^", "-"), "hand": ("#d62728", "x", "--")}
+    for ax, act in zip(axes[0], acts):
+        for v in VARIANTS:
+            depths = sorted({r.depth for r in _group(runs, model="mlp", act=act, variant=v)})
+            if not depths:
+                continue
+            accs = [[100 * r.accuracy for r in _group(runs, model="mlp", act=act, variant=v, depth=d)] for d in depths]
+            mean = [statistics.fmean(a) for a in accs]
+            std = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
+            color, marker, ls = style[v]
+            ax.errorbar(depths, mean, yerr=std, label=_LABEL[v], color=color, marker=marker, linestyle=ls,
+                        capsize=3, markersize=6, linewidth=1.6, alpha=0.9)
+        ax.axhline(10, color="#bbbbbb", linestyle=":", linewidth=1)
+        ax.text(min(r.depth for r in runs if r.model == "mlp"), 12, "chance", color="#999999", fontsize=8)
+        ax.set_xscale("log")
+        ticks = sorted({r.depth for r in _group(runs, model="mlp", act=act)})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_ylim(0, 102)
+        ax.set_title(f"{act.upper()} MLP (width 64)")
+        ax.set_xlabel("depth (Linear layers)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy % (mean ± std)")
+    axes[0][-1].legend(loc="lower left", fontsize=8)
+    epochs = {r.epochs for r in runs}
+    fig.suptitle(f"load_digits, Adam 1e-3, batch 64, {'/'.join(map(str, sorted(epochs)))} epochs, "
+                 f"{_n_seeds(runs)} seeds", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_markdown(runs: Sequence[Run], path: str, args: argparse.Namespace, seconds: float) -> None:
+    mlp = [r for r in runs if r.model == "mlp"]
+    parts = [
+        "# Efficacy on load_digits",
+        "",
+        f"Command: `python benchmarks/efficacy_digits.py {' '.join(sys.argv[1:])}`".rstrip() + "  ",
+        f"Machine: {machine()}  ",
+        f"Wall time: {seconds / 60:.1f} min. Split seed {SPLIT_SEED} (stratified 75/25: 1,347 train, "
+        "450 test), features standardised on the training part; Adam lr 1e-3, batch 64, "
+        f"{args.epochs} epochs, seeds {', '.join(map(str, args.seeds))}; width 64; depth = Linear layers "
+        "(the last is the output layer). Accuracy is the final test accuracy after the fixed budget.",
+        "",
+        "Variants: **plain** (the seed's `ImprovedResidualNetwork` pattern, `use_shortcut=False`), "
+        "**resify gate=None** (`resify.apply(plain, x)`), **resify gate='rezero'**, "
+        "**hand-written** (`use_shortcut=True`: `x = act(linear(x)) + x`, a Linear projection at the "
+        "64→10 output layer, as resify adds).",
+        "",
+    ]
+    if mlp:
+        parts += ["## MLP depth sweep", "", accuracy_tables(runs, markdown=True), "",
+                  "![accuracy vs depth](../../docs/efficacy_depth.png)", "",
+                  "## First-layer gradient at initialisation", "",
+                  "Mean |∂loss/∂W| of the first Linear weight on the whole training set (cross-entropy), "
+                  "variant over plain, geometric mean over seeds. With `gate='rezero'` every branch is "
+                  "multiplied by a gate that starts at 0, so the first layer's gradient is exactly 0 at "
+                  "initialisation (only the gates get gradient on the first step): the ratio is 0 by "
+                  "construction, not a failure.", "",
+                  grad_tables(runs, markdown=True), ""]
+    if any(r.model.startswith("cnn") for r in runs):
+        parts += ["## VGG-style CNN, 21 conv layers", "",
+                  "Stages of 7 conv3×3(+BatchNorm)+ReLU at 16/32/64 channels on the 1×8×8 images, max-pool "
+                  "between stages, global average pool, Linear(64, 10). Test accuracy %, mean ± std; "
+                  "in brackets the first-layer gradient ratio converted / plain.", "",
+                  cnn_table(runs, markdown=True), ""]
+    if any(r.model == "mlp-big" for r in runs):
+        parts += ["## 1,000-layer MLP", "", big_table(runs, markdown=True), ""]
+    parts += ["## Targets", "", *_targets(runs), ""]
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+
+
+def _targets(runs: Sequence[Run]) -> list[str]:
+    lines = []
+    for act in dict.fromkeys(r.act for r in runs if r.model == "mlp"):
+        deepest = max((r.depth for r in runs if r.model == "mlp" and r.act == act), default=0)
+        if deepest < 100:
+            continue
+        m = {v: statistics.fmean([r.accuracy for r in _group(runs, model="mlp", act=act, depth=deepest, variant=v)] or [math.nan])
+             for v in VARIANTS}
+        verdict = lambda a: "met" if a >= 0.95 else "missed"  # noqa: E731
+        lines.append(f"- {act} depth {deepest}: plain {100 * m['plain']:.1f}%; resify gate=None "
+                     f"{100 * m['resify']:.1f}% ({verdict(m['resify'])}); gate='rezero' "
+                     f"{100 * m['resify+rezero']:.1f}% ({verdict(m['resify+rezero'])}); hand-written "
+                     f"{100 * m['hand']:.1f}%")
+    for act in dict.fromkeys(r.act for r in runs if r.model == "mlp"):
+        for d in sorted({r.depth for r in runs if r.model == "mlp" and r.act == act}):
+            a = [r.accuracy for r in _group(runs, model="mlp", act=act, depth=d, variant="resify")]
+            b = [r.accuracy for r in _group(runs, model="mlp", act=act, depth=d, variant="hand")]
+            if len(a) > 1 and len(b) > 1:
+                gap = statistics.fmean(a) - statistics.fmean(b)
+                noise = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+                if abs(gap) > 2 * noise + 0.005:
+                    lines.append(f"- {act} depth {d}: resify gate=None vs hand-written differ by "
+                                 f"{100 * gap:+.1f} points (2 standard errors: {200 * noise:.1f})")
+    big = _group(runs, model="mlp-big", variant="resify+rezero")
+    if big:
+        acc = statistics.fmean(r.accuracy for r in big)
+        lines.append(f"- 1,000-layer gate='rezero': {100 * acc:.1f}% ({'met' if acc >= 0.93 else 'missed'}; "
+                     f"{statistics.fmean(r.seconds for r in big):.0f} s of training per seed)")
+    return lines or ["- (no depth-100 or 1,000-layer rows in this run)"]
+
+
+def main(argv: Sequence[str] | None = None) -> list[Run]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64, 100])
+    p.add_argument("--activations", nargs="+", default=list(ACTIVATIONS), choices=list(ACTIVATIONS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--no-cnn", action="store_true", help="skip the VGG-style CNN")
+    p.add_argument("--big", action="store_true", help="also train a 1,000-layer MLP (plain and gate='rezero')")
+    p.add_argument("--big-depth", type=int, default=1000)
+    p.add_argument("--only-big", action="store_true", help="with --big: skip the sweep and the CNN")
+    p.add_argument("--quick", action="store_true", help="smoke run: depths 8 32, seed 0, 5 epochs, no CNN, "
+                   "writes nothing")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "efficacy.md"))
+    p.add_argument("--figure", default=os.path.join(ROOT, "docs", "efficacy_depth.png"))
+    p.add_argument("--no-write", action="store_true", help="print only; write no files")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.depths, args.seeds, args.epochs, args.no_cnn, args.no_write = [8, 32], [0], 5, True, True
+    torch.set_num_threads(args.threads)
+    data = load_data()
+    runs: list[Run] = []
+    start = time.perf_counter()
+
+    def log(r: Run) -> None:
+        runs.append(r)
+        ratio = "" if r.grad_ratio is None else f" grad x{r.grad_ratio:.3g}"
+        print(f"  {r.model:8s} {r.act:5s} depth {r.depth:4d} {r.variant:14s} seed {r.seed}: "
+              f"{100 * r.accuracy:5.1f}%{ratio} ({r.seconds:.1f} s){' DIVERGED' if r.diverged else ''}", flush=True)
+
+    if not args.only_big:
+        for act in args.activations:
+            for depth in args.depths:
+                for seed in args.seeds:
+                    plain_grad = None
+                    for v in ["plain", *[v for v in args.variants if v != "plain"]]:
+                        r = run_mlp(depth, act, v, seed, args.epochs, data, plain_grad)
+                        plain_grad = r.first_grad if v == "plain" else plain_grad
+                        if v in args.variants:
+                            log(r)
+        if not args.no_cnn:
+            for norm in (True, False):
+                for seed in args.seeds:
+                    plain_grad = None
+                    for v in ("plain", "resify", "resify+rezero"):
+                        r = run_cnn(v, seed, args.epochs, data, norm, plain_grad)
+                        plain_grad = r.first_grad if v == "plain" else plain_grad
+                        log(r)
+    if args.big:
+        for seed in args.seeds:
+            plain_grad = None
+            for v in ("plain", "resify+rezero"):
+                r = run_mlp(args.big_depth, "gelu", v, seed, args.epochs, data, plain_grad)
+                plain_grad = r.first_grad if v == "plain" else plain_grad
+                log(Run(**{**asdict(r), "model": "mlp-big"}))
+    seconds = time.perf_counter() - start
+    json_path = os.path.splitext(args.results)[0] + ".json"
+    if args.only_big and not args.no_write and os.path.exists(json_path):
+        with open(json_path) as f:  # keep the sweep and CNN rows of the last full run
+            runs[:0] = [Run(**r) for r in json.load(f)["runs"] if r["model"] != "mlp-big"]
+
+    print()
+    print(machine())
+    if any(r.model == "mlp" for r in runs):
+        print("\n" + accuracy_tables(runs) + "\n\nFirst-layer gradient ratio at init (variant / plain)\n\n" +
+              grad_tables(runs))
+    if any(r.model.startswith("cnn") for r in runs):
+        print("\n" + cnn_table(runs))
+    if any(r.model == "mlp-big" for r in runs):
+        print("\n" + big_table(runs))
+    print("\nTargets:\n" + "\n".join(_targets(runs)))
+    if not args.no_write:
+        os.makedirs(os.path.dirname(args.results), exist_ok=True)
+        write_markdown(runs, args.results, args, seconds)
+        with open(json_path, "w") as f:
+            json.dump({"machine": machine(), "argv": sys.argv[1:], "runs": [asdict(r) for r in runs]}, f, indent=1)
+        if any(r.model == "mlp" for r in runs):
+            figure(runs, args.figure)
+        print(f"\nwrote {os.path.relpath(args.results, ROOT)} and its .json" +
+              (f", {os.path.relpath(args.figure, ROOT)}" if any(r.model == 'mlp' for r in runs) else ""))
+    return runs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Sweep resify over every torchvision classification model (weights=None): one row per model.
+
+    .venv/bin/python benchmarks/zoo.py                    # the whole zoo
+    .venv/bin/python benchmarks/zoo.py resnet18 vgg11      # some models
+    .venv/bin/python benchmarks/zoo.py --preserve-output   # also check outputs are unchanged
+
+Each model is either converted (same output shape, backward reaches every parameter that the
+original's backward reaches, and every added one) or refused with a ResifyError and its reason.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import resify  # noqa: E402
+
+
+def input_size(name: str) -> int:
+    return 299 if name.startswith("inception") else 224
+
+
+def check_model(name: str, preserve_output: bool = False, **policy) -> dict:
+    """Convert one torchvision model and check it; returns a row for the table."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, input_size(name), input_size(name))
+    row = {"model": name, "params": sum(p.numel() for p in model.parameters())}
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if preserve_output:
+                policy["preserve_output"] = True
+            converted = resify.apply(model, x, **policy)
+    except resify.ResifyError as e:
+        row.update(status="refused", reason=str(e))
+        return row
+    row["seconds"] = time.perf_counter() - t0
+    plan = converted.meta["resify_plan"]
+    counts = plan.counts()
+    row.update(status="converted", sites=len(plan.sites), identity=counts.get("identity", 0),
+               projection=counts.get("projection", 0), dense=counts.get("dense", 0),
+               existing=len(plan.existing), added=plan.added_params)
+    out0 = model(x)
+    out0 = out0 if isinstance(out0, torch.Tensor) else out0[0]
+    out0.sum().backward()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None}
+    out = converted(x)
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    row["same_shape"] = out.shape == out0.shape
+    if preserve_output:
+        rel = (out - out0).abs().max().item() / max(out0.abs().max().item(), 1e-12)
+        row["max_rel_diff"] = rel
+    out.sum().backward()
+    names = dict(converted.named_parameters())
+    missing = [n for n in reached if n in names and names[n].grad is None]
+    missing += [n for n, p in names.items() if n.startswith("resify.") and p.grad is None]
+    row["missing_grads"] = missing
+    row["ok"] = row["same_shape"] and not missing and (not preserve_output or row["max_rel_diff"] <= 1e-5)
+    return row
+
+
+def main() -> int:
+    import torchvision
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*")
+    parser.add_argument("--preserve-output", action="store_true")
+    parser.add_argument("--skip", nargs="*", default=[], help="models to leave out (e.g. vit_h_14)")
+    args = parser.parse_args()
+    names = args.models or torchvision.models.list_models(torchvision.models)
+    names = [n for n in names if n not in args.skip]
+    rows = []
+    print(f"{'model':28} {'status':9} {'sites':>5} {'id':>4} {'proj':>4} {'exist':>5} {'+params':>12} {'sec':>6}  ok")
+    for name in names:
+        row = check_model(name, args.preserve_output)
+        rows.append(row)
+        if row["status"] == "refused":
+            print(f"{name:28} refused   {row['reason']}")
+        else:
+            extra = f" rel={row['max_rel_diff']:.1e}" if "max_rel_diff" in row else ""
+            print(f"{name:28} converted {row['sites']:5} {row['identity']:4} {row['projection']:4} "
+                  f"{row['existing']:5} {row['added']:12,} {row['seconds']:6.2f}  {row['ok']}{extra}"
+                  + (f" missing={row['missing_grads'][:3]}" if row["missing_grads"] else ""), flush=True)
+        gc.collect()
+    converted = [r for r in rows if r["status"] == "converted"]
+    refused = [r for r in rows if r["status"] == "refused"]
+    bad = [r["model"] for r in converted if not r["ok"]]
+    print(f"\n{len(rows)} models: {len(converted)} converted ({len(converted) - len(bad)} checked ok), "
+          f"{len(refused)} refused; already residual: {sum(1 for r in converted if r['existing'])}")
+    if bad:
+        print("FAILED checks:", ", ".join(bad))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Write a converted GraphModule as readable Python source plus a weights file.
+
+``save(gm, folder)`` writes ``model.py`` (a plain ``nn.Module`` subclass: the module tree rebuilt
+from constructor calls, then the traced ``forward``) and ``weights.pt`` (its state dict, loaded
+with ``torch.load(..., weights_only=True)``). The folder is written under a temporary name beside
+the target and renamed at the end, so a failure leaves nothing half-written. ``load(folder)``
+imports it again.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import ResifyError
+
+__all__ = ["save", "load", "load_line", "render_source"]
+
+_MODULE_FILE = "model.py"
+_WEIGHTS_FILE = "weights.pt"
+
+
+def _constructor(module: nn.Module, path: str) -> str:
+    """A Python expression that rebuilds ``module`` (without its weights)."""
+    if type(module) is nn.Module or isinstance(module, torch.fx.GraphModule):
+        return "nn.Module()"
+    if isinstance(module, nn.MultiheadAttention):
+        m = module
+        return (f"nn.MultiheadAttention({m.embed_dim}, {m.num_heads}, dropout={m.dropout}, "
+                f"bias={m.in_proj_bias is not None}, add_bias_kv={m.bias_k is not None}, "
+                f"add_zero_attn={m.add_zero_attn}, kdim={m.kdim}, vdim={m.vdim}, batch_first={m.batch_first})")
+    cls = type(module)
+    if cls.__module__.startswith("torch.nn") and hasattr(nn, cls.__name__) and getattr(nn, cls.__name__) is cls:
+        expr = f"nn.{module.__repr__()}"
+        if "\n" not in expr:
+            try:
+                rebuilt = eval(expr, {"nn": nn, "torch": torch})  # noqa: S307 - our own repr text
+            except Exception:
+                rebuilt = None
+            if rebuilt is not None and repr(rebuilt) == repr(module) and _same_tensors(rebuilt, module):
+                return expr
+    raise ResifyError(
+        f"cannot write module '{path}' ({cls.__module__}.{cls.__name__}) as source: resify exports "
+        "standard torch.nn layers only; trace through it (drop it from leaf_modules) or save the model "
+        "with torch.save instead"
+    )
+
+
+def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype for k in sa)
+
+
+def _import_lines(globals_: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, obj in sorted(globals_.items()):
+        if name in ("torch", "inf", "nan", "NoneType", "device") or name in dir(__builtins__):
+            continue
+        if isinstance(obj, types.ModuleType):
+            lines.append(f"import {obj.__name__} as {name}" if obj.__name__ != name else f"import {name}")
+            continue
+        mod, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+        if mod and qual and "<" not in qual and "." not in qual:
+            lines.append(f"from {mod} import {qual} as {name}" if qual != name else f"from {mod} import {qual}")
+            continue
+        if isinstance(obj, (type(None), bool, int, float, str)):
+            lines.append(f"{name} = {obj!r}")
+            continue
+        raise ResifyError(f"cannot write the model as source: it calls {obj!r}, which has no importable name")
+    return lines
+
+
+def render_source(gm: torch.fx.GraphModule, class_name: str = "ResifiedModel") -> str:
+    """The Python source of ``model.py`` for ``gm``."""
+    code = gm.graph.python_code(root_module="self")
+    lines = [
+        f'"""{class_name}: written by resify. Load it with load() below (weights from {_WEIGHTS_FILE})."""',
+        "import math",
+        "import operator",
+        "from pathlib import Path",
+        "",
+        "import torch",
+        "from torch import nn",
+        "from torch import device",
+        "inf = float('inf')",
+        "nan = float('nan')",
+        "NoneType = type(None)",
+        *_import_lines(code.globals),
+        "",
+        "",
+        f"class {class_name}(nn.Module):",
+        "    def __init__(self):",
+        "        super().__init__()",
+    ]
+    built: set[str] = set()  # leaf modules and their children: the leaf's constructor builds them
+    for path, module in gm.named_modules():
+        if not path:
+            continue
+        parent, _, attr = path.rpartition(".")
+        if parent in built:
+            built.add(path)
+            continue
+        if type(module) is not nn.Module:
+            built.add(path)
+        owner = f"self.get_submodule({parent!r})" if parent else "self"
+        lines.append(f"        {owner}.add_module({attr!r}, {_constructor(module, path)})")
+    for path, module in [("", gm), *gm.named_modules()]:
+        if path and (type(module) is not nn.Module):
+            continue  # leaf modules create their own parameters
+        owner = f"self.get_submodule({path!r})" if path else "self"
+        for name, p in module.named_parameters(recurse=False):
+            lines.append(f"        {owner}.register_parameter({name!r}, nn.Parameter(torch.empty({list(p.shape)}, "
+                         f"dtype={p.dtype}), requires_grad={p.requires_grad}))")
+        for name, b in module.named_buffers(recurse=False):
+            persistent = name not in module._non_persistent_buffers_set
+            lines.append(f"        {owner}.register_buffer({name!r}, torch.empty({list(b.shape)}, dtype={b.dtype}), "
+                         f"persistent={persistent})")
+    lines.append("")
+    body = [line for line in code.src.strip("\n").splitlines() if not line.startswith("torch.fx._symbolic_trace.wrap(")]
+    lines += ["    " + line if line else "" for line in body]
+    lines += [
+        "",
+        "",
+        f"def load(weights=None, map_location='cpu') -> {class_name}:",
+        f'    """Build the model and load its weights (default: {_WEIGHTS_FILE} beside this file)."""',
+        f"    model = {class_name}()",
+        f"    path = weights or Path(__file__).with_name({_WEIGHTS_FILE!r})",
+        "    model.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))",
+        f"    model.train({gm.training})",
+        "    return model",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _import_path(path: Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(f"resify_export_{abs(hash(str(path)))}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(folder: str | Path) -> nn.Module:
+    """Load a model written by :func:`save`."""
+    return _import_path(Path(folder) / _MODULE_FILE).load()
+
+
+def load_line(folder: str | Path) -> str:
+    """The one line of Python that loads the model in a fresh interpreter."""
+    return f'import runpy; model = runpy.run_path("{Path(folder) / _MODULE_FILE}")["load"]()'
+
+
+def save(
+    gm: torch.fx.GraphModule,
+    folder: str | Path,
+    *,
+    extra_json: dict[str, Any] | None = None,
+    force: bool = False,
+    check: Callable[[nn.Module], None] | None = None,
+) -> Path:
+    """Write ``gm`` to ``folder`` (model.py, weights.pt and one JSON file per ``extra_json`` entry).
+
+    The files go to a temporary folder beside ``folder`` that is renamed at the end; ``check``, if
+    given, is called with the model re-loaded from the temporary folder before the rename.
+
+    Raises:
+        ResifyError: ``folder`` exists and is not empty (without ``force``), is not writable, or
+            the model cannot be written as source.
+    """
+    target = Path(folder)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
+        raise ResifyError(f"output folder '{target}' exists and is not empty; choose another or pass --force")
+    source = render_source(gm)
+    parent = target.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    except OSError as e:
+        raise ResifyError(f"cannot write to '{parent}': {e.strerror}; choose a writable output folder") from e
+    try:
+        (tmp / _MODULE_FILE).write_text(source)
+        torch.save(gm.state_dict(), tmp / _WEIGHTS_FILE)
+        for name, payload in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(payload, indent=2) + "\n")
+        if check is not None:
+            check(load(tmp))
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,1069 @@
+"""Beside the pipeline: the gradient-flow report of any ``nn.Module``, and the comparison of two.
+
+``gradient_flow`` runs one forward and one backward per batch, exactly as the seed guide's
+``print_gradients`` does (MSE between the output and zeros, unless told otherwise), and records
+one :class:`LayerFlow` per parametric layer: every module with a direct ``weight`` parameter of
+two or more dimensions (Linear, ConvNd, Embedding, …), in the order of their first forward call,
+plus each bare parameter that resify inserted (the ``rezero``/``layerscale`` gates, kind "Gate").
+``compare`` matches the layers of two reports by name (``resify.apply`` keeps the names).
+
+The verdict
+-----------
+The *flow* at a layer is the L2 norm of the gradient arriving at its input (``input_grad_norm``:
+the whole gradient of the loss with respect to that tensor, through the layer and any shortcut
+around it, so it stays informative where a gate is zero); where a layer's input carries no
+gradient (integer token ids) its weight-gradient norm stands in. Flows are compared with the flow
+at the last original layer, the one nearest the loss:
+
+====================  =========================================================================
+``'exploding'``       any gradient is not finite, or some flow exceeds ``ABS_EXPLODING`` (1e6),
+                      or flow(first) / flow(last) > ``EXPLODING_RATIO`` (1e3)
+``'vanishing'``       flow(first) / flow(last) < ``VANISHING_RATIO`` (1e-2), or the first layer's
+                      flow is below ``ABS_VANISHING`` (1e-10)
+``'healthy'``         otherwise
+====================  =========================================================================
+
+The first/last rule is judged on layers the model had (``added`` ones are left out); a layer's own
+verdict applies the same thresholds to its flow ÷ the last layer's. The bounds are asymmetric on
+purpose: gradients that shrink by two orders of magnitude already starve the first layers, while
+growth towards the input is normal in residual networks without zero-initialised branches
+(torchvision's ResNet-50 at initialisation, in training mode, measures about 150×). A rezero-gated
+network at ``alpha = 0`` is the identity, so its flow is flat and it counts as healthy even though
+its layers' weight gradients are zero.
+
+Statistics over ``batches > 1`` are the arithmetic means of the per-batch figures.
+
+JSON schema (``schema_version`` 1)
+----------------------------------
+``GradientFlow.to_json()``::
+
+    {"schema_version": 1, "kind": "resify.gradient_flow", "model_class": str, "loss": str,
+     "batches": int, "seed": int, "loss_value": float, "verdict": str, "reason": str,
+     "recommendation": str | null, "first_to_last": float | null,
+     "thresholds": {"vanishing_ratio": .., "exploding_ratio": .., "abs_vanishing": .., "abs_exploding": ..},
+     "layers": [{"name": str, "kind": str, "depth": int, "added": bool, "shape": [int, ...],
+                 "mean_abs_grad": float | null, "grad_norm": float | null,
+                 "grad_to_weight": float | null, "input_grad_norm": float | null,
+                 "activation_rms": float | null, "verdict": str}, ...]}
+
+``FlowComparison.to_json()``::
+
+    {"schema_version": 1, "kind": "resify.flow_comparison", "headline": str,
+     "first_layer_ratio": float | null, "before": <gradient_flow>, "after": <gradient_flow>,
+     "layers": [{"name", "kind", "before_mean_abs_grad", "after_mean_abs_grad", "ratio",
+                 "before_input_grad_norm", "after_input_grad_norm", "input_ratio"}, ...],
+     "added": [str, ...], "removed": [str, ...]}
+
+``null`` means "not measured" (no gradient reached it, or a gate has no input); infinities and
+NaN are written as the strings "inf", "-inf" and "nan". ``GradientFlow.from_json`` reads it back.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import textwrap
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .analyze import NAMESPACE
+from .errors import ResifyError
+from .trace import as_inputs, derive_example_input
+
+__all__ = [
+    "LayerFlow",
+    "GradientFlow",
+    "LayerChange",
+    "FlowComparison",
+    "gradient_flow",
+    "compare",
+    "REPORT_SCHEMA_VERSION",
+    "VANISHING_RATIO",
+    "EXPLODING_RATIO",
+    "ABS_VANISHING",
+    "ABS_EXPLODING",
+]
+
+REPORT_SCHEMA_VERSION = 1
+#: flow(first) / flow(last) below this is 'vanishing'.
+VANISHING_RATIO = 1e-2
+#: flow(first) / flow(last) above this is 'exploding'.
+EXPLODING_RATIO = 1e3
+#: a first-layer flow below this is 'vanishing', whatever the ratio.
+ABS_VANISHING = 1e-10
+#: any flow above this is 'exploding', whatever the ratio.
+ABS_EXPLODING = 1e6
+
+_VERDICTS = ("healthy", "vanishing", "exploding")
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass(frozen=True)
+class LayerFlow:
+    """The gradient figures of one parametric layer (or one resify gate)."""
+
+    name: str  # qualified module name, "layers.0.0"; for a gate the parameter's, "resify.layers_0_0.alpha"
+    kind: str  # "Linear", "Conv2d", …, or "Gate"
+    depth: int  # position in forward order, from 0, counting every record
+    added: bool  # inserted by resify (under the "resify." namespace)
+    shape: tuple[int, ...]  # of the weight (or gate)
+    mean_abs_grad: float | None  # mean |grad| of the weight: the seed's print_gradients figure
+    grad_norm: float | None  # L2 norm of the weight gradient
+    grad_to_weight: float | None  # grad_norm / L2 norm of the weight (None where the weight is zero)
+    input_grad_norm: float | None  # L2 norm of the gradient arriving at the layer's input
+    activation_rms: float | None  # root mean square of the layer's output
+    verdict: str = "healthy"
+
+    @property
+    def flow(self) -> float | None:
+        """The figure the verdict is judged on: ``input_grad_norm``, else ``grad_norm``."""
+        return self.input_grad_norm if self.input_grad_norm is not None else self.grad_norm
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "kind": self.kind, "depth": self.depth, "added": self.added,
+            "shape": list(self.shape), "mean_abs_grad": _jnum(self.mean_abs_grad),
+            "grad_norm": _jnum(self.grad_norm), "grad_to_weight": _jnum(self.grad_to_weight),
+            "input_grad_norm": _jnum(self.input_grad_norm), "activation_rms": _jnum(self.activation_rms),
+            "verdict": self.verdict,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LayerFlow":
+        return cls(
+            name=d["name"], kind=d["kind"], depth=int(d["depth"]), added=bool(d["added"]),
+            shape=tuple(d["shape"]), mean_abs_grad=_pnum(d["mean_abs_grad"]),
+            grad_norm=_pnum(d["grad_norm"]), grad_to_weight=_pnum(d["grad_to_weight"]),
+            input_grad_norm=_pnum(d["input_grad_norm"]), activation_rms=_pnum(d["activation_rms"]),
+            verdict=d["verdict"],
+        )
+
+
+@dataclass(frozen=True)
+class GradientFlow:
+    """How the gradient flows through a model: one :class:`LayerFlow` per layer, and a verdict."""
+
+    model_class: str
+    layers: tuple[LayerFlow, ...]
+    verdict: str  # 'healthy', 'vanishing' or 'exploding'
+    reason: str  # one line: the figure the verdict rests on
+    recommendation: str | None  # one line, for 'vanishing' and 'exploding'
+    first_to_last: float | None  # flow(first) / flow(last) over the model's own layers
+    loss: str  # "mse to zeros", "mse to target", "cross-entropy to target" or "loss_fn"
+    loss_value: float
+    batches: int = 1
+    seed: int = 0
+
+    def layer(self, name: str) -> LayerFlow:
+        """The record called ``name``; raises ResifyError listing some names when there is none."""
+        for rec in self.layers:
+            if rec.name == name:
+                return rec
+        known = ", ".join(r.name for r in self.layers[:8]) + (", …" if len(self.layers) > 8 else "")
+        raise ResifyError(f"no layer named '{name}' in this report; expected one of {known}")
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": REPORT_SCHEMA_VERSION, "kind": "resify.gradient_flow",
+            "model_class": self.model_class, "loss": self.loss, "batches": self.batches,
+            "seed": self.seed, "loss_value": _jnum(self.loss_value), "verdict": self.verdict,
+            "reason": self.reason, "recommendation": self.recommendation,
+            "first_to_last": _jnum(self.first_to_last), "thresholds": _thresholds(),
+            "layers": [r.to_dict() for r in self.layers],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The report as JSON (schema in this module's docstring)."""
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GradientFlow":
+        _check_schema(d, "resify.gradient_flow")
+        return cls(
+            model_class=d["model_class"], layers=tuple(LayerFlow.from_dict(r) for r in d["layers"]),
+            verdict=d["verdict"], reason=d["reason"], recommendation=d["recommendation"],
+            first_to_last=_pnum(d["first_to_last"]), loss=d["loss"], loss_value=_pnum(d["loss_value"]),
+            batches=int(d["batches"]), seed=int(d["seed"]),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "GradientFlow":
+        """Read back what :meth:`to_json` wrote."""
+        return cls.from_dict(_loads(text))
+
+    def summary(self) -> str:
+        """One line: verdict, why, and what to try."""
+        out = f"{self.verdict}: {self.reason}"
+        return out + (f"; {self.recommendation}" if self.recommendation else "")
+
+    def to_text(self, width: int = 100) -> str:
+        """An aligned table for a terminal, ``width`` columns at most."""
+        return _flow_text(self, width)
+
+    def to_markdown(self) -> str:
+        """A Markdown section: verdict, recommendation and the table with every figure."""
+        return _flow_markdown(self)
+
+    def plot(self, path: str | Path) -> Path:
+        """Draw the flow against depth (log scale, bands shaded) into a .png or .svg file."""
+        return _plot([("", self)], path, title=f"{self.model_class}: {self.summary()}")
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """One layer present before and after: both records and the ratios after ÷ before."""
+
+    before: LayerFlow
+    after: LayerFlow
+
+    @property
+    def name(self) -> str:
+        return self.after.name
+
+    @property
+    def ratio(self) -> float | None:
+        """after ÷ before of ``mean_abs_grad`` (None where it is undefined)."""
+        return _ratio(self.after.mean_abs_grad, self.before.mean_abs_grad)
+
+    @property
+    def input_ratio(self) -> float | None:
+        """after ÷ before of ``input_grad_norm``."""
+        return _ratio(self.after.input_grad_norm, self.before.input_grad_norm)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "kind": self.after.kind,
+            "before_mean_abs_grad": _jnum(self.before.mean_abs_grad),
+            "after_mean_abs_grad": _jnum(self.after.mean_abs_grad), "ratio": _jnum(self.ratio),
+            "before_input_grad_norm": _jnum(self.before.input_grad_norm),
+            "after_input_grad_norm": _jnum(self.after.input_grad_norm), "input_ratio": _jnum(self.input_ratio),
+        }
+
+
+@dataclass(frozen=True)
+class FlowComparison:
+    """Two gradient-flow reports side by side, layers matched by name."""
+
+    before: GradientFlow
+    after: GradientFlow
+    layers: tuple[LayerChange, ...]  # in the order of ``before``
+    added: tuple[LayerFlow, ...]  # only in ``after`` (resify's projections and gates)
+    removed: tuple[str, ...]  # only in ``before``
+    headline: str  # "first layer: 412× more gradient; verdict vanishing → healthy"
+    first_layer_ratio: float | None = field(default=None)  # mean_abs_grad after ÷ before, first layer
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": REPORT_SCHEMA_VERSION, "kind": "resify.flow_comparison",
+            "headline": self.headline, "first_layer_ratio": _jnum(self.first_layer_ratio),
+            "before": self.before.to_dict(), "after": self.after.to_dict(),
+            "layers": [c.to_dict() for c in self.layers],
+            "added": [r.name for r in self.added], "removed": list(self.removed),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The comparison as JSON (schema in this module's docstring)."""
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FlowComparison":
+        """Rebuild a comparison from :meth:`to_json` output (it is recomputed from both reports)."""
+        d = _loads(text)
+        _check_schema(d, "resify.flow_comparison")
+        return compare(GradientFlow.from_dict(d["before"]), GradientFlow.from_dict(d["after"]))
+
+    def to_text(self, width: int = 100) -> str:
+        """Headline, both verdicts, and before/after/ratio per layer, ``width`` columns at most."""
+        return _comparison_text(self, width)
+
+    def to_markdown(self) -> str:
+        return _comparison_markdown(self)
+
+    def plot(self, path: str | Path) -> Path:
+        """Draw both flows against depth (log scale, bands shaded) into a .png or .svg file."""
+        return _plot([("before", self.before), ("after", self.after)], path, title=self.headline)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def gradient_flow(
+    model: nn.Module,
+    example_input: Any = None,
+    *,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    target: torch.Tensor | None = None,
+    batches: int = 1,
+    seed: int = 0,
+) -> GradientFlow:
+    """Measure the gradient flow of ``model`` with one forward and backward per batch.
+
+    Args:
+        model: any ``nn.Module``; it is left exactly as it was (gradients, buffers, modes, hooks,
+            and the global random state too).
+        example_input: a tensor or tuple of tensors (the forward's positional arguments); derived
+            when the first layer is an nn.Linear.
+        loss_fn: ``loss_fn(output) -> scalar``. Default: MSE between each floating-point output
+            tensor and zeros, summed over the outputs (the seed's ``print_gradients``).
+        target: instead of ``loss_fn``: cross-entropy for an integer tensor of class indices,
+            MSE otherwise. It is reused for every batch.
+        batches: average the figures over this many batches: the example itself, then standard
+            normal (or, for integer inputs, uniform between the example's min and max) tensors of
+            its shapes drawn from a generator seeded with ``seed``.
+        seed: seeds that generator and, inside the call only, the random state (dropout masks).
+
+    Returns:
+        A frozen :class:`GradientFlow`; print it, or call ``to_text``/``to_markdown``/``to_json``/``plot``.
+
+    Raises:
+        ResifyError: bad arguments, no parametric layer, no gradient, or a loss that is not a scalar.
+    """
+    if loss_fn is not None and target is not None:
+        raise ResifyError("pass either loss_fn= or target=, not both; loss_fn(output) may use the target itself")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ResifyError(f"batches must be a positive integer, found {batches!r}")
+    inputs = as_inputs(example_input) if example_input is not None else derive_example_input(model)
+    if not any(isinstance(t, torch.Tensor) for t in inputs):
+        raise ResifyError("example_input holds no tensor; pass e.g. example_input=torch.randn(8, 3, 32, 32)")
+    layer_modules = _layer_modules(model)
+    gates = _gate_parameters(model)
+    if not layer_modules and not gates:
+        raise ResifyError(
+            f"{type(model).__name__} has no parametric layer (a module with a weight of 2 or more "
+            "dimensions, such as nn.Linear or nn.Conv2d); nothing to report"
+        )
+    loss_name = "loss_fn" if loss_fn is not None else (
+        "mse to zeros" if target is None else
+        ("mse to target" if target.is_floating_point() or target.is_complex() else "cross-entropy to target"))
+    weights = {name: m.weight for name, m in layer_modules.items()}
+    weights.update(gates)
+    sums: dict[str, list[torch.Tensor]] = {}
+    probe = _Probe(layer_modules)
+    losses: list[torch.Tensor] = []
+    with _no_trace(model, inputs, seed):
+        for batch in _batch_inputs(inputs, batches, seed):
+            for p in model.parameters():
+                p.grad = None
+            with probe.recording():
+                output = _forward(model, batch)
+                loss = _loss(output, loss_fn, target)
+                loss.backward()
+            losses.append(loss.detach())
+            _accumulate(sums, _weight_stats(weights))
+        flows = probe.result(batches)
+        stats = {k: torch.stack(v).mean(0).cpu().tolist() for k, v in sums.items()}
+        loss_value = float(torch.stack(losses).double().mean())
+    order = _order(model, layer_modules, gates, probe.called)
+    records = []
+    for depth, name in enumerate(order):
+        weight = weights[name]
+        mean_abs, gnorm, wnorm = stats.get(name, (None, None, None))
+        inorm, rms = flows.get(name, (None, None))
+        records.append(LayerFlow(
+            name=name, kind="Gate" if name in gates else type(layer_modules[name]).__name__,
+            depth=depth, added=_is_added(name), shape=tuple(weight.shape),
+            mean_abs_grad=mean_abs, grad_norm=gnorm,
+            grad_to_weight=None if gnorm is None or not wnorm else gnorm / wnorm,
+            input_grad_norm=inorm, activation_rms=rms,
+        ))
+    if all(r.flow is None for r in records):
+        raise ResifyError(
+            f"no gradient reached any layer of {type(model).__name__}; check that the loss depends on "
+            "the output and that the parameters have requires_grad=True"
+        )
+    return _judge(tuple(records), model_class=type(model).__name__, loss=loss_name,
+                  loss_value=loss_value, batches=batches, seed=seed)
+
+
+def _is_added(name: str) -> bool:
+    return NAMESPACE in name.split(".")
+
+
+def _layer_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules with a direct ``weight`` parameter of two or more dimensions, by qualified name."""
+    found: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        w = m._parameters.get("weight")
+        if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.is_floating_point():
+            found[name] = m
+    return found
+
+
+def _gate_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Bare parameters resify inserted (gates): owned by a plain container under the namespace."""
+    found: dict[str, torch.Tensor] = {}
+    for mname, m in model.named_modules():
+        if type(m) is not nn.Module or not _is_added(mname):
+            continue
+        for pname, p in m._parameters.items():
+            if p is not None:
+                found[f"{mname}.{pname}"] = p
+    return found
+
+
+def _accumulate(sums: dict[str, list[torch.Tensor]], stats: dict[str, torch.Tensor]) -> None:
+    for k, v in stats.items():
+        sums.setdefault(k, []).append(v)
+
+
+@torch.no_grad()
+def _weight_stats(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """name -> tensor([mean |grad|, ‖grad‖, ‖weight‖]) for each weight that received a gradient."""
+    out: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        g = w.grad
+        if g is None:
+            continue
+        mean_abs = g.abs().mean()  # the very expression of the seed's print_gradients
+        out[name] = torch.stack([mean_abs.double(), torch.linalg.vector_norm(g).double(),
+                                 torch.linalg.vector_norm(w).double()])
+    return out
+
+
+def _first_tensor(args: Any) -> torch.Tensor | None:
+    if isinstance(args, torch.Tensor):
+        return args
+    if isinstance(args, Mapping):
+        args = list(args.values())
+    if isinstance(args, (tuple, list)):
+        for a in args:
+            t = _first_tensor(a)
+            if t is not None:
+                return t
+    return None
+
+
+class _Probe:
+    """Forward hooks on the layers: call order, output RMS, and a hook on each input tensor."""
+
+    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+        self.layers = layers
+        self.called: dict[str, int] = {}  # name -> index of first call
+        self._sq_in: dict[str, list[torch.Tensor]] = {}  # per batch: sum of squared input-grad norms
+        self._rms: dict[str, list[torch.Tensor]] = {}
+        self._batch_in: dict[str, torch.Tensor] = {}
+        self._batch_act: dict[str, list[torch.Tensor]] = {}
+        self._tensors: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        self._handles: list[Any] = []
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        handles = self._handles
+        try:
+            for name, m in self.layers.items():
+                handles.append(m.register_forward_hook(self._forward_hook(name), with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            handles.clear()
+            self._tensors.clear()
+            self._end_batch()
+
+    def _forward_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if name not in self.called:
+                self.called[name] = len(self.called)
+            out = _first_tensor(output)
+            if out is not None and out.is_floating_point() and out.numel():
+                with torch.no_grad():
+                    ss = torch.linalg.vector_norm(out.detach(), dtype=torch.float64).square()
+                self._batch_act.setdefault(name, []).append(torch.stack([ss, ss.new_tensor(out.numel())]))
+            x = _first_tensor(args)
+            x = x if x is not None else _first_tensor(kwargs)
+            if x is None or not x.requires_grad:
+                return
+            entry = self._tensors.get(id(x))
+            if entry is not None and entry[0] is x:
+                if name not in entry[1]:
+                    entry[1].append(name)
+                return
+            names = [name]
+            self._tensors[id(x)] = (x, names)  # the reference keeps the id from being reused
+            self._handles.append(x.register_hook(self._grad_hook(names)))
+
+        return hook
+
+    def _grad_hook(self, names: list[str]) -> Callable:
+        def hook(grad: torch.Tensor) -> None:
+            sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64).square()
+            for n in names:
+                prev = self._batch_in.get(n)
+                self._batch_in[n] = sq if prev is None else prev + sq  # a module called twice
+
+        return hook
+
+    def _end_batch(self) -> None:
+        for n, sq in self._batch_in.items():
+            self._sq_in.setdefault(n, []).append(sq.sqrt())
+        for n, parts in self._batch_act.items():
+            ss, count = torch.stack(parts).sum(0)
+            self._rms.setdefault(n, []).append((ss / count).sqrt())
+        self._batch_in, self._batch_act = {}, {}
+
+    def result(self, batches: int) -> dict[str, tuple[float | None, float | None]]:
+        """name -> (input-gradient norm, activation RMS), each the mean over the batches."""
+        out = {}
+        for n in set(self._sq_in) | set(self._rms):
+            g = self._sq_in.get(n)
+            r = self._rms.get(n)
+            out[n] = (float(torch.stack(g).sum().cpu()) / batches if g else None,
+                      float(torch.stack(r).mean().cpu()) if r else None)
+        return out
+
+
+def _order(model: nn.Module, layers: Mapping[str, nn.Module], gates: Mapping[str, torch.Tensor],
+           called: Mapping[str, int]) -> list[str]:
+    """Record names in forward order: layers by first call, each gate after the layer it follows.
+
+    A layer that was never called but received a gradient (its weight used by a parent, as in
+    nn.MultiheadAttention's out_proj) goes right after its nearest called ancestor; gates are
+    placed by the position of their get_attr node in the graph of the GraphModule holding them.
+    """
+    inf = float("inf")
+    keys: dict[str, tuple] = {}
+    module_index = {name: i for i, name in enumerate(layers)}
+    for name in layers:
+        if name in called:
+            keys[name] = (called[name], 0, 0)
+        elif layers[name].weight.grad is not None:
+            parent = name
+            while "." in parent and parent not in called:
+                parent = parent.rsplit(".", 1)[0]
+            keys[name] = (called.get(parent, inf), 1, module_index[name])
+    gate_anchor = _gate_anchors(model, set(gates), set(called))
+    for k, name in enumerate(gates):
+        anchor = gate_anchor.get(name, ...)
+        if anchor is ...:
+            keys[name] = (inf, 2, k)
+        else:
+            keys[name] = (called[anchor] if anchor is not None else -1, 2, k)
+    return sorted(keys, key=keys.__getitem__)
+
+
+def _gate_anchors(model: nn.Module, gates: set[str], called: set[str]) -> dict[str, str | None]:
+    """gate name -> the last called layer before its get_attr node (None: before every layer)."""
+    anchors: dict[str, str | None] = {}
+    if not gates:
+        return anchors
+    for prefix, gm in model.named_modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        dot = f"{prefix}." if prefix else ""
+        last: str | None = None
+        for n in gm.graph.nodes:
+            qual = f"{dot}{n.target}"
+            if n.op == "call_module" and qual in called:
+                last = qual
+            elif n.op == "get_attr" and qual in gates and qual not in anchors:
+                anchors[qual] = last
+    return anchors
+
+
+@contextlib.contextmanager
+def _no_trace(model: nn.Module, inputs: tuple[Any, ...], seed: int) -> Iterator[None]:
+    """Run the measurement, then put back every gradient, buffer, mode and the random state."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    grads = [p.grad for p in params]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    devices = sorted({t.device.index or 0 for t in [*params, *[b for b, _ in buffers], *inputs]
+                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.default_generator.manual_seed(seed)
+            for d in devices:
+                torch.cuda.default_generators[d].manual_seed(seed)
+            yield
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+        for m, training in modes:
+            m.training = training
+
+
+def _batch_inputs(inputs: tuple[Any, ...], batches: int, seed: int) -> Iterator[tuple[Any, ...]]:
+    """The example (detached, floating tensors requiring grad), then random batches of its shapes."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def prepare(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            t = t.detach()
+            return t.requires_grad_() if t.is_floating_point() else t
+        return t
+
+    def draw(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.is_floating_point() or t.is_complex():
+            r = torch.randn(t.shape, generator=gen, dtype=t.dtype)
+        elif t.dtype == torch.bool:
+            r = torch.randint(0, 2, t.shape, generator=gen).bool()
+        elif t.numel():
+            r = torch.randint(int(t.min()), int(t.max()) + 1, t.shape, generator=gen, dtype=t.dtype)
+        else:
+            r = t.detach().clone().cpu()
+        return prepare(r.to(t.device))
+
+    yield tuple(prepare(t) for t in inputs)
+    for _ in range(batches - 1):
+        yield tuple(draw(t) for t in inputs)
+
+
+def _forward(model: nn.Module, batch: tuple[Any, ...]) -> Any:
+    return model(*batch)
+
+
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() or output.is_complex() else []
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for o in output for t in _output_tensors(o)]
+    return []
+
+
+def _loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None, target: torch.Tensor | None) -> torch.Tensor:
+    """The scalar to differentiate (see ``gradient_flow``)."""
+    if loss_fn is not None:
+        loss = loss_fn(output)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            found = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ResifyError(f"loss_fn must return a scalar tensor, found {found}; reduce it, e.g. with .mean()")
+        return loss.reshape(())
+    tensors = _output_tensors(output)
+    if not tensors:
+        raise ResifyError(
+            f"the model's output ({type(output).__name__}) holds no floating-point tensor to differentiate; "
+            "pass loss_fn=lambda out: ... that returns a scalar"
+        )
+    if target is None:
+        # exactly print_gradients: nn.MSELoss()(output, torch.zeros_like(output)), summed over outputs
+        total = F.mse_loss(tensors[0], torch.zeros_like(tensors[0]))
+        for t in tensors[1:]:
+            total = total + F.mse_loss(t, torch.zeros_like(t))
+        return total
+    if len(tensors) != 1:
+        raise ResifyError(
+            f"target= needs a model with one output tensor, found {len(tensors)}; "
+            "pass loss_fn=lambda out: ... to combine them"
+        )
+    out = tensors[0]
+    try:
+        if target.is_floating_point() or target.is_complex():
+            return F.mse_loss(out, target.to(out.device))
+        return F.cross_entropy(out, target.to(out.device))
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ResifyError(
+            f"the target {tuple(target.shape)} ({target.dtype}) does not fit the output {tuple(out.shape)}: "
+            f"{str(e).splitlines()[0]}; pass integer class indices [N] or a float tensor of the output's shape"
+        ) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# judging (pure)
+
+
+def _layer_verdict(rec: LayerFlow, last: float | None) -> str:
+    figures = [rec.mean_abs_grad, rec.grad_norm, rec.input_grad_norm, rec.activation_rms]
+    if any(x is not None and not math.isfinite(x) for x in figures):
+        return "exploding"
+    flow = rec.flow
+    if rec.kind == "Gate" or flow is None:
+        return "healthy"
+    if flow > ABS_EXPLODING or (last and flow / last > EXPLODING_RATIO):
+        return "exploding"
+    if last and flow / last < VANISHING_RATIO:
+        return "vanishing"
+    return "healthy"
+
+
+def _judge(records: tuple[LayerFlow, ...], **fields: Any) -> GradientFlow:
+    """Attach per-layer and overall verdicts, the reason and the recommendation."""
+    own = [r for r in records if not r.added and r.kind != "Gate" and r.flow is not None]
+    last = own[-1].flow if own else None
+    layers = tuple(replace(r, verdict=_layer_verdict(r, last)) for r in records)
+    first = own[0].flow if own else None
+    ratio = first / last if first is not None and last else None
+    figures = [x for r in records for x in (r.mean_abs_grad, r.grad_norm, r.input_grad_norm, r.activation_rms)
+               if x is not None]
+    flows = [r.flow for r in records if r.flow is not None and r.kind != "Gate"]
+    where = f"from {own[0].name} to {own[-1].name}" if own else ""
+    if any(not math.isfinite(x) for x in figures):
+        bad = next(r.name for r in records if any(
+            x is not None and not math.isfinite(x)
+            for x in (r.mean_abs_grad, r.grad_norm, r.input_grad_norm, r.activation_rms)))
+        verdict, reason = "exploding", f"a gradient or activation is not finite at {bad}"
+    elif flows and max(flows) > ABS_EXPLODING:
+        verdict, reason = "exploding", f"a gradient norm reaches {_fmt(max(flows))} (> {ABS_EXPLODING:g})"
+    elif ratio is not None and ratio > EXPLODING_RATIO:
+        verdict, reason = "exploding", f"input gradient grows {_times(ratio)} (> {EXPLODING_RATIO:g}×) {where}"
+    elif first is not None and first < ABS_VANISHING:
+        verdict, reason = "vanishing", f"the first layer's input gradient is {_fmt(first)} (< {ABS_VANISHING:g})"
+    elif ratio is not None and ratio < VANISHING_RATIO:
+        verdict, reason = "vanishing", f"input gradient first/last = {_fmt(ratio)} (< {VANISHING_RATIO:g}) {where}"
+    else:
+        shown = _fmt(ratio) if ratio is not None else "n/a"
+        verdict, reason = "healthy", (f"input gradient first/last = {shown} (within {VANISHING_RATIO:g}…"
+                                      f"{EXPLODING_RATIO:g}) {where}")
+    return GradientFlow(layers=layers, verdict=verdict, reason=reason.strip(),
+                        recommendation=_recommend(verdict, layers), first_to_last=ratio, **fields)
+
+
+def _recommend(verdict: str, layers: Sequence[LayerFlow]) -> str | None:
+    shortcuts = any(r.added for r in layers)
+    gated = any(r.kind == "Gate" for r in layers)
+    if verdict == "vanishing":
+        if not shortcuts:
+            return "try shortcut='auto': resify.apply(model, shortcut='auto') adds a shortcut around every layer"
+        return "try shortcut='auto' with group=1 so that every layer, not only some, gets a shortcut"
+    if verdict == "exploding":
+        if gated:
+            return "try a smaller gate_init (gate='rezero' with gate_init=0 starts every branch at zero)"
+        return "try gate='rezero': resify.apply(model, gate='rezero') starts every branch at zero"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# comparing (pure)
+
+
+def compare(before: GradientFlow, after: GradientFlow) -> FlowComparison:
+    """Match the layers of two reports by name; ratios are after ÷ before.
+
+    The headline compares the first layer the two share: its ``mean_abs_grad`` (the seed's
+    figure), or its input-gradient norm where a weight gradient is zero (a gate at zero).
+    """
+    if not isinstance(before, GradientFlow) or not isinstance(after, GradientFlow):
+        raise ResifyError(
+            f"compare takes two GradientFlow reports, found {type(before).__name__} and "
+            f"{type(after).__name__}; make them with resify.gradient_flow(model, x)"
+        )
+    by_name = {r.name: r for r in after.layers}
+    changes = tuple(LayerChange(r, by_name[r.name]) for r in before.layers if r.name in by_name)
+    seen = {r.name for r in before.layers}
+    added = tuple(r for r in after.layers if r.name not in seen)
+    removed = tuple(r.name for r in before.layers if r.name not in by_name)
+    first = next((c for c in changes if c.before.kind != "Gate"), None)
+    ratio = first.ratio if first is not None else None
+    verdicts = f"verdict {before.verdict} → {after.verdict}"
+    if first is None:
+        headline = f"no layer in common; {verdicts}"
+    elif ratio is not None and ratio > 0 and math.isfinite(ratio):
+        headline = f"first layer: {_change(ratio)} gradient; {verdicts}"
+    elif first.input_ratio is not None and first.input_ratio > 0 and math.isfinite(first.input_ratio):
+        headline = f"first layer: {_change(first.input_ratio)} input gradient; {verdicts}"
+    else:
+        b, a = first.before.mean_abs_grad, first.after.mean_abs_grad
+        headline = f"first layer: mean |grad| {_fmt(b)} → {_fmt(a)}; {verdicts}"
+    return FlowComparison(before=before, after=after, layers=changes, added=added, removed=removed,
+                          headline=headline, first_layer_ratio=ratio)
+
+
+def _change(ratio: float) -> str:
+    if ratio >= 1:
+        return f"{_times(ratio)} more"
+    return f"{_times(1 / ratio)} less"
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+def _fmt(x: float | None) -> str:
+    """A number as 1.23e-05 (one format, so that magnitudes line up); '-' for None."""
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.2e}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a ÷ b, or None where either is missing or b is zero."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _times(r: float | None) -> str:
+    """A ratio as '3.2×', '412×', '1.5e+20×'."""
+    if r is None:
+        return "-"
+    if not math.isfinite(r):
+        return "∞×" if r > 0 else "-"
+    if r < 10:
+        return f"{r:.2g}×" if r < 0.1 else f"{r:.1f}×"
+    if r < 1e5:
+        return f"{r:,.0f}×"
+    return f"{r:.1e}×"
+
+
+def _jnum(x: float | None) -> float | str | None:
+    if x is None or math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def _pnum(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _thresholds() -> dict[str, float]:
+    return {"vanishing_ratio": VANISHING_RATIO, "exploding_ratio": EXPLODING_RATIO,
+            "abs_vanishing": ABS_VANISHING, "abs_exploding": ABS_EXPLODING}
+
+
+def _loads(text: str) -> dict:
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ResifyError(f"expected a resify report in JSON, found invalid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ResifyError(f"expected a JSON object, found {type(d).__name__}")
+    return d
+
+
+def _check_schema(d: Mapping[str, Any], kind: str) -> None:
+    if d.get("kind") != kind or d.get("schema_version") != REPORT_SCHEMA_VERSION:
+        raise ResifyError(
+            f"expected a '{kind}' report of schema_version {REPORT_SCHEMA_VERSION}, found "
+            f"kind={d.get('kind')!r} schema_version={d.get('schema_version')!r}; re-create it with this resify"
+        )
+
+
+def _shorten(name: str, width: int) -> str:
+    """Fit a name into ``width`` characters by cutting out its middle."""
+    if len(name) <= width:
+        return name
+    keep = width - 1
+    return name[: keep // 2] + "…" + name[len(name) - (keep - keep // 2):]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int, shrink: int,
+           right: Sequence[bool], min_widths: Sequence[int] = ()) -> list[str]:
+    """Aligned columns two spaces apart; column ``shrink`` is cut (in the middle) to fit ``width``."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for i, w in enumerate(min_widths):
+        widths[i] = max(widths[i], w)
+    over = sum(widths) + 2 * (len(widths) - 1) - width
+    if over > 0:
+        widths[shrink] = max(len(header[shrink]), widths[shrink] - over)
+    fmt = lambda r: "  ".join(  # noqa: E731
+        (_shorten(c, w).rjust(w) if al else _shorten(c, w).ljust(w)) for c, w, al in zip(r, widths, right)
+    ).rstrip()
+    return [fmt(header), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]]
+
+
+def _header(flow: GradientFlow, width: int) -> list[str]:
+    own = sum(1 for r in flow.layers if not r.added)
+    added = len(flow.layers) - own
+    extra = f" (+{added} added by resify)" if added else ""
+    batches = f"{flow.batches} batch" + ("es" if flow.batches != 1 else "")
+    lines = [f"gradient flow of {flow.model_class}: {own} layers{extra}; loss {flow.loss} = "
+             f"{_fmt(flow.loss_value)}, {batches}"]
+    lines += textwrap.wrap(f"verdict: {flow.verdict}, {flow.reason}", width, subsequent_indent="  ")
+    if flow.recommendation:
+        lines += textwrap.wrap(f"recommendation: {flow.recommendation}", width, subsequent_indent="  ")
+    return lines
+
+
+def _flow_text(flow: GradientFlow, width: int) -> str:
+    header = ["#", "layer", "kind", "mean|grad|", "‖grad‖", "‖g‖/‖w‖", "‖input grad‖", "act rms", "verdict"]
+    rows = [[str(r.depth), ("+" if r.added else "") + r.name, r.kind, _fmt(r.mean_abs_grad),
+             _fmt(r.grad_norm), _fmt(r.grad_to_weight), _fmt(r.input_grad_norm), _fmt(r.activation_rms),
+             r.verdict] for r in flow.layers]
+    right = [True, False, False, True, True, True, True, True, False]
+    lines = [*_header(flow, width), "", *_table(header, rows, width=width, shrink=1, right=right)]
+    if any(r.added for r in flow.layers):
+        lines.append("+ added by resify")
+    return "\n".join(lines)
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def _flow_markdown(flow: GradientFlow) -> str:
+    lines = [f"### Gradient flow of `{flow.model_class}`", "",
+             f"**Verdict: {flow.verdict}**, {flow.reason}."]
+    if flow.recommendation:
+        lines += ["", f"Recommendation: {flow.recommendation}."]
+    lines += ["", f"Loss: {flow.loss} = {_fmt(flow.loss_value)} over {flow.batches} batch(es); "
+                  "layers marked *added* were inserted by resify.", ""]
+    lines.append(_md_row(["#", "layer", "kind", "mean abs grad", "grad norm", "grad/weight",
+                          "input grad norm", "activation RMS", "verdict"]))
+    lines.append("|" + "---:|" + ":---|" * 2 + "---:|" * 5 + ":---|")
+    for r in flow.layers:
+        name = f"`{r.name}`" + (" *added*" if r.added else "")
+        lines.append(_md_row([str(r.depth), name, r.kind, _fmt(r.mean_abs_grad), _fmt(r.grad_norm),
+                              _fmt(r.grad_to_weight), _fmt(r.input_grad_norm), _fmt(r.activation_rms),
+                              r.verdict]))
+    return "\n".join(lines)
+
+
+def _comparison_text(c: FlowComparison, width: int) -> str:
+    lines = [f"gradient flow: {c.before.model_class} → {c.after.model_class}", c.headline]
+    for tag, flow in (("before", c.before), ("after", c.after)):
+        lines += textwrap.wrap(f"{tag}: {flow.summary()}", width, subsequent_indent="  ")
+    header = ["layer", "kind", "before", "after", "×", "before", "after", "×"]
+    rows = [[ch.name, ch.after.kind, _fmt(ch.before.mean_abs_grad), _fmt(ch.after.mean_abs_grad),
+             _times(ch.ratio), _fmt(ch.before.input_grad_norm), _fmt(ch.after.input_grad_norm),
+             _times(ch.input_ratio)] for ch in c.layers]
+    groups = ("mean |grad| of weight", "‖input grad‖")
+    # widen the 'before' columns so that each group label fits over its three columns
+    mins = [0, 0, 0, 0, 0, 0, 0, 0]
+    for k, label in enumerate(groups):
+        cols = [max(len(r[i]) for r in [header, *rows]) for i in range(2 + 3 * k, 5 + 3 * k)]
+        mins[2 + 3 * k] = max(cols[0], len(label) - cols[1] - cols[2] - 4)
+    table = _table(header, rows, width=width, shrink=0, right=[False, False] + [True] * 6, min_widths=mins)
+    cols = table[1].split("  ")
+    starts = [sum(len(x) + 2 for x in cols[:i]) for i in range(len(cols))]
+    spans = [sum(len(x) for x in cols[i:i + 3]) + 4 for i in (2, 5)]
+    group = " " * starts[2] + groups[0].center(spans[0]) + "  " + groups[1].center(spans[1])
+    lines += ["", group.rstrip(), *table]
+    if c.added:
+        lines += ["", f"added by resify ({len(c.added)}):"]
+        rows = [[r.name, r.kind, _fmt(r.mean_abs_grad), _fmt(r.grad_norm), _fmt(r.input_grad_norm)]
+                for r in c.added]
+        lines += _table(["layer", "kind", "mean|grad|", "‖grad‖", "‖input grad‖"], rows, width=width,
+                        shrink=0, right=[False, False, True, True, True])
+    if c.removed:
+        lines += textwrap.wrap(f"only before: {', '.join(c.removed)}", width, subsequent_indent="  ")
+    return "\n".join(lines)
+
+
+def _comparison_markdown(c: FlowComparison) -> str:
+    lines = [f"### Gradient flow: `{c.before.model_class}` → `{c.after.model_class}`", "",
+             f"**{c.headline}**", "",
+             f"- before: {c.before.summary()}", f"- after: {c.after.summary()}", "",
+             _md_row(["layer", "kind", "mean abs grad before", "after", "ratio",
+                      "input grad norm before", "after", "ratio"]),
+             "|:---|:---|" + "---:|" * 6]
+    for ch in c.layers:
+        lines.append(_md_row([f"`{ch.name}`", ch.after.kind, _fmt(ch.before.mean_abs_grad),
+                              _fmt(ch.after.mean_abs_grad), _times(ch.ratio), _fmt(ch.before.input_grad_norm),
+                              _fmt(ch.after.input_grad_norm), _times(ch.input_ratio)]))
+    if c.added:
+        lines += ["", f"Added by resify ({len(c.added)}):", "",
+                  _md_row(["layer", "kind", "mean abs grad", "grad norm", "input grad norm"]),
+                  "|:---|:---|---:|---:|---:|"]
+        for r in c.added:
+            lines.append(_md_row([f"`{r.name}`", r.kind, _fmt(r.mean_abs_grad), _fmt(r.grad_norm),
+                                  _fmt(r.input_grad_norm)]))
+    if c.removed:
+        lines += ["", "Only before: " + ", ".join(f"`{n}`" for n in c.removed)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# plotting (matplotlib is optional: resify[plot])
+
+_STYLE = {"": ("#1f77b4", "o"), "before": ("#d62728", "s"), "after": ("#1f77b4", "o")}
+
+
+def _plot(flows: Sequence[tuple[str, GradientFlow]], path: str | Path, title: str) -> Path:
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in ("png", "svg"):
+        raise ResifyError(f"plot() writes .png or .svg files, found '{path.name}'; pass e.g. 'flow.png'")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ResifyError("plot() needs matplotlib, which is not installed; pip install 'resify[plot]'") from e
+
+    names: list[str] = []  # x positions: the model's own layers, in forward order
+    for _, flow in flows:
+        for r in flow.layers:
+            if not r.added and r.kind != "Gate" and r.name not in names:
+                names.append(r.name)
+    xpos = {n: i for i, n in enumerate(names)}
+    series = [(label, flow, *_plot_series(flow, xpos)) for label, flow in flows]
+    rel_values = [v for s in series for _, v in s[2] + s[4] if v and math.isfinite(v)]
+    grad_values = [v for s in series for _, v in s[3] if v and math.isfinite(v)]
+    lo = min([VANISHING_RATIO / 10, *rel_values]) / 10
+    hi = max([EXPLODING_RATIO * 10, *rel_values]) * 10
+    glo = min(grad_values) / 10 if grad_values else 1e-12
+
+    fig = Figure(figsize=(9, 6.8), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    top.axhspan(EXPLODING_RATIO, hi, color="#d62728", alpha=0.10, lw=0, label=f"exploding band (> {EXPLODING_RATIO:g})")
+    top.axhspan(lo, VANISHING_RATIO, color="#7f7f7f", alpha=0.18, lw=0, label=f"vanishing band (< {VANISHING_RATIO:g})")
+    top.axhline(1.0, color="k", lw=0.6, ls=":")
+    for label, flow, rel, grads, added in series:
+        color, marker = _STYLE.get(label, _STYLE[""])
+        tag = f"{label}: " if label else ""
+        shown = [(x, v) for x, v in rel if v is not None]
+        top.plot([x for x, _ in shown], [v if v > 0 else lo * 2 for _, v in shown], marker=marker, ms=4,
+                 color=color, label=f"{tag}{flow.model_class}, {flow.verdict}")
+        zeros = [x for x, v in shown if v == 0]
+        if zeros:
+            top.plot(zeros, [lo * 2] * len(zeros), "v", color=color, ms=7, ls="none", label=f"{tag}zero (underflow)")
+        if added:
+            top.plot([x for x, _ in added], [v for _, v in added], marker="D", ls="none", mfc="none",
+                     color=color, ms=5, label=f"{tag}resify projections")
+        pos = [(x, v) for x, v in grads if v is not None and v > 0]
+        if pos:
+            bottom.plot([x for x, _ in pos], [v for _, v in pos], marker=marker, ms=4, color=color,
+                        label=f"{tag}{flow.model_class}")
+        zx = [x for x, v in grads if v == 0]
+        if zx:
+            bottom.plot(zx, [glo * 2] * len(zx), "v", color=color, ms=6, ls="none",
+                        label=f"{tag}zero (e.g. behind a gate at 0)")
+    top.set_yscale("log")
+    top.set_ylim(lo, hi)
+    top.set_ylabel("input-gradient norm\n÷ the last layer's")
+    top.set_title("gradient flow: what the verdict is judged on", fontsize=9, loc="left")
+    bottom.set_yscale("log")
+    bottom.set_ylim(bottom=glo)
+    bottom.set_ylabel("mean |grad| of weight")
+    bottom.set_title("weight gradient: the seed's print_gradients figure", fontsize=9, loc="left")
+    bottom.set_xlabel("depth (the model's layers in forward order)")
+    for ax in (top, bottom):
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8, loc="best", framealpha=0.9)
+    if len(names) <= 16:
+        bottom.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format=fmt, dpi=120)
+    return path
+
+
+def _plot_series(flow: GradientFlow, xpos: Mapping[str, int]) -> tuple[list, list, list]:
+    """(x, flow ÷ last flow) and (x, mean |grad|) for the own layers; (x, flow ÷ last) for projections."""
+    own = [r for r in flow.layers if not r.added and r.kind != "Gate"]
+    last = next((r.flow for r in reversed(own) if r.flow), None)
+    rel = [(xpos[r.name], _ratio(r.flow, last)) for r in own]
+    grads = [(xpos[r.name], r.mean_abs_grad) for r in own]
+    added, prev = [], -1.0
+    for r in flow.layers:  # a projection is drawn beside the layer it bridges
+        if r.name in xpos:
+            prev = xpos[r.name]
+        elif r.kind != "Gate" and r.input_grad_norm is not None and last:
+            added.append((prev + 0.35, r.input_grad_norm / last))
+    return rel, grads, added

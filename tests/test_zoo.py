@@ -1,0 +1,30 @@
+"""A representative subset of torchvision's classification zoo (the full sweep: benchmarks/zoo.py)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+torchvision = pytest.importorskip("torchvision")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from zoo import check_model  # noqa: E402
+
+# name -> is it already residual (its shortcuts must be listed in plan.existing)?
+SUBSET = {
+    "vgg11_bn": False, "alexnet": False, "resnet18": True, "mobilenet_v2": True,
+    "densenet121": True, "googlenet": False, "vit_b_16": True, "swin_t": True,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SUBSET))
+def test_zoo_model_converts_or_is_refused_with_a_reason(name):
+    row = check_model(name)
+    if row["status"] == "refused":
+        assert row["reason"], name
+        pytest.fail(f"{name} was refused: {row['reason']}")  # none of this subset should be
+    assert row["same_shape"], f"{name}: output shape changed"
+    assert row["missing_grads"] == [], f"{name}: no gradient for {row['missing_grads'][:5]}"
+    assert row["sites"] > 0
+    if SUBSET[name]:
+        assert row["existing"] > 0, f"{name} is residual but no existing shortcut was found"
+    else:
+        assert row["existing"] == 0, f"{name} has no shortcut, yet {row['existing']} were reported"
