@@ -98,38 +98,32 @@ class Analysis:
             return []
         return [name for name, _ in ns.named_children()] + [name for name, _ in ns.named_parameters(recurse=False)]
 
-    def dense_consumer(self, exit: torch.fx.Node, channel_dim: int) -> tuple[str, list[str], int] | str:
-        """The layer that consumes ``exit`` and can be widened (with BatchNorms on the way), or why not.
+    def dense_consumer(self, exit: torch.fx.Node, channel_dim: int) -> tuple[str, int] | str:
+        """The layer that consumes ``exit`` and can be widened, or why not.
 
-        Returns (consumer module name, BatchNorm module names, consumer parameters per input channel).
+        A span ends after the norms and activations that follow its last layer, so what consumes its
+        output is the next layer itself (or a reshape, the output, … which cannot be widened).
+        Returns (consumer module name, consumer parameters per input channel).
         """
-        gm, n, norms = self.module, exit, []
-        while True:
-            users = list(n.users)
-            if len(users) != 1:
-                return f"the span's output is used in {len(users)} places; only a single consumer can be widened"
-            u = users[0]
-            if u.op == "output":
-                return "the span's output is the model's output: there is no layer to widen"
-            m = gm.get_submodule(u.target) if u.op == "call_module" else None
-            if isinstance(m, LAYER_MODULES) and data_input(u) is n:
-                if isinstance(m, nn.Linear):
-                    if channel_dim != -1:
-                        return f"the consumer '{u.target}' is a Linear but the span has channels first"
-                    return str(u.target), norms, m.out_features
-                if m.groups != 1:
-                    return f"the consumer '{u.target}' is a grouped convolution (groups={m.groups}); cannot widen it"
-                if channel_dim != 1:
-                    return f"the consumer '{u.target}' is a convolution but the span has channels last"
-                return str(u.target), norms, m.out_channels * m.weight[0, 0].numel()
-            if isinstance(m, _BatchNorm) and m.affine and data_input(u) is n and channel_dim == 1:
-                norms.append(str(u.target))
-            elif follower_role(gm, u) in ("activation", "dropout", "pool") and data_input(u) is n and not (
-                    isinstance(m, nn.PReLU) and m.num_parameters > 1):
-                pass
-            else:
-                return f"the span's output goes to {describe(gm, u)}, which resify cannot widen"
-            n = u
+        gm, n = self.module, exit
+        users = list(n.users)
+        if len(users) != 1:
+            return f"the span's output is used in {len(users)} places; only a single consumer can be widened"
+        u = users[0]
+        if u.op == "output":
+            return "the span's output is the model's output: there is no layer to widen"
+        m = gm.get_submodule(u.target) if u.op == "call_module" else None
+        if isinstance(m, LAYER_MODULES) and data_input(u) is n:
+            if isinstance(m, nn.Linear):
+                if channel_dim != -1:
+                    return f"the consumer '{u.target}' is a Linear but the span has channels first"
+                return str(u.target), m.out_features
+            if m.groups != 1:
+                return f"the consumer '{u.target}' is a grouped convolution (groups={m.groups}); cannot widen it"
+            if channel_dim != 1:
+                return f"the consumer '{u.target}' is a convolution but the span has channels last"
+            return str(u.target), m.out_channels * m.weight[0, 0].numel()
+        return f"the span's output goes to {describe(gm, u)}, which resify cannot widen"
 
     def span_problem(self, entry: object, exit: torch.fx.Node) -> str | None:
         """Why the region from ``entry`` (the span's input) to ``exit`` cannot take a shortcut; None if it can."""

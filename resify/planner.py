@@ -125,12 +125,11 @@ class Site:
     channel_dim: int = -1  # -1 for [..., C] tensors (Linear), 1 for [N, C, *spatial] (ConvNd)
     preserve_output: bool = False  # the shortcut is scaled by a learnable β that starts at 0
     consumer: str | None = None  # dense: the layer that is widened to take the concatenation
-    widened_norms: tuple[str, ...] = ()  # dense: BatchNorms between the span and its consumer
     extra_channels: int = 0  # dense: channels/features the consumer gains
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key in ("layers", "in_shape", "out_shape", "stride", "channels", "widened_norms"):
+        for key in ("layers", "in_shape", "out_shape", "stride", "channels"):
             d[key] = list(d[key])
         return d
 
@@ -346,15 +345,15 @@ def _dense_site(src: TensorInfo, dst: TensorInfo, first: Layer, analysis: Analys
     found = analysis.dense_consumer(analysis.node(common["exit"]), cd)
     if isinstance(found, str):
         return found
-    consumer, norms, consumer_params_per_channel = found
+    consumer, consumer_params_per_channel = found
     extra = src.shape[cd] + carry
     if policy.dense_max_growth is not None and extra > policy.dense_max_growth:
         return (f"would add {extra} channels/features to '{consumer}', more than "
                 f"dense_max_growth={policy.dense_max_growth}")
-    added = extra * consumer_params_per_channel + 2 * extra * len(norms)
+    added = extra * consumer_params_per_channel
     pool = f" (shortcut avg-pooled, stride {stride[0] if len(set(stride)) == 1 else stride})" if stride else ""
     return Site(kind="dense", added_params=added, projection=f"concat, widens {consumer} by {extra}{pool}",
-                stride=stride, channels=(extra, dst.shape[cd]), consumer=consumer, widened_norms=tuple(norms),
+                stride=stride, channels=(extra, dst.shape[cd]), consumer=consumer,
                 extra_channels=extra, **common)
 
 

@@ -432,8 +432,9 @@ def _weight_stats(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
         if g is None:
             continue
         mean_abs = g.abs().mean()  # the very expression of the seed's print_gradients
-        out[name] = torch.stack([mean_abs.double(), torch.linalg.vector_norm(g).double(),
-                                 torch.linalg.vector_norm(w).double()])
+        # norms in float64: float32 squares overflow once gradients pass ~1e17 (exploding nets)
+        out[name] = torch.stack([mean_abs.double(), torch.linalg.vector_norm(g, dtype=torch.float64),
+                                 torch.linalg.vector_norm(w, dtype=torch.float64)])
     return out
 
 
@@ -671,15 +672,16 @@ def _loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None, target: to
             "pass loss_fn=lambda out: ... to combine them"
         )
     out = tensors[0]
+    misfit = (f"the target {tuple(target.shape)} ({target.dtype}) does not fit the output {tuple(out.shape)}; "
+              "pass integer class indices [N] or a float tensor of the output's shape")
+    if target.is_floating_point() or target.is_complex():
+        if target.shape != out.shape:
+            raise ResifyError(misfit)
+        return F.mse_loss(out, target.to(out.device))
     try:
-        if target.is_floating_point() or target.is_complex():
-            return F.mse_loss(out, target.to(out.device))
         return F.cross_entropy(out, target.to(out.device))
     except (RuntimeError, ValueError, IndexError) as e:
-        raise ResifyError(
-            f"the target {tuple(target.shape)} ({target.dtype}) does not fit the output {tuple(out.shape)}: "
-            f"{str(e).splitlines()[0]}; pass integer class indices [N] or a float tensor of the output's shape"
-        ) from e
+        raise ResifyError(misfit) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,16 +712,16 @@ def _judge(records: tuple[LayerFlow, ...], **fields: Any) -> GradientFlow:
     figures = [x for r in records for x in (r.mean_abs_grad, r.grad_norm, r.input_grad_norm, r.activation_rms)
                if x is not None]
     flows = [r.flow for r in records if r.flow is not None and r.kind != "Gate"]
-    where = f"from {own[0].name} to {own[-1].name}" if own else ""
+    where = f"from '{own[0].name}' to '{own[-1].name}'" if own else ""
     if any(not math.isfinite(x) for x in figures):
         bad = next(r.name for r in records if any(
             x is not None and not math.isfinite(x)
             for x in (r.mean_abs_grad, r.grad_norm, r.input_grad_norm, r.activation_rms)))
-        verdict, reason = "exploding", f"a gradient or activation is not finite at {bad}"
-    elif flows and max(flows) > ABS_EXPLODING:
-        verdict, reason = "exploding", f"a gradient norm reaches {_fmt(max(flows))} (> {ABS_EXPLODING:g})"
+        verdict, reason = "exploding", f"a gradient or activation is not finite at '{bad}'"
     elif ratio is not None and ratio > EXPLODING_RATIO:
         verdict, reason = "exploding", f"input gradient grows {_times(ratio)} (> {EXPLODING_RATIO:g}×) {where}"
+    elif flows and max(flows) > ABS_EXPLODING:
+        verdict, reason = "exploding", f"a gradient norm reaches {_fmt(max(flows))} (> {ABS_EXPLODING:g})"
     elif first is not None and first < ABS_VANISHING:
         verdict, reason = "vanishing", f"the first layer's input gradient is {_fmt(first)} (< {ABS_VANISHING:g})"
     elif ratio is not None and ratio < VANISHING_RATIO:
@@ -857,16 +859,17 @@ def _check_schema(d: Mapping[str, Any], kind: str) -> None:
 
 
 def _shorten(name: str, width: int) -> str:
-    """Fit a name into ``width`` characters by cutting out its middle."""
+    """Fit a name into ``width`` characters by cutting its start (the end names the layer)."""
     if len(name) <= width:
         return name
-    keep = width - 1
-    return name[: keep // 2] + "…" + name[len(name) - (keep - keep // 2):]
+    if name.startswith("+"):  # keep the 'added' mark
+        return "+" + _shorten(name[1:], width - 1)
+    return "…" + name[len(name) - width + 1:]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int, shrink: int,
            right: Sequence[bool], min_widths: Sequence[int] = ()) -> list[str]:
-    """Aligned columns two spaces apart; column ``shrink`` is cut (in the middle) to fit ``width``."""
+    """Aligned columns two spaces apart; column ``shrink`` is cut (at its start) to fit ``width``."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for i, w in enumerate(min_widths):
         widths[i] = max(widths[i], w)
@@ -884,8 +887,8 @@ def _header(flow: GradientFlow, width: int) -> list[str]:
     added = len(flow.layers) - own
     extra = f" (+{added} added by resify)" if added else ""
     batches = f"{flow.batches} batch" + ("es" if flow.batches != 1 else "")
-    lines = [f"gradient flow of {flow.model_class}: {own} layers{extra}; loss {flow.loss} = "
-             f"{_fmt(flow.loss_value)}, {batches}"]
+    lines = textwrap.wrap(f"gradient flow of {flow.model_class}: {own} layers{extra}; loss {flow.loss} = "
+                          f"{_fmt(flow.loss_value)}, {batches}", width, subsequent_indent="  ")
     lines += textwrap.wrap(f"verdict: {flow.verdict}, {flow.reason}", width, subsequent_indent="  ")
     if flow.recommendation:
         lines += textwrap.wrap(f"recommendation: {flow.recommendation}", width, subsequent_indent="  ")

@@ -137,22 +137,6 @@ def _widened_layer(m: nn.Module, extra: int) -> nn.Module:
     return new
 
 
-@torch.no_grad()
-def _widened_norm(m: nn.Module, extra: int) -> nn.Module:
-    """A copy of BatchNorm ``m`` with ``extra`` more channels first (identity statistics for them)."""
-    ref = m.weight
-    new = type(m)(m.num_features + extra, eps=m.eps, momentum=m.momentum, affine=m.affine,
-                  track_running_stats=m.track_running_stats, device=ref.device, dtype=ref.dtype)
-    fill = lambda v, t: torch.cat([torch.full((extra,), v, device=t.device, dtype=t.dtype), t])  # noqa: E731
-    new.weight.copy_(fill(1.0, m.weight))
-    new.bias.copy_(fill(0.0, m.bias))
-    if m.track_running_stats:
-        new.running_mean.copy_(fill(0.0, m.running_mean))
-        new.running_var.copy_(fill(1.0, m.running_var))
-        new.num_batches_tracked.copy_(m.num_batches_tracked)
-    return new
-
-
 def _insert_dense(gm: torch.fx.GraphModule, nodes: dict[str, torch.fx.Node], site: Site) -> None:
     graph = gm.graph
     anchor, exit = nodes[site.anchor], nodes[site.exit]
@@ -171,8 +155,6 @@ def _insert_dense(gm: torch.fx.GraphModule, nodes: dict[str, torch.fx.Node], sit
         cat.meta["resify"] = None
         new.add(cat)
     exit.replace_all_uses_with(cat, delete_user_cb=lambda user: user not in new)
-    for path in site.widened_norms:
-        _replace_module(gm, path, _widened_norm(gm.get_submodule(path), site.extra_channels))
     assert site.consumer is not None
     _replace_module(gm, site.consumer, _widened_layer(gm.get_submodule(site.consumer), site.extra_channels))
 
