@@ -26,7 +26,15 @@ INSPECT_SCHEMA_VERSION = 1
 
 
 class _Failure(click.ClickException):
+    """A failure of the job itself: exit status 1, one line."""
+
     exit_code = 1
+
+
+class _BadInput(click.ClickException):
+    """A problem with what the user asked for (the model spec, the input shape): exit status 2."""
+
+    exit_code = 2
 
 
 def _policy_options(f: Callable) -> Callable:
@@ -83,7 +91,7 @@ def _boundary(f: Callable) -> Callable:
             if debug:
                 raise
             if isinstance(e, ModelLoadError):
-                raise click.UsageError(str(e)) from e
+                raise _BadInput(str(e)) from e
             raise _Failure(str(e)) from e
 
     return wrapper

@@ -267,13 +267,16 @@ def _tensor_info(value: Any) -> TensorInfo | None:
 class _ShapeRecorder(torch.fx.Interpreter):
     """Runs the graph on the example input and records a TensorInfo per node (cf. ShapeProp)."""
 
+    message: str | None = None
+
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
             result = super().run_node(n)
         except TraceError:
             raise
         except Exception as e:  # the user's model rejected the input: say where and why
-            raise TraceError(_rejection_message(self.module, n, self._arg_shapes(n), e)) from e
+            self.message = _rejection_message(self.module, n, self._arg_shapes(n), e)
+            raise TraceError(self.message) from e
         n.meta["resify"] = _tensor_info(result)
         return result
 
@@ -358,8 +361,12 @@ def trace(
         gm = torch.fx.GraphModule(tracer.root, graph, name)
         if inputs is None:
             inputs = derive_example_input(private, _first_called_module(gm))
-        with _state_kept(gm):
-            _ShapeRecorder(gm).run(*inputs)
+        recorder = _ShapeRecorder(gm)
+        try:
+            with _state_kept(gm):
+                recorder.run(*inputs)
+        except TraceError as e:  # fx's Interpreter appends notes to the message: raise the clean line
+            raise TraceError(recorder.message or str(e)) from e.__cause__
     else:
         if inputs is None:
             try:

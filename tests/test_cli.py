@@ -1,0 +1,160 @@
+"""The command line, with click's CliRunner and a fresh interpreter for the converted model."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import resify
+from resify.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = str(ROOT / "examples" / "seed_mlp.py")
+VGG = str(ROOT / "examples" / "vgg_cnn.py")
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_version_and_help():
+    code, out = run("--version")
+    assert code == 0 and resify.__version__ in out
+    for command in ([], ["inspect"], ["convert"]):
+        code, out = run(*command, "--help")
+        assert code == 0 and "Usage:" in out
+    proc = subprocess.run([sys.executable, "-m", "resify", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and "inspect" in proc.stdout and "convert" in proc.stdout
+
+
+def test_inspect_seed_mlp_text():
+    code, out = run("inspect", SEED)
+    assert code == 0, out
+    assert "ImprovedResidualNetwork (" in out and "11,009 parameters, 5 layers, symbolic trace" in out
+    assert "layers.0.0  [10, 128] -> [10, 64]  Linear(128, 64)" in out
+    assert "total: 5 shortcut(s) (5 projection)" in out
+    assert "first layer:" in out and "verdict vanishing → healthy" in out
+    assert max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_inspect_vgg_json_and_plot(tmp_path):
+    png = tmp_path / "flow.png"
+    code, out = run("inspect", VGG, "--format", "json", "--plot", png)
+    assert code == 0, out
+    doc = json.loads(out)
+    assert doc["schema_version"] == 1 and doc["model"]["class"] == "Sequential"
+    kinds = {s["start"]: (s["kind"], s["projection"]) for s in doc["plan"]["sites"]}
+    assert kinds["3"] == ("identity", None)
+    assert kinds["6"] == ("projection", "Conv2d(32, 64, 1, stride=2) + BatchNorm2d")
+    assert doc["report"]["headline"].startswith("first layer")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inspect_markdown_and_policy_flags():
+    code, out = run("inspect", SEED, "--format", "markdown", "--shortcut", "identity", "--no-report")
+    assert code == 0, out
+    assert out.startswith("# ImprovedResidualNetwork") and "no shortcut will be added" in out
+    code, out = run("inspect", VGG, "--gate", "rezero", "--exclude", "2*", "--exclude", "0", "--no-report")
+    assert code == 0, out
+    assert "excluded by pattern '2*'" in out and "excluded by pattern '0'" in out and "rezero" in out
+    code, out = run("inspect", SEED, "--shortcut", "dense", "--no-report")
+    assert code == 0 and "widens layers.1.0 by 128" in out
+
+
+def test_inspect_torchvision_model():
+    pytest.importorskip("torchvision")
+    code, out = run("inspect", "torchvision:resnet18", "--no-report")
+    assert code == 0, out
+    assert "existing shortcuts (8)" in out
+
+
+@pytest.mark.parametrize("spec,extra", [(SEED, []), (VGG, ["--gate", "layerscale"])])
+def test_convert_then_load_in_a_fresh_interpreter(tmp_path, spec, extra):
+    out_dir = tmp_path / "converted"
+    code, out = run("convert", spec, "-o", out_dir, *extra)
+    assert code == 0, out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.py", "plan.json", "report.json", "weights.pt"]
+    assert json.loads((out_dir / "plan.json").read_text())["schema_version"] == 1
+    assert "headline" in json.loads((out_dir / "report.json").read_text())
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("import runpy; model = runpy.run_path(")
+    # the same conversion in-process
+    from resify.loading import load_model
+    loaded = load_model(spec)
+    policy = {"gate": "layerscale"} if extra else {}
+    expected_model = resify.apply(loaded.model, loaded.example_input, **policy).eval()
+    x = loaded.example_input
+    torch.save(x, tmp_path / "x.pt")
+    script = f"{line}\nimport torch\nmodel.eval()\nx = torch.load({str(tmp_path / 'x.pt')!r})\n" \
+             f"torch.save(model(x), {str(tmp_path / 'y.pt')!r})\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected_model(x), rtol=1e-5, atol=1e-6)
+    # OUT exists and is not empty: refused unless --force
+    code, out = run("convert", spec, "-o", out_dir)
+    assert code == 1 and "exists and is not empty" in out and "--force" in out
+    code, out = run("convert", spec, "-o", out_dir, "--force")
+    assert code == 0, out
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    syntax = _write(tmp_path, "syntax.py", "def broken(:\n")
+    failing = _write(tmp_path, "failing.py", "import torch\nraise RuntimeError('no GPU here')\n")
+    empty = _write(tmp_path, "empty.py", "x = 1\n")
+    several = _write(tmp_path, "several.py", """
+        import torch.nn as nn
+        a = nn.Linear(2, 2)
+        def build_model():
+            return nn.Linear(3, 3)
+    """)
+    untraceable = _write(tmp_path, "untraceable.py", """
+        import torch, torch.nn as nn
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 4)
+            def forward(self, x):
+                return self.fc(torch.from_numpy(x.numpy()))
+        model = M()
+    """)
+    a_file = _write(tmp_path, "a_file.txt", "not a folder")
+    cases = [
+        (["inspect", str(tmp_path / "missing.py")], 2, "not found"),
+        (["inspect", syntax], 2, "syntax error in"),
+        (["inspect", failing], 2, "failed with RuntimeError: no GPU here"),
+        (["inspect", empty], 2, "defines no module-level nn.Module"),
+        (["inspect", several], 2, f"{several}:a or {several}:build_model"),
+        (["inspect", f"{several}:nothing"], 2, "has no attribute 'nothing'"),
+        (["inspect", f"{empty}:x"], 2, "is a int, not an nn.Module"),
+        (["inspect", untraceable, "--input-shape", "2,4"], 1, "could not trace M"),
+        (["inspect", SEED, "--input-shape", "10,99"], 1, "layer 'layers.0.0' (Linear) rejected input of shape [10, 99]"),
+        (["inspect", SEED, "--input-shape", "ten"], 2, "--input-shape expects positive integers"),
+        (["inspect", SEED, "--shortcut", "sideways"], 2, "Invalid value for '--shortcut'"),
+        (["inspect", "torchvision:resnet9000"], 2, "torchvision has no model 'resnet9000'"),
+        (["convert", SEED, "-o", str(Path(a_file) / "out")], 1, "cannot write to"),
+    ]
+    for args, status, message in cases:
+        code, out = run(*args)
+        assert code == status, (args, code, out)
+        assert message in out, (args, out)
+        assert "Traceback" not in out, (args, out)
+        errors = [line for line in out.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and message in errors[0], (args, out)  # one line says it all
+        assert len(out.strip().splitlines()) <= 4, (args, out)  # click adds its usage line to usage errors
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = CliRunner().invoke(cli, ["--debug", "inspect", SEED, "--input-shape", "10,99"])
+    assert result.exit_code != 0 and isinstance(result.exception, resify.TraceError)
