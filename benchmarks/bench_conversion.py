@@ -40,7 +40,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import resify  # noqa: E402
-from common import SeedMLP, machine, mlp_sizes, table  # noqa: E402
+from common import SeedMLP, machine, table  # noqa: E402
 from resify.analyze import analyze  # noqa: E402
 from resify.planner import Policy, make_plan  # noqa: E402
 from resify.rewrite import rewrite  # noqa: E402

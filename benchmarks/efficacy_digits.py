@@ -50,7 +50,7 @@ import resify  # noqa: E402
 from common import ACTIVATIONS, SeedMLP, VGGNet, machine, mlp_sizes, table  # noqa: E402
 
 __all__ = [
-    "Digits", "Run", "load_data", "build", "train", "accuracy", "first_layer_grad", "run_mlp",
+    "Digits", "Run", "Probe", "load_data", "build", "train", "accuracy", "first_layer_grad", "run_mlp",
     "run_cnn", "VARIANTS", "main",
 ]
 
@@ -86,6 +86,8 @@ class Run:
     first_grad: float
     seconds: float
     diverged: bool
+    verdict: str | None = None  # resify.gradient_flow's verdict at init
+    recommendation: str | None = None  # and its recommendation
 
 
 def load_data(split_seed: int = SPLIT_SEED) -> Digits:
@@ -176,53 +178,46 @@ def _first_weight(model: nn.Module) -> tuple[str, torch.Tensor]:
     raise ValueError(f"{type(model).__name__} has no layer weight")
 
 
-def first_layer_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean |∂ cross-entropy / ∂ W| of the first layer's weight, on (x, y), at the model's current weights.
+@dataclass(frozen=True)
+class Probe:
+    """The first layer's mean |grad| at the current weights and, when measured by the report, its verdict."""
 
-    Uses ``resify.gradient_flow`` when the installed resify has it, else plain autograd
-    (the two agree by construction: both are one backward pass of the same loss). Gradients
-    are computed on a copy, so the model keeps no ``.grad``.
+    first_grad: float
+    verdict: str | None
+    recommendation: str | None
+
+
+def first_layer_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Probe:
+    """Mean |∂ cross-entropy / ∂ W| of the first layer's weight on (x, y), at the model's current weights.
+
+    Uses ``resify.gradient_flow`` (which also gives the report's verdict and recommendation)
+    when the installed resify has it, else plain autograd on a copy; both leave the model as it was.
     """
+    name, _ = _first_weight(model)
+    flow = getattr(resify, "gradient_flow", None)
+    if flow is not None:
+        report = flow(model, x, target=y)  # cross-entropy for integer targets
+        layer = report.layer(name.rsplit(".", 1)[0])
+        return Probe(layer.mean_abs_grad or 0.0, report.verdict, report.recommendation)
     import copy
 
     probe = copy.deepcopy(model)
-    name, weight = _first_weight(probe)
-    flow = getattr(resify, "gradient_flow", None)
-    if flow is not None:
-        value = _from_gradient_flow(flow, probe, x, y, name)
-        if value is not None:
-            return value
-    probe.zero_grad(set_to_none=True)
+    _, weight = _first_weight(probe)
     F.cross_entropy(probe(x), y).backward()
-    return 0.0 if weight.grad is None else weight.grad.abs().mean().item()
-
-
-def _from_gradient_flow(flow: Callable, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                        name: str) -> float | None:
-    """The first layer's mean |grad| from resify.gradient_flow, or None if its API is not the one expected."""
-    try:
-        result = flow(model, x, target=y, loss=F.cross_entropy)
-    except TypeError:
-        return None
-    for layer in getattr(result, "layers", ()):
-        lname = getattr(layer, "name", None)
-        if lname is not None and (name == lname or name.startswith(lname + ".")):
-            for attr in ("grad_mean_abs", "mean_abs_grad", "grad_mean", "mean_abs"):
-                if hasattr(layer, attr):
-                    return float(getattr(layer, attr))
-    return None
+    return Probe(0.0 if weight.grad is None else weight.grad.abs().mean().item(), None, None)
 
 
 def _one(model_kind: str, act: str, depth: int, variant: str, seed: int, epochs: int, data: Digits,
          net: nn.Module, plain_grad: float | None, to_input: Callable[[torch.Tensor], torch.Tensor]) -> Run:
     xtr, xte = to_input(data.x_train), to_input(data.x_test)
-    grad = first_layer_grad(net, xtr, data.y_train)
+    probe = first_layer_grad(net, xtr, data.y_train)
+    grad = probe.first_grad
     ratio = None if variant == "plain" or plain_grad is None else _ratio(grad, plain_grad)
     t = time.perf_counter()
     diverged = train(net, xtr, data.y_train, epochs, seed)
     seconds = time.perf_counter() - t
     return Run(model_kind, act, depth, variant, seed, epochs, accuracy(net, xte, data.y_test), ratio,
-               grad, seconds, diverged)
+               grad, seconds, diverged, probe.verdict, probe.recommendation)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -263,7 +258,7 @@ def _fmt_ratio(values: Sequence[float | None]) -> str:
     if not vals:
         return "-"
     if any(math.isinf(v) for v in vals):
-        return "inf (plain grad = 0)"
+        return "inf (plain: 0)"
     geo = math.exp(statistics.fmean(math.log(v) for v in vals)) if all(v > 0 for v in vals) else statistics.fmean(vals)
     return f"{geo:.3g}"
 
@@ -302,10 +297,37 @@ def grad_tables(runs: Sequence[Run], markdown: bool = False) -> str:
             plain = _group(runs, model="mlp", act=act, depth=d, variant="plain")
             row: list[object] = [act, d, f"{statistics.fmean(r.first_grad for r in plain):.3g}" if plain else "-"]
             for v in VARIANTS[1:]:
-                row.append(_fmt_ratio([r.grad_ratio for r in _group(runs, model="mlp", act=act, depth=d, variant=v)]))
+                rs = _group(runs, model="mlp", act=act, depth=d, variant=v)
+                zero = bool(rs) and all(r.first_grad == 0.0 for r in rs)
+                row.append("0 (gate = 0)" if zero else _fmt_ratio([r.grad_ratio for r in rs]))
             rows.append(row)
     return table(["activation", "depth", "plain mean |grad|", *[_LABEL[v] + " / plain" for v in VARIANTS[1:]]],
                  rows, markdown)
+
+
+def report_table(runs: Sequence[Run], markdown: bool = False) -> str:
+    """resify.gradient_flow's verdict at init per variant (over seeds), and what it recommends."""
+    rows = []
+    for act in dict.fromkeys(r.act for r in runs if r.model == "mlp"):
+        for d in sorted({r.depth for r in runs if r.model == "mlp" and r.act == act}):
+            row: list[object] = [act, d]
+            for v in VARIANTS:
+                verdicts = sorted({r.verdict or "-" for r in _group(runs, model="mlp", act=act, depth=d, variant=v)})
+                row.append("/".join(verdicts) or "-")
+            row.append(_recommended(runs, act, d) or "-")
+            rows.append(row)
+    return table(["activation", "depth", *[_LABEL[v] for v in VARIANTS], "recommended setting"], rows, markdown)
+
+
+def _recommended(runs: Sequence[Run], act: str, depth: int) -> str | None:
+    """The variant the report leads to: 'resify' unless its report on gate=None says 'exploding' → rezero."""
+    plain = _group(runs, model="mlp", act=act, depth=depth, variant="plain")
+    conv = _group(runs, model="mlp", act=act, depth=depth, variant="resify")
+    if not plain or not conv or plain[0].verdict is None:
+        return None
+    if any(r.verdict == "exploding" and "rezero" in (r.recommendation or "") for r in conv):
+        return "resify+rezero"
+    return "resify"
 
 
 def cnn_table(runs: Sequence[Run], markdown: bool = False) -> str:
@@ -319,7 +341,8 @@ def cnn_table(runs: Sequence[Run], markdown: bool = False) -> str:
             vs = [r for r in rs if r.variant == v]
             cell = _mean_std([r.accuracy for r in vs])
             if vs and v != "plain":
-                cell += f" (grad ×{_fmt_ratio([r.grad_ratio for r in vs])})"
+                zero = all(r.first_grad == 0.0 for r in vs)
+                cell += f" (grad ×{'0' if zero else _fmt_ratio([r.grad_ratio for r in vs])})"
             row.append(cell)
         rows.append(row)
     return table(["VGG-style CNN", "plain", "resify gate=None", "resify gate='rezero'"], rows, markdown)
@@ -384,16 +407,19 @@ def figure(runs: Sequence[Run], path: str) -> None:
     plt.close(fig)
 
 
-def write_markdown(runs: Sequence[Run], path: str, args: argparse.Namespace, seconds: float) -> None:
+def write_markdown(runs: Sequence[Run], path: str, commands: Sequence[str], machine_line: str,
+                   seconds: float) -> None:
     mlp = [r for r in runs if r.model == "mlp"]
+    epochs = "/".join(str(e) for e in sorted({r.epochs for r in runs}))
+    seeds = ", ".join(str(x) for x in sorted({r.seed for r in runs}))
     parts = [
         "# Efficacy on load_digits",
         "",
-        f"Command: `python benchmarks/efficacy_digits.py {' '.join(sys.argv[1:])}`".rstrip() + "  ",
-        f"Machine: {machine()}  ",
-        f"Wall time: {seconds / 60:.1f} min. Split seed {SPLIT_SEED} (stratified 75/25: 1,347 train, "
+        *[f"Command: `{c}`  " for c in commands],
+        f"Machine: {machine_line}  ",
+        f"Training time: {seconds / 60:.0f} min in all. Split seed {SPLIT_SEED} (stratified 75/25: 1,347 train, "
         "450 test), features standardised on the training part; Adam lr 1e-3, batch 64, "
-        f"{args.epochs} epochs, seeds {', '.join(map(str, args.seeds))}; width 64; depth = Linear layers "
+        f"{epochs} epochs, seeds {seeds}; width 64; depth = Linear layers "
         "(the last is the output layer). Accuracy is the final test accuracy after the fixed budget.",
         "",
         "Variants: **plain** (the seed's `ImprovedResidualNetwork` pattern, `use_shortcut=False`), "
@@ -411,7 +437,13 @@ def write_markdown(runs: Sequence[Run], path: str, args: argparse.Namespace, sec
                   "multiplied by a gate that starts at 0, so the first layer's gradient is exactly 0 at "
                   "initialisation (only the gates get gradient on the first step): the ratio is 0 by "
                   "construction, not a failure.", "",
-                  grad_tables(runs, markdown=True), ""]
+                  grad_tables(runs, markdown=True), "",
+                  "## What the report says at initialisation", "",
+                  "`resify.gradient_flow(model, x_train, target=y_train)` on each network before training "
+                  "(verdicts over the seeds). The *recommended setting* follows the report: a plain net that "
+                  "is 'vanishing' is told to add shortcuts (`shortcut='auto'`, gate=None); where the "
+                  "gate=None conversion is then 'exploding', the report recommends `gate='rezero'`.", "",
+                  report_table(runs, markdown=True), ""]
     if any(r.model.startswith("cnn") for r in runs):
         parts += ["## VGG-style CNN, 21 conv layers", "",
                   "Stages of 7 conv3×3(+BatchNorm)+ReLU at 16/32/64 channels on the 1×8×8 images, max-pool "
@@ -419,7 +451,8 @@ def write_markdown(runs: Sequence[Run], path: str, args: argparse.Namespace, sec
                   "in brackets the first-layer gradient ratio converted / plain.", "",
                   cnn_table(runs, markdown=True), ""]
     if any(r.model == "mlp-big" for r in runs):
-        parts += ["## 1,000-layer MLP", "", big_table(runs, markdown=True), ""]
+        depth = next(r.depth for r in runs if r.model == "mlp-big")
+        parts += [f"## {depth:,}-layer MLP (GELU, width 64)", "", big_table(runs, markdown=True), ""]
     parts += ["## Targets", "", *_targets(runs), ""]
     with open(path, "w") as f:
         f.write("\n".join(parts))
@@ -434,6 +467,10 @@ def _targets(runs: Sequence[Run]) -> list[str]:
         m = {v: statistics.fmean([r.accuracy for r in _group(runs, model="mlp", act=act, depth=deepest, variant=v)] or [math.nan])
              for v in VARIANTS}
         verdict = lambda a: "met" if a >= 0.95 else "missed"  # noqa: E731
+        rec = _recommended(runs, act, deepest)
+        if rec is not None:
+            lines.append(f"- {act} depth {deepest}, the report's recommended setting ({_LABEL[rec]}): "
+                         f"{100 * m[rec]:.1f}% (≥ 95%: {verdict(m[rec])}); plain {100 * m['plain']:.1f}%")
         lines.append(f"- {act} depth {deepest}: plain {100 * m['plain']:.1f}%; resify gate=None "
                      f"{100 * m['resify']:.1f}% ({verdict(m['resify'])}); gate='rezero' "
                      f"{100 * m['resify+rezero']:.1f}% ({verdict(m['resify+rezero'])}); hand-written "
@@ -451,7 +488,7 @@ def _targets(runs: Sequence[Run]) -> list[str]:
     big = _group(runs, model="mlp-big", variant="resify+rezero")
     if big:
         acc = statistics.fmean(r.accuracy for r in big)
-        lines.append(f"- 1,000-layer gate='rezero': {100 * acc:.1f}% ({'met' if acc >= 0.93 else 'missed'}; "
+        lines.append(f"- {big[0].depth:,}-layer gate='rezero': {100 * acc:.1f}% (≥ 93%: {'met' if acc >= 0.93 else 'missed'}; "
                      f"{statistics.fmean(r.seconds for r in big):.0f} s of training per seed)")
     return lines or ["- (no depth-100 or 1,000-layer rows in this run)"]
 
@@ -473,7 +510,15 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "efficacy.md"))
     p.add_argument("--figure", default=os.path.join(ROOT, "docs", "efficacy_depth.png"))
     p.add_argument("--no-write", action="store_true", help="print only; write no files")
+    p.add_argument("--replot", action="store_true", help="rewrite the Markdown and figure from the saved .json")
     args = p.parse_args(argv)
+    json_path = os.path.splitext(args.results)[0] + ".json"
+    if args.replot:
+        with open(json_path) as f:
+            saved = json.load(f)
+        runs = [Run(**r) for r in saved["runs"]]
+        _write(runs, args, saved["commands"], saved["machine"], saved["seconds"], json_path)
+        return runs
     if args.quick:
         args.depths, args.seeds, args.epochs, args.no_cnn, args.no_write = [8, 32], [0], 5, True, True
     torch.set_num_threads(args.threads)
@@ -513,31 +558,40 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
                 plain_grad = r.first_grad if v == "plain" else plain_grad
                 log(Run(**{**asdict(r), "model": "mlp-big"}))
     seconds = time.perf_counter() - start
-    json_path = os.path.splitext(args.results)[0] + ".json"
+    commands = ["python benchmarks/efficacy_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)]
     if args.only_big and not args.no_write and os.path.exists(json_path):
         with open(json_path) as f:  # keep the sweep and CNN rows of the last full run
-            runs[:0] = [Run(**r) for r in json.load(f)["runs"] if r["model"] != "mlp-big"]
+            saved = json.load(f)
+        runs[:0] = [Run(**r) for r in saved["runs"] if r["model"] != "mlp-big"]
+        commands = [c for c in saved["commands"] if "--only-big" not in c] + commands
+        seconds += saved["seconds"]
 
     print()
     print(machine())
     if any(r.model == "mlp" for r in runs):
         print("\n" + accuracy_tables(runs) + "\n\nFirst-layer gradient ratio at init (variant / plain)\n\n" +
-              grad_tables(runs))
+              grad_tables(runs) + "\n\nresify.gradient_flow verdict at init\n\n" + report_table(runs))
     if any(r.model.startswith("cnn") for r in runs):
         print("\n" + cnn_table(runs))
     if any(r.model == "mlp-big" for r in runs):
         print("\n" + big_table(runs))
     print("\nTargets:\n" + "\n".join(_targets(runs)))
     if not args.no_write:
-        os.makedirs(os.path.dirname(args.results), exist_ok=True)
-        write_markdown(runs, args.results, args, seconds)
-        with open(json_path, "w") as f:
-            json.dump({"machine": machine(), "argv": sys.argv[1:], "runs": [asdict(r) for r in runs]}, f, indent=1)
-        if any(r.model == "mlp" for r in runs):
-            figure(runs, args.figure)
-        print(f"\nwrote {os.path.relpath(args.results, ROOT)} and its .json" +
-              (f", {os.path.relpath(args.figure, ROOT)}" if any(r.model == 'mlp' for r in runs) else ""))
+        _write(runs, args, [c.strip() for c in commands], machine(), seconds, json_path)
     return runs
+
+
+def _write(runs: list[Run], args: argparse.Namespace, commands: list[str], machine_line: str, seconds: float,
+           json_path: str) -> None:
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    write_markdown(runs, args.results, commands, machine_line, seconds)
+    with open(json_path, "w") as f:
+        json.dump({"machine": machine_line, "commands": commands, "seconds": seconds,
+                   "runs": [asdict(r) for r in runs]}, f, indent=1)
+    if any(r.model == "mlp" for r in runs):
+        figure(runs, args.figure)
+    print(f"\nwrote {os.path.relpath(args.results, ROOT)} and its .json" +
+          (f", {os.path.relpath(args.figure, ROOT)}" if any(r.model == 'mlp' for r in runs) else ""))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ class ExistingShortcut:
     node: str  # fx node name of the merge
     start: str  # first layer (or parametric module) inside the bypassed region
     end: str  # last one
-    bypass: str  # "identity" (the input itself) or "projection" (through one layer, no activation)
+    bypass: str  # "identity" (the input itself), "projection" (one layer, no activation) or "parameter-free" (pooling, …)
     layers: tuple[str, ...]  # names of the resify layers inside the region
 
     def to_dict(self) -> dict:
@@ -288,7 +288,8 @@ def _find_existing(gm, order, idom, layers) -> tuple[list[ExistingShortcut], dic
         merges.append(m)
         existing.append(ExistingShortcut(
             kind=kind, node=m.name, start=names[0], end=names[-1],
-            bypass="identity" if not sets[b] else "projection", layers=inner,
+            bypass="identity" if not sets[b] else "projection" if weights[b][0] else "parameter-free",
+            layers=inner,
         ))
     return existing, inside, merges
 

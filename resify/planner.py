@@ -213,6 +213,12 @@ def format_plan(plan: Plan, width: int = 100) -> str:
     """The plan as an aligned text table (sites, skipped with reasons, existing, totals)."""
     lines = [f"resify plan for {plan.model_class} ({plan.tracer} trace, {plan.n_layers} layers, "
              f"{plan.params_before:,} parameters)"]
+    if plan.existing:
+        lines += ["", f"existing shortcuts ({len(plan.existing)}):"]
+        for e in plan.existing:
+            lines.append(_clip(f"  {e.kind} at {e.node} over {_span_label(e.start, e.end)} ({e.bypass})", width))
+    else:
+        lines += ["", "existing shortcuts: none"]
     if plan.sites:
         rows = [[_span_label(s.start, s.end), f"{_shape(s.in_shape)} -> {_shape(s.out_shape)}",
                  s.kind if s.projection is None else s.projection, s.gate or "-", f"{s.added_params:,}"]
@@ -224,10 +230,6 @@ def format_plan(plan: Plan, width: int = 100) -> str:
         lines += ["", f"skipped ({len(plan.skipped)}):"]
         for s in plan.skipped:
             lines.append(_clip(f"  {_span_label(s.start, s.end)}: {s.reason}", width))
-    if plan.existing:
-        lines += ["", f"existing shortcuts ({len(plan.existing)}):"]
-        for e in plan.existing:
-            lines.append(_clip(f"  {e.kind} at {e.node} over {_span_label(e.start, e.end)} ({e.bypass})", width))
     lines += ["", "total: " + plan.summary()]
     return "\n".join(lines)
 

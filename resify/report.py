@@ -354,9 +354,8 @@ def gradient_flow(
         ("mse to target" if target.is_floating_point() or target.is_complex() else "cross-entropy to target"))
     weights = {name: m.weight for name, m in layer_modules.items()}
     weights.update(gates)
-    sums: dict[str, list[torch.Tensor]] = {}
-    probe = _Probe(layer_modules)
-    losses: list[torch.Tensor] = []
+    sink = _Sink()
+    probe = _Probe(layer_modules, weights, model, sink)
     with _no_trace(model, inputs, seed):
         for batch in _batch_inputs(inputs, batches, seed):
             for p in model.parameters():
@@ -365,23 +364,23 @@ def gradient_flow(
                 output = _forward(model, batch)
                 loss = _loss(output, loss_fn, target)
                 loss.backward()
-            losses.append(loss.detach())
-            _accumulate(sums, _weight_stats(weights))
-        flows = probe.result(batches)
-        stats = {k: torch.stack(v).mean(0).cpu().tolist() for k, v in sums.items()}
-        loss_value = float(torch.stack(losses).double().mean())
+            sink.add(("loss",), loss.detach())
+            probe.batch += 1
+        with torch.no_grad():
+            for name, w in weights.items():
+                sink.add(("weight", name), _norm(w))
+        figures = _combine(sink.resolve(), batches)
     order = _order(model, layer_modules, gates, probe.called)
     records = []
     for depth, name in enumerate(order):
-        weight = weights[name]
-        mean_abs, gnorm, wnorm = stats.get(name, (None, None, None))
-        inorm, rms = flows.get(name, (None, None))
+        fig = figures.get(name, {})
+        gnorm, wnorm = fig.get("grad_norm"), fig.get("weight")
         records.append(LayerFlow(
             name=name, kind="Gate" if name in gates else type(layer_modules[name]).__name__,
-            depth=depth, added=_is_added(name), shape=tuple(weight.shape),
-            mean_abs_grad=mean_abs, grad_norm=gnorm,
+            depth=depth, added=_is_added(name), shape=tuple(weights[name].shape),
+            mean_abs_grad=fig.get("mean_abs"), grad_norm=gnorm,
             grad_to_weight=None if gnorm is None or not wnorm else gnorm / wnorm,
-            input_grad_norm=inorm, activation_rms=rms,
+            input_grad_norm=fig.get("input"), activation_rms=fig.get("rms"),
         ))
     if all(r.flow is None for r in records):
         raise ResifyError(
@@ -389,7 +388,7 @@ def gradient_flow(
             "the output and that the parameters have requires_grad=True"
         )
     return _judge(tuple(records), model_class=type(model).__name__, loss=loss_name,
-                  loss_value=loss_value, batches=batches, seed=seed)
+                  loss_value=figures["loss"], batches=batches, seed=seed)
 
 
 def _is_added(name: str) -> bool:
@@ -418,24 +417,85 @@ def _gate_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return found
 
 
-def _accumulate(sums: dict[str, list[torch.Tensor]], stats: dict[str, torch.Tensor]) -> None:
-    for k, v in stats.items():
-        sums.setdefault(k, []).append(v)
+class _Sink:
+    """Measured scalars under keys; read back to the host all at once (one copy per device)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[tuple, torch.Tensor | float]] = []
+
+    def add(self, key: tuple, value: torch.Tensor | float) -> None:
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+            value = value.item()  # no sync to avoid on the CPU, and fewer tensors to stack
+        self.items.append((key, value))
+
+    def resolve(self) -> list[tuple[tuple, float]]:
+        floats: list[float] = [v if isinstance(v, float) else math.nan for _, v in self.items]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, v) in enumerate(self.items):
+            if isinstance(v, torch.Tensor):
+                by_device.setdefault(v.device, []).append(i)
+        for idx in by_device.values():
+            values = torch.stack([self.items[i][1].double() for i in idx]).tolist()  # type: ignore[union-attr]
+            for i, v in zip(idx, values):
+                floats[i] = v
+        return [(k, f) for (k, _), f in zip(self.items, floats)]
 
 
-@torch.no_grad()
-def _weight_stats(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """name -> tensor([mean |grad|, ‖grad‖, ‖weight‖]) for each weight that received a gradient."""
-    out: dict[str, torch.Tensor] = {}
-    for name, w in weights.items():
-        g = w.grad
-        if g is None:
-            continue
-        mean_abs = g.abs().mean()  # the very expression of the seed's print_gradients
-        # norms in float64: float32 squares overflow once gradients pass ~1e17 (exploding nets)
-        out[name] = torch.stack([mean_abs.double(), torch.linalg.vector_norm(g, dtype=torch.float64),
-                                 torch.linalg.vector_norm(w, dtype=torch.float64)])
+def _combine(items: list[tuple[tuple, float]], batches: int) -> dict:
+    """Per layer: the means over batches of each figure; plus the mean loss under "loss".
+
+    Keys: ("loss",), ("weight", name), ("grad", name, batch, mean_abs, norm) as two entries,
+    ("input", name, batch) norms of the gradients at the layer's inputs (several when it is
+    called several times: root of the summed squares), ("act", name, batch, numel) output norms.
+    """
+    out: dict = {}
+    losses: list[float] = []
+    per_batch: dict[tuple[str, str, int], list[float]] = {}
+    act: dict[tuple[str, int], list[float]] = {}
+    for key, v in items:
+        kind = key[0]
+        if kind == "loss":
+            losses.append(v)
+        elif kind == "weight":
+            out.setdefault(key[1], {})["weight"] = v
+        elif kind in ("mean_abs", "grad_norm"):
+            per_batch.setdefault((key[1], kind, key[2]), []).append(v)
+        elif kind == "input":
+            per_batch.setdefault((key[1], "input", key[2]), []).append(v * v)
+        elif kind == "act":
+            acc = act.setdefault((key[1], key[2]), [0.0, 0.0])
+            acc[0] += v * v
+            acc[1] += key[3]
+    for (name, b), (ss, count) in act.items():
+        per_batch[(name, "rms", b)] = [ss / count]
+    collected: dict[tuple[str, str], list[float]] = {}
+    for (name, kind, _), vs in per_batch.items():
+        if kind == "input":
+            vs = [math.sqrt(sum(vs))]
+        elif kind == "rms":
+            vs = [math.sqrt(vs[0])]
+        collected.setdefault((name, kind), []).extend(vs)
+    for (name, kind), vs in collected.items():
+        # input gradients: mean over all batches (a batch where none arrived counts as zero)
+        denominator = batches if kind == "input" else len(vs)
+        out.setdefault(name, {})[kind] = sum(vs) / denominator
+    out["loss"] = sum(losses) / len(losses)
     return out
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    """The L2 norm, without overflow and without a host sync on accelerators.
+
+    A float32 sum of squares overflows past a norm of ~1e19 (exploding networks get there); on
+    the CPU the norm is taken in the tensor's dtype and redone in float64 only then (a float64
+    norm is ~10× slower there), on accelerators it is widened inside the one reduction.
+    """
+    if t.device.type != "cpu":
+        return torch.linalg.vector_norm(t, dtype=torch.float64)
+    n = torch.linalg.vector_norm(t)
+    if t.dtype != torch.float64 and math.isinf(n.item()):
+        n = torch.linalg.vector_norm(t, dtype=torch.float64)
+    return n
 
 
 def _first_tensor(args: Any) -> torch.Tensor | None:
@@ -452,15 +512,27 @@ def _first_tensor(args: Any) -> torch.Tensor | None:
 
 
 class _Probe:
-    """Forward hooks on the layers: call order, output RMS, and a hook on each input tensor."""
+    """The hooks that measure one forward and backward.
 
-    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+    Forward hooks on the layers record the call order and output norms and put a gradient hook
+    on each layer's input tensor. A post-accumulate hook on every parameter reads the weight
+    gradient (mean |grad|, norm) the moment it is complete and then drops it, so the report holds
+    one gradient at a time beside the user's own (which ``_no_trace`` keeps aside).
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module], weights: Mapping[str, torch.Tensor],
+                 model: nn.Module, sink: _Sink) -> None:
         self.layers = layers
+        self.sink = sink
+        self.batch = 0
         self.called: dict[str, int] = {}  # name -> index of first call
-        self._sq_in: dict[str, list[torch.Tensor]] = {}  # per batch: sum of squared input-grad norms
-        self._rms: dict[str, list[torch.Tensor]] = {}
-        self._batch_in: dict[str, torch.Tensor] = {}
-        self._batch_act: dict[str, list[torch.Tensor]] = {}
+        self._weight_names: dict[int, list[str]] = {}
+        for name, w in weights.items():
+            self._weight_names.setdefault(id(w), []).append(name)
+        self._params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
+        for w in weights.values():
+            if w.requires_grad and all(w is not p for p in self._params):
+                self._params.append(w)
         self._tensors: dict[int, tuple[torch.Tensor, list[str]]] = {}
         self._handles: list[Any] = []
 
@@ -470,25 +542,24 @@ class _Probe:
         try:
             for name, m in self.layers.items():
                 handles.append(m.register_forward_hook(self._forward_hook(name), with_kwargs=True))
+            for p in self._params:
+                handles.append(p.register_post_accumulate_grad_hook(self._weight_hook))
             yield
         finally:
             for h in handles:
                 h.remove()
             handles.clear()
             self._tensors.clear()
-            self._end_batch()
 
     def _forward_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if name not in self.called:
                 self.called[name] = len(self.called)
-            out = _first_tensor(output)
+            out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
             if out is not None and out.is_floating_point() and out.numel():
                 with torch.no_grad():
-                    ss = torch.linalg.vector_norm(out.detach(), dtype=torch.float64).square()
-                self._batch_act.setdefault(name, []).append(torch.stack([ss, ss.new_tensor(out.numel())]))
-            x = _first_tensor(args)
-            x = x if x is not None else _first_tensor(kwargs)
+                    self.sink.add(("act", name, self.batch, out.numel()), _norm(out.detach()))
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else _first_tensor((args, kwargs))
             if x is None or not x.requires_grad:
                 return
             entry = self._tensors.get(id(x))
@@ -498,36 +569,29 @@ class _Probe:
                 return
             names = [name]
             self._tensors[id(x)] = (x, names)  # the reference keeps the id from being reused
-            self._handles.append(x.register_hook(self._grad_hook(names)))
+            self._handles.append(x.register_hook(self._grad_hook(names, self.batch)))
 
         return hook
 
-    def _grad_hook(self, names: list[str]) -> Callable:
-        def hook(grad: torch.Tensor) -> None:
-            sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64).square()
+    def _weight_hook(self, p: torch.Tensor) -> None:
+        g = p.grad
+        names = self._weight_names.get(id(p))
+        if g is not None and names:
+            with torch.no_grad():
+                mean_abs = g.abs().mean()  # the very expression of the seed's print_gradients
+                norm = _norm(g)
             for n in names:
-                prev = self._batch_in.get(n)
-                self._batch_in[n] = sq if prev is None else prev + sq  # a module called twice
+                self.sink.add(("mean_abs", n, self.batch), mean_abs)
+                self.sink.add(("grad_norm", n, self.batch), norm)
+        p.grad = None
+
+    def _grad_hook(self, names: list[str], batch: int) -> Callable:
+        def hook(grad: torch.Tensor) -> None:
+            norm = _norm(grad.detach())
+            for n in names:
+                self.sink.add(("input", n, batch), norm)
 
         return hook
-
-    def _end_batch(self) -> None:
-        for n, sq in self._batch_in.items():
-            self._sq_in.setdefault(n, []).append(sq.sqrt())
-        for n, parts in self._batch_act.items():
-            ss, count = torch.stack(parts).sum(0)
-            self._rms.setdefault(n, []).append((ss / count).sqrt())
-        self._batch_in, self._batch_act = {}, {}
-
-    def result(self, batches: int) -> dict[str, tuple[float | None, float | None]]:
-        """name -> (input-gradient norm, activation RMS), each the mean over the batches."""
-        out = {}
-        for n in set(self._sq_in) | set(self._rms):
-            g = self._sq_in.get(n)
-            r = self._rms.get(n)
-            out[n] = (float(torch.stack(g).sum().cpu()) / batches if g else None,
-                      float(torch.stack(r).mean().cpu()) if r else None)
-        return out
 
 
 def _order(model: nn.Module, layers: Mapping[str, nn.Module], gates: Mapping[str, torch.Tensor],
