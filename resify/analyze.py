@@ -71,14 +71,14 @@ class Analysis:
     _merges: list = field(repr=False, default_factory=list)
 
     @property
-    def module(self) -> torch.fx.GraphModule:
-        return self.traced.module
+    def module(self) -> nn.Module:
+        return self.traced.root
 
     def node(self, name: str) -> torch.fx.Node:
         return self._nodes[name]
 
     def __post_init__(self) -> None:
-        self._nodes = {n.name: n for n in self.module.graph.nodes}
+        self._nodes = {n.name: n for n in self.traced.graph.nodes}
 
     def has_batchnorm(self, layer: Layer) -> bool:
         """True when one of the layer's ops is a batch norm (a conv projection then gets one too)."""
@@ -199,9 +199,9 @@ def _dataflow(graph: torch.fx.Graph) -> nx.DiGraph:
 
 
 def _find_layers(traced: Traced) -> list[Layer]:
-    gm = traced.module
+    gm = traced.root
     layers = []
-    for n in gm.graph.nodes:
+    for n in traced.graph.nodes:
         if not is_layer_node(gm, n) or layer_name(n).startswith(NAMESPACE + "."):
             continue  # resify's own projections are shortcuts, not layers
         cur, roles, chain = n, [], [n.name]
@@ -249,11 +249,11 @@ def _backward_set(start: torch.fx.Node, stop: object, order: dict) -> set:
     return seen
 
 
-def _find_existing(gm, order, idom, layers) -> tuple[list[ExistingShortcut], dict[str, str], list]:
-    anchors = {n for n in gm.graph.nodes if is_layer_node(gm, n)}
+def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcut], dict[str, str], list]:
+    anchors = {n for n in graph.nodes if is_layer_node(gm, n)}
     layer_by_anchor = {layer.anchor: layer for layer in layers}
     existing, inside, merges = [], {}, []
-    for m in gm.graph.nodes:
+    for m in graph.nodes:
         found = merge_operands(m)
         if found is None or m not in idom:
             continue
@@ -296,8 +296,8 @@ def _find_existing(gm, order, idom, layers) -> tuple[list[ExistingShortcut], dic
 
 def analyze(traced: Traced) -> Analysis:
     """Find layers, existing shortcuts and the dominator trees of a traced model."""
-    gm = traced.module
-    graph = gm.graph
+    gm = traced.root
+    graph = traced.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     order[_SOURCE] = -1
     flow = _dataflow(graph)
@@ -305,5 +305,5 @@ def analyze(traced: Traced) -> Analysis:
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     ipdom = nx.immediate_dominators(flow.reverse(copy=False), output) if output in flow else {}
     layers = _find_layers(traced)
-    existing, inside, merges = _find_existing(gm, order, idom, layers)
+    existing, inside, merges = _find_existing(gm, graph, order, idom, layers)
     return Analysis(traced, layers, existing, inside, order, idom, ipdom, merges)

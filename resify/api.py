@@ -44,6 +44,6 @@ def apply(model: nn.Module, example_input: Any = None, **policy: Any) -> torch.f
     ``result.meta["resify_example_inputs"]``.
     """
     traced, the_plan = _prepare(model, example_input, policy)
-    result = rewrite(traced.module, the_plan)
+    result = rewrite(traced, the_plan)
     result.meta["resify_example_inputs"] = traced.example_inputs
     return result

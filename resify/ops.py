@@ -60,13 +60,13 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 
 
-def _module(gm: torch.fx.GraphModule, n: torch.fx.Node) -> nn.Module | None:
+def _module(gm: nn.Module, n: torch.fx.Node) -> nn.Module | None:
     if n.op != "call_module":
         return None
     return gm.get_submodule(n.target)  # type: ignore[arg-type]
 
 
-def is_layer_node(gm: torch.fx.GraphModule, n: torch.fx.Node) -> bool:
+def is_layer_node(gm: nn.Module, n: torch.fx.Node) -> bool:
     """True for a parametric layer op: a Linear/ConvNd module, or F.linear/F.convNd on a parameter."""
     m = _module(gm, n)
     if m is not None:
@@ -77,7 +77,7 @@ def is_layer_node(gm: torch.fx.GraphModule, n: torch.fx.Node) -> bool:
     return False
 
 
-def layer_weight(gm: torch.fx.GraphModule, n: torch.fx.Node) -> torch.Tensor:
+def layer_weight(gm: nn.Module, n: torch.fx.Node) -> torch.Tensor:
     """The weight tensor of a layer node (module weight or the get_attr parameter)."""
     m = _module(gm, n)
     if m is not None:
@@ -98,7 +98,7 @@ def layer_name(n: torch.fx.Node) -> str:
     return target.rsplit(".", 1)[0] if "." in target else target
 
 
-def layer_kind(gm: torch.fx.GraphModule, n: torch.fx.Node) -> str:
+def layer_kind(gm: nn.Module, n: torch.fx.Node) -> str:
     """'Linear', 'Conv2d', … for a layer node (functional layers map to the module name)."""
     m = _module(gm, n)
     if m is not None:
@@ -115,7 +115,7 @@ def data_input(n: torch.fx.Node) -> Any:
     return next(iter(n.kwargs.values()), None)
 
 
-def follower_role(gm: torch.fx.GraphModule, n: torch.fx.Node) -> str | None:
+def follower_role(gm: nn.Module, n: torch.fx.Node) -> str | None:
     """'activation', 'norm', 'dropout' or 'pool' when ``n`` may follow a layer inside it, else None."""
     m = _module(gm, n)
     if m is not None:
@@ -138,7 +138,7 @@ def follower_role(gm: torch.fx.GraphModule, n: torch.fx.Node) -> str | None:
     return None
 
 
-def describe(gm: torch.fx.GraphModule, n: torch.fx.Node) -> str:
+def describe(gm: nn.Module, n: torch.fx.Node) -> str:
     """A short human name for a node: "'21' (Flatten)", "'view' (Tensor.view)", "'add' (add)"."""
     if n.op == "call_module":
         return f"'{n.target}' ({type(gm.get_submodule(n.target)).__name__})"
@@ -149,7 +149,7 @@ def describe(gm: torch.fx.GraphModule, n: torch.fx.Node) -> str:
     return f"'{n.name}'"
 
 
-def is_activation(gm: torch.fx.GraphModule, n: torch.fx.Node) -> bool:
+def is_activation(gm: nn.Module, n: torch.fx.Node) -> bool:
     return follower_role(gm, n) == "activation"
 
 

@@ -18,7 +18,7 @@ from .analyze import NAMESPACE
 from .errors import RewriteError
 from .ops import data_input, layer_weight
 from .planner import Plan, Site
-from .trace import TensorInfo
+from .trace import TensorInfo, Traced
 
 __all__ = ["rewrite"]
 
@@ -26,7 +26,7 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCHNORM = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d, "BatchNorm3d": nn.BatchNorm3d}
 
 
-def _container(gm: torch.fx.GraphModule, path: str) -> nn.Module:
+def _container(gm: nn.Module, path: str) -> nn.Module:
     """The module at ``path`` under gm, creating empty containers where missing."""
     mod: nn.Module = gm
     for atom in path.split("."):
@@ -64,8 +64,7 @@ def _gate_parameter(site: Site, factory: dict) -> torch.Tensor:
     return torch.full((channels, *ones), init, **factory)
 
 
-def _insert_site(gm: torch.fx.GraphModule, nodes: dict[str, torch.fx.Node], site: Site) -> None:
-    graph = gm.graph
+def _insert_site(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: Site) -> None:
     try:
         anchor, exit = nodes[site.anchor], nodes[site.exit]
     except KeyError as e:
@@ -112,7 +111,7 @@ def _insert_site(gm: torch.fx.GraphModule, nodes: dict[str, torch.fx.Node], site
 _AVGPOOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
-def _replace_module(gm: torch.fx.GraphModule, path: str, new: nn.Module) -> None:
+def _replace_module(gm: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, attr = path.rpartition(".")
     owner = gm.get_submodule(parent) if parent else gm
     new.train(getattr(owner, attr).training)
@@ -137,8 +136,7 @@ def _widened_layer(m: nn.Module, extra: int) -> nn.Module:
     return new
 
 
-def _insert_dense(gm: torch.fx.GraphModule, nodes: dict[str, torch.fx.Node], site: Site) -> None:
-    graph = gm.graph
+def _insert_dense(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: Site) -> None:
     anchor, exit = nodes[site.anchor], nodes[site.exit]
     entry = data_input(anchor)
     new: set[torch.fx.Node] = set()
@@ -159,19 +157,48 @@ def _insert_dense(gm: torch.fx.GraphModule, nodes: dict[str, torch.fx.Node], sit
     _replace_module(gm, site.consumer, _widened_layer(gm.get_submodule(site.consumer), site.extra_channels))
 
 
-def rewrite(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
-    """Insert the plan's shortcuts into ``gm`` (a private traced copy) and return it recompiled.
+def _own_tensors(root: nn.Module) -> None:
+    """Give the private module tree its own parameters and buffers (tied weights stay tied)."""
+    memo: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for m in root.modules():
+            for key, p in m._parameters.items():
+                if p is not None:
+                    if id(p) not in memo:
+                        memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                    m._parameters[key] = memo[id(p)]
+            for key, b in m._buffers.items():
+                if b is not None:
+                    if id(b) not in memo:
+                        memo[id(b)] = b.detach().clone()
+                    m._buffers[key] = memo[id(b)]
+
+
+def _copy_training_flags(gm: torch.fx.GraphModule, source: nn.Module) -> None:
+    """Containers that GraphModule creates start in training mode; give each its source's flag."""
+    flags = {name: m.training for name, m in source.named_modules()}
+    for name, m in gm.named_modules():
+        m.training = flags.get(name, source.training)
+
+
+def rewrite(traced: Traced, plan: Plan) -> torch.fx.GraphModule:
+    """Insert the plan's shortcuts into the traced graph and return a new GraphModule.
+
+    The result has its own parameters and buffers: training it never touches the user's model.
 
     Raises:
         RewriteError: the plan does not fit this graph, or the result fails ``graph.lint()``.
     """
-    nodes = {n.name: n for n in gm.graph.nodes}
+    root, graph = traced.root, traced.graph
+    _own_tensors(root)
+    nodes = {n.name: n for n in graph.nodes}
     for site in plan.sites:
-        (_insert_dense if site.kind == "dense" else _insert_site)(gm, nodes, site)
+        (_insert_dense if site.kind == "dense" else _insert_site)(root, graph, nodes, site)
     try:
-        gm.graph.lint()
+        graph.lint()
     except Exception as e:  # pragma: no cover - a bug in resify, not in the user's model
         raise RewriteError(f"the rewritten graph is invalid ({e}); please report this with the model") from e
-    gm.recompile()
+    gm = torch.fx.GraphModule(root, graph, traced.model_class)
+    _copy_training_flags(gm, root)
     gm.meta["resify_plan"] = plan
     return gm

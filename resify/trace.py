@@ -48,13 +48,32 @@ class TensorInfo:
 
 @dataclass
 class Traced:
-    """A traced private copy of the model, with shapes, and how it was captured."""
+    """A traced model: its graph (shapes in ``node.meta["resify"]``) over a private module tree.
 
-    module: torch.fx.GraphModule
+    ``root`` is a structural copy of the user's model: new module objects (so attributes set on
+    them, such as the tracer's tensor constants, never reach the user's model) that still share
+    the user's parameter and buffer tensors until ``rewrite`` gives the result its own.
+    """
+
+    root: nn.Module
+    graph: torch.fx.Graph
     tracer: str  # "symbolic" or "concrete"
     example_inputs: tuple[Any, ...]
     model_class: str
     training: bool
+
+
+def structural_copy(module: nn.Module) -> nn.Module:
+    """New module objects for the whole tree (hooks and attribute dicts copied), tensors shared."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    new._modules = {k: None if c is None else structural_copy(c) for k, c in module._modules.items()}
+    for key, value in module.__dict__.items():
+        if key.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) and isinstance(value, dict):
+            new.__dict__[key] = type(value)(value)
+    return new
 
 
 def as_inputs(example_input: Any) -> tuple[Any, ...] | None:
@@ -322,10 +341,11 @@ def trace(
     *,
     leaf_modules: LeafSpec = (),
 ) -> Traced:
-    """Trace a private copy of ``model`` into a GraphModule with a TensorInfo on every tensor node.
+    """Trace ``model`` into a graph with a TensorInfo on every tensor node.
 
     Args:
-        model: any ``nn.Module``; it is deep-copied and never changed.
+        model: any ``nn.Module``; tracing works on a structural copy and never changes it (buffers
+            that a forward on the example input would update are restored).
         example_input: a tensor or tuple of tensors; derived when the first layer fixes it.
         leaf_modules: module types or glob patterns on qualified names to keep whole.
 
@@ -340,10 +360,7 @@ def trace(
         )
     leaves = list(leaf_modules)
     inputs = as_inputs(example_input)
-    try:
-        private = copy.deepcopy(model)
-    except Exception as e:
-        raise TraceError(f"could not copy {type(model).__name__} ({_one_line(e)}); resify works on a deep copy") from e
+    private = structural_copy(model)
     name = type(model).__name__
 
     symbolic_error: Exception | None = None
@@ -358,12 +375,11 @@ def trace(
         module_hint = _current_module(tracer)
 
     if symbolic_error is None:
-        gm = torch.fx.GraphModule(tracer.root, graph, name)
         if inputs is None:
-            inputs = derive_example_input(private, _first_called_module(gm))
-        recorder = _ShapeRecorder(gm)
+            inputs = derive_example_input(private, _first_called_module(private, graph))
+        recorder = _ShapeRecorder(private, graph=graph)
         try:
-            with _state_kept(gm):
+            with _state_kept(private):
                 recorder.run(*inputs)
         except TraceError as e:  # fx's Interpreter appends notes to the message: raise the clean line
             raise TraceError(recorder.message or str(e)) from e.__cause__
@@ -394,7 +410,6 @@ def trace(
         _drop_specialisation_nodes(graph, ctracer.values)
         for n in graph.nodes:
             n.meta["resify"] = _tensor_info(ctracer.values.get(n))
-        gm = torch.fx.GraphModule(ctracer.root, graph, name)
         if ctracer.specialised:
             warnings.warn(
                 f"{name} has data-dependent control flow{where} that symbolic tracing cannot capture "
@@ -404,17 +419,7 @@ def trace(
                 ResifyWarning,
                 stacklevel=3,
             )
-    gm.train(model.training)
-    _copy_training_flags(gm, model)
-    return Traced(gm, tracer_used, inputs, name, model.training)
-
-
-def _copy_training_flags(gm: torch.fx.GraphModule, source: nn.Module) -> None:
-    """gm.train() set every submodule's flag; give each the flag it has in the user's model (read only)."""
-    flags = {name: m.training for name, m in source.named_modules()}
-    for name, m in gm.named_modules():
-        if name and name in flags:
-            m.training = flags[name]
+    return Traced(private, graph, tracer_used, inputs, name, model.training)
 
 
 def _current_module(tracer: torch.fx.Tracer) -> str:
@@ -423,10 +428,10 @@ def _current_module(tracer: torch.fx.Tracer) -> str:
     return f" in module '{stack[-1]}'" if stack else ""
 
 
-def _first_called_module(gm: torch.fx.GraphModule) -> nn.Module | None:
-    for n in gm.graph.nodes:
+def _first_called_module(root: nn.Module, graph: torch.fx.Graph) -> nn.Module | None:
+    for n in graph.nodes:
         if n.op == "call_module":
-            m = gm.get_submodule(n.target)
+            m = root.get_submodule(n.target)
             if any(True for _ in m.parameters()):
                 return m
     return None

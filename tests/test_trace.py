@@ -45,7 +45,7 @@ class Untraceable(nn.Module):
 def test_symbolic_trace_records_shapes_on_every_tensor_node():
     traced = trace(nn.Sequential(nn.Linear(8, 4), nn.ReLU()), torch.randn(3, 8))
     assert traced.tracer == "symbolic"
-    shapes = {n.name: n.meta["resify"].shape for n in traced.module.graph.nodes if n.meta.get("resify")}
+    shapes = {n.name: n.meta["resify"].shape for n in traced.graph.nodes if n.meta.get("resify")}
     assert shapes == {"input_1": (3, 8), "_0": (3, 4), "_1": (3, 4), "output": (3, 4)}
 
 
@@ -137,3 +137,41 @@ def test_non_module_is_a_type_error(bad):
 def test_bad_example_input_type():
     with pytest.raises(resify.TraceError, match="example_input must be a tensor or a tuple"):
         resify.apply(nn.Linear(3, 3), example_input=3.0)
+
+
+def test_tensor_constants_made_while_tracing_stay_off_the_users_model():
+    class WithConstant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.offset = torch.ones(4)  # a plain tensor attribute: fx stores it as a constant
+
+        def forward(self, x):
+            return self.fc(x) + self.offset
+
+    model = WithConstant()
+    names = set(vars(model))
+    converted = resify.apply(model, torch.randn(2, 4))
+    assert set(vars(model)) == names  # the tracer set its constants on a copy, not on the model
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(converted(x), model(x) + x)
+
+
+def test_converted_model_has_its_own_tensors_and_tied_weights_stay_tied():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 6)
+            self.b = nn.Linear(6, 6)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model = Tied()
+    converted = resify.apply(model, torch.randn(2, 6))
+    assert converted.a.weight is converted.b.weight
+    assert converted.a.weight is not model.a.weight
+    with torch.no_grad():
+        converted.a.weight.add_(1.0)
+    assert not torch.equal(converted.a.weight, model.a.weight)
