@@ -101,9 +101,6 @@ ABS_VANISHING = 1e-10
 #: any flow above this is 'exploding', whatever the ratio.
 ABS_EXPLODING = 1e6
 
-_VERDICTS = ("healthy", "vanishing", "exploding")
-
-
 # ---------------------------------------------------------------------------------------------
 # records
 
@@ -294,7 +291,8 @@ class FlowComparison:
 
     def plot(self, path: str | Path) -> Path:
         """Draw both flows against depth (log scale, bands shaded) into a .png or .svg file."""
-        return _plot([("before", self.before), ("after", self.after)], path, title=self.headline)
+        return _plot([("before", self.before), ("after", self.after)], path,
+                     title=f"{self.before.model_class}: {self.headline}")
 
     def __str__(self) -> str:
         return self.to_text()
@@ -363,6 +361,11 @@ def gradient_flow(
             with probe.recording():
                 output = _forward(model, batch)
                 loss = _loss(output, loss_fn, target)
+                if not loss.requires_grad:
+                    raise ResifyError(
+                        f"the loss of {type(model).__name__} does not depend on any parameter that requires "
+                        "grad; unfreeze some (requires_grad=True) or pass a loss_fn that uses the output"
+                    )
                 loss.backward()
             sink.add(("loss",), loss.detach())
             probe.batch += 1
@@ -370,7 +373,8 @@ def gradient_flow(
             for name, w in weights.items():
                 sink.add(("weight", name), _norm(w))
         figures = _combine(sink.resolve(), batches)
-    order = _order(model, layer_modules, gates, probe.called)
+    got_grad = {name for name, fig in figures.items() if isinstance(fig, dict) and "mean_abs" in fig}
+    order = _order(model, layer_modules, gates, probe.called, got_grad)
     records = []
     for depth, name in enumerate(order):
         fig = figures.get(name, {})
@@ -424,7 +428,7 @@ class _Sink:
         self.items: list[tuple[tuple, torch.Tensor | float]] = []
 
     def add(self, key: tuple, value: torch.Tensor | float) -> None:
-        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+        if type(value) is not float and value.device.type == "cpu":  # type: ignore[union-attr]
             value = value.item()  # no sync to avoid on the CPU, and fewer tensors to stack
         self.items.append((key, value))
 
@@ -442,11 +446,12 @@ class _Sink:
 
 
 def _combine(items: list[tuple[tuple, float]], batches: int) -> dict:
-    """Per layer: the means over batches of each figure; plus the mean loss under "loss".
+    """name -> {figure: mean over batches}, and "loss" -> the mean loss.
 
-    Keys: ("loss",), ("weight", name), ("grad", name, batch, mean_abs, norm) as two entries,
-    ("input", name, batch) norms of the gradients at the layer's inputs (several when it is
-    called several times: root of the summed squares), ("act", name, batch, numel) output norms.
+    Keys of ``items``: ("loss",); ("weight", name) the weight's norm; ("mean_abs" | "grad_norm",
+    name, batch); ("input", name, batch) the norm of the gradient at one input tensor (a layer
+    called several times has several: root of the summed squares); ("act", name, batch, numel)
+    the norm of one output (RMS over all the layer's outputs).
     """
     out: dict = {}
     losses: list[float] = []
@@ -483,19 +488,21 @@ def _combine(items: list[tuple[tuple, float]], batches: int) -> dict:
     return out
 
 
-def _norm(t: torch.Tensor) -> torch.Tensor:
-    """The L2 norm, without overflow and without a host sync on accelerators.
+def _norm(t: torch.Tensor, nonzero: bool = True) -> torch.Tensor | float:
+    """The L2 norm, without overflow or underflow, and without a host sync on accelerators.
 
-    A float32 sum of squares overflows past a norm of ~1e19 (exploding networks get there); on
-    the CPU the norm is taken in the tensor's dtype and redone in float64 only then (a float64
-    norm is ~10× slower there), on accelerators it is widened inside the one reduction.
+    A float32 sum of squares overflows past a norm of ~1e19 (exploding networks) and underflows
+    to 0 below ~1e-19 per element (vanishing ones). On the CPU the norm is taken in the tensor's
+    dtype, returned as a float, and redone in float64 only when it comes out 0 or inf (a float64
+    norm is ~10× slower there; ``nonzero=False`` says a 0 is known to be true). On accelerators
+    it is a float64 tensor, widened inside the one reduction.
     """
     if t.device.type != "cpu":
         return torch.linalg.vector_norm(t, dtype=torch.float64)
-    n = torch.linalg.vector_norm(t)
-    if t.dtype != torch.float64 and math.isinf(n.item()):
-        n = torch.linalg.vector_norm(t, dtype=torch.float64)
-    return n
+    v = torch.linalg.vector_norm(t).item()
+    if t.dtype != torch.float64 and (math.isinf(v) or (v == 0 and nonzero)):
+        v = torch.linalg.vector_norm(t, dtype=torch.float64).item()
+    return v
 
 
 def _first_tensor(args: Any) -> torch.Tensor | None:
@@ -557,8 +564,7 @@ class _Probe:
                 self.called[name] = len(self.called)
             out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
             if out is not None and out.is_floating_point() and out.numel():
-                with torch.no_grad():
-                    self.sink.add(("act", name, self.batch, out.numel()), _norm(out.detach()))
+                self.sink.add(("act", name, self.batch, out.numel()), _norm(out.detach()))
             x = args[0] if args and isinstance(args[0], torch.Tensor) else _first_tensor((args, kwargs))
             if x is None or not x.requires_grad:
                 return
@@ -576,10 +582,11 @@ class _Probe:
     def _weight_hook(self, p: torch.Tensor) -> None:
         g = p.grad
         names = self._weight_names.get(id(p))
-        if g is not None and names:
-            with torch.no_grad():
-                mean_abs = g.abs().mean()  # the very expression of the seed's print_gradients
-                norm = _norm(g)
+        if g is not None and names:  # (backward runs without grad mode: nothing here is recorded)
+            mean_abs: torch.Tensor | float = g.abs().mean()  # the expression of the seed's print_gradients
+            if g.device.type == "cpu":
+                mean_abs = mean_abs.item()  # type: ignore[union-attr]
+            norm = _norm(g, nonzero=not isinstance(mean_abs, float) or mean_abs != 0)
             for n in names:
                 self.sink.add(("mean_abs", n, self.batch), mean_abs)
                 self.sink.add(("grad_norm", n, self.batch), norm)
@@ -595,24 +602,21 @@ class _Probe:
 
 
 def _order(model: nn.Module, layers: Mapping[str, nn.Module], gates: Mapping[str, torch.Tensor],
-           called: Mapping[str, int]) -> list[str]:
+           called: Mapping[str, int], got_grad: set[str]) -> list[str]:
     """Record names in forward order: layers by first call, each gate after the layer it follows.
 
-    A layer that was never called but received a gradient (its weight used by a parent, as in
-    nn.MultiheadAttention's out_proj) goes right after its nearest called ancestor; gates are
-    placed by the position of their get_attr node in the graph of the GraphModule holding them.
+    Gates are placed by the position of their get_attr node in the graph of the GraphModule that
+    holds them. A layer that was never called but whose weight received a gradient (used by its
+    parent, as nn.MultiheadAttention uses out_proj.weight) comes after every called layer; one
+    with neither is left out.
     """
     inf = float("inf")
     keys: dict[str, tuple] = {}
-    module_index = {name: i for i, name in enumerate(layers)}
-    for name in layers:
+    for i, name in enumerate(layers):
         if name in called:
             keys[name] = (called[name], 0, 0)
-        elif layers[name].weight.grad is not None:
-            parent = name
-            while "." in parent and parent not in called:
-                parent = parent.rsplit(".", 1)[0]
-            keys[name] = (called.get(parent, inf), 1, module_index[name])
+        elif name in got_grad:
+            keys[name] = (inf, 0, i)
     gate_anchor = _gate_anchors(model, set(gates), set(called))
     for k, name in enumerate(gates):
         anchor = gate_anchor.get(name, ...)
@@ -697,7 +701,17 @@ def _batch_inputs(inputs: tuple[Any, ...], batches: int, seed: int) -> Iterator[
 
 
 def _forward(model: nn.Module, batch: tuple[Any, ...]) -> Any:
-    return model(*batch)
+    try:
+        return model(*batch)
+    except ResifyError:
+        raise
+    except Exception as e:
+        shapes = ", ".join(str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ResifyError(
+            f"{type(model).__name__} failed on the example input ({shapes}): {type(e).__name__}: {first}; "
+            "pass an example_input of the shape and dtype the model expects"
+        ) from e
 
 
 def _output_tensors(output: Any) -> list[torch.Tensor]:
@@ -768,7 +782,9 @@ def _layer_verdict(rec: LayerFlow, last: float | None) -> str:
 
 def _judge(records: tuple[LayerFlow, ...], **fields: Any) -> GradientFlow:
     """Attach per-layer and overall verdicts, the reason and the recommendation."""
-    own = [r for r in records if not r.added and r.kind != "Gate" and r.flow is not None]
+    own = [r for r in records if not r.added and r.kind != "Gate" and r.input_grad_norm is not None]
+    if not own:  # no layer input carries a gradient (token ids into embeddings only): weight gradients
+        own = [r for r in records if not r.added and r.kind != "Gate" and r.flow is not None]
     last = own[-1].flow if own else None
     layers = tuple(replace(r, verdict=_layer_verdict(r, last)) for r in records)
     first = own[0].flow if own else None
@@ -922,6 +938,11 @@ def _check_schema(d: Mapping[str, Any], kind: str) -> None:
         )
 
 
+def _kind(kind: str, width: int = 14) -> str:
+    """A module class name for a table column: 'NonDynamicall…' beyond ``width``."""
+    return kind if len(kind) <= width else kind[: width - 1] + "…"
+
+
 def _shorten(name: str, width: int) -> str:
     """Fit a name into ``width`` characters by cutting its start (the end names the layer)."""
     if len(name) <= width:
@@ -960,8 +981,9 @@ def _header(flow: GradientFlow, width: int) -> list[str]:
 
 
 def _flow_text(flow: GradientFlow, width: int) -> str:
-    header = ["#", "layer", "kind", "mean|grad|", "‖grad‖", "‖g‖/‖w‖", "‖input grad‖", "act rms", "verdict"]
-    rows = [[str(r.depth), ("+" if r.added else "") + r.name, r.kind, _fmt(r.mean_abs_grad),
+    header = ["#", "layer", "kind", "mean|grad|", "‖grad‖", "‖g‖/‖w‖", "‖input grad‖", "act rms",
+              "verdict"]
+    rows = [[str(r.depth), ("+" if r.added else "") + r.name, _kind(r.kind), _fmt(r.mean_abs_grad),
              _fmt(r.grad_norm), _fmt(r.grad_to_weight), _fmt(r.input_grad_norm), _fmt(r.activation_rms),
              r.verdict] for r in flow.layers]
     right = [True, False, False, True, True, True, True, True, False]
@@ -998,7 +1020,7 @@ def _comparison_text(c: FlowComparison, width: int) -> str:
     for tag, flow in (("before", c.before), ("after", c.after)):
         lines += textwrap.wrap(f"{tag}: {flow.summary()}", width, subsequent_indent="  ")
     header = ["layer", "kind", "before", "after", "×", "before", "after", "×"]
-    rows = [[ch.name, ch.after.kind, _fmt(ch.before.mean_abs_grad), _fmt(ch.after.mean_abs_grad),
+    rows = [[ch.name, _kind(ch.after.kind), _fmt(ch.before.mean_abs_grad), _fmt(ch.after.mean_abs_grad),
              _times(ch.ratio), _fmt(ch.before.input_grad_norm), _fmt(ch.after.input_grad_norm),
              _times(ch.input_ratio)] for ch in c.layers]
     groups = ("mean |grad| of weight", "‖input grad‖")
@@ -1015,7 +1037,7 @@ def _comparison_text(c: FlowComparison, width: int) -> str:
     lines += ["", group.rstrip(), *table]
     if c.added:
         lines += ["", f"added by resify ({len(c.added)}):"]
-        rows = [[r.name, r.kind, _fmt(r.mean_abs_grad), _fmt(r.grad_norm), _fmt(r.input_grad_norm)]
+        rows = [[r.name, _kind(r.kind), _fmt(r.mean_abs_grad), _fmt(r.grad_norm), _fmt(r.input_grad_norm)]
                 for r in c.added]
         lines += _table(["layer", "kind", "mean|grad|", "‖grad‖", "‖input grad‖"], rows, width=width,
                         shrink=0, right=[False, False, True, True, True])

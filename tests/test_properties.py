@@ -57,7 +57,8 @@ def test_any_mlp_converts_with_every_invariant(built, gate, group):
 def test_any_cnn_converts_and_dense_keeps_outputs(built, shortcut):
     model, channels = built
     model.eval()
-    x = torch.randn(2, channels[0], 8, 8)
+    size = 2 * 2 ** sum(isinstance(m, nn.MaxPool2d) for m in model)  # every pool has room to halve
+    x = torch.randn(2, channels[0], size, size)
     converted = resify.apply(model, x, shortcut=shortcut).eval()
     plan = converted.meta["resify_plan"]
     converted.graph.lint()

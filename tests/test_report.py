@@ -1,0 +1,487 @@
+"""The gradient-flow report: the seed's numbers, verdicts, no trace left, outputs, losses, rendering."""
+import contextlib
+import io
+import json
+import math
+import re
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import resify
+from reference import ImprovedResidualNetwork, print_gradients, vgg_style_cnn
+from resify.errors import ResifyError
+from resify.report import LayerFlow
+
+SEED_SIZES = [128, 64, 32, 16, 8, 1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small matrices: one thread is faster, and far steadier on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp(depth, width, act):
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), act()]
+    return nn.Sequential(*layers)
+
+
+def _printed_gradients(model, x):
+    """What the seed's print_gradients prints: {parameter name: '0.001234'}."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_gradients(model, x)
+    found = re.findall(r"^(\S+): gradient mean = (\d+\.\d{6})$", out.getvalue(), flags=re.M)
+    assert found, out.getvalue()
+    return dict(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# the seed's complete working example
+
+
+@pytest.mark.parametrize("use_shortcut", [False, True])
+def test_mean_abs_grad_is_what_print_gradients_prints(use_shortcut):
+    torch.manual_seed(123)
+    # the seed's usage example, in its order: both models, then the input
+    model_without_residual = ImprovedResidualNetwork(SEED_SIZES, use_shortcut=False)
+    model_with_residual = ImprovedResidualNetwork(SEED_SIZES, use_shortcut=True)
+    x = torch.randn(10, 128)
+    model = model_with_residual if use_shortcut else model_without_residual
+    flow = resify.gradient_flow(model, x)
+    printed = _printed_gradients(model, x)
+    ours = {f"{r.name}.weight": f"{r.mean_abs_grad:.6f}" for r in flow.layers}
+    assert ours == printed
+    expected = [f"layers.{i}.0" for i in range(5)]
+    if use_shortcut:  # the hand-written projections are the model's own layers, called after each layer
+        expected = [n for i in range(5) for n in (f"layers.{i}.0", f"projections.{i}")]
+    assert [r.name for r in flow.layers] == expected
+    assert [r.depth for r in flow.layers] == list(range(len(expected)))
+    assert not any(r.added for r in flow.layers) and {r.kind for r in flow.layers} == {"Linear"}
+
+
+def test_converted_seed_network_lists_projections_and_gates_in_forward_order():
+    torch.manual_seed(0)
+    x = torch.randn(10, 128)
+    converted = resify.apply(ImprovedResidualNetwork(SEED_SIZES, False), x, gate="rezero")
+    flow = resify.gradient_flow(converted, x)
+    names = [r.name for r in flow.layers]
+    assert names[:4] == ["layers.0.0", "resify.layers_0_0.proj", "resify.layers_0_0.alpha", "layers.1.0"]
+    assert len(names) == 15
+    gate = flow.layer("resify.layers_0_0.alpha")
+    assert gate.kind == "Gate" and gate.added and gate.shape == () and gate.input_grad_norm is None
+    assert gate.mean_abs_grad > 0 and gate.grad_to_weight is None  # the gate's value is 0
+    assert not flow.layer("layers.0.0").added and flow.layer("resify.layers_0_0.proj").added
+    # behind a gate at zero the branch gets no weight gradient, but the flow reaches the first layer
+    assert flow.layer("layers.0.0").mean_abs_grad == 0 and flow.layer("layers.0.0").input_grad_norm > 0
+    printed = _printed_gradients(converted, x)  # the seed's figure for the added layers too
+    for r in flow.layers:
+        if r.kind != "Gate":
+            assert f"{r.mean_abs_grad:.6f}" == printed[f"{r.name}.weight"], r.name
+    with pytest.raises(ResifyError, match="no layer named 'nope'"):
+        flow.layer("nope")
+
+
+def test_input_grad_norm_and_activation_rms_match_autograd():
+    torch.manual_seed(0)
+    model = mlp(4, 16, nn.Tanh)
+    x = torch.randn(5, 16)
+    flow = resify.gradient_flow(model, x)
+    # independently: keep every layer's input and output, backpropagate, read the gradients
+    h = x.clone().requires_grad_()
+    inputs, outputs = [], []
+    for i in range(0, 8, 2):
+        h.retain_grad()
+        inputs.append(h)
+        out = model[i](h)
+        outputs.append(out.detach())
+        h = model[i + 1](out)
+    F.mse_loss(h, torch.zeros_like(h)).backward()
+    for rec, t, o in zip(flow.layers, inputs, outputs):
+        assert rec.input_grad_norm == pytest.approx(t.grad.norm().item(), rel=1e-5)
+        assert rec.activation_rms == pytest.approx(o.pow(2).mean().sqrt().item(), rel=1e-5)
+        w = model.get_submodule(rec.name).weight
+        assert rec.grad_to_weight == pytest.approx(rec.grad_norm / w.norm().item(), rel=1e-6)
+    assert flow.loss == "mse to zeros" and flow.loss_value == pytest.approx(h.pow(2).mean().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# verdicts
+
+
+def test_deep_sigmoid_mlp_vanishes_and_shortcuts_give_the_first_layer_100x_more():
+    torch.manual_seed(0)
+    model = mlp(30, 32, nn.Sigmoid)
+    x = torch.randn(8, 32)
+    before = resify.gradient_flow(model, x)
+    assert before.verdict == "vanishing" and before.layers[0].verdict == "vanishing"
+    assert 0 < before.layers[0].input_grad_norm < 1e-20  # tiny, yet not lost to float32 underflow
+    assert "shortcut='auto'" in before.recommendation
+    after = resify.gradient_flow(resify.apply(model, x, gate=None), x)
+    assert after.verdict == "healthy" and after.recommendation is None
+    assert after.layers[0].mean_abs_grad >= 100 * before.layers[0].mean_abs_grad > 0
+    c = resify.compare(before, after)
+    assert c.first_layer_ratio >= 100
+    m = re.fullmatch(r"first layer: (\S+)× more gradient; verdict vanishing → healthy", c.headline)
+    assert m, c.headline
+    assert float(m.group(1).replace(",", "")) == pytest.approx(c.first_layer_ratio, rel=0.1)
+
+
+def test_deep_relu_mlp_explodes_with_plain_shortcuts_and_is_healthy_with_rezero():
+    torch.manual_seed(0)
+    model = mlp(100, 64, nn.ReLU)  # default init
+    x = torch.randn(8, 64)
+    plain = resify.gradient_flow(model, x)
+    assert plain.verdict == "vanishing"
+    ungated = resify.gradient_flow(resify.apply(model, x, gate=None), x)
+    assert ungated.verdict == "exploding"
+    assert ungated.first_to_last > 1e6  # measured: about 1e9, far past the 1e3 bound
+    assert all(math.isfinite(r.grad_norm) for r in ungated.layers)  # ~1e19: past float32 sums of squares
+    assert "gate='rezero'" in ungated.recommendation
+    gated = resify.gradient_flow(resify.apply(model, x, gate="rezero"), x)
+    assert gated.verdict == "healthy" and gated.recommendation is None
+    assert gated.first_to_last == pytest.approx(1.0, rel=1e-4)  # the identity at alpha = 0
+    assert {r.verdict for r in gated.layers} == {"healthy"}
+    c = resify.compare(ungated, gated)
+    assert c.headline.endswith("verdict exploding → healthy")
+    assert len(c.added) == 100 and {r.kind for r in c.added} == {"Gate"}  # ungated has no added layer
+
+
+@pytest.mark.parametrize("first,last,verdict", [
+    (1.0, 1.0, "healthy"), (0.5e-2, 1.0, "vanishing"), (2e-2, 1.0, "healthy"), (2e3, 1.0, "exploding"),
+    (5e2, 1.0, "healthy"), (1e-11, 1e-11, "vanishing"), (2e6, 2e6, "exploding"), (math.inf, 1.0, "exploding"),
+])
+def test_documented_thresholds(first, last, verdict):
+    from resify.report import _judge
+
+    def rec(name, depth, g):
+        return LayerFlow(name, "Linear", depth, False, (2, 2), 1.0, 1.0, 1.0, g, 1.0)
+
+    flow = _judge((rec("a", 0, first), rec("b", 1, last)), model_class="M", loss="mse to zeros",
+                  loss_value=1.0)
+    assert flow.verdict == verdict
+    assert (flow.recommendation is None) == (verdict == "healthy")
+
+
+# ---------------------------------------------------------------------------------------------
+# no trace left
+
+
+def _state(model):
+    return {
+        "grads": {n: p.grad for n, p in model.named_parameters()},
+        "grad_values": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.clone() for n, b in model.named_buffers()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": {n: (dict(m._forward_hooks), dict(m._forward_hooks_with_kwargs), dict(m._forward_pre_hooks),
+                      dict(m._backward_hooks), dict(m._backward_pre_hooks)) for n, m in model.named_modules()},
+        "param_hooks": {n: (dict(p._backward_hooks or {}), dict(p._post_accumulate_grad_hooks or {}))
+                        for n, p in model.named_parameters()},
+    }
+
+
+class _FreezesItself(nn.Linear):
+    """A layer whose forward switches it to eval mode (as "freeze after warm-up" code does)."""
+
+    def forward(self, x):
+        self.eval()
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("batches", [1, 3])
+def test_leaves_no_trace(batches):
+    torch.manual_seed(0)
+    model = nn.Sequential(vgg_style_cnn(), nn.Dropout(0.5), _FreezesItself(10, 4))
+    x = torch.randn(4, 3, 16, 16)
+    model(x).sum().backward()
+    model[2].train()
+    model[0][0].weight.grad = None  # some gradients present, some None
+    model[0][1].train(False)  # mixed modes
+    model[0][0].register_forward_hook(lambda m, i, o: None)
+    before = _state(model)
+    rng = torch.get_rng_state()
+    with torch.no_grad():  # the report enables gradients for itself
+        flow = resify.gradient_flow(model, x, batches=batches)
+    after = _state(model)
+    assert flow.layers[0].mean_abs_grad > 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    for n, g in before["grads"].items():
+        assert after["grads"][n] is g, n  # the very same tensor, or None
+        if g is not None:
+            assert torch.equal(g, before["grad_values"][n]), n
+    for n, b in before["buffers"].items():
+        assert torch.equal(after["buffers"][n], b), n  # BatchNorm statistics are put back
+    assert after["training"] == before["training"]
+    assert after["hooks"] == before["hooks"]
+    assert after["param_hooks"] == before["param_hooks"]
+    assert x.grad is None and not x.requires_grad
+
+
+def test_dropout_is_seeded_so_reports_repeat():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 8)).train()
+    x = torch.randn(4, 8)
+    a = resify.gradient_flow(model, x, seed=1)
+    torch.rand(3)  # the global state moves on; the report does not depend on it
+    assert resify.gradient_flow(model, x, seed=1) == a
+    assert resify.gradient_flow(model, x, seed=2) != a
+
+
+def test_batches_average_the_example_and_seeded_random_batches():
+    torch.manual_seed(0)
+    model = mlp(3, 8, nn.GELU)
+    x = torch.randn(4, 8)
+    flow = resify.gradient_flow(model, x, batches=3, seed=7)
+    g = torch.Generator().manual_seed(7)
+    xs = [x, torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)]
+    per_batch = []
+    for xb in xs:
+        model.zero_grad()
+        out = model(xb)
+        F.mse_loss(out, torch.zeros_like(out)).backward()
+        per_batch.append(model[0].weight.grad.abs().mean().item())
+    model.zero_grad()
+    assert flow.batches == 3
+    assert flow.layers[0].mean_abs_grad == pytest.approx(sum(per_batch) / 3, rel=1e-6)
+    assert resify.gradient_flow(model, x, batches=1).layers[0].mean_abs_grad == pytest.approx(per_batch[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# any module, any output, any loss
+
+
+class TwoHeads(nn.Module):
+    """Not a GraphModule: layers registered in one order and called in another, several outputs."""
+
+    def __init__(self, as_dict):
+        super().__init__()
+        self.as_dict = as_dict
+        self.head_b = nn.Linear(8, 2)
+        self.head_a = nn.Linear(8, 3)
+        self.body = nn.Linear(6, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        a, b = self.head_a(h), self.head_b(h)
+        if self.as_dict:
+            return {"a": a, "b": b, "ids": torch.arange(3)}  # a non-float output is left out
+        return a, b
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_several_outputs_sum_the_default_loss(as_dict):
+    torch.manual_seed(0)
+    model = TwoHeads(as_dict)
+    x = torch.randn(5, 6)
+    flow = resify.gradient_flow(model, x)
+    assert [r.name for r in flow.layers] == ["body", "head_a", "head_b"]  # call order, not registration
+    h = torch.relu(model.body(x))
+    a, b = model.head_a(h), model.head_b(h)
+    loss = F.mse_loss(a, torch.zeros_like(a)) + F.mse_loss(b, torch.zeros_like(b))
+    loss.backward()
+    assert flow.loss_value == pytest.approx(loss.item())
+    for r in flow.layers:
+        assert r.mean_abs_grad == pytest.approx(model.get_submodule(r.name).weight.grad.abs().mean().item())
+    # body's output feeds both heads: their inputs are one tensor, with one gradient
+    assert flow.layer("head_a").input_grad_norm == flow.layer("head_b").input_grad_norm
+
+
+def test_loss_fn_and_target():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(5, 6)
+    classes = torch.tensor([0, 2, 1, 1, 0])
+    values = torch.randn(5, 3)
+    cases = [
+        (dict(loss_fn=lambda out: out.sum()), lambda out: out.sum(), "loss_fn"),
+        (dict(target=classes), lambda out: F.cross_entropy(out, classes), "cross-entropy to target"),
+        (dict(target=values), lambda out: F.mse_loss(out, values), "mse to target"),
+    ]
+    for kwargs, reference, name in cases:
+        flow = resify.gradient_flow(model, x, **kwargs)
+        model.zero_grad()
+        loss = reference(model(x))
+        loss.backward()
+        assert flow.loss == name
+        assert flow.loss_value == pytest.approx(loss.item(), rel=1e-6)
+        assert flow.layers[0].mean_abs_grad == pytest.approx(model[0].weight.grad.abs().mean().item(), rel=1e-6)
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(loss_fn=lambda out: out), r"loss_fn must return a scalar tensor, found \(5, 3\)"),
+    (dict(loss_fn=lambda out: 1.0, target=torch.zeros(5)), "either loss_fn= or target="),
+    (dict(target=torch.zeros(4, 7)), r"the target \(4, 7\) .* does not fit the output \(5, 3\)"),
+    (dict(target=torch.zeros(4, dtype=torch.long)), r"the target \(4,\) \(torch.int64\) does not fit"),
+    (dict(batches=0), "batches must be a positive integer"),
+])
+def test_bad_arguments_raise_resify_errors(kwargs, match):
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ResifyError, match=match):
+        resify.gradient_flow(model, torch.randn(5, 6), **kwargs)
+
+
+def test_a_model_that_fails_or_cannot_learn_is_refused():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ResifyError, match=r"Sequential failed on the example input \(\[5, 7\]\): RuntimeError: "):
+        resify.gradient_flow(model, torch.randn(5, 7))
+    assert not any(m._forward_hooks for m in model.modules())  # cleaned up after the failure too
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    model.requires_grad_(False)  # frozen: the flow still shows, through the input's gradients
+    frozen = resify.gradient_flow(model, torch.randn(5, 6))
+    assert frozen.layers[0].mean_abs_grad is None and frozen.layers[0].input_grad_norm > 0
+    tokens = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)).requires_grad_(False)
+    with pytest.raises(ResifyError, match="does not depend on any parameter that requires grad"):
+        resify.gradient_flow(tokens, torch.randint(0, 10, (3, 5)))
+
+
+def test_models_without_layers_or_float_output_are_refused():
+    with pytest.raises(ResifyError, match="has no parametric layer"):
+        resify.gradient_flow(nn.Sequential(nn.ReLU()), torch.randn(2, 3))
+    with pytest.raises(ResifyError, match="holds no floating-point tensor"):
+        resify.gradient_flow(_ArgmaxNet(), torch.randn(2, 3))
+
+
+class _ArgmaxNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x).argmax(-1)
+
+
+class _LearnedQuery(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(2, 4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.query) + x
+
+
+def test_a_layer_fed_by_a_parameter_gets_no_lasting_hook():
+    torch.manual_seed(0)
+    model = _LearnedQuery()
+    x = torch.randn(2, 3)
+    flow = resify.gradient_flow(model, x)
+    assert not model.query._backward_hooks and model.query.grad is None  # no hook, no gradient left
+    out = model(x)
+    F.mse_loss(out, torch.zeros_like(out)).backward()
+    assert flow.layer("fc").input_grad_norm == pytest.approx(model.query.grad.norm().item())
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        a, _ = self.attn(h, h, h)
+        return self.head(a)
+
+
+def test_a_layer_whose_weight_its_parent_uses_comes_last_and_is_not_the_reference():
+    torch.manual_seed(0)
+    flow = resify.gradient_flow(_Attention(), torch.randn(2, 5, 8))
+    assert [r.name for r in flow.layers] == ["emb", "head", "attn.out_proj"]  # out_proj is never called
+    out_proj = flow.layer("attn.out_proj")
+    assert out_proj.mean_abs_grad > 0 and out_proj.input_grad_norm is None
+    assert flow.first_to_last == pytest.approx(flow.layer("emb").input_grad_norm / flow.layer("head").input_grad_norm)
+    assert "NonDynamicall…" in flow.to_text()
+
+
+def test_integer_inputs_fall_back_to_the_weight_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 4))
+    tokens = torch.randint(0, 20, (3, 5))
+    flow = resify.gradient_flow(model, tokens, batches=2)
+    emb = flow.layer("0")
+    assert emb.kind == "Embedding" and emb.input_grad_norm is None and emb.flow == emb.grad_norm > 0
+    assert flow.layer("1").input_grad_norm > 0 and flow.verdict in ("healthy", "vanishing", "exploding")
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+@pytest.fixture(scope="module")
+def seed_comparison():
+    torch.manual_seed(0)
+    x = torch.randn(10, 128)
+    model = ImprovedResidualNetwork(SEED_SIZES, False)
+    return resify.compare(resify.gradient_flow(model, x),
+                          resify.gradient_flow(resify.apply(model, x, gate="rezero"), x))
+
+
+def test_text_tables_fit_100_columns(seed_comparison):
+    c = seed_comparison
+    for text in (c.after.to_text(), c.to_text(), str(c.before)):
+        assert max(len(line) for line in text.splitlines()) <= 100
+    text = c.after.to_text()
+    assert "verdict: " in text and "+resify.layers_0_0.proj" in text and "Gate" in text
+    table = text.splitlines()[text.splitlines().index("") + 1:]
+    assert table[0].split()[:3] == ["#", "layer", "kind"] and len(table) == 2 + 15 + 1
+    ctext = c.to_text()
+    assert c.headline in ctext and "added by resify (10):" in ctext
+    assert re.search(r"^layers\.0\.0\s+Linear\s+\S+\s+0\s+0×", ctext, flags=re.M)
+    narrow = c.after.to_text(width=90)  # long names lose their start to fit
+    assert max(len(line) for line in narrow.splitlines()) <= 90 and re.search(r"\+…\S*_0_0\.proj ", narrow)
+
+
+def test_markdown(seed_comparison):
+    md = seed_comparison.after.to_markdown()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 15 and "**Verdict: " in md
+    assert all(line.count(" | ") == 8 for line in rows)
+    cmd = seed_comparison.to_markdown()
+    assert f"**{seed_comparison.headline}**" in cmd and "`resify.layers_4_0.alpha`" in cmd
+
+
+def test_json_round_trips_with_a_schema_version(seed_comparison):
+    c = seed_comparison
+    d = json.loads(c.after.to_json())
+    assert d["schema_version"] == 1 and d["kind"] == "resify.gradient_flow"
+    assert set(d["layers"][0]) >= {"name", "kind", "depth", "mean_abs_grad", "grad_norm", "grad_to_weight",
+                                   "input_grad_norm", "activation_rms", "added", "verdict"}
+    assert resify.GradientFlow.from_json(c.after.to_json()) == c.after
+    assert resify.FlowComparison.from_json(c.to_json()) == c
+    cd = json.loads(c.to_json())
+    assert cd["schema_version"] == 1 and cd["headline"] == c.headline and len(cd["added"]) == 10
+    # infinities survive as strings, never as invalid JSON
+    bad = LayerFlow("x", "Linear", 0, False, (2, 2), math.inf, math.nan, None, 1.0, 1.0, "exploding")
+    assert LayerFlow.from_dict(json.loads(json.dumps(bad.to_dict(), allow_nan=False))).mean_abs_grad == math.inf
+    with pytest.raises(ResifyError, match="expected a 'resify.gradient_flow' report of schema_version 1"):
+        resify.GradientFlow.from_json(json.dumps({**d, "schema_version": 99}))
+
+
+def test_plot_png_and_svg(seed_comparison, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = seed_comparison.plot(tmp_path / "flow.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = seed_comparison.after.plot(tmp_path / "sub" / "flow.svg")
+    assert b"<svg" in svg.read_bytes()[:500]
+    with pytest.raises(ResifyError, match=r"\.png or \.svg.*'flow\.jpg'"):
+        seed_comparison.plot(tmp_path / "flow.jpg")
+
+
+def test_plot_without_matplotlib_says_how_to_install(seed_comparison, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib… raises ImportError
+    with pytest.raises(ResifyError, match=r"pip install 'resify\[plot\]'"):
+        seed_comparison.plot(tmp_path / "flow.png")
+    assert not (tmp_path / "flow.png").exists()
