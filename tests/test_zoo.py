@@ -28,3 +28,11 @@ def test_zoo_model_converts_or_is_refused_with_a_reason(name):
         assert row["existing"] > 0, f"{name} is residual but no existing shortcut was found"
     else:
         assert row["existing"] == 0, f"{name} has no shortcut, yet {row['existing']} were reported"
+
+
+@pytest.mark.parametrize("name", sorted(SUBSET))
+def test_zoo_model_with_preserve_output_computes_the_same_outputs(name):
+    row = check_model(name, preserve_output=True)
+    assert row["status"] == "converted", row.get("reason")
+    assert row["max_rel_diff"] <= 1e-5, f"{name}: outputs moved by {row['max_rel_diff']:.2e} (relative)"
+    assert row["missing_grads"] == [], f"{name}: no gradient for {row['missing_grads'][:5]}"
