@@ -374,7 +374,6 @@ def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0) -> Pla
     skipped: list[Skipped] = []
     runs: list[list[Layer]] = [[]]
     for layer in analysis.layers:
-        reason = None
         if layer.name in analysis.inside_existing:
             reason = f"inside the existing shortcut at '{analysis.inside_existing[layer.name]}'"
         else:
@@ -404,7 +403,7 @@ def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0) -> Pla
                 i += policy.group
             else:
                 skipped.append(Skipped(group[0].name, group[-1].name, found))
-                i += 1 if policy.group > 1 else policy.group
+                i += 1  # slide: a group may still start at the next layer
     return Plan(
         model_class=analysis.traced.model_class, tracer=analysis.traced.tracer, policy=policy,
         n_layers=len(analysis.layers), params_before=params_before, sites=tuple(sites),
