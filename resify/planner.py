@@ -192,50 +192,13 @@ class Plan:
                 f"{len(self.existing)} existing; +{self.added_params:,} parameters (+{growth:.2f}%)")
 
     def __str__(self) -> str:
-        return format_plan(self)
+        from .render import plan_text
+
+        return plan_text(self)
 
 
 def _shape(s: Sequence[int]) -> str:
     return "[" + ", ".join(str(x) for x in s) + "]"
-
-
-def _span_label(start: str, end: str) -> str:
-    return start if start == end else f"{start} … {end}"
-
-
-def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return [fmt(header), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]]
-
-
-def format_plan(plan: Plan, width: int = 100) -> str:
-    """The plan as an aligned text table (sites, skipped with reasons, existing, totals)."""
-    lines = [f"resify plan for {plan.model_class} ({plan.tracer} trace, {plan.n_layers} layers, "
-             f"{plan.params_before:,} parameters)"]
-    if plan.existing:
-        lines += ["", f"existing shortcuts ({len(plan.existing)}):"]
-        for e in plan.existing:
-            lines.append(_clip(f"  {e.kind} at {e.node} over {_span_label(e.start, e.end)} ({e.bypass})", width))
-    else:
-        lines += ["", "existing shortcuts: none"]
-    if plan.sites:
-        rows = [[_span_label(s.start, s.end), f"{_shape(s.in_shape)} -> {_shape(s.out_shape)}",
-                 s.kind if s.projection is None else s.projection, s.gate or "-", f"{s.added_params:,}"]
-                for s in plan.sites]
-        lines += ["", *_table(["span", "shape", "shortcut", "gate", "+params"], rows)]
-    else:
-        lines += ["", "no shortcut will be added"]
-    if plan.skipped:
-        lines += ["", f"skipped ({len(plan.skipped)}):"]
-        for s in plan.skipped:
-            lines.append(_clip(f"  {_span_label(s.start, s.end)}: {s.reason}", width))
-    lines += ["", "total: " + plan.summary()]
-    return "\n".join(lines)
-
-
-def _clip(line: str, width: int) -> str:
-    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------
