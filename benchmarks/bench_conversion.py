@@ -4,13 +4,13 @@ For plain MLPs of 10, 100, 1,000 and 10,000 layers (Linear(64, 64) + ReLU, the s
 and for the torchvision classification zoo (``weights=None``, eval mode, one 3×224×224 image;
 299×299 for inception_v3), it times, alternately in one process, ``symbolic_trace(model)`` and
 ``resify.apply(model, x)`` and reports the ratio of their medians. ``apply`` does more than the
-trace: it deep-copies the model (it never changes the user's), runs it once on the example input
-to record shapes, analyses the graph, plans, rewrites and recompiles; the MLP table splits its
+trace: it copies the model (it never changes the user's), runs it once on the example input
+to record shapes, analyses the graph, plans, rewrites and generates the code; the MLP table splits its
 time into those stages, and ``--profile N`` runs cProfile on the N-layer MLP.
 
 Run from the repository root::
 
-    python benchmarks/bench_conversion.py                   # MLPs + the whole zoo (about 20 min)
+    python benchmarks/bench_conversion.py                   # MLPs + the whole zoo (about 10 min)
     python benchmarks/bench_conversion.py --skip-big        # without the four >250M-parameter models
     python benchmarks/bench_conversion.py --models resnet50 vit_b_16 --depths 10 100
     python benchmarks/bench_conversion.py --no-zoo --profile 10000
@@ -102,7 +102,7 @@ def time_conversion(name: str, model: nn.Module, x: torch.Tensor, reps: int = 3,
 
 
 def stage_times(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Seconds of each stage of ``resify.apply``: deep copy + trace + shapes, analyze, plan, rewrite."""
+    """Seconds of each stage of ``resify.apply``: trace (copy, trace, shapes), analyze, plan, rewrite."""
     out: dict[str, float] = {}
     box: dict = {}
     gc.collect()
@@ -116,7 +116,7 @@ def stage_times(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     box["plan"] = make_plan(box["analysis"], Policy.from_kwargs(), params_before=0)
     out["plan"] = time.perf_counter() - t
     t = time.perf_counter()
-    rewrite(box["traced"].module, box["plan"])
+    rewrite(box["traced"], box["plan"])
     out["rewrite"] = time.perf_counter() - t
     return out
 
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     md = ["# Conversion speed: resify.apply vs torch.fx.symbolic_trace", "",
-          f"Command: `python benchmarks/bench_conversion.py {' '.join(sys.argv[1:])}`".rstrip() + "  ",
+          "Command: `" + f"python benchmarks/bench_conversion.py {' '.join(sys.argv[1:])}".rstrip() + "`  ",
           f"Machine: {machine()}", "",
           "Times are medians of alternating runs in one process (garbage collected before each); "
           "`forward` is one no-grad forward pass of the model on the example input, which `apply` "
@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         del model
     head = ["layers", "symbolic_trace s", "resify.apply s", "ratio", "trace µs/layer", "apply µs/layer", "sites"]
     print("\n" + table(head, rows))
-    stage_head = ["layers", "trace (copy+trace+shapes)", "analyze", "plan", "rewrite (+recompile)"]
+    stage_head = ["layers", "trace (copy+trace+shapes)", "analyze", "plan", "rewrite (+weights copy, codegen)"]
     print("\n" + table(stage_head, stage_rows))
     md += ["## Plain MLPs (Linear(64, 64) + ReLU per layer, input [2, 64])", "", table(head, rows, True), "",
            "Where `apply`'s time goes, by stage (one run):", "", table(stage_head, stage_rows, True), ""]
