@@ -8,6 +8,8 @@ run of consecutive layers, whether it is a single-entry single-exit region of th
 """
 from __future__ import annotations
 
+import bisect
+import functools
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -144,9 +146,10 @@ class Analysis:
             n = self._ipdom[n]
         if n is not exit:
             return f"{self._escaping_value(entry, exit)}: not single-entry single-exit"
-        for m in self._merges:
-            if lo < self._order[m] <= hi:
-                return f"the span would enclose the existing shortcut at '{m.name}'"
+        # merges are in graph order: the first one after the entry is the only one to check
+        i = bisect.bisect_right(self._merges, lo, key=self._order.__getitem__)
+        if i < len(self._merges) and self._order[self._merges[i]] <= hi:
+            return f"the span would enclose the existing shortcut at '{self._merges[i].name}'"
         return None
 
     def _region(self, entry: torch.fx.Node, exit: torch.fx.Node) -> list[torch.fx.Node]:
@@ -253,6 +256,7 @@ def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcu
     anchors = {n for n in graph.nodes if is_layer_node(gm, n)}
     layer_by_anchor = {layer.anchor: layer for layer in layers}
     existing, inside, merges = [], {}, []
+    weight = functools.lru_cache(maxsize=None)(lambda n: _weight(gm, n, anchors))  # once per node
     for m in graph.nodes:
         found = merge_operands(m)
         if found is None or m not in idom:
@@ -267,7 +271,7 @@ def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcu
         for s in sets:
             w = [0, 0, 0]
             for n in s:
-                for i, v in enumerate(_weight(gm, n, anchors)):
+                for i, v in enumerate(weight(n)):
                     w[i] += v
             weights.append(tuple(w))
         bypass = [i for i, w in enumerate(weights) if w[2] == 0 and w[0] <= 1]
@@ -278,7 +282,7 @@ def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcu
         if not heavier:
             continue
         region = set().union(*sets)
-        members = sorted((n for n in region if n in anchors or _weight(gm, n, anchors)[1]),
+        members = sorted((n for n in region if n in anchors or weight(n)[1]),
                          key=order.__getitem__)
         names = [layer_by_anchor[n.name].name if n.name in layer_by_anchor else str(n.target) for n in members
                  if not str(n.target).startswith(NAMESPACE + ".")] or [m.name]
