@@ -11,34 +11,9 @@ import torch
 import torch.nn as nn
 
 import resify
+from seed_mlp import ImprovedResidualNetwork  # the seed guide's network, beside this file
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-
-
-class ImprovedResidualNetwork(nn.Module):
-    """The seed guide's network; with use_shortcut=False it is a plain 5-layer MLP."""
-
-    def __init__(self, layer_sizes, use_shortcut):
-        super().__init__()
-        self.use_shortcut = use_shortcut
-        self.layers = nn.ModuleList()
-        self.projections = nn.ModuleList()
-        for i in range(len(layer_sizes) - 1):
-            self.layers.append(nn.Sequential(nn.Linear(layer_sizes[i], layer_sizes[i + 1]), nn.GELU()))
-            if use_shortcut and layer_sizes[i] != layer_sizes[i + 1]:
-                self.projections.append(nn.Linear(layer_sizes[i], layer_sizes[i + 1]))
-            else:
-                self.projections.append(None)
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            identity = x
-            x = layer(x)
-            if self.use_shortcut:
-                if self.projections[i] is not None:
-                    identity = self.projections[i](identity)
-                x = x + identity
-        return x
 
 
 def deep_sigmoid_mlp(depth: int = 30, width: int = 32) -> nn.Module:
