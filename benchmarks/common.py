@@ -31,6 +31,18 @@ def mlp_sizes(depth: int, width: int = 64, in_features: int = 64, classes: int =
     return [in_features] + [width] * (depth - 1) + [classes]
 
 
+
+def _seed_loop(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The seed guide's ImprovedResidualNetwork.forward over ``net.layers`` / ``net.projections``."""
+    for i, layer in enumerate(net.layers):
+        identity = x
+        x = layer(x)
+        if net.use_shortcut:
+            if net.projections[i] is not None:
+                identity = net.projections[i](identity)
+            x = x + identity
+    return x
+
 class SeedMLP(nn.Module):
     """The seed's ImprovedResidualNetwork with a choice of activation and a linear output layer.
 
@@ -54,14 +66,7 @@ class SeedMLP(nn.Module):
                 self.projections.append(None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            identity = x
-            x = layer(x)
-            if self.use_shortcut:
-                if self.projections[i] is not None:
-                    identity = self.projections[i](identity)
-                x = x + identity
-        return x
+        return _seed_loop(self, x)
 
 
 class VGGNet(nn.Module):
@@ -113,13 +118,7 @@ class VGGNet(nn.Module):
         self.head_projection = nn.Linear(cin, classes) if use_shortcut else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            identity = x
-            x = layer(x)
-            if self.use_shortcut:
-                if self.projections[i] is not None:
-                    identity = self.projections[i](identity)
-                x = x + identity
+        x = _seed_loop(self, x)
         x = self.flatten(x)
         out = self.head(x)
         if self.use_shortcut:
