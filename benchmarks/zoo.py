@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/zoo.py --preserve-output   # also check outputs are unchanged
 
 Each model is either converted (same output shape, backward reaches every parameter that the
-original's backward reaches, and every added one) or refused with a ResifyError and its reason.
+original's backward reaches, and every added one; the shapes resify found without computing equal a
+real run's at every node) or refused with a ResifyError and its reason.
 """
 from __future__ import annotations
 
@@ -24,6 +25,21 @@ import resify  # noqa: E402
 
 def input_size(name: str) -> int:
     return 299 if name.startswith("inception") else 224
+
+
+def shape_mismatches(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, list[str]]:
+    """How resify found the shapes ("meta" or "run"), and the nodes where a real run disagrees."""
+    from resify.shapes import ShapeRecorder
+    from resify.trace import trace
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = trace(model, x)
+    found = {n.name: n.meta.get("resify") for n in traced.graph.nodes}
+    if traced.shapes_from == "meta":
+        with torch.no_grad():
+            ShapeRecorder(traced.root, graph=traced.graph).run(x)  # overwrites them with a real run's
+    return traced.shapes_from, [n.name for n in traced.graph.nodes if n.meta.get("resify") != found[n.name]]
 
 
 def check_model(name: str, preserve_output: bool = False, **policy) -> dict:
@@ -65,7 +81,9 @@ def check_model(name: str, preserve_output: bool = False, **policy) -> dict:
     missing = [n for n in reached if n in names and names[n].grad is None]
     missing += [n for n, p in names.items() if n.startswith("resify.") and p.grad is None]
     row["missing_grads"] = missing
-    row["ok"] = row["same_shape"] and not missing and (not preserve_output or row["max_rel_diff"] <= 1e-5)
+    row["shapes_from"], row["shape_mismatches"] = shape_mismatches(model, x)
+    row["ok"] = (row["same_shape"] and not missing and not row["shape_mismatches"]
+                 and (not preserve_output or row["max_rel_diff"] <= 1e-5))
     return row
 
 
@@ -90,7 +108,9 @@ def main() -> int:
             extra = f" rel={row['max_rel_diff']:.1e}" if "max_rel_diff" in row else ""
             print(f"{name:28} converted {row['sites']:5} {row['identity']:4} {row['projection']:4} "
                   f"{row['existing']:5} {row['added']:12,} {row['seconds']:6.2f}  {row['ok']}{extra}"
-                  + (f" missing={row['missing_grads'][:3]}" if row["missing_grads"] else ""), flush=True)
+                  f" shapes={row['shapes_from']}"
+                  + (f" missing={row['missing_grads'][:3]}" if row["missing_grads"] else "")
+                  + (f" shape-mismatch={row['shape_mismatches'][:3]}" if row["shape_mismatches"] else ""), flush=True)
         gc.collect()
     converted = [r for r in rows if r["status"] == "converted"]
     refused = [r for r in rows if r["status"] == "refused"]

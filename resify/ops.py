@@ -63,7 +63,13 @@ _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 def _module(gm: nn.Module, n: torch.fx.Node) -> nn.Module | None:
     if n.op != "call_module":
         return None
-    return gm.get_submodule(n.target)  # type: ignore[arg-type]
+    mod = gm
+    try:  # a walk down _modules: get_submodule's checks cost more than the analysis itself
+        for atom in n.target.split("."):  # type: ignore[union-attr]
+            mod = mod._modules[atom]  # type: ignore[assignment]
+    except KeyError:
+        return gm.get_submodule(n.target)  # type: ignore[arg-type]  # raises its own clear error
+    return mod
 
 
 def is_layer_node(gm: nn.Module, n: torch.fx.Node) -> bool:

@@ -62,7 +62,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path

@@ -157,6 +157,21 @@ def _insert_dense(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.f
     _replace_module(gm, site.consumer, _widened_layer(gm.get_submodule(site.consumer), site.extra_channels))
 
 
+def _lazy_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that shares its memory until either side is written (copy-on-write, where
+    this torch has it): converting costs no copy, and ``model = resify.apply(model)`` never copies."""
+    t = t.detach()
+    if _LAZY_CLONE is not None:
+        try:
+            return _LAZY_CLONE(t)
+        except RuntimeError:  # a storage that cannot be shared lazily: copy it now
+            pass
+    return t.clone()
+
+
+_LAZY_CLONE = getattr(torch, "_lazy_clone", None)
+
+
 def _own_tensors(root: nn.Module) -> None:
     """Give the private module tree its own parameters and buffers (tied weights stay tied)."""
     memo: dict[int, torch.Tensor] = {}
@@ -165,12 +180,12 @@ def _own_tensors(root: nn.Module) -> None:
             for key, p in m._parameters.items():
                 if p is not None:
                     if id(p) not in memo:
-                        memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                        memo[id(p)] = nn.Parameter(_lazy_copy(p), requires_grad=p.requires_grad)
                     m._parameters[key] = memo[id(p)]
             for key, b in m._buffers.items():
                 if b is not None:
                     if id(b) not in memo:
-                        memo[id(b)] = b.detach().clone()
+                        memo[id(b)] = _lazy_copy(b)
                     m._buffers[key] = memo[id(b)]
 
 

@@ -1,20 +1,21 @@
 """Stage 1 of the pipeline: capture a model as a torch.fx graph with a shape on every node.
 
-``trace`` deep-copies the model (the caller's model is never touched), tries torch.fx symbolic
-tracing with the standard ``torch.nn`` layers as leaves and, when that fails on data-dependent
-control flow (``if x.shape == y.shape``, ``len(x)``, ``int(x.size(0))``), falls back to a tracer
-that runs the model on the concrete example input and specialises every such decision on it.
+``trace`` copies the model's module tree (the caller's model is never touched), tries torch.fx
+symbolic tracing with the standard ``torch.nn`` layers as leaves and, when that fails on
+data-dependent control flow (``if x.shape == y.shape``, ``len(x)``, ``int(x.size(0))``), falls back
+to a tracer that runs the model on the concrete example input and specialises every such decision
+on it. Shapes of a symbolic graph are propagated on meta tensors (no arithmetic, no memory); a
+model that needs real values for that runs once on the example input instead.
 It writes one thing: ``node.meta["resify"]``, a :class:`TensorInfo` for each tensor-valued node.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
 import os
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -25,6 +26,7 @@ from torch.fx.node import map_arg
 from torch.fx.proxy import Attribute, Proxy
 
 from .errors import ResifyWarning, TraceError
+from .shapes import TensorInfo, record_shapes, state_kept, tensor_info
 
 __all__ = ["TensorInfo", "Traced", "trace", "as_inputs", "derive_example_input", "LeafSpec"]
 
@@ -32,18 +34,6 @@ __all__ = ["TensorInfo", "Traced", "trace", "as_inputs", "derive_example_input",
 LeafSpec = Iterable[Union[type, str]]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Shape and dtype of the tensor a graph node produced on the example input."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype.is_floating_point
 
 
 @dataclass
@@ -61,6 +51,7 @@ class Traced:
     example_inputs: tuple[Any, ...]
     model_class: str
     training: bool
+    shapes_from: str = "meta"  # "meta": propagated on storage-less tensors; "run": a real forward pass
 
 
 def structural_copy(module: nn.Module) -> nn.Module:
@@ -262,65 +253,6 @@ class _ConcreteTracer(_LeafTracer):
         return self.value_of(obj, specialise=True).keys()
 
 
-@contextlib.contextmanager
-def _state_kept(module: nn.Module) -> Iterator[None]:
-    """Run code on ``module`` without changing its buffers (BatchNorm statistics) or any RNG."""
-    saved = {name: b.clone() for name, b in module.named_buffers()}
-    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            yield
-    finally:
-        with torch.no_grad():
-            for name, b in module.named_buffers():
-                if name in saved and b.shape == saved[name].shape:
-                    b.copy_(saved[name])
-
-
-def _tensor_info(value: Any) -> TensorInfo | None:
-    if isinstance(value, torch.Tensor):
-        return TensorInfo(tuple(value.shape), value.dtype)
-    return None
-
-
-class _ShapeRecorder(torch.fx.Interpreter):
-    """Runs the graph on the example input and records a TensorInfo per node (cf. ShapeProp)."""
-
-    message: str | None = None
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        try:
-            result = super().run_node(n)
-        except TraceError:
-            raise
-        except Exception as e:  # the user's model rejected the input: say where and why
-            self.message = _rejection_message(self.module, n, self._arg_shapes(n), e)
-            raise TraceError(self.message) from e
-        n.meta["resify"] = _tensor_info(result)
-        return result
-
-    def _arg_shapes(self, n: torch.fx.Node) -> list[tuple[int, ...]]:
-        shapes = []
-        for a in n.all_input_nodes:
-            info = a.meta.get("resify")
-            if info is not None:
-                shapes.append(info.shape)
-        return shapes
-
-
-def _rejection_message(root: nn.Module, n: torch.fx.Node, shapes: list, e: Exception) -> str:
-    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    shown = ", ".join(str(list(s)) for s in shapes) or "its input"
-    if n.op == "call_module":
-        what = f"layer '{n.target}' ({type(root.get_submodule(n.target)).__name__})"
-    else:
-        what = f"operation '{n.name}' ({n.format_node()})"
-    return (
-        f"{what} rejected input of shape {shown}: {first_line}; "
-        "pass an example_input with the shape the model expects (CLI: --input-shape)"
-    )
-
-
 def _user_frame(e: BaseException) -> str:
     """The innermost source line outside torch where ``e`` was raised, as 'file:line: code'."""
     frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
@@ -365,7 +297,7 @@ def trace(
 
     symbolic_error: Exception | None = None
     where = module_hint = ""
-    tracer_used = "symbolic"
+    tracer_used, shapes_from = "symbolic", "meta"
     try:
         tracer = _LeafTracer(leaves)
         graph = tracer.trace(private)
@@ -377,12 +309,7 @@ def trace(
     if symbolic_error is None:
         if inputs is None:
             inputs = derive_example_input(private, _first_called_module(private, graph))
-        recorder = _ShapeRecorder(private, graph=graph)
-        try:
-            with _state_kept(private):
-                recorder.run(*inputs)
-        except TraceError as e:  # fx's Interpreter appends notes to the message: raise the clean line
-            raise TraceError(recorder.message or str(e)) from e.__cause__
+        shapes_from = record_shapes(private, graph, inputs)
     else:
         if inputs is None:
             try:
@@ -392,10 +319,10 @@ def trace(
                     f"symbolic tracing of {name} failed{where}: {_one_line(symbolic_error)}; "
                     f"tracing on a concrete input needs one: {e}"
                 ) from symbolic_error
-        tracer_used = "concrete"
+        tracer_used, shapes_from = "concrete", "run"
         ctracer = _ConcreteTracer(inputs, leaves)
         try:
-            with _state_kept(private):
+            with state_kept(private):
                 graph = ctracer.trace(private)
         except TraceError:
             raise
@@ -409,7 +336,7 @@ def trace(
             ) from e
         _drop_specialisation_nodes(graph, ctracer.values)
         for n in graph.nodes:
-            n.meta["resify"] = _tensor_info(ctracer.values.get(n))
+            n.meta["resify"] = tensor_info(ctracer.values.get(n))
         if ctracer.specialised:
             warnings.warn(
                 f"{name} has data-dependent control flow{where} that symbolic tracing cannot capture "
@@ -419,7 +346,7 @@ def trace(
                 ResifyWarning,
                 stacklevel=3,
             )
-    return Traced(private, graph, tracer_used, inputs, name, model.training)
+    return Traced(private, graph, tracer_used, inputs, name, model.training, shapes_from)
 
 
 def _current_module(tracer: torch.fx.Tracer) -> str:

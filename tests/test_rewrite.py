@@ -1,5 +1,4 @@
 """The rewrite stage: new modules, names, devices, dtypes, modes, and the user's model untouched."""
-import copy
 
 import pytest
 import torch

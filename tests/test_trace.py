@@ -4,7 +4,9 @@ import torch
 import torch.nn as nn
 
 import resify
+from resify.shapes import ShapeRecorder
 from resify.trace import trace
+from reference import ImprovedResidualNetwork, vgg_style_cnn
 
 
 class TakesTwo(nn.Module):
@@ -175,3 +177,125 @@ def test_converted_model_has_its_own_tensors_and_tied_weights_stay_tied():
     with torch.no_grad():
         converted.a.weight.add_(1.0)
     assert not torch.equal(converted.a.weight, model.a.weight)
+
+
+class ScaleByMax(nn.Module):
+    """Needs a real value (``.item()``): its shapes cannot be found on meta tensors."""
+
+    def forward(self, x):
+        return x / x.abs().max().item()
+
+
+def _shapes(traced):
+    return {n.name: (n.meta["resify"].shape, n.meta["resify"].dtype) for n in traced.graph.nodes if n.meta.get("resify")}
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: ImprovedResidualNetwork([16, 12, 12, 8, 1], False), torch.randn(3, 16)),
+    (lambda: vgg_style_cnn(), torch.randn(2, 3, 16, 16)),
+    (lambda: TakesTwo(), (torch.randn(2, 8), torch.randn(2, 8))),
+    (lambda: nn.Sequential(nn.Embedding(10, 6), nn.Flatten(), nn.Linear(24, 5)), torch.tensor([[1, 2, 3, 4]])),
+])
+def test_shapes_propagated_on_meta_equal_those_of_a_real_run(make, x):
+    model = make().train()
+    traced = trace(model, x)
+    assert traced.shapes_from == "meta"
+    meta_shapes = _shapes(traced)
+    assert len(meta_shapes) >= 4
+    with torch.no_grad():  # a real run overwrites them
+        ShapeRecorder(traced.root, graph=traced.graph).run(*(x if isinstance(x, tuple) else (x,)))
+    assert _shapes(traced) == meta_shapes
+
+
+def test_a_layer_that_needs_real_values_gets_its_shapes_from_a_real_run():
+    model = nn.Sequential(nn.Linear(6, 6), ScaleByMax(), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.randn(4, 6)
+    traced = trace(model, x, leaf_modules=[ScaleByMax])
+    assert traced.tracer == "symbolic" and traced.shapes_from == "run"
+    assert _shapes(traced)["_1"] == ((4, 6), torch.float32)
+    converted = resify.apply(model, x, leaf_modules=[ScaleByMax], exclude=["3"])
+    h = torch.relu(ScaleByMax()(model[0](x) + x))  # an unknown leaf ends the span: the shortcut bridges layer 0
+    torch.testing.assert_close(converted(x), model[3](h), rtol=1e-5, atol=1e-6)
+    assert not any(isinstance(v, torch.Tensor) and v.is_meta for v in converted.state_dict().values())
+
+
+def test_training_the_converted_model_leaves_the_users_weights_alone_and_vice_versa():
+    model = ImprovedResidualNetwork([8, 8, 8, 1], False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = resify.apply(model, torch.randn(4, 8))
+    after_conversion = {k: v.clone() for k, v in converted.state_dict().items()}
+    opt = torch.optim.SGD(converted.parameters(), lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        converted(torch.randn(4, 8)).pow(2).mean().backward()
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the user's weights did not move
+    moved = [k for k, v in converted.state_dict().items() if not torch.equal(v, after_conversion[k])]
+    assert len(moved) >= len(before) - 1  # the converted model's did
+    trained = {k: v.clone() for k, v in converted.state_dict().items()}
+    with torch.no_grad():  # and writing to the user's model does not reach the converted one
+        for p in model.parameters():
+            p.zero_()
+    for k, v in converted.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+
+
+def test_the_copy_is_made_on_first_write_not_during_conversion():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    converted = resify.apply(model, torch.randn(2, 8))
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)  # the user's side is written first
+    assert not torch.equal(converted.get_submodule("0").weight, model[0].weight)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("call", [
+    dict(need_weights=False), dict(), dict(average_attn_weights=False), dict(unbatched=True),
+    dict(kv_len=5), dict(kdim=6),
+])
+def test_attention_shape_rule_agrees_with_the_real_layer(batch_first, call):
+    from resify.shapes import _module_rule, _to_meta
+    call = dict(call)
+    unbatched, kv_len, kdim = call.pop("unbatched", False), call.pop("kv_len", 7), call.pop("kdim", None)
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim)
+    q = torch.randn(7, 8) if unbatched else (torch.randn(3, 7, 8) if batch_first else torch.randn(7, 3, 8))
+    kv_shape = list(q.shape)
+    kv_shape[-2 if (unbatched or batch_first) else 0] = kv_len
+    kv_shape[-1] = kdim or 8
+    k = torch.randn(kv_shape)
+    real = mha(q, k, k, **call)
+    rule = _module_rule(mha, (_to_meta(q), _to_meta(k), _to_meta(k)), call)
+    assert rule is not None
+    for r, m in zip(real, rule):
+        assert (r is None and m is None) or tuple(r.shape) == tuple(m.shape)
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.Conv2d(3, 5, 3, stride=2, padding=1), torch.randn(2, 3, 9, 9)),
+    (nn.Conv2d(3, 5, (3, 1), stride=(2, 1), dilation=(2, 1), padding="valid"), torch.randn(2, 3, 11, 6)),
+    (nn.Conv1d(4, 6, 5, padding="same", padding_mode="reflect"), torch.randn(4, 16)),
+    (nn.Conv3d(2, 3, 2, stride=2), torch.randn(1, 2, 5, 6, 7)),
+    (nn.BatchNorm1d(6), torch.randn(4, 6, 3)),
+    (nn.LayerNorm([4, 5]), torch.randn(3, 4, 5)),
+    (nn.Linear(5, 2), torch.randn(5)),
+])
+def test_layer_shape_rules_agree_with_the_real_layers(layer, x):
+    from resify.shapes import _module_rule, _to_meta
+    rule = _module_rule(layer, (_to_meta(x),), {})
+    assert rule is not None and rule.shape == layer(x).shape and rule.dtype == x.dtype
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.Conv2d(3, 5, 3), torch.randn(2, 4, 9, 9)),  # wrong channels
+    (nn.Conv2d(3, 5, 5), torch.randn(2, 3, 3, 3)),  # kernel larger than the input
+    (nn.Linear(5, 2), torch.randn(3, 4)),
+    (nn.BatchNorm2d(6), torch.randn(4, 6, 3)),  # 3-D input to a 2-D norm
+    (nn.BatchNorm1d(6).train(), torch.randn(1, 6)),  # one value per channel in training
+    (nn.LayerNorm(5), torch.randn(3, 4)),
+])
+def test_shape_rules_leave_inputs_the_real_layer_rejects_to_the_real_layer(layer, x):
+    from resify.shapes import _module_rule, _to_meta
+    assert _module_rule(layer, (_to_meta(x),), {}) is None
+    with pytest.raises((RuntimeError, ValueError)):
+        layer(x)

@@ -24,6 +24,7 @@ def test_zoo_model_converts_or_is_refused_with_a_reason(name):
     assert row["same_shape"], f"{name}: output shape changed"
     assert row["missing_grads"] == [], f"{name}: no gradient for {row['missing_grads'][:5]}"
     assert row["sites"] > 0
+    assert row["shapes_from"] == "meta" and row["shape_mismatches"] == [], name
     if SUBSET[name]:
         assert row["existing"] > 0, f"{name} is residual but no existing shortcut was found"
     else:
