@@ -320,11 +320,14 @@ def report_table(runs: Sequence[Run], markdown: bool = False) -> str:
 
 
 def _recommended(runs: Sequence[Run], act: str, depth: int) -> str | None:
-    """The variant the report leads to: 'resify' unless its report on gate=None says 'exploding' → rezero."""
+    """The variant the report leads to: what the plain net's report recommends ('resify', or
+    'resify+rezero' when it says gate='rezero'), then rezero if the gate=None report says 'exploding'."""
     plain = _group(runs, model="mlp", act=act, depth=depth, variant="plain")
     conv = _group(runs, model="mlp", act=act, depth=depth, variant="resify")
     if not plain or not conv or plain[0].verdict is None:
         return None
+    if any("gate='rezero'" in (r.recommendation or "") for r in plain):
+        return "resify+rezero"
     if any(r.verdict == "exploding" and "rezero" in (r.recommendation or "") for r in conv):
         return "resify+rezero"
     return "resify"
@@ -442,8 +445,9 @@ def write_markdown(runs: Sequence[Run], path: str, commands: Sequence[str], mach
                   "## What the report says at initialisation", "",
                   "`resify.gradient_flow(model, x_train, target=y_train)` on each network before training "
                   "(verdicts over the seeds). The *recommended setting* follows the report: a plain net that "
-                  "is 'vanishing' is told to add shortcuts (`shortcut='auto'`, gate=None); where the "
-                  "gate=None conversion is then 'exploding', the report recommends `gate='rezero'`.", "",
+                  "is 'vanishing' is told to add shortcuts, ungated (`shortcut='auto'`) below 32 layers and "
+                  "with `gate='rezero'` from 32 layers on; where the gate=None conversion is 'exploding', "
+                  "its report recommends `gate='rezero'` too.", "",
                   report_table(runs, markdown=True), ""]
     if any(r.model.startswith("cnn") for r in runs):
         parts += ["## VGG-style CNN, 21 conv layers", "",
@@ -517,12 +521,18 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     p.add_argument("--figure", default=os.path.join(ROOT, "docs", "efficacy_depth.png"))
     p.add_argument("--no-write", action="store_true", help="print only; write no files")
     p.add_argument("--replot", action="store_true", help="rewrite the Markdown and figure from the saved .json")
+    p.add_argument("--rejudge", action="store_true", help="like --replot, after asking the installed resify's "
+                   "report again for each saved network's verdict and recommendation at initialisation (no training)")
     args = p.parse_args(argv)
     json_path = os.path.splitext(args.results)[0] + ".json"
-    if args.replot:
+    if args.replot or args.rejudge:
         with open(json_path) as f:
             saved = json.load(f)
         runs = [Run(**r) for r in saved["runs"]]
+        if args.rejudge:
+            runs = rejudge(runs)
+            rejudged = "python benchmarks/efficacy_digits.py --rejudge"
+            saved["commands"] = [c for c in saved["commands"] if c != rejudged] + [rejudged]
         _write(runs, args, saved["commands"], saved["machine"], saved["seconds"], json_path)
         return runs
     if args.quick:
@@ -585,6 +595,25 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     if not args.no_write:
         _write(runs, args, [c.strip() for c in commands], machine(), seconds, json_path)
     return runs
+
+
+def rejudge(runs: list[Run]) -> list[Run]:
+    """The saved runs with ``verdict`` and ``recommendation`` measured again on the same networks at
+    initialisation (they are rebuilt from their seeds), so that a change to the report's rules
+    shows in the tables without training anything again."""
+    data = load_data()
+    out = []
+    for r in runs:
+        if r.model in ("mlp", "mlp-big"):
+            net, x = build(r.variant, r.depth, r.act, r.seed, data.x_train[:2]), data.x_train
+        else:
+            net, x = build_cnn(r.variant, r.seed, r.model == "cnn", data.x_train[:2]), _image(data.x_train)
+        probe = first_layer_grad(net, x, data.y_train)
+        if probe.first_grad != r.first_grad and not math.isclose(probe.first_grad, r.first_grad, rel_tol=1e-3):
+            raise SystemExit(f"{r.model} {r.act} {r.depth} {r.variant} seed {r.seed}: rebuilt net's first-layer "
+                             f"gradient {probe.first_grad:.4g} differs from the saved {r.first_grad:.4g}")
+        out.append(Run(**{**asdict(r), "verdict": probe.verdict, "recommendation": probe.recommendation}))
+    return out
 
 
 def _write(runs: list[Run], args: argparse.Namespace, commands: list[str], machine_line: str, seconds: float,

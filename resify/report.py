@@ -31,6 +31,15 @@ growth towards the input is normal in residual networks without zero-initialised
 network at ``alpha = 0`` is the identity, so its flow is flat and it counts as healthy even though
 its layers' weight gradients are zero.
 
+The recommendation
+------------------
+A plain 'vanishing' network is told to add shortcuts: ``shortcut='auto'`` (the seed's ungated
+pattern) below ``DEEP_LAYERS`` (32) layers, ``gate='rezero'`` from there on; a shortcut network that
+is 'vanishing' is told to put a shortcut around every layer; an 'exploding' one is told to gate its
+branches at zero. The depth rule comes from benchmarks/efficacy_digits.py: from 32 layers up,
+ungated shortcuts train to lower accuracy than rezero-gated ones for every activation measured
+(tanh at 100 layers: 93.6% against 97.3%), though their gradients look 'healthy' at initialisation.
+
 Statistics over ``batches > 1`` are the arithmetic means of the per-batch figures.
 
 JSON schema (``schema_version`` 1)
@@ -90,6 +99,7 @@ __all__ = [
     "EXPLODING_RATIO",
     "ABS_VANISHING",
     "ABS_EXPLODING",
+    "DEEP_LAYERS",
 ]
 
 REPORT_SCHEMA_VERSION = 1
@@ -101,6 +111,8 @@ EXPLODING_RATIO = 1e3
 ABS_VANISHING = 1e-10
 #: any flow above this is 'exploding', whatever the ratio.
 ABS_EXPLODING = 1e6
+#: a plain 'vanishing' network with this many layers or more is told to add gated shortcuts.
+DEEP_LAYERS = 32
 
 # ---------------------------------------------------------------------------------------------
 # records
@@ -819,6 +831,11 @@ def _recommend(verdict: str, layers: Sequence[LayerFlow]) -> str | None:
     shortcuts = any(r.added for r in layers)
     gated = any(r.kind == "Gate" for r in layers)
     if verdict == "vanishing":
+        depth = sum(1 for r in layers if not r.added and r.kind != "Gate")
+        if not shortcuts and depth >= DEEP_LAYERS:
+            return (f"try gate='rezero': resify.apply(model, gate='rezero') adds a shortcut around every layer "
+                    f"and starts each branch at zero, which trains {depth} layers in series more reliably "
+                    "than ungated shortcuts")
         if not shortcuts:
             return "try shortcut='auto': resify.apply(model, shortcut='auto') adds a shortcut around every layer"
         return "try shortcut='auto' with group=1 so that every layer, not only some, gets a shortcut"

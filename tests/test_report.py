@@ -142,6 +142,7 @@ def test_deep_relu_mlp_explodes_with_plain_shortcuts_and_is_healthy_with_rezero(
     x = torch.randn(8, 64)
     plain = resify.gradient_flow(model, x)
     assert plain.verdict == "vanishing"
+    assert "gate='rezero'" in plain.recommendation and "100 layers" in plain.recommendation  # >= DEEP_LAYERS
     ungated = resify.gradient_flow(resify.apply(model, x, gate=None), x)
     assert ungated.verdict == "exploding"
     assert ungated.first_to_last > 1e6  # measured: about 1e9, far past the 1e3 bound
