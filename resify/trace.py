@@ -54,9 +54,21 @@ class Traced:
     shapes_from: str = "meta"  # "meta": propagated on storage-less tensors; "run": a real forward pass
 
 
+def _plain_state(cls: type) -> bool:
+    """True when copying an instance of ``cls`` is copying its ``__dict__`` (no custom pickling hooks)."""
+    return (cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
+            and getattr(cls, "__getstate__", None) is getattr(object, "__getstate__", None)
+            and cls.__setstate__ is nn.Module.__setstate__ and "__slots__" not in cls.__dict__)
+
+
 def structural_copy(module: nn.Module) -> nn.Module:
     """New module objects for the whole tree (hooks and attribute dicts copied), tensors shared."""
-    new = copy.copy(module)
+    cls = type(module)
+    if _plain_state(cls):  # what copy.copy does, in half the time
+        new = object.__new__(cls)
+        new.__dict__.update(module.__dict__)
+    else:
+        new = copy.copy(module)
     new._parameters = dict(module._parameters)
     new._buffers = dict(module._buffers)
     new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
