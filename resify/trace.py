@@ -57,8 +57,7 @@ class Traced:
 def _plain_state(cls: type) -> bool:
     """True when copying an instance of ``cls`` is copying its ``__dict__`` (no custom pickling hooks)."""
     return (cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
-            and getattr(cls, "__getstate__", None) is getattr(object, "__getstate__", None)
-            and cls.__setstate__ is nn.Module.__setstate__ and "__slots__" not in cls.__dict__)
+            and cls.__getstate__ is nn.Module.__getstate__ and cls.__setstate__ is nn.Module.__setstate__ and "__slots__" not in cls.__dict__)
 
 
 def structural_copy(module: nn.Module) -> nn.Module:
@@ -67,15 +66,17 @@ def structural_copy(module: nn.Module) -> nn.Module:
     if _plain_state(cls):  # what copy.copy does, in half the time
         new = object.__new__(cls)
         new.__dict__.update(module.__dict__)
+        new.__dict__.pop("_compiled_call_impl", None)  # as Module.__getstate__ does
     else:
         new = copy.copy(module)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    new._modules = {k: None if c is None else structural_copy(c) for k, c in module._modules.items()}
+    d = new.__dict__  # written directly: Module.__setattr__'s checks cost more than the copy
+    d["_parameters"] = dict(module._parameters)
+    d["_buffers"] = dict(module._buffers)
+    d["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+    d["_modules"] = {k: None if c is None else structural_copy(c) for k, c in module._modules.items()}
     for key, value in module.__dict__.items():
         if key.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) and isinstance(value, dict):
-            new.__dict__[key] = type(value)(value)
+            d[key] = type(value)(value)
     return new
 
 
