@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -237,19 +238,31 @@ def _weight(gm: torch.fx.GraphModule, n: torch.fx.Node, anchors: set) -> tuple[i
     return 0, params, act
 
 
-def _backward_set(start: torch.fx.Node, stop: object, order: dict) -> set:
-    """Nodes on paths from ``stop`` (excluded) to ``start`` (included)."""
-    if start is stop:
-        return set()
+def _backward_walk(starts: list, stop: object, order: dict,
+                   weight: Callable[[torch.fx.Node], tuple[int, int, int]] | None = None,
+                   done: Callable[[list[int]], bool] | None = None) -> tuple[set, list[int]]:
+    """Nodes on paths from ``stop`` (excluded) to ``starts`` (included), and their summed weights.
+
+    With ``done``, the walk ends as soon as ``done(weights so far)`` holds: enough to tell a bypass
+    from a branch without visiting the whole of a long branch (DenseNet's concatenations take
+    every earlier layer's output, so full walks would cost the cube of a block's depth).
+    """
     lo = order.get(stop, -1)
-    seen, stack = {start}, [start]
-    while stack:
+    seen = {n for n in starts if n is not stop}
+    stack = list(seen)
+    w = [0, 0, 0]
+    if weight is not None:
+        for n in seen:
+            w = [a + b for a, b in zip(w, weight(n))]
+    while stack and not (done is not None and done(w)):
         n = stack.pop()
         for a in n.all_input_nodes:
             if a is not stop and a not in seen and order.get(a, -1) > lo:
                 seen.add(a)
                 stack.append(a)
-    return seen
+                if weight is not None:
+                    w = [x + y for x, y in zip(w, weight(a))]
+    return seen, w
 
 
 def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcut], dict[str, str], list]:
@@ -257,6 +270,7 @@ def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcu
     layer_by_anchor = {layer.anchor: layer for layer in layers}
     existing, inside, merges = [], {}, []
     weight = functools.lru_cache(maxsize=None)(lambda n: _weight(gm, n, anchors))  # once per node
+    not_a_bypass = lambda w: w[2] > 0 or w[0] > 1  # noqa: E731 - an activation, or two layers
     for m in graph.nodes:
         found = merge_operands(m)
         if found is None or m not in idom:
@@ -266,22 +280,17 @@ def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcu
         if len(operands) < 2:
             continue
         fork = idom[m]
-        sets = [_backward_set(o, fork, order) for o in operands]
-        weights = []
-        for s in sets:
-            w = [0, 0, 0]
-            for n in s:
-                for i, v in enumerate(weight(n)):
-                    w[i] += v
-            weights.append(tuple(w))
-        bypass = [i for i, w in enumerate(weights) if w[2] == 0 and w[0] <= 1]
+        walks = [_backward_walk([o], fork, order, weight, not_a_bypass) for o in operands]
+        bypass = [i for i, (_, w) in enumerate(walks) if not not_a_bypass(w)]
         if not bypass:
             continue
-        b = min(bypass, key=lambda i: sum(weights[i]))
-        heavier = [w for i, w in enumerate(weights) if i != b and (w[0] + w[1]) > 0 and sum(w) > sum(weights[b])]
-        if not heavier:
+        b = min(bypass, key=lambda i: sum(walks[i][1]))
+        light = sum(walks[b][1])
+        heavy = lambda w: (w[0] + w[1]) > 0 and sum(w) > light  # noqa: E731
+        if not any(heavy(_backward_walk([o], fork, order, weight, heavy)[1])
+                   for i, o in enumerate(operands) if i != b):
             continue
-        region = set().union(*sets)
+        region, _ = _backward_walk(operands, fork, order)
         members = sorted((n for n in region if n in anchors or weight(n)[1]),
                          key=order.__getitem__)
         names = [layer_by_anchor[n.name].name if n.name in layer_by_anchor else str(n.target) for n in members
@@ -290,9 +299,10 @@ def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcu
         for name in inner:
             inside.setdefault(name, m.name)
         merges.append(m)
+        bypass_nodes, bypass_weight = walks[b]
         existing.append(ExistingShortcut(
             kind=kind, node=m.name, start=names[0], end=names[-1],
-            bypass="identity" if not sets[b] else "projection" if weights[b][0] else "parameter-free",
+            bypass="identity" if not bypass_nodes else "projection" if bypass_weight[0] else "parameter-free",
             layers=inner,
         ))
     return existing, inside, merges
