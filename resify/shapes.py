@@ -155,6 +155,8 @@ def _module_rule(m: nn.Module, args: tuple, kwargs: dict) -> Any:
         return None
     if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
         return _conv_rule(m, x)
+    if type(m) in _ADAPTIVE_POOLS and not getattr(m, "return_indices", False):
+        return _adaptive_pool_rule(x, m.output_size, _ADAPTIVE_POOLS[type(m)])
     if isinstance(m, _SAME_SHAPE_MODULES):
         return _like(x)
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -189,7 +191,50 @@ def _conv_rule(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor | No
     return _like(x, (*x.shape[:-n - 1], m.out_channels, *spatial))
 
 
+_ADAPTIVE_POOLS: dict[type, int] = {
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+}
+_ADAPTIVE_POOL_FUNCTIONS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _adaptive_pool_rule(x: torch.Tensor, output_size: Any, n: int) -> torch.Tensor | None:
+    if x.dim() not in (n + 1, n + 2) or any(s == 0 for s in x.shape[-n - 1:]):
+        return None
+    size = (output_size,) * n if isinstance(output_size, int) else tuple(output_size)
+    if len(size) != n or any(o is not None and (not isinstance(o, int) or o < 0) for o in size):
+        return None
+    spatial = [x.shape[-n + i] if o is None else o for i, o in enumerate(size)]
+    return _like(x, (*x.shape[:-n], *spatial))
+
+
+def _cat_rule(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if not args or len(args) + len(kwargs) > 2 or set(kwargs) - {"dim"}:
+        return None
+    tensors, dim = args[0], (args[1] if len(args) > 1 else kwargs.get("dim", 0))
+    if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int):
+        return None
+    first = tensors[0]
+    if not all(_meta_float(t) and t.dtype == first.dtype and t.dim() == first.dim() for t in tensors):
+        return None
+    if first.dim() == 0 or not -first.dim() <= dim < first.dim():
+        return None
+    dim %= first.dim()
+    if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1:] != first.shape[dim + 1:] for t in tensors):
+        return None
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return _like(first, shape)
+
+
 def _function_rule(fn: Callable, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if fn in _CAT:
+        return _cat_rule(args, kwargs)
+    if fn in _ADAPTIVE_POOL_FUNCTIONS:
+        if len(args) == 2 and not kwargs and _meta_float(args[0]):
+            return _adaptive_pool_rule(args[0], args[1], _ADAPTIVE_POOL_FUNCTIONS[fn])
+        return None
     if fn in _SAME_SHAPE_FUNCTIONS:
         if args and _meta_float(args[0]) and all(not isinstance(a, torch.Tensor) for a in (*args[1:], *kwargs.values())):
             return _like(args[0])

@@ -299,3 +299,27 @@ def test_shape_rules_leave_inputs_the_real_layer_rejects_to_the_real_layer(layer
     assert _module_rule(layer, (_to_meta(x),), {}) is None
     with pytest.raises((RuntimeError, ValueError)):
         layer(x)
+
+
+@pytest.mark.parametrize("fn, args, kwargs", [
+    (torch.cat, ([torch.randn(2, 3, 4), torch.randn(2, 5, 4)], 1), {}),
+    (torch.cat, ([torch.randn(2, 3), torch.randn(1, 3)],), {}),
+    (torch.cat, ([torch.randn(2, 3, 4), torch.randn(2, 3, 1)],), {"dim": -1}),
+    (torch.nn.functional.adaptive_avg_pool2d, (torch.randn(2, 3, 7, 9), (1, None)), {}),
+    (torch.nn.functional.adaptive_avg_pool1d, (torch.randn(3, 8), 2), {}),
+    (nn.AdaptiveAvgPool2d(1), (torch.randn(2, 3, 5, 5),), {}),
+    (nn.AdaptiveMaxPool3d((2, None, 1)), (torch.randn(2, 3, 5, 6, 4),), {}),
+])
+def test_pool_and_cat_shape_rules_agree_with_the_real_ops(fn, args, kwargs):
+    from resify.shapes import _function_rule, _module_rule, _to_meta
+    meta_args = tuple([_to_meta(t) for t in a] if isinstance(a, list) else _to_meta(a) for a in args)
+    rule = (_module_rule if isinstance(fn, nn.Module) else _function_rule)(fn, meta_args, kwargs)
+    assert rule is not None and rule.shape == fn(*args, **kwargs).shape
+
+
+def test_cat_rule_leaves_mismatched_operands_to_the_real_op():
+    from resify.shapes import _function_rule, _to_meta
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 5, 5)
+    assert _function_rule(torch.cat, ([_to_meta(a), _to_meta(b)], 1), {}) is None
+    with pytest.raises(RuntimeError):
+        torch.cat([a, b], 1)
