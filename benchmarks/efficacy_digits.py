@@ -514,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     p.add_argument("--big", action="store_true", help="also train a 1,000-layer MLP (plain and gate='rezero')")
     p.add_argument("--big-depth", type=int, default=1000)
     p.add_argument("--only-big", action="store_true", help="with --big: skip the sweep and the CNN")
+    p.add_argument("--only-cnn", action="store_true", help="train the CNNs only; their rows replace the "
+                   "saved ones")
     p.add_argument("--quick", action="store_true", help="smoke run: depths 8 32, seed 0, 5 epochs, no CNN, "
                    "writes nothing")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -548,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
         print(f"  {r.model:8s} {r.act:5s} depth {r.depth:4d} {r.variant:14s} seed {r.seed}: "
               f"{100 * r.accuracy:5.1f}%{ratio} ({r.seconds:.1f} s){' DIVERGED' if r.diverged else ''}", flush=True)
 
-    if not args.only_big:
+    if not args.only_big and not args.only_cnn:
         for act in args.activations:
             for depth in args.depths:
                 for seed in args.seeds:
@@ -558,15 +560,15 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
                         plain_grad = r.first_grad if v == "plain" else plain_grad
                         if v in args.variants:
                             log(r)
-        if not args.no_cnn:
-            for norm in (True, False):
-                for seed in args.seeds:
-                    plain_grad = None
-                    for v in ("plain", "resify", "resify+rezero"):
-                        r = run_cnn(v, seed, args.epochs, data, norm, plain_grad)
-                        plain_grad = r.first_grad if v == "plain" else plain_grad
-                        log(r)
-    if args.big:
+    if not args.only_big and not args.no_cnn:
+        for norm in (True, False):
+            for seed in args.seeds:
+                plain_grad = None
+                for v in ("plain", "resify", "resify+rezero"):
+                    r = run_cnn(v, seed, args.epochs, data, norm, plain_grad)
+                    plain_grad = r.first_grad if v == "plain" else plain_grad
+                    log(r)
+    if args.big and not args.only_cnn:
         for seed in args.seeds:
             plain_grad = None
             for v in ("plain", "resify+rezero"):
@@ -581,6 +583,12 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
         runs[:0] = [Run(**r) for r in saved["runs"] if r["model"] != "mlp-big"]
         commands = [c for c in saved["commands"] if "--only-big" not in c] + commands
         seconds += saved["seconds"]
+    if args.only_cnn and not args.no_write and os.path.exists(json_path):
+        with open(json_path) as f:  # keep the MLP rows of the last run, replace the CNN rows
+            saved = json.load(f)
+        runs[:0] = [Run(**r) for r in saved["runs"] if not r["model"].startswith("cnn")]
+        commands = [c for c in saved["commands"] if "--only-cnn" not in c] + commands
+        seconds += saved["seconds"] - sum(r["seconds"] for r in saved["runs"] if r["model"].startswith("cnn"))
 
     print()
     print(machine())

@@ -9,6 +9,7 @@ imports it again.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import shutil
 import tempfile
@@ -42,17 +43,38 @@ def _constructor(module: nn.Module, path: str) -> str:
     if cls.__module__.startswith("torch.nn") and hasattr(nn, cls.__name__) and getattr(nn, cls.__name__) is cls:
         expr = f"nn.{module.__repr__()}"
         if "\n" not in expr:
-            try:
-                rebuilt = eval(expr, {"nn": nn, "torch": torch})  # noqa: S307 - our own repr text
-            except Exception:
-                rebuilt = None
-            if rebuilt is not None and repr(rebuilt) == repr(module) and _same_tensors(rebuilt, module):
+            rebuilt = _build(expr)
+            # a repr leaves some settings out (AvgPool's ceil_mode): name those that differ
+            missing = [k for k, v in _settings(module).items() if _settings(rebuilt).get(k, v) != v]
+            if missing and expr.endswith(")") and rebuilt is not None:
+                params = inspect.signature(cls).parameters
+                if all(k in params for k in missing):
+                    extra = ", ".join(f"{k}={getattr(module, k)!r}" for k in missing)
+                    expr = f"{expr[:-1]}, {extra})" if not expr.endswith("()") else f"{expr[:-1]}{extra})"
+                    rebuilt = _build(expr)
+            if (rebuilt is not None and repr(rebuilt) == repr(module) and _settings(rebuilt) == _settings(module)
+                    and _same_tensors(rebuilt, module)):
                 return expr
     raise ResifyError(
         f"cannot write module '{path}' ({cls.__module__}.{cls.__name__}) as source: resify exports "
         "standard torch.nn layers only; trace through it (drop it from leaf_modules) or save the model "
         "with torch.save instead"
     )
+
+
+def _build(expr: str) -> nn.Module | None:
+    try:
+        return eval(expr, {"nn": nn, "torch": torch})  # noqa: S307 - our own repr text
+    except Exception:
+        return None
+
+
+def _settings(module: nn.Module | None) -> dict[str, Any]:
+    """A module's plain configuration attributes (kernel_size, ceil_mode, …), not its state."""
+    if module is None:
+        return {}
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"
+            and isinstance(v, (bool, int, float, str, tuple, type(None)))}
 
 
 def _same_tensors(a: nn.Module, b: nn.Module) -> bool:

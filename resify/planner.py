@@ -120,6 +120,7 @@ class Site:
     exit: str  # fx node of the span's output
     name: str  # key under the resify namespace
     stride: tuple[int, ...] = ()
+    pool: bool = False  # the shortcut average-pools (kernel = stride) instead of striding its 1×1 conv
     norm: str | None = None  # BatchNorm type to follow a conv projection
     channels: tuple[int, int] = (0, 0)  # (in, out) channels or features
     channel_dim: int = -1  # -1 for [..., C] tensors (Linear), 1 for [N, C, *spatial] (ConvNd)
@@ -281,12 +282,21 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
         return (f"unsupported shape change {change}: the spatial size does not shrink by an integer "
                 "stride, so a strided 1×1 projection cannot match it")
     cin, cout = src.shape[1], dst.shape[1]
+    shown = stride[0] if len(set(stride)) == 1 else stride
+    # Where pooling shrinks the span (a max-pool ending a VGG stage, a global average pool), the
+    # shortcut averages over the same windows rather than keeping one pixel in stride²; where
+    # the channels do not change either, that pooling is the whole shortcut, without parameters.
+    pool = any(r == "pool" for l in layers for r in l.roles) and any(s > 1 for s in stride)
+    if pool and cin == cout:
+        return Site(kind="projection", added_params=gate_params, projection=f"AvgPool{dims}d({shown})",
+                    stride=stride, pool=True, channels=(cin, cout), **common)
     norm = next((f"BatchNorm{dims}d" for l in layers for r in l.roles if r == "norm"
                  and analysis.has_batchnorm(l)), None)
     added = cin * cout + (2 * cout if norm else 0) + gate_params
-    label = f"Conv{dims}d({cin}, {cout}, 1, stride={stride[0] if len(set(stride)) == 1 else stride})"
+    label = (f"AvgPool{dims}d({shown}) + Conv{dims}d({cin}, {cout}, 1)" if pool
+             else f"Conv{dims}d({cin}, {cout}, 1, stride={shown})")
     return Site(kind="projection", added_params=added, projection=label + (f" + {norm}" if norm else ""),
-                stride=stride, norm=norm, channels=(cin, cout), **common)
+                stride=stride, pool=pool, norm=norm, channels=(cin, cout), **common)
 
 
 def _dense_site(src: TensorInfo, dst: TensorInfo, first: Layer, analysis: Analysis, policy: Policy,

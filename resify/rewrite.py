@@ -2,7 +2,8 @@
 
 For each Site it inserts, right after the span's output, ``out = gate·F(x) + S(x)`` where S is
 the identity or a learned projection (nn.Linear; or a 1×1 strided ConvNd, with a BatchNorm when
-the span has one) and the gate, when asked for, is a learnable scalar (rezero) or per-channel
+the span has one; where the span pools, an average pool, followed by a 1×1 ConvNd if the
+channels change) and the gate, when asked for, is a learnable scalar (rezero) or per-channel
 vector (layerscale). Everything new lives under the ``resify`` namespace, on the device and
 dtype of the layer it bridges. Original layers keep their qualified names.
 """
@@ -23,6 +24,7 @@ from .trace import TensorInfo, Traced
 __all__ = ["rewrite"]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_AVGPOOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _BATCHNORM = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d, "BatchNorm3d": nn.BatchNorm3d}
 
 
@@ -48,8 +50,13 @@ def _projection(site: Site, factory: dict) -> list[tuple[str, nn.Module]]:
     cin, cout = site.channels
     if not site.stride:
         return [("proj", nn.Linear(cin, cout, bias=True, **factory))]
-    conv = _CONV[len(site.stride)](cin, cout, kernel_size=1, stride=site.stride, bias=False, **factory)
-    mods: list[tuple[str, nn.Module]] = [("proj", conv)]
+    mods: list[tuple[str, nn.Module]] = []
+    if site.pool:  # ceil_mode: a last, partial window, as the span's own pooling may have
+        mods.append(("pool", _AVGPOOL[len(site.stride)](site.stride, site.stride, ceil_mode=True)))
+        if cin == cout:
+            return mods
+    stride = 1 if site.pool else site.stride
+    mods.append(("proj", _CONV[len(site.stride)](cin, cout, kernel_size=1, stride=stride, bias=False, **factory)))
     if site.norm:
         mods.append(("norm", _BATCHNORM[site.norm](cout, **factory)))
     return mods
@@ -106,9 +113,6 @@ def _insert_site(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx
             branch = made(graph.call_function(operator.mul, (exit, scale)))
         out = made(graph.call_function(operator.add, (branch, shortcut)))
     exit.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new)
-
-
-_AVGPOOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
 def _replace_module(gm: nn.Module, path: str, new: nn.Module) -> None:

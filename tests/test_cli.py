@@ -50,7 +50,7 @@ def test_inspect_vgg_json_and_plot(tmp_path):
     assert doc["schema_version"] == 1 and doc["model"]["class"] == "Sequential"
     kinds = {s["start"]: (s["kind"], s["projection"]) for s in doc["plan"]["sites"]}
     assert kinds["3"] == ("identity", None)
-    assert kinds["6"] == ("projection", "Conv2d(32, 64, 1, stride=2) + BatchNorm2d")
+    assert kinds["6"] == ("projection", "AvgPool2d(2) + Conv2d(32, 64, 1) + BatchNorm2d")
     assert doc["report"]["headline"].startswith("first layer")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -158,3 +158,9 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = CliRunner().invoke(cli, ["--debug", "inspect", SEED, "--input-shape", "10,99"])
     assert result.exit_code != 0 and isinstance(result.exception, resify.TraceError)
+
+
+def test_export_names_settings_a_repr_leaves_out():
+    from resify.export import _constructor
+    expr = _constructor(torch.nn.AvgPool2d(2, ceil_mode=True), "p")
+    assert "ceil_mode=True" in expr and eval(expr, {"nn": torch.nn}).ceil_mode

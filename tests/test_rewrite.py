@@ -3,26 +3,32 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import resify
 from reference import ImprovedResidualNetwork, assert_every_parameter_has_grad, vgg_style_cnn
 
 
-def test_vgg_style_cnn_gets_identity_and_strided_projections():
+def test_vgg_style_cnn_gets_identity_and_pooled_projections():
     torch.manual_seed(0)
     model = vgg_style_cnn()
     x = torch.randn(4, 3, 32, 32)
     converted = resify.apply(model, x)
     plan = converted.meta["resify_plan"]
     by_start = {s.start: s for s in plan.sites}
-    # conv 16->16 keeps the shape: identity; 16->32 with max-pool: 1x1 conv stride 2 + BatchNorm
+    # conv 16->16 keeps the shape: identity; 16->32 with max-pool: avg-pool 2, 1x1 conv + BatchNorm
     assert by_start["3"].kind == "identity" and by_start["3"].added_params == 0
     assert by_start["6"].kind == "projection"
-    assert by_start["6"].projection == "Conv2d(16, 32, 1, stride=2) + BatchNorm2d"
+    assert by_start["6"].projection == "AvgPool2d(2) + Conv2d(16, 32, 1) + BatchNorm2d"
     assert by_start["6"].in_shape == (4, 16, 32, 32) and by_start["6"].out_shape == (4, 32, 16, 16)
+    assert by_start["6"].added_params == 16 * 32 + 2 * 32
+    pool = converted.get_submodule("resify.6.pool")
+    assert isinstance(pool, nn.AvgPool2d) and pool.kernel_size == pool.stride == (2, 2) and pool.ceil_mode
     proj = converted.get_submodule("resify.6.proj")
-    assert isinstance(proj, nn.Conv2d) and proj.kernel_size == (1, 1) and proj.stride == (2, 2) and proj.bias is None
+    assert isinstance(proj, nn.Conv2d) and proj.kernel_size == (1, 1) and proj.stride == (1, 1) and proj.bias is None
     assert isinstance(converted.get_submodule("resify.6.norm"), nn.BatchNorm2d)
+    # 64->64 then global average pooling: the shortcut is that pooling alone, no parameters
+    assert by_start["17"].projection == "AvgPool2d(8)" and by_start["17"].added_params == 0
     # the classifier sees [4, 64] after flatten: Linear 64 -> 10 gets a Linear projection
     assert by_start["22"].projection == "Linear(64, 10)"
     y = converted(x)
@@ -30,6 +36,27 @@ def test_vgg_style_cnn_gets_identity_and_strided_projections():
     y.square().mean().backward()
     assert_every_parameter_has_grad(converted)
     assert all(p.grad.abs().sum() > 0 for p in converted.parameters())
+
+
+def test_pooled_shortcut_computes_the_average_pool_of_its_input():
+    """out = F(x) + conv1x1(avgpool(x)), checked against torch.nn.functional written out by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+                          nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    x = torch.randn(2, 3, 7, 7)  # 7 is odd: the last pooling window is partial
+    converted = resify.apply(model, x).eval()
+    plan = converted.meta["resify_plan"]
+    assert [s.projection for s in plan.sites] == ["AvgPool2d(2) + Conv2d(3, 6, 1)", "AvgPool2d(4)"]
+    w = converted.get_submodule("resify.0.proj").weight
+    h = model[2](model[1](model[0](x))) + F.conv2d(F.avg_pool2d(x, 2, ceil_mode=True), w)
+    expected = model[5](model[4](model[3](h))) + F.avg_pool2d(h, 4, ceil_mode=True)
+    torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_strided_conv_without_pooling_keeps_a_strided_projection():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+    plan = resify.plan(model, torch.randn(1, 3, 8, 8))
+    assert plan.sites[0].projection == "Conv2d(3, 8, 1, stride=2)" and not plan.sites[0].pool
 
 
 def _snapshot(model):
