@@ -74,11 +74,12 @@ class VGGNet(nn.Module):
 
     ``stages=(16, 32, 64)`` and ``per_stage=7`` give 21 conv layers, then global average pooling
     and a Linear classifier. With ``use_shortcut`` every conv block and the classifier add their
-    input back, through a 1×1 strided conv (+ BatchNorm when ``norm``) or a Linear where the shape
-    changes: the hand-written counterpart of ``resify.apply(plain, gate=None)``. resify counts the
-    global average pool as part of the last conv layer (a pool that follows it), so the last
-    block's shortcut is a 1×1 conv whose stride is the final feature map's size; the hand-written
-    model does the same, to be the same computation.
+    input back: through a 1×1 conv (+ BatchNorm when ``norm``) where the channels change, an
+    average pool over the block's pooling windows where it pools, a Linear at the classifier: the
+    hand-written counterpart of ``resify.apply(plain, gate=None)``. resify counts the global
+    average pool as part of the last conv layer (a pool that follows it), so the last block's
+    shortcut averages the whole final feature map; the hand-written model does the same, to be
+    the same computation.
     """
 
     def __init__(self, in_channels: int = 1, classes: int = 10, stages: Sequence[int] = (16, 32, 64),
@@ -106,9 +107,13 @@ class VGGNet(nn.Module):
                 size //= stride
                 self.layers.append(nn.Sequential(*block))
                 if use_shortcut and (cin != cout or stride != 1):
-                    proj: list[nn.Module] = [nn.Conv2d(cin, cout, 1, stride=stride, bias=False)]
-                    if norm:
-                        proj.append(nn.BatchNorm2d(cout))
+                    proj: list[nn.Module] = []
+                    if stride != 1:
+                        proj.append(nn.AvgPool2d(stride, stride, ceil_mode=True))
+                    if cin != cout:
+                        proj.append(nn.Conv2d(cin, cout, 1, bias=False))
+                        if norm:
+                            proj.append(nn.BatchNorm2d(cout))
                     self.projections.append(nn.Sequential(*proj))
                 else:
                     self.projections.append(None)
@@ -148,10 +153,15 @@ def copy_shortcut_weights(converted: torch.fx.GraphModule, hand: nn.Module) -> N
         raise ValueError(f"resify made {len(ours)} projection(s), the hand-written model has {len(theirs)}")
     for site, prefix in zip(ours, prefixes):
         src = f"resify.{site.name}."
-        for key in [k for k in state if k.startswith(src)]:
+        keys = [k for k in state if k.startswith(src)]
+        # resify's modules in their order (pool, proj, norm) = the hand-written Sequential's indices
+        present = [m for m in ("pool", "proj", "norm") if (m == "pool" and site.pool) or
+                   any(k[len(src):].startswith(m + ".") for k in keys)]
+        for key in keys:
             sub = key[len(src):]  # "proj.weight", "norm.running_mean", …
-            seq = prefix + "." + sub.replace("proj.", "0.", 1).replace("norm.", "1.", 1)
-            dst = seq if seq in target else prefix + "." + sub.split(".", 1)[1]
+            module, rest = sub.split(".", 1)
+            seq = f"{prefix}.{present.index(module)}.{rest}"
+            dst = seq if seq in target else f"{prefix}.{rest}"
             if dst not in target or target[dst].shape != state[key].shape:
                 raise ValueError(f"no place in the hand-written model for {key} {tuple(state[key].shape)}")
             target[dst] = state[key].clone()

@@ -293,8 +293,8 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     norm = next((f"BatchNorm{dims}d" for l in layers for r in l.roles if r == "norm"
                  and analysis.has_batchnorm(l)), None)
     added = cin * cout + (2 * cout if norm else 0) + gate_params
-    label = (f"AvgPool{dims}d({shown}) + Conv{dims}d({cin}, {cout}, 1)" if pool
-             else f"Conv{dims}d({cin}, {cout}, 1, stride={shown})")
+    conv = f"Conv{dims}d({cin}, {cout}, 1" + ("" if pool or shown == 1 else f", stride={shown}") + ")"
+    label = (f"AvgPool{dims}d({shown}) + " if pool else "") + conv
     return Site(kind="projection", added_params=added, projection=label + (f" + {norm}" if norm else ""),
                 stride=stride, pool=pool, norm=norm, channels=(cin, cout), **common)
 

@@ -66,16 +66,21 @@ def _shorten(name: str, width: int) -> str:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int, shrink: int,
-           right: Sequence[bool], min_widths: Sequence[int] = ()) -> list[str]:
-    """Aligned columns two spaces apart; column ``shrink`` is cut (at its start) to fit ``width``."""
+           right: Sequence[bool], min_widths: Sequence[int] = (), cut_end: bool = False) -> list[str]:
+    """Aligned columns two spaces apart; column ``shrink`` is cut (at its start, or at its end with
+    ``cut_end``) to fit ``width``."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for i, w in enumerate(min_widths):
         widths[i] = max(widths[i], w)
     over = sum(widths) + 2 * (len(widths) - 1) - width
     if over > 0:
         widths[shrink] = max(len(header[shrink]), widths[shrink] - over)
+    def cut(c: str, w: int, i: int) -> str:
+        return _kind(c, w) if cut_end and i == shrink else _shorten(c, w)
+
     fmt = lambda r: "  ".join(  # noqa: E731
-        (_shorten(c, w).rjust(w) if al else _shorten(c, w).ljust(w)) for c, w, al in zip(r, widths, right)
+        (cut(c, w, i).rjust(w) if al else cut(c, w, i).ljust(w))
+        for i, (c, w, al) in enumerate(zip(r, widths, right))
     ).rstrip()
     return [fmt(header), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]]
 
@@ -292,7 +297,7 @@ def plan_text(plan: Plan, width: int = 100) -> str:
                  s.kind if s.projection is None else s.projection, s.gate or "-", f"{s.added_params:,}"]
                 for s in plan.sites]
         lines += ["", *table(["span", "shape", "shortcut", "gate", "+params"], rows, width=width, shrink=2,
-                             right=[False, False, False, False, True])]
+                             right=[False, False, False, False, True], cut_end=True)]
     else:
         lines += ["", "no shortcut will be added"]
     if plan.skipped:
