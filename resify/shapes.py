@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.fx.node import map_arg
 import torch.nn.functional as F
 from torch import nn
 
@@ -242,6 +243,8 @@ def _function_rule(fn: Callable, args: tuple, kwargs: dict) -> torch.Tensor | No
     if fn in _BINARY and len(args) == 2 and not kwargs:
         a, b = args
         if _meta_float(a) and _meta_float(b) and a.dtype == b.dtype:
+            if a.shape == b.shape:
+                return _like(a)
             try:
                 return _like(a, torch.broadcast_shapes(a.shape, b.shape))
             except RuntimeError:
@@ -283,34 +286,63 @@ def _on_meta(root: nn.Module) -> Iterator[None]:
             m._parameters, m._buffers = params, buffers
 
 
-class _MetaShapeRecorder(ShapeRecorder):
-    """Shape recording on meta tensors, with the rules taking the common ops first."""
+def _fetch(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
 
-    def fetch_attr(self, target: str) -> Any:  # tensor constants the tracer kept as attributes
-        return _to_meta(super().fetch_attr(target))
 
-    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        module = self.fetch_attr(target)
-        out = _module_rule(module, args, kwargs)
-        if out is not None:
-            return out
-        with _on_meta(module):  # only the modules the rules do not know get meta weights
-            return super().call_module(target, args, kwargs)
+def _propagate_on_meta(root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...]) -> None:
+    """Walk the graph once, the rules taking the common ops first and meta tensors the rest.
 
-    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
-        out = _function_rule(target, args, kwargs)
-        return super().call_function(target, args, kwargs) if out is None else out
-
-    def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
-        out = _method_rule(target, args, kwargs)
-        return super().call_method(target, args, kwargs) if out is None else out
+    A lean loop rather than a ``torch.fx.Interpreter``: its per-node bookkeeping costs more than
+    the rules. Any exception means "ask a real run" (the caller's business).
+    """
+    modules = dict(root.named_modules())
+    env: dict[torch.fx.Node, Any] = {}
+    load = env.__getitem__
+    pending = list(map(_to_meta, inputs))
+    for n in graph.nodes:
+        op = n.op
+        if op == "placeholder":
+            if str(n.target).startswith("*"):
+                value: Any = list(pending)
+                pending.clear()
+            elif pending:
+                value = pending.pop(0)
+            elif n.args:
+                value = n.args[0]  # the forward's default
+            else:
+                raise TypeError(f"no input for '{n.target}'")
+        elif op == "get_attr":  # parameters, buffers and the tracer's tensor constants
+            value = _to_meta(_fetch(root, n.target))  # type: ignore[arg-type]
+        elif op == "output":
+            value = map_arg(n.args[0], load)
+        else:
+            args, kwargs = map_arg(n.args, load), map_arg(n.kwargs, load)
+            if op == "call_module":
+                module = modules[n.target]  # type: ignore[index]
+                value = _module_rule(module, args, kwargs)  # type: ignore[arg-type]
+                if value is None:
+                    with _on_meta(module):  # only the modules the rules do not know get meta weights
+                        value = module(*args, **kwargs)
+            elif op == "call_function":
+                value = _function_rule(n.target, args, kwargs)  # type: ignore[arg-type]
+                if value is None:
+                    value = n.target(*args, **kwargs)  # type: ignore[operator]
+            else:  # call_method
+                value = _method_rule(n.target, args, kwargs)  # type: ignore[arg-type]
+                if value is None:
+                    value = getattr(args[0], n.target)(*args[1:], **kwargs)  # type: ignore[arg-type]
+        env[n] = value
+        n.meta["resify"] = tensor_info(value)
 
 
 def _record_on_meta(root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...]) -> bool:
-    recorder = _MetaShapeRecorder(root, graph=graph)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            recorder.run(*map(_to_meta, inputs))
+            _propagate_on_meta(root, graph, inputs)
     except Exception:
         for n in graph.nodes:
             n.meta.pop("resify", None)
