@@ -323,3 +323,18 @@ def test_cat_rule_leaves_mismatched_operands_to_the_real_op():
     assert _function_rule(torch.cat, ([_to_meta(a), _to_meta(b)], 1), {}) is None
     with pytest.raises(RuntimeError):
         torch.cat([a, b], 1)
+
+
+def test_meta_pass_uses_the_forwards_defaults_for_inputs_not_given():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, scale: float = 2.0):
+            return torch.relu(self.fc(x)) * scale
+
+    model, x = Scaled(), torch.randn(3, 4)
+    traced = trace(model, x)
+    assert traced.shapes_from == "meta" and _shapes(traced)["mul"] == ((3, 4), torch.float32)
+    torch.testing.assert_close(resify.apply(model, x)(x), (torch.relu(model.fc(x)) + x) * 2.0)
