@@ -338,3 +338,17 @@ def test_meta_pass_uses_the_forwards_defaults_for_inputs_not_given():
     traced = trace(model, x)
     assert traced.shapes_from == "meta" and _shapes(traced)["mul"] == ((3, 4), torch.float32)
     torch.testing.assert_close(resify.apply(model, x)(x), (torch.relu(model.fc(x)) + x) * 2.0)
+
+
+def test_batchnorm_statistics_updated_by_the_converted_model_stay_out_of_the_users():
+    model = vgg_style_cnn().eval()  # the user's model, in eval mode: its statistics must not move
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = resify.apply(model, torch.randn(2, 3, 16, 16)).train()
+    opt = torch.optim.SGD(converted.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):  # BatchNorm kernels write running_mean/var in place; SGD writes the weights
+        opt.zero_grad()
+        converted(torch.randn(4, 3, 16, 16)).square().mean().backward()
+        opt.step()
+    assert not torch.equal(converted.get_submodule("1").running_mean, before["1.running_mean"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
