@@ -75,6 +75,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int, s
     over = sum(widths) + 2 * (len(widths) - 1) - width
     if over > 0:
         widths[shrink] = max(len(header[shrink]), widths[shrink] - over)
+
     def cut(c: str, w: int, i: int) -> str:
         return _kind(c, w) if cut_end and i == shrink else _shorten(c, w)
 

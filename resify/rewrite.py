@@ -161,6 +161,9 @@ def _insert_dense(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.f
     _replace_module(gm, site.consumer, _widened_layer(gm.get_submodule(site.consumer), site.extra_channels))
 
 
+_LAZY_CLONE = getattr(torch, "_lazy_clone", None)
+
+
 def _lazy_copy(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` that shares its memory until either side is written (copy-on-write, where
     this torch has it): converting costs no copy, and ``model = resify.apply(model)`` never copies."""
@@ -171,9 +174,6 @@ def _lazy_copy(t: torch.Tensor) -> torch.Tensor:
         except RuntimeError:  # a storage that cannot be shared lazily: copy it now
             pass
     return t.clone()
-
-
-_LAZY_CLONE = getattr(torch, "_lazy_clone", None)
 
 
 def _own_tensors(root: nn.Module) -> None:

@@ -4,8 +4,8 @@
 symbolic tracing with the standard ``torch.nn`` layers as leaves and, when that fails on
 data-dependent control flow (``if x.shape == y.shape``, ``len(x)``, ``int(x.size(0))``), falls back
 to a tracer that runs the model on the concrete example input and specialises every such decision
-on it. Shapes of a symbolic graph are propagated on meta tensors (no arithmetic, no memory); a
-model that needs real values for that runs once on the example input instead.
+on it. Shapes of a symbolic graph come from ``shapes.py`` (rules and meta tensors: no arithmetic,
+no memory; a real run only when the model needs real values).
 It writes one thing: ``node.meta["resify"]``, a :class:`TensorInfo` for each tensor-valued node.
 """
 from __future__ import annotations
