@@ -171,7 +171,7 @@ def _lazy_copy(t: torch.Tensor) -> torch.Tensor:
     if _LAZY_CLONE is not None:
         try:
             return _LAZY_CLONE(t)
-        except RuntimeError:  # a storage that cannot be shared lazily: copy it now
+        except (RuntimeError, NotImplementedError):  # a storage that cannot be shared lazily: copy it now
             pass
     return t.clone()
 

@@ -352,3 +352,20 @@ def test_batchnorm_statistics_updated_by_the_converted_model_stay_out_of_the_use
     assert not torch.equal(converted.get_submodule("1").running_mean, before["1.running_mean"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_without_lazy_clone_the_weights_are_copied_at_once(monkeypatch):
+    import resify.rewrite as rewrite_stage
+
+    def refuse(t):
+        raise RuntimeError("this storage cannot be shared lazily")
+
+    monkeypatch.setattr(rewrite_stage, "_LAZY_CLONE", refuse)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    converted = resify.apply(model, torch.randn(2, 4))
+    with torch.no_grad():
+        model[0].weight.zero_()
+    assert converted.get_submodule("0").weight.abs().sum() > 0
+    monkeypatch.setattr(rewrite_stage, "_LAZY_CLONE", None)  # a torch without _lazy_clone
+    converted = resify.apply(model, torch.randn(2, 4))
+    assert converted.get_submodule("0").weight.data_ptr() != model[0].weight.data_ptr()
