@@ -65,19 +65,24 @@ def _shorten(name: str, width: int) -> str:
     return "…" + name[len(name) - width + 1:]
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int, shrink: int,
-           right: Sequence[bool], min_widths: Sequence[int] = (), cut_end: bool = False) -> list[str]:
-    """Aligned columns two spaces apart; column ``shrink`` is cut (at its start, or at its end with
-    ``cut_end``) to fit ``width``."""
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int, shrink: int | Sequence[int],
+           right: Sequence[bool], min_widths: Sequence[int] = (), cut_end: Sequence[int] = ()) -> list[str]:
+    """Aligned columns two spaces apart, cut to fit ``width``: the ``shrink`` columns in turn (each
+    down to 20 characters or its header, the last one further), at their start (the end of a layer
+    name names it) or, for the ``cut_end`` columns, at their end."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for i, w in enumerate(min_widths):
         widths[i] = max(widths[i], w)
-    over = sum(widths) + 2 * (len(widths) - 1) - width
-    if over > 0:
-        widths[shrink] = max(len(header[shrink]), widths[shrink] - over)
+    order = [shrink] if isinstance(shrink, int) else list(shrink)
+    for k, c in enumerate(order):
+        over = sum(widths) + 2 * (len(widths) - 1) - width
+        if over <= 0:
+            break
+        floor = len(header[c]) if k == len(order) - 1 else max(len(header[c]), 20)
+        widths[c] = max(min(floor, widths[c]), widths[c] - over)
 
     def cut(c: str, w: int, i: int) -> str:
-        return _kind(c, w) if cut_end and i == shrink else _shorten(c, w)
+        return _kind(c, w) if i in cut_end else _shorten(c, w)
 
     fmt = lambda r: "  ".join(  # noqa: E731
         (cut(c, w, i).rjust(w) if al else cut(c, w, i).ljust(w))
@@ -297,8 +302,8 @@ def plan_text(plan: Plan, width: int = 100) -> str:
         rows = [[_span_label(s.start, s.end), f"{_shape(s.in_shape)} -> {_shape(s.out_shape)}",
                  s.kind if s.projection is None else s.projection, s.gate or "-", f"{s.added_params:,}"]
                 for s in plan.sites]
-        lines += ["", *table(["span", "shape", "shortcut", "gate", "+params"], rows, width=width, shrink=2,
-                             right=[False, False, False, False, True], cut_end=True)]
+        lines += ["", *table(["span", "shape", "shortcut", "gate", "+params"], rows, width=width, shrink=(0, 2),
+                             right=[False, False, False, False, True], cut_end=(2,))]
     else:
         lines += ["", "no shortcut will be added"]
     if plan.skipped:

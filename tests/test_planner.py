@@ -129,3 +129,17 @@ def test_non_float_input_is_skipped():
 def test_bad_policies_raise_plan_errors(kwargs, match):
     with pytest.raises(resify.PlanError, match=match):
         resify.plan(ImprovedResidualNetwork([8, 8], False), **kwargs)
+
+
+def test_plan_table_fits_its_width_and_cuts_shortcut_labels_at_their_end():
+    from resify.render import plan_text
+    from reference import vgg_style_cnn
+
+    plan = resify.plan(vgg_style_cnn(), torch.randn(2, 3, 32, 32))
+    for width in (80, 100):
+        lines = plan_text(plan, width=width).splitlines()
+        table = lines[lines.index(next(x for x in lines if x.startswith("span"))):]
+        table = table[:table.index("")]
+        assert len(table) == 2 + len(plan.sites) and max(map(len, table)) <= width
+    row = next(line for line in plan_text(plan, width=80).splitlines() if line.startswith("6 "))
+    assert "AvgPool2d(2) + Conv2d(…" in row and row.endswith(" 576")  # the label is cut at its end
