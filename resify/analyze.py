@@ -293,13 +293,15 @@ def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcu
         region, _ = _backward_walk(operands, fork, order)
         members = sorted((n for n in region if n in anchors or weight(n)[1]),
                          key=order.__getitem__)
-        names = [layer_by_anchor[n.name].name if n.name in layer_by_anchor else str(n.target) for n in members
+        bypass_nodes, bypass_weight = walks[b]
+        # start and end name the branch the shortcut goes around, not its bypass (a downsample)
+        branch = [n for n in members if n not in bypass_nodes] or members
+        names = [layer_by_anchor[n.name].name if n.name in layer_by_anchor else str(n.target) for n in branch
                  if not str(n.target).startswith(NAMESPACE + ".")] or [m.name]
         inner = tuple(layer_by_anchor[n.name].name for n in members if n.name in layer_by_anchor)
         for name in inner:
             inside.setdefault(name, m.name)
         merges.append(m)
-        bypass_nodes, bypass_weight = walks[b]
         existing.append(ExistingShortcut(
             kind=kind, node=m.name, start=names[0], end=names[-1],
             bypass="identity" if not bypass_nodes else "projection" if bypass_weight[0] else "parameter-free",

@@ -37,3 +37,14 @@ def test_zoo_model_with_preserve_output_computes_the_same_outputs(name):
     assert row["status"] == "converted", row.get("reason")
     assert row["max_rel_diff"] <= 1e-5, f"{name}: outputs moved by {row['max_rel_diff']:.2e} (relative)"
     assert row["missing_grads"] == [], f"{name}: no gradient for {row['missing_grads'][:5]}"
+
+
+def test_an_existing_shortcut_is_named_by_the_branch_it_goes_around_not_by_its_bypass():
+    import torch
+
+    import resify
+
+    plan = resify.plan(torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64))
+    block = next(e for e in plan.existing if e.bypass == "projection")
+    assert (block.start, block.end) == ("layer2.0.conv1", "layer2.0.bn2")
+    assert "layer2.0.downsample.0" in block.layers  # the bypass's conv is still inside the shortcut
