@@ -290,8 +290,8 @@ def _span_label(start: str, end: str) -> str:
 
 def plan_text(plan: Plan, width: int = 100) -> str:
     """The plan as an aligned text table (sites, skipped with reasons, existing, totals)."""
-    lines = [f"resify plan for {plan.model_class} ({plan.tracer} trace, {plan.n_layers} layers, "
-             f"{plan.params_before:,} parameters)"]
+    lines = textwrap.wrap(f"resify plan for {plan.model_class} ({plan.tracer} trace, {plan.n_layers} layers, "
+                          f"{plan.params_before:,} parameters)", width, subsequent_indent="  ")
     if plan.existing:
         lines += ["", f"existing shortcuts ({len(plan.existing)}):"]
         for e in plan.existing:
@@ -310,7 +310,7 @@ def plan_text(plan: Plan, width: int = 100) -> str:
         lines += ["", f"skipped ({len(plan.skipped)}):"]
         for s in plan.skipped:
             lines.append(_clip(f"  {_span_label(s.start, s.end)}: {s.reason}", width))
-    lines += ["", "total: " + plan.summary()]
+    lines += ["", *textwrap.wrap("total: " + plan.summary(), width, subsequent_indent="  ")]
     return "\n".join(lines)
 
 

@@ -138,6 +138,7 @@ def test_plan_table_fits_its_width_and_cuts_shortcut_labels_at_their_end():
     plan = resify.plan(vgg_style_cnn(), torch.randn(2, 3, 32, 32))
     for width in (80, 100):
         lines = plan_text(plan, width=width).splitlines()
+        assert max(map(len, lines)) <= width
         table = lines[lines.index(next(x for x in lines if x.startswith("span"))):]
         table = table[:table.index("")]
         assert len(table) == 2 + len(plan.sites) and max(map(len, table)) <= width
