@@ -299,7 +299,7 @@ def _propagate_on_meta(root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any
     A lean loop rather than a ``torch.fx.Interpreter``: its per-node bookkeeping costs more than
     the rules. Any exception means "ask a real run" (the caller's business).
     """
-    modules = dict(root.named_modules())
+    modules = dict(root.named_modules(remove_duplicate=False))
     env: dict[torch.fx.Node, Any] = {}
     load = env.__getitem__
     pending = list(map(_to_meta, inputs))

@@ -369,3 +369,18 @@ def test_without_lazy_clone_the_weights_are_copied_at_once(monkeypatch):
     monkeypatch.setattr(rewrite_stage, "_LAZY_CLONE", None)  # a torch without _lazy_clone
     converted = resify.apply(model, torch.randn(2, 4))
     assert converted.get_submodule("0").weight.data_ptr() != model[0].weight.data_ptr()
+
+
+def test_a_module_registered_under_two_names_still_gets_meta_shapes():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+            self.act = nn.ReLU()
+            self.again = self.act  # one module object, two names
+
+        def forward(self, x):
+            return self.again(self.fc(self.act(x)))
+
+    traced = trace(Shared(), torch.randn(2, 6))
+    assert traced.shapes_from == "meta" and all(v[0] == (2, 6) for v in _shapes(traced).values())
