@@ -164,3 +164,22 @@ def test_export_names_settings_a_repr_leaves_out():
     from resify.export import _constructor
     expr = _constructor(torch.nn.AvgPool2d(2, ceil_mode=True), "p")
     assert "ceil_mode=True" in expr and eval(expr, {"nn": torch.nn}).ceil_mode
+
+
+def test_export_round_trip_keeps_pooled_shortcuts_exact_on_odd_sizes(tmp_path):
+    """7×7 maps: the shortcut's ceil_mode pooling must survive being written as source."""
+    import torch.nn as nn
+
+    import resify
+    from resify.export import load, save
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+                          nn.Flatten(), nn.Linear(8 * 2 * 2, 3)).eval()
+    x = torch.randn(2, 3, 7, 7)
+    converted = resify.apply(model, x).eval()
+    assert any(s.pool for s in converted.meta["resify_plan"].sites)
+    save(converted, tmp_path / "m")
+    loaded = load(tmp_path / "m").eval()
+    torch.testing.assert_close(loaded(x), converted(x), rtol=0, atol=0)
