@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import TraceError
 
-__all__ = ["TensorInfo", "tensor_info", "record_shapes", "state_kept", "ShapeRecorder"]
+__all__ = ["TensorInfo", "tensor_info", "record_shapes", "state_kept", "ShapeRecorder", "fetch"]
 
 
 @dataclass(frozen=True)
@@ -286,7 +286,8 @@ def _on_meta(root: nn.Module) -> Iterator[None]:
             m._parameters, m._buffers = params, buffers
 
 
-def _fetch(root: nn.Module, target: str) -> Any:
+def fetch(root: nn.Module, target: str) -> Any:
+    """The attribute at a dotted ``target`` under ``root`` (a get_attr node's value)."""
     obj: Any = root
     for atom in target.split("."):
         obj = getattr(obj, atom)
@@ -316,7 +317,7 @@ def _propagate_on_meta(root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any
             else:
                 raise TypeError(f"no input for '{n.target}'")
         elif op == "get_attr":  # parameters, buffers and the tracer's tensor constants
-            value = _to_meta(_fetch(root, n.target))  # type: ignore[arg-type]
+            value = _to_meta(fetch(root, n.target))  # type: ignore[arg-type]
         elif op == "output":
             value = map_arg(n.args[0], load)
         else:

@@ -26,7 +26,7 @@ from torch.fx.node import map_arg
 from torch.fx.proxy import Attribute, Proxy
 
 from .errors import ResifyWarning, TraceError
-from .shapes import TensorInfo, record_shapes, state_kept, tensor_info
+from .shapes import TensorInfo, fetch, record_shapes, state_kept, tensor_info
 
 __all__ = ["TensorInfo", "Traced", "trace", "as_inputs", "derive_example_input", "LeafSpec"]
 
@@ -200,15 +200,9 @@ class _ConcreteTracer(_LeafTracer):
     def proxy(self, node: torch.fx.Node) -> Proxy:
         return _ConcreteProxy(node, self)
 
-    def _fetch_attr(self, target: str) -> Any:
-        obj: Any = self.root
-        for atom in target.split("."):
-            obj = getattr(obj, atom)
-        return obj
-
     def _value_of_node(self, n: torch.fx.Node) -> Any:
         if n not in self.values and n.op == "get_attr":
-            self.values[n] = self._fetch_attr(n.target)  # type: ignore[arg-type]
+            self.values[n] = fetch(self.root, n.target)  # type: ignore[arg-type]
         return self.values[n]
 
     def value_of(self, p: Proxy, specialise: bool = False) -> Any:
@@ -244,7 +238,7 @@ class _ConcreteTracer(_LeafTracer):
                         f"provide (found {len(self._inputs)} input(s)); pass a tuple with one tensor per input"
                     )
             elif kind == "get_attr":
-                value = self._fetch_attr(target)
+                value = fetch(self.root, target)
             elif kind == "call_function":
                 value = target(*vargs, **vkwargs)
             elif kind == "call_method":
