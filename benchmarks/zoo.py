@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/zoo.py                    # the whole zoo
     .venv/bin/python benchmarks/zoo.py resnet18 vgg11      # some models
     .venv/bin/python benchmarks/zoo.py --preserve-output   # also check outputs are unchanged
+    python benchmarks/zoo.py --device cuda --preserve-output   # the same with the models on a GPU
 
 Each model is either converted (same output shape, backward reaches every parameter that the
-original's backward reaches, and every added one; the shapes resify found without computing equal a
-real run's at every node) or refused with a ResifyError and its reason.
+original's backward reaches, and every added one; every parameter and buffer lies on the model's
+device; the shapes resify found without computing equal a real run's at every node) or refused with
+a ResifyError and its reason.
 """
 from __future__ import annotations
 
@@ -42,13 +44,13 @@ def shape_mismatches(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, list
     return traced.shapes_from, [n.name for n in traced.graph.nodes if n.meta.get("resify") != found[n.name]]
 
 
-def check_model(name: str, preserve_output: bool = False, **policy) -> dict:
-    """Convert one torchvision model and check it; returns a row for the table."""
+def check_model(name: str, preserve_output: bool = False, device: str = "cpu", **policy) -> dict:
+    """Convert one torchvision model on ``device`` and check it; returns a row for the table."""
     import torchvision
 
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    x = torch.randn(1, 3, input_size(name), input_size(name))
+    model = torchvision.models.get_model(name, weights=None).eval().to(device)
+    x = torch.randn(1, 3, input_size(name), input_size(name)).to(device)
     row = {"model": name, "params": sum(p.numel() for p in model.parameters())}
     t0 = time.perf_counter()
     try:
@@ -81,8 +83,9 @@ def check_model(name: str, preserve_output: bool = False, **policy) -> dict:
     missing = [n for n in reached if n in names and names[n].grad is None]
     missing += [n for n, p in names.items() if n.startswith("resify.") and p.grad is None]
     row["missing_grads"] = missing
+    row["off_device"] = [n for n, t in [*names.items(), *converted.named_buffers()] if t.device != x.device]
     row["shapes_from"], row["shape_mismatches"] = shape_mismatches(model, x)
-    row["ok"] = (row["same_shape"] and not missing and not row["shape_mismatches"]
+    row["ok"] = (row["same_shape"] and not missing and not row["shape_mismatches"] and not row["off_device"]
                  and (not preserve_output or row["max_rel_diff"] <= 1e-5))
     return row
 
@@ -94,13 +97,16 @@ def main() -> int:
     parser.add_argument("models", nargs="*")
     parser.add_argument("--preserve-output", action="store_true")
     parser.add_argument("--skip", nargs="*", default=[], help="models to leave out (e.g. vit_h_14)")
+    parser.add_argument("--device", default="cpu", help="where the models live (cpu, cuda)")
     args = parser.parse_args()
+    if args.device != "cpu":
+        print(f"device: {torch.device(args.device)} ({torch.cuda.get_device_name(args.device)}), torch {torch.__version__}")
     names = args.models or torchvision.models.list_models(torchvision.models)
     names = [n for n in names if n not in args.skip]
     rows = []
     print(f"{'model':28} {'status':9} {'sites':>5} {'id':>4} {'proj':>4} {'exist':>5} {'+params':>12} {'sec':>6}  ok")
     for name in names:
-        row = check_model(name, args.preserve_output)
+        row = check_model(name, args.preserve_output, args.device)
         rows.append(row)
         if row["status"] == "refused":
             print(f"{name:28} refused   {row['reason']}")
@@ -110,6 +116,7 @@ def main() -> int:
                   f"{row['existing']:5} {row['added']:12,} {row['seconds']:6.2f}  {row['ok']}{extra}"
                   f" shapes={row['shapes_from']}"
                   + (f" missing={row['missing_grads'][:3]}" if row["missing_grads"] else "")
+                  + (f" off-device={row['off_device'][:3]}" if row["off_device"] else "")
                   + (f" shape-mismatch={row['shape_mismatches'][:3]}" if row["shape_mismatches"] else ""), flush=True)
         gc.collect()
     converted = [r for r in rows if r["status"] == "converted"]

@@ -85,7 +85,7 @@ from .analyze import NAMESPACE
 from . import render
 from .errors import ResifyError
 from .render import fmt_number, fmt_times
-from .trace import as_inputs, derive_example_input
+from .trace import as_inputs, check_device, derive_example_input
 
 __all__ = [
     "LayerFlow",
@@ -344,7 +344,8 @@ def gradient_flow(
         A frozen :class:`GradientFlow`; print it, or call ``to_text``/``to_markdown``/``to_json``/``plot``.
 
     Raises:
-        ResifyError: bad arguments, no parametric layer, no gradient, or a loss that is not a scalar.
+        ResifyError: bad arguments (an input on another device than the model too), no parametric
+            layer, no gradient, or a loss that is not a scalar.
     """
     if loss_fn is not None and target is not None:
         raise ResifyError("pass either loss_fn= or target=, not both; loss_fn(output) may use the target itself")
@@ -353,6 +354,7 @@ def gradient_flow(
     inputs = as_inputs(example_input) if example_input is not None else derive_example_input(model)
     if not any(isinstance(t, torch.Tensor) for t in inputs):
         raise ResifyError("example_input holds no tensor; pass e.g. example_input=torch.randn(8, 3, 32, 32)")
+    check_device(model, inputs)
     layer_modules = _layer_modules(model)
     gates = _gate_parameters(model)
     if not layer_modules and not gates:

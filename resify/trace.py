@@ -28,7 +28,7 @@ from torch.fx.proxy import Attribute, Proxy
 from .errors import ResifyWarning, TraceError
 from .shapes import TensorInfo, fetch, record_shapes, state_kept, tensor_info
 
-__all__ = ["TensorInfo", "Traced", "trace", "as_inputs", "derive_example_input", "LeafSpec"]
+__all__ = ["TensorInfo", "Traced", "trace", "as_inputs", "check_device", "derive_example_input", "LeafSpec"]
 
 #: Module types or glob patterns on qualified module names that the tracer keeps whole.
 LeafSpec = Iterable[Union[type, str]]
@@ -96,6 +96,28 @@ def as_inputs(example_input: Any) -> tuple[Any, ...] | None:
 
 def _first_parameter(model: nn.Module) -> torch.Tensor | None:
     return next(iter(model.parameters()), None)
+
+
+def check_device(model: nn.Module, inputs: tuple[Any, ...], what: str = "example_input") -> None:
+    """Refuse input tensors on another device than the model's first parameter (or buffer).
+
+    A model on the meta device accepts inputs anywhere: only shapes are read from it.
+
+    Raises:
+        TraceError: names both devices and the ``.to(...)`` call that fixes it.
+    """
+    first = _first_parameter(model)
+    if first is None:
+        first = next(iter(model.buffers()), None)
+    if first is None or first.device.type == "meta":
+        return
+    for i, t in enumerate(inputs):
+        if isinstance(t, torch.Tensor) and t.device != first.device:
+            where = what if len(inputs) == 1 else f"{what}[{i}]"
+            raise TraceError(
+                f"{where} is on {t.device} but {type(model).__name__}'s parameters are on {first.device}; "
+                f"move it there first: {where}.to('{first.device}')"
+            )
 
 
 def derive_example_input(model: nn.Module, first_layer: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
@@ -299,6 +321,8 @@ def trace(
         )
     leaves = list(leaf_modules)
     inputs = as_inputs(example_input)
+    if inputs is not None:
+        check_device(model, inputs)
     private = structural_copy(model)
     name = type(model).__name__
 

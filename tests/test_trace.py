@@ -141,6 +141,22 @@ def test_bad_example_input_type():
         resify.apply(nn.Linear(3, 3), example_input=3.0)
 
 
+def test_an_input_on_another_device_than_the_model_is_refused_by_name():
+    """A CPU model with a meta input: the meta shape pass alone would accept it, the model would not."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    x = torch.empty(2, 8, device="meta")
+    with pytest.raises(resify.TraceError, match=r"^example_input is on meta but Sequential's parameters are on cpu; "
+                       r"move it there first: example_input.to\('cpu'\)$"):
+        resify.apply(model, x)
+    with pytest.raises(resify.TraceError, match=r"^example_input\[1\] is on meta"):
+        resify.plan(model, (torch.randn(2, 8), x))
+    with pytest.raises(resify.ResifyError, match=r"^example_input is on meta but"):
+        resify.gradient_flow(model, x)
+    # a model on meta reads only shapes, wherever its input lies
+    converted = resify.apply(model.to("meta"), torch.randn(2, 8))
+    assert converted(x).shape == (2, 8)
+
+
 def test_tensor_constants_made_while_tracing_stay_off_the_users_model():
     class WithConstant(nn.Module):
         def __init__(self):
