@@ -33,11 +33,12 @@ def mlp_sizes(depth: int, width: int = 64, in_features: int = 64, classes: int =
 
 
 def _seed_loop(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The seed guide's ImprovedResidualNetwork.forward over ``net.layers`` / ``net.projections``."""
+    """The seed guide's ImprovedResidualNetwork.forward over ``net.layers`` / ``net.projections``
+    (layers listed in ``net.no_shortcut`` get none)."""
     for i, layer in enumerate(net.layers):
         identity = x
         x = layer(x)
-        if net.use_shortcut:
+        if net.use_shortcut and i not in net.no_shortcut:
             if net.projections[i] is not None:
                 identity = net.projections[i](identity)
             x = x + identity
@@ -48,7 +49,9 @@ class SeedMLP(nn.Module):
 
     Every layer but the last is ``Linear`` + activation; the last is a bare ``Linear`` (logits).
     With ``use_shortcut`` each layer adds its input back, through a ``Linear`` projection where
-    the width changes (as in the seed).
+    the width changes (as in the seed), except the logits layer where its width changes: it is
+    linear, and a projection beside it would be a second linear map of the same input, so
+    resify adds none there.
     """
 
     def __init__(self, layer_sizes: Sequence[int], use_shortcut: bool, act: type[nn.Module] = nn.GELU) -> None:
@@ -57,10 +60,11 @@ class SeedMLP(nn.Module):
         self.layers = nn.ModuleList()
         self.projections = nn.ModuleList()
         last = len(layer_sizes) - 2
+        self.no_shortcut = {last} if layer_sizes[-2] != layer_sizes[-1] else set()
         for i in range(len(layer_sizes) - 1):
             linear = nn.Linear(layer_sizes[i], layer_sizes[i + 1])
             self.layers.append(nn.Sequential(linear) if i == last else nn.Sequential(linear, act()))
-            if use_shortcut and layer_sizes[i] != layer_sizes[i + 1]:
+            if use_shortcut and layer_sizes[i] != layer_sizes[i + 1] and i not in self.no_shortcut:
                 self.projections.append(nn.Linear(layer_sizes[i], layer_sizes[i + 1]))
             else:
                 self.projections.append(None)
@@ -73,10 +77,10 @@ class VGGNet(nn.Module):
     """A VGG-style CNN: stages of 3×3 conv (+ BatchNorm) + ReLU, max-pool ending each stage but the last.
 
     ``stages=(16, 32, 64)`` and ``per_stage=7`` give 21 conv layers, then global average pooling
-    and a Linear classifier. With ``use_shortcut`` every conv block and the classifier add their
-    input back: through a 1×1 conv (+ BatchNorm when ``norm``) where the channels change, an
-    average pool over the block's pooling windows where it pools, a Linear at the classifier: the
-    hand-written counterpart of ``resify.apply(plain, gate=None)``. resify counts the global
+    and a Linear classifier. With ``use_shortcut`` every conv block adds its input back: through
+    a 1×1 conv (+ BatchNorm when ``norm``) where the channels change, an average pool over the
+    block's pooling windows where it pools: the hand-written counterpart of
+    ``resify.apply(plain, gate=None)``. The classifier is linear and gets no shortcut. resify counts the global
     average pool as part of the last conv layer (a pool that follows it), so the last block's
     shortcut averages the whole final feature map; the hand-written model does the same, to be
     the same computation.
@@ -87,6 +91,7 @@ class VGGNet(nn.Module):
                  input_size: int = 8) -> None:
         super().__init__()
         self.use_shortcut = use_shortcut
+        self.no_shortcut: set[int] = set()
         self.layers = nn.ModuleList()
         self.projections = nn.ModuleList()
         cin, size = in_channels, input_size
@@ -120,15 +125,9 @@ class VGGNet(nn.Module):
                 cin = cout
         self.flatten = nn.Flatten()
         self.head = nn.Linear(cin, classes)
-        self.head_projection = nn.Linear(cin, classes) if use_shortcut else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _seed_loop(self, x)
-        x = self.flatten(x)
-        out = self.head(x)
-        if self.use_shortcut:
-            out = out + self.head_projection(x)
-        return out
+        return self.head(self.flatten(_seed_loop(self, x)))
 
 
 def copy_shortcut_weights(converted: torch.fx.GraphModule, hand: nn.Module) -> None:
@@ -146,9 +145,6 @@ def copy_shortcut_weights(converted: torch.fx.GraphModule, hand: nn.Module) -> N
     ours = [s for s in plan.sites if s.kind == "projection"]
     theirs = [p for p in list(getattr(hand, "projections", [])) if p is not None]
     prefixes = [f"projections.{i}" for i, p in enumerate(getattr(hand, "projections", [])) if p is not None]
-    if getattr(hand, "head_projection", None) is not None:
-        theirs.append(hand.head_projection)
-        prefixes.append("head_projection")
     if len(ours) != len(theirs):
         raise ValueError(f"resify made {len(ours)} projection(s), the hand-written model has {len(theirs)}")
     for site, prefix in zip(ours, prefixes):

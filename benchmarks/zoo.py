@@ -65,7 +65,7 @@ def check_model(name: str, preserve_output: bool = False, device: str = "cpu", *
     row["seconds"] = time.perf_counter() - t0
     plan = converted.meta["resify_plan"]
     counts = plan.counts()
-    row.update(status="converted", sites=len(plan.sites), identity=counts.get("identity", 0),
+    row.update(status="converted", plan=plan, sites=len(plan.sites), identity=counts.get("identity", 0),
                projection=counts.get("projection", 0), dense=counts.get("dense", 0),
                existing=len(plan.existing), added=plan.added_params)
     out0 = model(x)

@@ -268,6 +268,11 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
                 "match; try shortcut='auto' for a learned projection")
     if len(src.shape) != len(dst.shape):
         return f"rank change {change} (e.g. a flatten) inside the span; a projection cannot bridge it"
+    if all(r == "dropout" for layer in layers for r in layer.roles):
+        # W·x + P·x = (W + P)·x: beside a branch with no nonlinearity (a classifier head), a learned
+        # projection is a second linear map of the same input; it adds parameters, not a shorter path
+        return (f"shape changes {change} across a span with no nonlinearity (no activation, norm or "
+                "pooling): a projection beside it would only add a second linear map of the same input")
     if first.kind == "Linear":
         if src.shape[:-1] != dst.shape[:-1]:
             return f"unsupported shape change {change}: a Linear projection changes the last dimension only"

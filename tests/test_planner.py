@@ -101,8 +101,36 @@ def test_functional_layers_are_found():
     model = Functional()
     converted = resify.apply(model, x)
     plan = converted.meta["resify_plan"]
-    assert [(s.start, s.kind) for s in plan.sites] == [("w1", "identity"), ("w2", "projection")]
+    assert [(s.start, s.kind) for s in plan.sites] == [("w1", "identity")]
+    # w2 is found too: a bare head that changes the shape, so it is skipped with the reason
+    assert [(s.start, "no nonlinearity" in s.reason) for s in plan.skipped] == [("w2", True)]
     assert converted(x).shape == (2, 8)
+
+
+@pytest.mark.parametrize("head, expected", [
+    (lambda: nn.Linear(32, 10), "skipped"),                                 # logits: linear
+    (lambda: nn.Sequential(nn.Dropout(0.1), nn.Linear(32, 10)), "skipped"),  # dropout is no nonlinearity
+    (lambda: nn.Sequential(nn.Linear(32, 10), nn.Dropout(0.1)), "skipped"),
+    (lambda: nn.Sequential(nn.Linear(32, 10), nn.GELU()), "projection"),
+    (lambda: nn.Sequential(nn.Linear(32, 10), nn.LayerNorm(10)), "projection"),
+    (lambda: nn.Linear(32, 32), "identity"),                                # same shape: x + W·x is kept
+])
+def test_a_projection_is_only_put_beside_a_span_with_a_nonlinearity(head, expected):
+    """W·x + P·x = (W + P)·x: beside a purely linear span a projection adds parameters, nothing else."""
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), head())
+    plan = resify.plan(model, torch.randn(4, 32))
+    head_start = [layer for layer in ("2", "2.0", "2.1") if any(x.start == layer for x in (*plan.sites, *plan.skipped))]
+    assert len(head_start) == 1
+    site = next((x for x in plan.sites if x.start == head_start[0]), None)
+    if expected == "skipped":
+        assert site is None
+        (reason,) = [x.reason for x in plan.skipped if x.start == head_start[0]]
+        assert reason == ("shape changes [4, 32] -> [4, 10] across a span with no nonlinearity (no activation, "
+                          "norm or pooling): a projection beside it would only add a second linear map of the same input")
+    else:
+        assert site is not None and site.kind == expected
+    # the first layer (Linear + ReLU, same shape) always gets its identity shortcut
+    assert plan.sites[0].start == "0" and plan.sites[0].kind == "identity"
 
 
 def test_non_float_input_is_skipped():
