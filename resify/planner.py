@@ -271,8 +271,7 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     if all(r == "dropout" for layer in layers for r in layer.roles):
         # W·x + P·x = (W + P)·x: beside a branch with no nonlinearity (a classifier head), a learned
         # projection is a second linear map of the same input; it adds parameters, not a shorter path
-        return (f"shape changes {change} across a span with no nonlinearity (no activation, norm or "
-                "pooling): a projection beside it would only add a second linear map of the same input")
+        return "the span is linear (no activation, norm or pool): a projection would add one more linear map"
     if first.kind == "Linear":
         if src.shape[:-1] != dst.shape[:-1]:
             return f"unsupported shape change {change}: a Linear projection changes the last dimension only"
