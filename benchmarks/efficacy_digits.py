@@ -428,8 +428,8 @@ def write_markdown(runs: Sequence[Run], path: str, commands: Sequence[str], mach
         "",
         "Variants: **plain** (the seed's `ImprovedResidualNetwork` pattern, `use_shortcut=False`), "
         "**resify gate=None** (`resify.apply(plain, x)`), **resify gate='rezero'**, "
-        "**hand-written** (`use_shortcut=True`: `x = act(linear(x)) + x`, a Linear projection at the "
-        "64→10 output layer, as resify adds).",
+        "**hand-written** (`use_shortcut=True`: `x = act(linear(x)) + x`; the 64→10 output layer is "
+        "linear and gets no shortcut, as resify adds none there).",
         "",
     ]
     if mlp:
