@@ -98,7 +98,7 @@ def _first_parameter(model: nn.Module) -> torch.Tensor | None:
     return next(iter(model.parameters()), None)
 
 
-def check_device(model: nn.Module, inputs: tuple[Any, ...], what: str = "example_input") -> None:
+def check_device(model: nn.Module, inputs: tuple[Any, ...]) -> None:
     """Refuse input tensors on another device than the model's first parameter (or buffer).
 
     A model on the meta device accepts inputs anywhere: only shapes are read from it.
@@ -113,7 +113,7 @@ def check_device(model: nn.Module, inputs: tuple[Any, ...], what: str = "example
         return
     for i, t in enumerate(inputs):
         if isinstance(t, torch.Tensor) and t.device != first.device:
-            where = what if len(inputs) == 1 else f"{what}[{i}]"
+            where = "example_input" if len(inputs) == 1 else f"example_input[{i}]"
             raise TraceError(
                 f"{where} is on {t.device} but {type(model).__name__}'s parameters are on {first.device}; "
                 f"move it there first: {where}.to('{first.device}')"
