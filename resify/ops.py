@@ -31,11 +31,13 @@ _LAYER_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", 
 _ACTIVATION_MODULES: tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU,
     nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.PReLU,
-    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.GLU,
+    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.GLU, nn.Threshold, nn.RReLU, nn.Hardshrink,
+    nn.Softshrink,
 )
 _NORM_MODULES: tuple[type, ...] = (
     nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
-    nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm,
+    nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
+    *([nn.RMSNorm] if hasattr(nn, "RMSNorm") else []),  # torch >= 2.4
 )
 _DROPOUT_MODULES: tuple[type, ...] = (nn.modules.dropout._DropoutNd, nn.Identity)
 _POOL_MODULES: tuple[type, ...] = (
@@ -46,7 +48,8 @@ _POOL_MODULES: tuple[type, ...] = (
 _ACTIVATION_FUNCTIONS = {
     F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.leaky_relu, F.elu, F.selu, F.celu, F.hardswish,
     F.hardsigmoid, F.hardtanh, F.mish, F.softplus, F.sigmoid, F.tanh, torch.relu, torch.relu_,
-    torch.sigmoid, torch.tanh, torch.selu, F.glu,
+    torch.sigmoid, torch.tanh, torch.selu, F.glu, F.threshold, F.rrelu, F.hardshrink, F.softshrink,
+    F.logsigmoid, F.tanhshrink, F.softsign, F.prelu,
 }
 _ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 _NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}

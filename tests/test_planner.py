@@ -113,6 +113,8 @@ def test_functional_layers_are_found():
     (lambda: nn.Sequential(nn.Linear(32, 10), nn.Dropout(0.1)), "skipped"),
     (lambda: nn.Sequential(nn.Linear(32, 10), nn.GELU()), "projection"),
     (lambda: nn.Sequential(nn.Linear(32, 10), nn.LayerNorm(10)), "projection"),
+    (lambda: nn.Sequential(nn.Linear(32, 10), nn.Softshrink()), "projection"),  # any elementwise activation
+    (lambda: nn.Sequential(nn.Linear(32, 10), nn.RReLU()), "projection"),
     (lambda: nn.Linear(32, 32), "identity"),                                # same shape: x + W·x is kept
 ])
 def test_a_projection_is_only_put_beside_a_span_with_a_nonlinearity(head, expected):
