@@ -15,6 +15,11 @@ from resify.cli import cli
 ROOT = Path(__file__).resolve().parents[1]
 SEED = str(ROOT / "examples" / "seed_mlp.py")
 VGG = str(ROOT / "examples" / "vgg_cnn.py")
+try:  # a test extra; without it, torchvision:NAME must say how to install it
+    import torchvision  # noqa: F401
+    HAS_TORCHVISION = True
+except ImportError:
+    HAS_TORCHVISION = False
 
 
 def run(*args):
@@ -142,7 +147,8 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         (["inspect", SEED, "--input-shape", "10,99"], 1, "layer 'layers.0.0' (Linear) rejected input of shape [10, 99]"),
         (["inspect", SEED, "--input-shape", "ten"], 2, "--input-shape expects positive integers"),
         (["inspect", SEED, "--shortcut", "sideways"], 2, "Invalid value for '--shortcut'"),
-        (["inspect", "torchvision:resnet9000"], 2, "torchvision has no model 'resnet9000'"),
+        (["inspect", "torchvision:resnet9000"], 2, "torchvision has no model 'resnet9000'" if HAS_TORCHVISION
+         else "torchvision:NAME needs torchvision; pip install torchvision"),
         (["convert", SEED, "-o", str(Path(a_file) / "out")], 1, "cannot write to"),
     ]
     for args, status, message in cases:
