@@ -49,9 +49,8 @@ class SeedMLP(nn.Module):
 
     Every layer but the last is ``Linear`` + activation; the last is a bare ``Linear`` (logits).
     With ``use_shortcut`` each layer adds its input back, through a ``Linear`` projection where
-    the width changes (as in the seed), except the logits layer where its width changes: it is
-    linear, and a projection beside it would be a second linear map of the same input, so
-    resify adds none there.
+    the width changes (as in the seed), except at the logits layer: it is linear, so a projection
+    beside it would be a second linear map of the same input, and resify adds none there.
     """
 
     def __init__(self, layer_sizes: Sequence[int], use_shortcut: bool, act: type[nn.Module] = nn.GELU) -> None:
@@ -80,10 +79,10 @@ class VGGNet(nn.Module):
     and a Linear classifier. With ``use_shortcut`` every conv block adds its input back: through
     a 1×1 conv (+ BatchNorm when ``norm``) where the channels change, an average pool over the
     block's pooling windows where it pools: the hand-written counterpart of
-    ``resify.apply(plain, gate=None)``. The classifier is linear and gets no shortcut. resify counts the global
-    average pool as part of the last conv layer (a pool that follows it), so the last block's
-    shortcut averages the whole final feature map; the hand-written model does the same, to be
-    the same computation.
+    ``resify.apply(plain, gate=None)``. The classifier is linear and gets no shortcut. resify
+    counts the global average pool as part of the last conv layer (a pool that follows it), so
+    the last block's shortcut averages the whole final feature map; the hand-written model does
+    the same, to be the same computation.
     """
 
     def __init__(self, in_channels: int = 1, classes: int = 10, stages: Sequence[int] = (16, 32, 64),
