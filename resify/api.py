@@ -10,7 +10,7 @@ import torch.fx
 from torch import nn
 
 from .analyze import analyze
-from .planner import Plan, Policy, make_plan
+from .planner import Plan, Policy, make_plan, reconcile_modes
 from .rewrite import rewrite
 from .trace import Traced, trace
 
@@ -34,7 +34,11 @@ def _prepare(model: nn.Module, example_input: Any, policy: dict[str, Any]) -> tu
     pol = Policy.from_kwargs(**policy)
     traced = trace(model, example_input, leaf_modules=pol.leaf_modules)
     params = sum(p.numel() for p in model.parameters())
-    return traced, make_plan(analyze(traced), pol, params_before=params)
+    the_plan = make_plan(analyze(traced), pol, params_before=params)
+    other = traced.other_mode()
+    if other is not None:  # forward reads self.training: plan both graphs, keep what they share
+        the_plan = reconcile_modes(the_plan, make_plan(analyze(other), pol, params_before=params), traced.training)
+    return traced, the_plan
 
 
 def plan(model: nn.Module, example_input: Any = None, **policy: Any) -> Plan:

@@ -5,6 +5,7 @@ Pure tables and predicates on fx nodes, shared by the analyze stage and the repo
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +23,10 @@ __all__ = [
     "follower_role",
     "merge_operands",
     "describe",
+    "is_bounded_activation",
+    "reaches_output_unchanged",
+    "size_functions",
+    "SizeFn",
 ]
 
 #: Parametric modules that make a layer (the seed's nn.Linear, and convolutions).
@@ -175,3 +180,137 @@ def merge_operands(n: torch.fx.Node) -> tuple[str, list[torch.fx.Node]] | None:
         return None
     nodes = [o for o in ops if isinstance(o, torch.fx.Node)]
     return (kind, nodes) if len(nodes) >= 2 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# spatial geometry: how an op maps an input size to an output size, from its hyperparameters
+
+#: A function from one spatial input size to the output size (None: the op rejects that size).
+SizeFn = Callable[[int], "int | None"]
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_MAX_POOL_FUNCTIONS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
+_AVG_POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+
+
+def _per_dim(v: Any, dims: int) -> tuple[Any, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims
+
+
+def _window(k: int, s: int, p: int, d: int, ceil: bool) -> SizeFn:
+    """Output size of a sliding window (torch's formula for convolutions and pools)."""
+    def size(n: int) -> int | None:
+        span = n + 2 * p - d * (k - 1) - 1
+        if span < 0:
+            return None
+        out = (-(-span // s) if ceil else span // s) + 1
+        if ceil and (out - 1) * s >= n + p:  # the last window must start inside the input
+            out -= 1
+        return out
+    return size
+
+
+def _same(n: int) -> int | None:
+    return n
+
+
+def _arg(n: torch.fx.Node, i: int, name: str, default: Any) -> Any:
+    if len(n.args) > i:
+        return n.args[i]
+    return n.kwargs.get(name, default)
+
+
+def size_functions(gm: nn.Module, n: torch.fx.Node, dims: int) -> list[SizeFn] | None:
+    """Per spatial dim, the function from input to output size of op ``n`` on [N, C, *spatial].
+
+    Element-wise ops, norms and dropout keep the size; convolutions and pools follow torch's
+    formula from their hyperparameters. None where the size does not follow from them (adaptive
+    pools, whose output size is fixed, and ops resify does not know).
+    """
+    m = _module(gm, n)
+    if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
+        if m.padding == "same":
+            return [_same] * dims
+        pad = (0,) * dims if m.padding == "valid" else m.padding
+        return [_window(k, s, p, d, False) for k, s, p, d in zip(m.kernel_size, m.stride, pad, m.dilation)]
+    if isinstance(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)):
+        dil = _per_dim(getattr(m, "dilation", 1), dims)
+        stride = m.stride if m.stride is not None else m.kernel_size
+        return [_window(k, s, p, d, bool(m.ceil_mode)) for k, s, p, d in
+                zip(_per_dim(m.kernel_size, dims), _per_dim(stride, dims), _per_dim(m.padding, dims), dil)]
+    if isinstance(m, nn.modules.pooling._LPPoolNd):
+        stride = m.stride if m.stride is not None else m.kernel_size
+        return [_window(k, s, 0, 1, bool(m.ceil_mode)) for k, s in
+                zip(_per_dim(m.kernel_size, dims), _per_dim(stride, dims))]
+    if n.op == "call_function" and n.target in _CONV_FUNCTIONS:
+        w = _arg(n, 1, "weight", None)
+        info = w.meta.get("resify") if isinstance(w, torch.fx.Node) else None
+        padding = _arg(n, 4, "padding", 0)
+        if info is None or not isinstance(padding, (int, tuple, list, str)):
+            return None
+        if padding == "same":
+            return [_same] * dims
+        pad = (0,) * dims if padding == "valid" else _per_dim(padding, dims)
+        stride, dilation = _per_dim(_arg(n, 3, "stride", 1), dims), _per_dim(_arg(n, 5, "dilation", 1), dims)
+        return [_window(k, s, p, d, False) for k, s, p, d in zip(info.shape[2:], stride, pad, dilation)]
+    if n.op == "call_function" and (n.target in _MAX_POOL_FUNCTIONS or n.target in _AVG_POOL_FUNCTIONS):
+        is_max = n.target in _MAX_POOL_FUNCTIONS
+        k = _arg(n, 1, "kernel_size", None)
+        s = _arg(n, 2, "stride", None) or k
+        p = _arg(n, 3, "padding", 0)
+        d = _arg(n, 4, "dilation", 1) if is_max else 1
+        ceil = _arg(n, 5 if is_max else 4, "ceil_mode", False)
+        values = (k, s, p, d, ceil)
+        if any(isinstance(v, torch.fx.Node) for v in values) or k is None:
+            return None
+        return [_window(*a, bool(ceil)) for a in
+                zip(_per_dim(k, dims), _per_dim(s, dims), _per_dim(p, dims), _per_dim(d, dims))]
+    if follower_role(gm, n) in ("activation", "norm", "dropout"):
+        return [_same] * dims
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# bounded outputs: a shortcut across these would take the model's output out of its range
+
+_BOUNDED_MODULES: tuple[type, ...] = (
+    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Softsign, nn.LogSigmoid, nn.Softmax,
+    nn.LogSoftmax, nn.Softmax2d, nn.Softmin,  # nn.ReLU6 is a Hardtanh
+)
+_BOUNDED_FUNCTIONS = {
+    F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.hardtanh, F.relu6, F.hardsigmoid, F.softsign,
+    F.logsigmoid, F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax,
+}
+_BOUNDED_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_", "softmax", "log_softmax"}
+_SHAPE_MODULES: tuple[type, ...] = (nn.Flatten, nn.Unflatten, nn.Identity)
+_SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
+                    torch.transpose, operator.getitem}
+_SHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose",
+                  "contiguous", "view_as", "reshape_as", "unflatten", "movedim"}
+
+
+def is_bounded_activation(gm: nn.Module, n: torch.fx.Node) -> bool:
+    """True for an activation whose output lies in a range (Sigmoid, Tanh, Softmax, Hardtanh, …)."""
+    m = _module(gm, n)
+    if m is not None:
+        return isinstance(m, _BOUNDED_MODULES)
+    if n.op == "call_function":
+        return n.target in _BOUNDED_FUNCTIONS
+    return n.op == "call_method" and n.target in _BOUNDED_METHODS
+
+
+def reaches_output_unchanged(gm: nn.Module, n: torch.fx.Node) -> bool:
+    """True when ``n``'s value goes to the graph's output through nothing but shape ops."""
+    todo, seen = [n], set()
+    while todo:
+        cur = todo.pop()
+        for u in cur.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if u.op == "output":
+                return True
+            m = _module(gm, u)
+            if (isinstance(m, _SHAPE_MODULES) or (u.op == "call_function" and u.target in _SHAPE_FUNCTIONS)
+                    or (u.op == "call_method" and u.target in _SHAPE_METHODS)):
+                todo.append(u)
+    return False

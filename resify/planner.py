@@ -9,15 +9,15 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .analyze import Analysis, ExistingShortcut, Layer
 from .errors import PlanError
-from .ops import data_input
+from .ops import data_input, describe, follower_role, is_bounded_activation, reaches_output_unchanged, size_functions
 from .trace import TensorInfo
 
-__all__ = ["Policy", "Site", "Skipped", "Plan", "make_plan", "SHORTCUTS", "GATES", "PLAN_SCHEMA_VERSION"]
+__all__ = ["Policy", "Site", "Skipped", "Plan", "make_plan", "reconcile_modes", "SHORTCUTS", "GATES", "PLAN_SCHEMA_VERSION"]
 
 SHORTCUTS = ("auto", "identity", "dense")
 GATES = (None, "rezero", "layerscale")
@@ -119,8 +119,9 @@ class Site:
     anchor: str  # fx node of the first layer's parametric op (its input is the span's input)
     exit: str  # fx node of the span's output
     name: str  # key under the resify namespace
-    stride: tuple[int, ...] = ()
-    pool: bool = False  # the shortcut average-pools (kernel = stride) instead of striding its 1×1 conv
+    stride: tuple[int, ...] = ()  # the 1×1 projection's stride, where the span's size follows one
+    pool: bool = False  # the shortcut average-pools its input to the branch's output size at run time
+    pool_last: bool = False  # ... after its projection and norm (the span normalises before it pools)
     norm: str | None = None  # BatchNorm type to follow a conv projection
     channels: tuple[int, int] = (0, 0)  # (in, out) channels or features
     channel_dim: int = -1  # -1 for [..., C] tensors (Linear), 1 for [N, C, *spatial] (ConvNd)
@@ -160,6 +161,8 @@ class Plan:
     skipped: tuple[Skipped, ...]
     existing: tuple[ExistingShortcut, ...]
     notes: tuple[str, ...] = field(default=())
+    #: where forward reads ``self.training``: the same sites, found in the other mode's graph
+    other_mode_sites: tuple[Site, ...] | None = field(default=None, repr=False)
 
     @property
     def added_params(self) -> int:
@@ -183,6 +186,7 @@ class Plan:
             "sites": [s.to_dict() for s in self.sites],
             "skipped": [s.to_dict() for s in self.skipped],
             "existing": [e.to_dict() for e in self.existing],
+            "notes": list(self.notes),
         }
 
     def summary(self) -> str:
@@ -215,21 +219,49 @@ def _pattern_reason(name: str, policy: Policy) -> str | None:
     return None
 
 
-def _conv_stride(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """Integer strides s with ceil(in/s) == out per spatial dim (what a 1×1 conv of stride s gives)."""
+#: Input sizes on which a span's geometry is compared with its shortcut's (every size the span
+#: accepts up to this bound: the formulas are periodic in the stride, so this covers all sizes).
+_PROBE_SIZES = range(1, 257)
+
+
+def _geometry(layers: Sequence[Layer], analysis: Analysis, dims: int) -> tuple[str, tuple[int, ...]]:
+    """How a conv span's spatial size follows its input's, from its ops' hyperparameters.
+
+    ``("same", ())``: every size is kept; ``("stride", S)``: out = ceil(in / S) on every size the span
+    accepts, what a 1×1 conv of stride S gives; ``("match", ())``: anything else (a pool, whose
+    windows the shortcut averages over; an adaptive pool; a valid convolution), where the shortcut
+    is average-pooled to the branch's own output size at run time.
+    """
+    per_dim: list[list] = [[] for _ in range(dims)]
+    pooled = False
+    for layer in layers:
+        for name in layer.nodes:
+            n = analysis.node(name)
+            fns = size_functions(analysis.module, n, dims)
+            if fns is None:
+                return "match", ()
+            pooled = pooled or follower_role(analysis.module, n) == "pool"
+            for d, fn in enumerate(fns):
+                per_dim[d].append(fn)
     strides = []
-    for i, o in zip(in_shape[2:], out_shape[2:]):
-        if o <= 0:
-            return None
-        found = None
-        for s in {max(1, i // o), max(1, -(-i // o))}:
-            if -(-i // s) == o:
-                found = s
-                break
-        if found is None:
-            return None
-        strides.append(found)
-    return tuple(strides)
+    for fns in per_dim:
+        sizes = {}
+        for size in _PROBE_SIZES:
+            out: int | None = size
+            for fn in fns:
+                out = fn(out) if out is not None and out >= 1 else None
+            if out is not None and out >= 1:
+                sizes[size] = out
+        if not sizes:
+            return "match", ()
+        top = max(sizes)
+        stride = max(1, round(top / sizes[top]))
+        if any(-(-i // stride) != o for i, o in sizes.items()):
+            return "match", ()
+        strides.append(stride)
+    if all(s == 1 for s in strides):
+        return "same", ()
+    return ("match", ()) if pooled else ("stride", tuple(strides))
 
 
 def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name: str, carry: int = 0) -> Site | str:
@@ -240,6 +272,9 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     problem = analysis.span_problem(data_input(anchor), exit)
     if problem:
         return problem
+    if is_bounded_activation(analysis.module, exit) and reaches_output_unchanged(analysis.module, exit):
+        return (f"the span ends in a bounded activation ({describe(analysis.module, exit)}) whose range is the "
+                "model's output range: a shortcut would take outputs out of it")
     src: TensorInfo | None = first.in_info
     dst: TensorInfo | None = last.out_info
     if src is None or dst is None:
@@ -255,15 +290,21 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     channel_dim = -1 if first.kind == "Linear" else 1
     common["channel_dim"] = channel_dim
     if policy.shortcut == "dense":
-        return _dense_site(src, dst, first, analysis, policy, common, carry)
+        return _dense_site(src, dst, layers, analysis, policy, common, carry)
     common["preserve_output"] = policy.preserve_output
     out_c = dst.shape[channel_dim] if dst.shape else 1
     gate_params = {None: 0, "rezero": 1, "layerscale": out_c}[gate] + int(policy.preserve_output)
-    if src.shape == dst.shape:
+    dims = int(first.kind[-2]) if first.kind.startswith("Conv") else 0  # "Conv2d" -> 2
+    conv_geometry = dims and len(src.shape) == dims + 2 and len(dst.shape) == dims + 2
+    geometry, stride = _geometry(layers, analysis, dims) if conv_geometry else ("same", ())
+    change = f"{_shape(src.shape)} -> {_shape(dst.shape)}"
+    if src.shape == dst.shape and geometry == "same":
         return Site(kind="identity", added_params=gate_params, projection=None,
                     channels=(out_c, out_c), **common)
-    change = f"{_shape(src.shape)} -> {_shape(dst.shape)}"
     if policy.shortcut == "identity":
+        if src.shape == dst.shape:
+            return (f"the span keeps the shape {_shape(src.shape)} only at this input size (an adaptive pool "
+                    "or a valid convolution); shortcut='identity' needs it kept at every size; try shortcut='auto'")
         return (f"shape changes {change}; shortcut='identity' adds shortcuts only where shapes "
                 "match; try shortcut='auto' for a learned projection")
     if len(src.shape) != len(dst.shape):
@@ -278,49 +319,67 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
         cin, cout = src.shape[-1], dst.shape[-1]
         return Site(kind="projection", added_params=cin * cout + cout + gate_params,
                     projection=f"Linear({cin}, {cout})", channels=(cin, cout), **common)
-    dims = int(first.kind[-2])  # "Conv2d" -> 2
-    if len(src.shape) != dims + 2 or src.shape[0] != dst.shape[0]:
+    if not conv_geometry or src.shape[0] != dst.shape[0]:
         return f"unsupported shape change {change} for a {first.kind} span"
-    stride = _conv_stride(src.shape, dst.shape)
-    if stride is None:
-        return (f"unsupported shape change {change}: the spatial size does not shrink by an integer "
-                "stride, so a strided 1×1 projection cannot match it")
     cin, cout = src.shape[1], dst.shape[1]
-    shown = stride[0] if len(set(stride)) == 1 else stride
-    # Where pooling shrinks the span (a max-pool ending a VGG stage, a global average pool), the
-    # shortcut averages over the same windows rather than keeping one pixel in stride²; where
+    if geometry != "match":  # the size follows a stride (1 or more): a 1×1 projection with that stride
+        shown = "" if not stride else f", stride={stride[0] if len(set(stride)) == 1 else stride}"
+        norm = _span_norm(layers, analysis, dims)
+        added = cin * cout + (2 * cout if norm else 0) + gate_params
+        label = f"Conv{dims}d({cin}, {cout}, 1{shown})" + (f" + {norm}" if norm else "")
+        return Site(kind="projection", added_params=added, projection=label, stride=stride, norm=norm,
+                    channels=(cin, cout), **common)
+    # Where the span pools (a max-pool ending a VGG stage, a global average pool) or its size does not
+    # follow a stride, the shortcut averages its input to the branch's output size at run time; where
     # the channels do not change either, that pooling is the whole shortcut, without parameters.
-    pool = any(r == "pool" for l in layers for r in l.roles) and any(s > 1 for s in stride)
-    if pool and cin == cout:
-        return Site(kind="projection", added_params=gate_params, projection=f"AvgPool{dims}d({shown})",
-                    stride=stride, pool=True, channels=(cin, cout), **common)
-    norm = next((f"BatchNorm{dims}d" for l in layers for r in l.roles if r == "norm"
-                 and analysis.has_batchnorm(l)), None)
+    pool = f"AvgPool{dims}d(→out)"
+    if cin == cout:
+        return Site(kind="projection", added_params=gate_params, projection=pool, pool=True,
+                    channels=(cin, cout), **common)
+    norm = _span_norm(layers, analysis, dims)
+    # the projection normalises where the span does: before its pooling when the span's norm comes
+    # first (its statistics then cover as many values as the span's own norm: a batch of one that
+    # the original trains on, the converted model trains on too)
+    pool_last = norm is not None and _norm_before_pool(layers, analysis)
+    conv = f"Conv{dims}d({cin}, {cout}, 1)" + (f" + {norm}" if norm else "")
+    label = f"{conv} + {pool}" if pool_last else f"{pool} + {conv}"
     added = cin * cout + (2 * cout if norm else 0) + gate_params
-    conv = f"Conv{dims}d({cin}, {cout}, 1" + ("" if pool or shown == 1 else f", stride={shown}") + ")"
-    label = (f"AvgPool{dims}d({shown}) + " if pool else "") + conv
-    return Site(kind="projection", added_params=added, projection=label + (f" + {norm}" if norm else ""),
-                stride=stride, pool=pool, norm=norm, channels=(cin, cout), **common)
+    return Site(kind="projection", added_params=added, projection=label, pool=True, pool_last=pool_last,
+                norm=norm, channels=(cin, cout), **common)
 
 
-def _dense_site(src: TensorInfo, dst: TensorInfo, first: Layer, analysis: Analysis, policy: Policy,
+def _span_norm(layers: Sequence[Layer], analysis: Analysis, dims: int) -> str | None:
+    """The BatchNorm type a conv projection gets: one where the span has a batch norm."""
+    return next((f"BatchNorm{dims}d" for l in layers for r in l.roles if r == "norm"
+                 and analysis.has_batchnorm(l)), None)
+
+
+def _norm_before_pool(layers: Sequence[Layer], analysis: Analysis) -> bool:
+    """True when the span's first norm comes before its first pool (or it has no pool)."""
+    for layer in layers:
+        for role in layer.roles:
+            if role == "norm":
+                return True
+            if role == "pool":
+                return False
+    return True
+
+
+def _dense_site(src: TensorInfo, dst: TensorInfo, layers: Sequence[Layer], analysis: Analysis, policy: Policy,
                 common: dict, carry: int) -> Site | str:
     """A dense site: cat([x, F(x)]) and the consumer widened with zero weights for x, or why not."""
     cd = common["channel_dim"]
     change = f"{_shape(src.shape)} -> {_shape(dst.shape)}"
     if len(src.shape) != len(dst.shape):
         return f"rank change {change} (e.g. a flatten) inside the span; cannot concatenate"
-    stride: tuple[int, ...] = ()
+    pool = False
     if cd == -1:
         if src.shape[:-1] != dst.shape[:-1]:
             return f"unsupported shape change {change}: concatenation on the last dimension needs the others equal"
     else:
         if src.shape[0] != dst.shape[0]:
             return f"unsupported shape change {change}"
-        found_stride = _conv_stride(src.shape, dst.shape)
-        if found_stride is None:
-            return f"unsupported shape change {change}: the spatial size does not shrink by an integer stride"
-        stride = () if all(s == 1 for s in found_stride) else found_stride
+        pool = _geometry(layers, analysis, len(src.shape) - 2)[0] != "same"
     found = analysis.dense_consumer(analysis.node(common["exit"]), cd)
     if isinstance(found, str):
         return found
@@ -330,9 +389,9 @@ def _dense_site(src: TensorInfo, dst: TensorInfo, first: Layer, analysis: Analys
         return (f"would add {extra} channels/features to '{consumer}', more than "
                 f"dense_max_growth={policy.dense_max_growth}")
     added = extra * consumer_params_per_channel
-    pool = f" (shortcut avg-pooled, stride {stride[0] if len(set(stride)) == 1 else stride})" if stride else ""
-    return Site(kind="dense", added_params=added, projection=f"concat, widens {consumer} by {extra}{pool}",
-                stride=stride, channels=(extra, dst.shape[cd]), consumer=consumer,
+    shown = " (shortcut avg-pooled to the output size)" if pool else ""
+    return Site(kind="dense", added_params=added, projection=f"concat, widens {consumer} by {extra}{shown}",
+                pool=pool, channels=(extra, dst.shape[cd]), consumer=consumer,
                 extra_channels=extra, **common)
 
 
@@ -386,3 +445,35 @@ def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0) -> Pla
         n_layers=len(analysis.layers), params_before=params_before, sites=tuple(sites),
         skipped=tuple(skipped), existing=tuple(analysis.existing),
     )
+
+
+def reconcile_modes(plan: Plan, other: Plan, training: bool) -> Plan:
+    """One plan for a model whose train and eval graphs differ (its forward reads ``self.training``).
+
+    ``plan`` was made on the graph of the model's current mode (``training``), ``other`` on the other
+    mode's. A site is kept where both modes have it, around the same layers with the same shapes and
+    shortcut; the other mode's copy (its own node names) goes to ``other_mode_sites``.
+    """
+    def key(s: Site) -> tuple:
+        return (s.kind, s.start, s.end, s.in_shape, s.out_shape, s.projection)
+
+    theirs = {key(s): s for s in other.sites}
+    mine = {key(s) for s in plan.sites}
+    sites, other_sites, skipped = [], [], list(plan.skipped)
+    for s in plan.sites:
+        twin = theirs.get(key(s))
+        if twin is None:
+            skipped.append(Skipped(s.start, s.end, "the span differs between train and eval mode "
+                                                   "(forward reads self.training there)"))
+            continue
+        sites.append(s)
+        other_sites.append(replace(twin, name=s.name))
+    for s in other.sites:
+        if key(s) not in mine:
+            skipped.append(Skipped(s.start, s.end, f"a site only in {'eval' if training else 'train'} mode "
+                                                   "(forward reads self.training there)"))
+    modes = "train and eval mode"
+    note = (f"forward reads self.training: traced in {modes}; the converted model switches graphs "
+            "with train()/eval()")
+    return replace(plan, sites=tuple(sites), skipped=tuple(skipped), notes=(*plan.notes, note),
+                   other_mode_sites=tuple(other_sites))

@@ -13,28 +13,32 @@ import operator
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from .analyze import NAMESPACE
 from .errors import RewriteError
 from .ops import data_input, layer_weight
+from .modules import GATE_PARAMETERS, DualGraphModule, Shortcut
 from .planner import Plan, Site
 from .trace import TensorInfo, Traced
 
 __all__ = ["rewrite"]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_AVGPOOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 _BATCHNORM = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d, "BatchNorm3d": nn.BatchNorm3d}
 
 
-def _container(gm: nn.Module, path: str) -> nn.Module:
-    """The module at ``path`` under gm, creating empty containers where missing."""
+def _container(gm: nn.Module, path: str, site: Site | None = None) -> nn.Module:
+    """The module at ``path`` under gm, creating empty containers where missing (a Shortcut for a site)."""
     mod: nn.Module = gm
-    for atom in path.split("."):
+    atoms = path.split(".")
+    for i, atom in enumerate(atoms):
         child = getattr(mod, atom, None)
         if child is None:
-            child = nn.Module()
+            last = i == len(atoms) - 1
+            child = Shortcut(site.gate_init if site is not None and site.gate else None) if last and site else nn.Module()
             child.training = gm.training
             mod.add_module(atom, child)
         elif not isinstance(child, nn.Module):
@@ -47,72 +51,113 @@ def _container(gm: nn.Module, path: str) -> nn.Module:
 
 
 def _projection(site: Site, factory: dict) -> list[tuple[str, nn.Module]]:
+    """The shortcut's modules in the order they apply (the run-time pool is a graph op, not here)."""
     cin, cout = site.channels
-    if not site.stride:
+    if site.channel_dim == -1:
         return [("proj", nn.Linear(cin, cout, bias=True, **factory))]
-    mods: list[tuple[str, nn.Module]] = []
-    if site.pool:  # ceil_mode: a last, partial window, as the span's own pooling may have
-        mods.append(("pool", _AVGPOOL[len(site.stride)](site.stride, site.stride, ceil_mode=True)))
-        if cin == cout:
-            return mods
-    stride = 1 if site.pool else site.stride
-    mods.append(("proj", _CONV[len(site.stride)](cin, cout, kernel_size=1, stride=stride, bias=False, **factory)))
+    if site.pool and cin == cout:
+        return []
+    dims = len(site.in_shape) - 2
+    stride = site.stride or 1
+    mods: list[tuple[str, nn.Module]] = [
+        ("proj", _CONV[dims](cin, cout, kernel_size=1, stride=stride, bias=False, **factory))]
     if site.norm:
         mods.append(("norm", _BATCHNORM[site.norm](cout, **factory)))
     return mods
 
 
 def _gate_parameter(site: Site, factory: dict) -> torch.Tensor:
+    """α (rezero): shape (1,) — FSDP2 shards no scalar; γ (layerscale): one value per channel."""
     init = float(site.gate_init if site.gate_init is not None else 0.0)
     if site.gate == "rezero":
-        return torch.full((), init, **factory)
+        return torch.full((1,), init, **factory)
     channels = site.channels[1]
     ones = (1,) * (len(site.out_shape) - 2) if site.channel_dim == 1 else ()
     return torch.full((channels, *ones), init, **factory)
 
 
-def _insert_site(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: Site) -> None:
+def _site_factory(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: Site) -> dict:
     try:
-        anchor, exit = nodes[site.anchor], nodes[site.exit]
+        anchor = nodes[site.anchor]
+        nodes[site.exit]
     except KeyError as e:
         raise RewriteError(f"the plan names node {e} that is not in this graph; make the plan from the same model") from e
-    entry = data_input(anchor)
     weight = layer_weight(gm, anchor)
-    factory = {"device": weight.device, "dtype": weight.dtype}
+    return {"device": weight.device, "dtype": weight.dtype}
+
+
+def _build_site(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: Site) -> None:
+    """Create the site's modules and parameters under ``resify.<site>`` (once, whatever the graphs)."""
+    factory = _site_factory(gm, graph, nodes, site)
+    if site.kind == "dense":
+        if site.consumer is None:
+            raise RewriteError(f"dense site '{site.name}' names no consumer layer; make the plan with resify.plan")
+        _replace_module(gm, site.consumer, _widened_layer(gm.get_submodule(site.consumer), site.extra_channels))
+        return
+    modules = _projection(site, factory) if site.kind == "projection" else []
+    if not modules and not site.preserve_output and site.gate is None:
+        return  # an identity or a parameter-free pool: nothing to hold
+    holder = _container(gm, f"{NAMESPACE}.{site.name}", site)
+    for attr, mod in modules:
+        mod.train(gm.training)
+        holder.add_module(attr, mod)
+    if site.preserve_output:
+        holder.register_parameter("beta", nn.Parameter(torch.zeros((1,), **factory)))
+    if site.gate is not None:
+        holder.register_parameter(GATE_PARAMETERS[site.gate], nn.Parameter(_gate_parameter(site, factory)))
+
+
+def _pool_to(graph: torch.fx.Graph, x: torch.fx.Node, like: torch.fx.Node, dims: int) -> torch.fx.Node:
+    """Nodes that average-pool ``x`` to ``like``'s spatial size, read at run time."""
+    sizes = [graph.call_method("size", (like, d)) for d in range(2, 2 + dims)]
+    for n in sizes:
+        n.meta["resify"] = None
+    return graph.call_function(_ADAPTIVE_AVG_POOL[dims], (x, sizes))
+
+
+def _insert_site(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: Site) -> None:
+    """Insert ``out = gate·F(x) + S(x)`` after the span's output in ``graph`` (modules already built)."""
+    factory = _site_factory(gm, graph, nodes, site)
+    anchor, exit = nodes[site.anchor], nodes[site.exit]
+    entry = data_input(anchor)
     prefix = f"{NAMESPACE}.{site.name}"
-    info = TensorInfo(tuple(site.out_shape), weight.dtype)
+    holder = _submodule_or_none(gm, prefix)
+    info = TensorInfo(tuple(site.out_shape), factory["dtype"])
     new: set[torch.fx.Node] = set()
 
-    def made(n: torch.fx.Node) -> torch.fx.Node:
-        n.meta["resify"] = info
+    def made(n: torch.fx.Node, meta: TensorInfo | None = info) -> torch.fx.Node:
+        n.meta["resify"] = meta
         new.add(n)
+        new.update(n.all_input_nodes)
+        new.discard(exit)
+        new.discard(entry)
         return n
 
+    dims = len(site.in_shape) - 2
     with graph.inserting_before(exit.next):
         shortcut = entry
-        if site.kind == "projection":
-            for attr, mod in _projection(site, factory):
-                mod.train(gm.training)
-                _container(gm, prefix).add_module(attr, mod)
+        if site.pool and not site.pool_last:
+            shortcut = made(_pool_to(graph, shortcut, exit, dims))
+        for attr in ("proj", "norm"):
+            if holder is not None and attr in holder._modules:
                 shortcut = made(graph.call_module(f"{prefix}.{attr}", (shortcut,)))
+        if site.pool and site.pool_last:
+            shortcut = made(_pool_to(graph, shortcut, exit, dims))
         if site.preserve_output:
-            beta = nn.Parameter(torch.zeros((), **factory))
-            _container(gm, prefix).register_parameter("beta", beta)
-            b = graph.get_attr(f"{prefix}.beta")
-            b.meta["resify"] = None
-            new.add(b)
-            shortcut = made(graph.call_function(operator.mul, (shortcut, b)))
+            shortcut = made(graph.call_function(operator.mul, (shortcut, made(graph.get_attr(f"{prefix}.beta"), None))))
         branch = exit
         if site.gate is not None:
-            param = nn.Parameter(_gate_parameter(site, factory))
-            attr = "alpha" if site.gate == "rezero" else "gamma"
-            _container(gm, prefix).register_parameter(attr, param)
-            scale = graph.get_attr(f"{prefix}.{attr}")
-            scale.meta["resify"] = None
-            new.add(scale)
+            scale = made(graph.get_attr(f"{prefix}.{GATE_PARAMETERS[site.gate]}"), None)
             branch = made(graph.call_function(operator.mul, (exit, scale)))
         out = made(graph.call_function(operator.add, (branch, shortcut)))
     exit.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new)
+
+
+def _submodule_or_none(gm: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return gm.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _replace_module(gm: nn.Module, path: str, new: nn.Module) -> None:
@@ -141,24 +186,23 @@ def _widened_layer(m: nn.Module, extra: int) -> nn.Module:
 
 
 def _insert_dense(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: Site) -> None:
+    """Insert ``cat([S(x), F(x)])`` after the span's output (the consumer is widened by ``_build_site``)."""
+    _site_factory(gm, graph, nodes, site)
     anchor, exit = nodes[site.anchor], nodes[site.exit]
     entry = data_input(anchor)
     new: set[torch.fx.Node] = set()
     shortcut = entry
     with graph.inserting_before(exit.next):
-        if site.stride:
-            pool = _AVGPOOL[len(site.stride)](kernel_size=site.stride, stride=site.stride, ceil_mode=True,
-                                              count_include_pad=False)
-            pool.train(gm.training)
-            _container(gm, f"{NAMESPACE}.{site.name}").add_module("pool", pool)
-            shortcut = graph.call_module(f"{NAMESPACE}.{site.name}.pool", (entry,))
+        if site.pool:
+            shortcut = _pool_to(graph, entry, exit, len(site.in_shape) - 2)
+            new.update(shortcut.all_input_nodes)
             new.add(shortcut)
+            new.discard(exit)
+            new.discard(entry)
         cat = graph.call_function(torch.cat, ([shortcut, exit],), {"dim": site.channel_dim})
         cat.meta["resify"] = None
         new.add(cat)
     exit.replace_all_uses_with(cat, delete_user_cb=lambda user: user not in new)
-    assert site.consumer is not None
-    _replace_module(gm, site.consumer, _widened_layer(gm.get_submodule(site.consumer), site.extra_channels))
 
 
 _LAZY_CLONE = getattr(torch, "_lazy_clone", None)
@@ -205,6 +249,9 @@ def _copy_training_flags(gm: torch.fx.GraphModule, source: nn.Module) -> None:
 def rewrite(traced: Traced, plan: Plan) -> torch.fx.GraphModule:
     """Insert the plan's shortcuts into the traced graph and return a new GraphModule.
 
+    Where the model's forward reads ``self.training`` (the plan has ``other_mode_sites``), both
+    modes' graphs get the same shortcuts, made of the same modules, and the result is a
+    :class:`~resify.modules.DualGraphModule` that switches graphs with ``train()``/``eval()``.
     The result has its own parameters and buffers: training it never touches the user's model.
 
     Raises:
@@ -212,14 +259,28 @@ def rewrite(traced: Traced, plan: Plan) -> torch.fx.GraphModule:
     """
     root, graph = traced.root, traced.graph
     _own_tensors(root)
+    graphs = [(graph, plan.sites)]
+    if traced.other_graph is not None:
+        if plan.other_mode_sites is None:
+            raise RewriteError("the plan was made for one mode of a model whose forward reads self.training; "
+                               "make the plan with resify.plan on the same model")
+        graphs.append((traced.other_graph, plan.other_mode_sites))
     nodes = {n.name: n for n in graph.nodes}
     for site in plan.sites:
-        (_insert_dense if site.kind == "dense" else _insert_site)(root, graph, nodes, site)
-    try:
-        graph.lint()
-    except Exception as e:  # pragma: no cover - a bug in resify, not in the user's model
-        raise RewriteError(f"the rewritten graph is invalid ({e}); please report this with the model") from e
-    gm = torch.fx.GraphModule(root, graph, traced.model_class)
+        _build_site(root, graph, nodes, site)
+    for g, sites in graphs:
+        nodes = {n.name: n for n in g.nodes}
+        for site in sites:
+            (_insert_dense if site.kind == "dense" else _insert_site)(root, g, nodes, site)
+        try:
+            g.lint()
+        except Exception as e:  # pragma: no cover - a bug in resify, not in the user's model
+            raise RewriteError(f"the rewritten graph is invalid ({e}); please report this with the model") from e
+    if traced.other_graph is None:
+        gm: torch.fx.GraphModule = torch.fx.GraphModule(root, graph, traced.model_class)
+    else:
+        train_graph, eval_graph = (graph, traced.other_graph) if traced.training else (traced.other_graph, graph)
+        gm = DualGraphModule(root, train_graph, eval_graph, traced.model_class)
     _copy_training_flags(gm, root)
     gm.meta["resify_plan"] = plan
     return gm

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
+import inspect
 import os
+import re
 import traceback
 import warnings
 from collections.abc import Iterable, Iterator
@@ -52,6 +55,16 @@ class Traced:
     model_class: str
     training: bool
     shapes_from: str = "meta"  # "meta": propagated on storage-less tensors; "run": a real forward pass
+    #: the graph of the other mode (eval when ``training``, else train) where ``self.training``
+    #: changes what forward does; None where both modes trace to the same graph
+    other_graph: torch.fx.Graph | None = None
+
+    def other_mode(self) -> Traced | None:
+        """This trace seen in the other mode (same module tree, the other graph), or None."""
+        if self.other_graph is None:
+            return None
+        return Traced(self.root, self.other_graph, self.tracer, self.example_inputs, self.model_class,
+                      not self.training, self.shapes_from)
 
 
 def _plain_state(cls: type) -> bool:
@@ -377,7 +390,72 @@ def trace(
                 ResifyWarning,
                 stacklevel=3,
             )
-    return Traced(private, graph, tracer_used, inputs, name, model.training, shapes_from)
+    other = _other_mode_graph(private, graph, inputs, leaves, tracer_used) if _reads_training(private) else None
+    return Traced(private, graph, tracer_used, inputs, name, model.training, shapes_from, other)
+
+
+_TRAINING = re.compile(r"\btraining\b")
+
+
+@functools.lru_cache(maxsize=None)
+def _class_reads_training(cls: type) -> bool:
+    """True when the source of ``cls`` (or a base outside torch.nn) mentions ``training``."""
+    for klass in cls.__mro__:
+        if klass is nn.Module or klass is object or klass.__module__.startswith("torch.nn"):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            return True  # no source to read: trace both modes to be safe
+        if _TRAINING.search(source):
+            return True
+    return False
+
+
+def _reads_training(root: nn.Module) -> bool:
+    """True when a module that is traced through (not a torch.nn layer) may branch on ``self.training``.
+
+    A cheap look at the classes' source decides whether the other mode must be traced at all;
+    when it is, the two graphs are compared and kept apart only if they differ.
+    """
+    return any(not type(m).__module__.startswith("torch.nn") and _class_reads_training(type(m))
+               for m in root.modules())
+
+
+def _set_mode(root: nn.Module, mode: bool) -> dict[nn.Module, bool]:
+    saved = {m: m.training for m in root.modules()}
+    for m in saved:
+        m.__dict__["training"] = mode
+    return saved
+
+
+def _other_mode_graph(private: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...], leaves: list,
+                      tracer_used: str) -> torch.fx.Graph | None:
+    """The graph of ``private`` traced in the other mode, with shapes; None when it is the same graph."""
+    saved = _set_mode(private, not private.training)
+    try:
+        if tracer_used == "symbolic":
+            other = _LeafTracer(leaves).trace(private)
+            record_shapes(private, other, inputs)
+        else:
+            ctracer = _ConcreteTracer(inputs, leaves)
+            with state_kept(private):
+                other = ctracer.trace(private)
+            _drop_specialisation_nodes(other, ctracer.values)
+            for n in other.nodes:
+                n.meta["resify"] = tensor_info(ctracer.values.get(n))
+    except Exception as e:
+        raise TraceError(
+            f"{type(private).__name__} traces in {'train' if private.training else 'eval'} mode but not in "
+            f"{'train' if not private.training else 'eval'} mode{_user_frame(e)}: {_one_line(e)}; "
+            "convert it in the mode it will run in (the converted model then keeps that mode's graph)"
+        ) from e
+    finally:
+        for m, flag in saved.items():
+            m.__dict__["training"] = flag
+    if other.python_code("self").src == graph.python_code("self").src:
+        return None
+    return other
 
 
 def _current_module(tracer: torch.fx.Tracer) -> str:

@@ -55,7 +55,7 @@ def test_inspect_vgg_json_and_plot(tmp_path):
     assert doc["schema_version"] == 1 and doc["model"]["class"] == "Sequential"
     kinds = {s["start"]: (s["kind"], s["projection"]) for s in doc["plan"]["sites"]}
     assert kinds["3"] == ("identity", None)
-    assert kinds["6"] == ("projection", "AvgPool2d(2) + Conv2d(32, 64, 1) + BatchNorm2d")
+    assert kinds["6"] == ("projection", "Conv2d(32, 64, 1) + BatchNorm2d + AvgPool2d(→out)")
     assert doc["report"]["headline"].startswith("first layer")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

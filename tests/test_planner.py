@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import resify
 from reference import ImprovedResidualNetwork, vgg_style_cnn
@@ -61,11 +62,19 @@ def test_flatten_inside_a_group_is_a_rank_change():
     assert "rank change [2, 3, 8, 8] -> [2, 10]" in plan.skipped[0].reason
 
 
-def test_unsupported_spatial_change_is_skipped_with_reason():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))  # 10x10 -> 8x8
-    plan = resify.plan(model, torch.randn(2, 3, 10, 10))
-    assert [s.start for s in plan.sites] == ["2"]
-    assert "not shrink by an integer stride" in plan.skipped[0].reason
+def test_valid_convolution_gets_a_shortcut_pooled_to_the_branch_size_at_run_time():
+    """10x10 -> 8x8 follows no stride: the shortcut average-pools to the branch's size, at every size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    converted = resify.apply(model, torch.randn(2, 3, 10, 10)).eval()
+    plan = converted.meta["resify_plan"]
+    assert [(s.start, s.projection) for s in plan.sites] == [("0", "AvgPool2d(→out) + Conv2d(3, 8, 1)"),
+                                                              ("2", None)]
+    w = converted.get_submodule("resify.0.proj").weight
+    for x in (torch.randn(2, 3, 10, 10), torch.randn(3, 3, 13, 7)):  # and another size and batch
+        h = model[1](model[0](x))
+        h = h + F.conv2d(F.adaptive_avg_pool2d(x, h.shape[2:]), w)
+        torch.testing.assert_close(converted(x), model[2](h) + h, rtol=1e-5, atol=1e-6)
 
 
 def test_branches_are_not_single_entry_single_exit():
@@ -172,4 +181,4 @@ def test_plan_table_fits_its_width_and_cuts_shortcut_labels_at_their_end():
         table = table[:table.index("")]
         assert len(table) == 2 + len(plan.sites) and max(map(len, table)) <= width
     row = next(line for line in plan_text(plan, width=80).splitlines() if line.startswith("6 "))
-    assert "AvgPool2d(2) + Conv2d(…" in row and row.endswith(" 576")  # the label is cut at its end
+    assert "Conv2d(16, 32, 1) + Ba…" in row and row.endswith(" 576")  # the label is cut at its end

@@ -78,7 +78,7 @@ def test_converted_seed_network_lists_projections_and_gates_in_forward_order():
     assert names[:4] == ["layers.0.0", "resify.layers_0_0.proj", "resify.layers_0_0.alpha", "layers.1.0"]
     assert len(names) == 15
     gate = flow.layer("resify.layers_0_0.alpha")
-    assert gate.kind == "Gate" and gate.added and gate.shape == () and gate.input_grad_norm is None
+    assert gate.kind == "Gate" and gate.added and gate.shape == (1,) and gate.input_grad_norm is None
     assert gate.mean_abs_grad > 0 and gate.grad_to_weight is None  # the gate's value is 0
     assert not flow.layer("layers.0.0").added and flow.layer("resify.layers_0_0.proj").added
     # behind a gate at zero the branch gets no weight gradient, but the flow reaches the first layer

@@ -16,19 +16,19 @@ def test_vgg_style_cnn_gets_identity_and_pooled_projections():
     converted = resify.apply(model, x)
     plan = converted.meta["resify_plan"]
     by_start = {s.start: s for s in plan.sites}
-    # conv 16->16 keeps the shape: identity; 16->32 with max-pool: avg-pool 2, 1x1 conv + BatchNorm
+    # conv 16->16 keeps the shape: identity; 16->32 with BatchNorm then max-pool: a 1x1 conv +
+    # BatchNorm, then the average over the branch's output size (the norm before the pool, as in the span)
     assert by_start["3"].kind == "identity" and by_start["3"].added_params == 0
     assert by_start["6"].kind == "projection"
-    assert by_start["6"].projection == "AvgPool2d(2) + Conv2d(16, 32, 1) + BatchNorm2d"
+    assert by_start["6"].projection == "Conv2d(16, 32, 1) + BatchNorm2d + AvgPool2d(→out)"
+    assert by_start["6"].pool and by_start["6"].pool_last
     assert by_start["6"].in_shape == (4, 16, 32, 32) and by_start["6"].out_shape == (4, 32, 16, 16)
     assert by_start["6"].added_params == 16 * 32 + 2 * 32
-    pool = converted.get_submodule("resify.6.pool")
-    assert isinstance(pool, nn.AvgPool2d) and pool.kernel_size == pool.stride == (2, 2) and pool.ceil_mode
     proj = converted.get_submodule("resify.6.proj")
     assert isinstance(proj, nn.Conv2d) and proj.kernel_size == (1, 1) and proj.stride == (1, 1) and proj.bias is None
     assert isinstance(converted.get_submodule("resify.6.norm"), nn.BatchNorm2d)
     # 64->64 then global average pooling: the shortcut is that pooling alone, no parameters
-    assert by_start["17"].projection == "AvgPool2d(8)" and by_start["17"].added_params == 0
+    assert by_start["17"].projection == "AvgPool2d(→out)" and by_start["17"].added_params == 0
     # the classifier (Linear 64 -> 10, no activation after it) is linear: no projection beside it
     assert "22" not in by_start
     assert [s.reason.startswith("the span is linear") for s in plan.skipped if s.start == "22"] == [True]
@@ -40,18 +40,20 @@ def test_vgg_style_cnn_gets_identity_and_pooled_projections():
 
 
 def test_pooled_shortcut_computes_the_average_pool_of_its_input():
-    """out = F(x) + conv1x1(avgpool(x)), checked against torch.nn.functional written out by hand."""
+    """out = F(x) + conv1x1(avgpool(x) to F(x)'s size), checked against torch.nn.functional by hand."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
                           nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
     x = torch.randn(2, 3, 7, 7)  # 7 is odd: the last pooling window is partial
     converted = resify.apply(model, x).eval()
     plan = converted.meta["resify_plan"]
-    assert [s.projection for s in plan.sites] == ["AvgPool2d(2) + Conv2d(3, 6, 1)", "AvgPool2d(4)"]
+    assert [s.projection for s in plan.sites] == ["AvgPool2d(→out) + Conv2d(3, 6, 1)", "AvgPool2d(→out)"]
     w = converted.get_submodule("resify.0.proj").weight
-    h = model[2](model[1](model[0](x))) + F.conv2d(F.avg_pool2d(x, 2, ceil_mode=True), w)
-    expected = model[5](model[4](model[3](h))) + F.avg_pool2d(h, 4, ceil_mode=True)
-    torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-6)
+    for x in (x, torch.randn(1, 3, 12, 9)):  # the example's size, then another one
+        f = model[2](model[1](model[0](x)))
+        h = f + F.conv2d(F.adaptive_avg_pool2d(x, f.shape[2:]), w)
+        expected = model[5](model[4](model[3](h))) + h.mean(dim=(2, 3), keepdim=True)
+        torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_strided_conv_without_pooling_keeps_a_strided_projection():
