@@ -23,6 +23,7 @@ import torch.fx
 from torch import nn
 
 from .errors import ResifyError
+from .modules import DualGraphModule, Shortcut
 
 __all__ = ["save", "load", "load_line", "render_source"]
 
@@ -32,7 +33,7 @@ _WEIGHTS_FILE = "weights.pt"
 
 def _constructor(module: nn.Module, path: str) -> str:
     """A Python expression that rebuilds ``module`` (without its weights)."""
-    if type(module) is nn.Module or isinstance(module, torch.fx.GraphModule):
+    if _is_container(module):
         return "nn.Module()"
     if isinstance(module, nn.MultiheadAttention):
         m = module
@@ -60,6 +61,12 @@ def _constructor(module: nn.Module, path: str) -> str:
         "standard torch.nn layers only; trace through it (drop it from leaf_modules) or save the model "
         "with torch.save instead"
     )
+
+
+def _is_container(module: nn.Module) -> bool:
+    """Modules written as a plain ``nn.Module()`` holding children and parameters (resify's Shortcut
+    loses only its ``reset_parameters`` there: the written model depends on torch alone)."""
+    return type(module) is nn.Module or isinstance(module, (torch.fx.GraphModule, Shortcut))
 
 
 def _build(expr: str) -> nn.Module | None:
@@ -103,7 +110,10 @@ def _import_lines(globals_: dict[str, Any]) -> list[str]:
 
 def render_source(gm: torch.fx.GraphModule, class_name: str = "ResifiedModel") -> str:
     """The Python source of ``model.py`` for ``gm``."""
-    code = gm.graph.python_code(root_module="self")
+    graphs = [gm.graph] if not isinstance(gm, DualGraphModule) else [gm.train_graph, gm.eval_graph]
+    codes = [g.python_code(root_module="self") for g in graphs]
+    code = codes[0]
+    globals_ = {k: v for c in codes for k, v in c.globals.items()}
     lines = [
         f'"""{class_name}: written by resify. Load it with load() below (weights from {_WEIGHTS_FILE})."""',
         "import math",
@@ -116,7 +126,7 @@ def render_source(gm: torch.fx.GraphModule, class_name: str = "ResifiedModel") -
         "inf = float('inf')",
         "nan = float('nan')",
         "NoneType = type(None)",
-        *_import_lines(code.globals),
+        *_import_lines(globals_),
         "",
         "",
         f"class {class_name}(nn.Module):",
@@ -131,12 +141,12 @@ def render_source(gm: torch.fx.GraphModule, class_name: str = "ResifiedModel") -
         if parent in built:
             built.add(path)
             continue
-        if type(module) is not nn.Module:
+        if not _is_container(module):
             built.add(path)
         owner = f"self.get_submodule({parent!r})" if parent else "self"
         lines.append(f"        {owner}.add_module({attr!r}, {_constructor(module, path)})")
     for path, module in [("", gm), *gm.named_modules()]:
-        if path and (type(module) is not nn.Module):
+        if path and not _is_container(module):
             continue  # leaf modules create their own parameters
         owner = f"self.get_submodule({path!r})" if path else "self"
         for name, p in module.named_parameters(recurse=False):
@@ -147,8 +157,16 @@ def render_source(gm: torch.fx.GraphModule, class_name: str = "ResifiedModel") -
             lines.append(f"        {owner}.register_buffer({name!r}, torch.empty({list(b.shape)}, dtype={b.dtype}), "
                          f"persistent={persistent})")
     lines.append("")
-    body = [line for line in code.src.strip("\n").splitlines() if not line.startswith("torch.fx._symbolic_trace.wrap(")]
-    lines += ["    " + line if line else "" for line in body]
+    if len(codes) == 1:
+        lines += _forward_lines(code.src)
+    else:  # forward reads self.training: one method per mode, chosen as the original chooses
+        lines += [
+            "    def forward(self, *args, **kwargs):",
+            "        return (self._forward_train if self.training else self._forward_eval)(*args, **kwargs)",
+            "",
+        ]
+        for mode, c in zip(("train", "eval"), codes):
+            lines += [line.replace("def forward(", f"def _forward_{mode}(", 1) for line in _forward_lines(c.src)]
     lines += [
         "",
         "",
@@ -162,6 +180,11 @@ def render_source(gm: torch.fx.GraphModule, class_name: str = "ResifiedModel") -
         "",
     ]
     return "\n".join(lines)
+
+
+def _forward_lines(src: str) -> list[str]:
+    body = [line for line in src.strip("\n").splitlines() if not line.startswith("torch.fx._symbolic_trace.wrap(")]
+    return ["    " + line if line else "" for line in body]
 
 
 def _import_path(path: Path) -> types.ModuleType:
