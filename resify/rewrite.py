@@ -281,6 +281,10 @@ def rewrite(traced: Traced, plan: Plan) -> torch.fx.GraphModule:
     else:
         train_graph, eval_graph = (graph, traced.other_graph) if traced.training else (traced.other_graph, graph)
         gm = DualGraphModule(root, train_graph, eval_graph, traced.model_class)
+    if NAMESPACE in root._modules and NAMESPACE in gm._modules:
+        # GraphModule rebuilds the containers on the way to each target as plain nn.Modules:
+        # put resify's own back (each Shortcut, with its reset_parameters)
+        gm._modules[NAMESPACE] = root._modules[NAMESPACE]
     _copy_training_flags(gm, root)
     gm.meta["resify_plan"] = plan
     return gm
