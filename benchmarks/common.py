@@ -78,7 +78,9 @@ class VGGNet(nn.Module):
     ``stages=(16, 32, 64)`` and ``per_stage=7`` give 21 conv layers, then global average pooling
     and a Linear classifier. With ``use_shortcut`` every conv block adds its input back: through
     a 1×1 conv (+ BatchNorm when ``norm``) where the channels change, an average pool over the
-    block's pooling windows where it pools: the hand-written counterpart of
+    block's pooling windows where it pools (after the BatchNorm, as the block normalises before it
+    pools; resify pools to the block's output size, the same windows on these even sizes): the
+    hand-written counterpart of
     ``resify.apply(plain, gate=None)``. The classifier is linear and gets no shortcut. resify
     counts the global average pool as part of the last conv layer (a pool that follows it), so
     the last block's shortcut averages the whole final feature map; the hand-written model does
@@ -112,12 +114,12 @@ class VGGNet(nn.Module):
                 self.layers.append(nn.Sequential(*block))
                 if use_shortcut and (cin != cout or stride != 1):
                     proj: list[nn.Module] = []
-                    if stride != 1:
-                        proj.append(nn.AvgPool2d(stride, stride, ceil_mode=True))
                     if cin != cout:
                         proj.append(nn.Conv2d(cin, cout, 1, bias=False))
                         if norm:
                             proj.append(nn.BatchNorm2d(cout))
+                    if stride != 1:  # after the norm where the block normalises before it pools
+                        proj.insert(len(proj) if norm else 0, nn.AvgPool2d(stride, stride, ceil_mode=True))
                     self.projections.append(nn.Sequential(*proj))
                 else:
                     self.projections.append(None)

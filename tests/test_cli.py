@@ -189,3 +189,39 @@ def test_export_round_trip_keeps_pooled_shortcuts_exact_on_odd_sizes(tmp_path):
     save(converted, tmp_path / "m")
     loaded = load(tmp_path / "m").eval()
     torch.testing.assert_close(loaded(x), converted(x), rtol=0, atol=0)
+
+
+def test_convert_keeps_what_forward_does_in_each_mode(tmp_path):
+    """A model whose forward reads self.training: the written model.py has a forward per mode."""
+    model_file = tmp_path / "noisy.py"
+    model_file.write_text(textwrap.dedent("""
+        import torch
+        import torch.nn as nn
+        import torch.nn.functional as F
+
+        class Noisy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+            def forward(self, x):
+                if self.training:
+                    x = x + torch.randn_like(x)
+                return F.dropout(torch.relu(self.fc2(torch.relu(self.fc1(x)))), 0.5, training=self.training)
+
+        torch.manual_seed(0)
+        model = Noisy()
+    """))
+    out = tmp_path / "out"
+    code, text = run("convert", model_file, "-o", out)
+    assert code == 0, text
+    source = (out / "model.py").read_text()
+    assert "def _forward_train(" in source and "def _forward_eval(" in source
+    from resify.export import load
+
+    loaded = load(out)
+    x = torch.randn(4, 8)
+    loaded.eval()
+    torch.testing.assert_close(loaded(x), loaded(x))  # eval: no noise, no dropout
+    loaded.train()
+    assert not torch.equal(loaded(x), loaded(x))
