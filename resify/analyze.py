@@ -20,7 +20,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from torch import nn
 
-from .ops import LAYER_MODULES, data_input, describe, follower_role, is_layer_node, layer_kind, layer_name, merge_operands
+from .ops import (LAYER_MODULES, data_input, describe, follower_role, is_elementwise, is_layer_node, is_nonlinear,
+                  layer_kind, layer_name, merge_operands)
 from .trace import TensorInfo, Traced
 
 __all__ = ["Layer", "ExistingShortcut", "Analysis", "analyze", "NAMESPACE"]
@@ -209,14 +210,21 @@ def _find_layers(traced: Traced) -> list[Layer]:
         if not is_layer_node(gm, n) or layer_name(n).startswith(NAMESPACE + "."):
             continue  # resify's own projections are shortcuts, not layers
         cur, roles, chain = n, [], [n.name]
-        while len(cur.users) == 1:
-            (u,) = cur.users
-            role = follower_role(gm, u)
-            if role is None or data_input(u) is not cur or is_layer_node(gm, u):
+        while True:
+            if len(cur.users) == 1:
+                (u,) = cur.users
+                role = follower_role(gm, u)
+                if role is not None and data_input(u) is cur and not is_layer_node(gm, u):
+                    roles.append(role)
+                    chain.append(u.name)
+                    cur = u
+                    continue
+            region = _function_activation(cur)
+            if not region:
                 break
-            roles.append(role)
-            chain.append(u.name)
-            cur = u
+            roles.append("activation")
+            chain += [r.name for r in region]
+            cur = region[-1]
         x = data_input(n)
         layers.append(Layer(
             name=layer_name(n), kind=layer_kind(gm, n), anchor=n.name, output=cur.name,
@@ -225,6 +233,34 @@ def _find_layers(traced: Traced) -> list[Layer]:
             out_info=cur.meta.get("resify"),
         ))
     return layers
+
+
+_MAX_FUNCTION_OPS = 8  # the longest activation written as element-wise ops that is recognised
+
+
+def _function_activation(start: torch.fx.Node) -> list[torch.fx.Node]:
+    """Element-wise ops after ``start`` that only it feeds and that end in one value: an activation
+    written as a Python function (``x * torch.sigmoid(x)``, ``x * torch.tanh(F.softplus(x))``).
+
+    Returns the ops in graph order, the last one being the activation's output; empty when the ops
+    that follow are not such a closed, nonlinear group.
+    """
+    region: list[torch.fx.Node] = []
+    inside = {start}
+    best: list[torch.fx.Node] = []
+    n = start.next
+    while n.op != "output" and len(region) < _MAX_FUNCTION_OPS:
+        if n.all_input_nodes and all(a in inside for a in n.all_input_nodes) and is_elementwise(n):
+            region.append(n)
+            inside.add(n)
+            # closed: every value but the last is used inside the group only
+            if all(all(u in inside for u in r.users) for r in (start, *region[:-1])) and any(
+                    is_nonlinear(r) for r in region):
+                best = list(region)
+        elif any(a in inside for a in n.all_input_nodes):
+            break  # a value of the group goes to something else: the group ends here
+        n = n.next
+    return best
 
 
 def _weight(gm: torch.fx.GraphModule, n: torch.fx.Node, anchors: set) -> tuple[int, int, int]:

@@ -24,6 +24,8 @@ __all__ = [
     "merge_operands",
     "describe",
     "is_bounded_activation",
+    "is_elementwise",
+    "is_nonlinear",
     "reaches_output_unchanged",
     "size_functions",
     "SizeFn",
@@ -313,4 +315,42 @@ def reaches_output_unchanged(gm: nn.Module, n: torch.fx.Node) -> bool:
             if (isinstance(m, _SHAPE_MODULES) or (u.op == "call_function" and u.target in _SHAPE_FUNCTIONS)
                     or (u.op == "call_method" and u.target in _SHAPE_METHODS)):
                 todo.append(u)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# element-wise ops: an activation written as a Python function (x * sigmoid(x), a mish helper)
+
+_UNARY_FUNCTIONS = {
+    torch.sigmoid, torch.tanh, torch.exp, torch.erf, torch.log1p, torch.abs, torch.neg, torch.sqrt,
+    torch.rsqrt, torch.clamp, torch.square, torch.sin, torch.cos, F.softplus, F.sigmoid, F.tanh,
+    torch.pow, torch.relu, F.relu, F.gelu, F.silu, F.elu,
+}
+_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.neg,
+               torch.add, torch.sub, torch.mul, torch.div}
+_ELEMENTWISE_METHODS = {"sigmoid", "tanh", "exp", "erf", "abs", "neg", "sqrt", "rsqrt", "clamp", "pow",
+                        "square", "mul", "add", "sub", "div", "relu", "softplus", "log1p"}
+#: the ops that make such a chain nonlinear (a chain of adds and multiplies by constants is linear)
+_NONLINEAR = (_UNARY_FUNCTIONS - {torch.neg, torch.abs}) | {operator.pow}
+_NONLINEAR_METHODS = _ELEMENTWISE_METHODS - {"mul", "add", "sub", "div", "neg", "abs"}
+
+
+def is_elementwise(n: torch.fx.Node) -> bool:
+    """True for an element-wise math op (unary functions, arithmetic) that keeps its input's shape
+    when its other operands are numbers or values of the same shape."""
+    if n.op == "call_function":
+        return n.target in _UNARY_FUNCTIONS or n.target in _ARITHMETIC
+    return n.op == "call_method" and n.target in _ELEMENTWISE_METHODS
+
+
+def is_nonlinear(n: torch.fx.Node) -> bool:
+    if n.op == "call_function":
+        if n.target in _ARITHMETIC and n.target is not operator.pow:
+            # x * y where both come from the layer (x * sigmoid(x)) is nonlinear; x * 2 is not
+            return sum(isinstance(a, torch.fx.Node) for a in n.args) > 1
+        return n.target in _NONLINEAR
+    if n.op == "call_method":
+        if n.target in ("mul", "div"):
+            return sum(isinstance(a, torch.fx.Node) for a in n.args) > 1
+        return n.target in _NONLINEAR_METHODS
     return False

@@ -83,6 +83,7 @@ from torch import nn
 
 from .analyze import NAMESPACE
 from . import render
+from .modules import Shortcut
 from .errors import ResifyError
 from .render import fmt_number, fmt_times
 from .trace import as_inputs, check_device, derive_example_input
@@ -425,10 +426,10 @@ def _layer_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _gate_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Bare parameters resify inserted (gates): owned by a plain container under the namespace."""
+    """Bare parameters resify inserted (gates): owned by a Shortcut (or a plain container) under the namespace."""
     found: dict[str, torch.Tensor] = {}
     for mname, m in model.named_modules():
-        if type(m) is not nn.Module or not _is_added(mname):
+        if not (type(m) is nn.Module or isinstance(m, Shortcut)) or not _is_added(mname):
             continue
         for pname, p in m._parameters.items():
             if p is not None:

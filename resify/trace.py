@@ -90,7 +90,24 @@ def structural_copy(module: nn.Module) -> nn.Module:
     for key, value in module.__dict__.items():
         if key.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) and isinstance(value, dict):
             d[key] = type(value)(value)
+        elif key not in _MODULE_STATE and isinstance(value, (dict, list, set)):
+            d[key] = _containers_copied(value)  # a cache its forward fills stays the copy's own
     return new
+
+
+#: Module attributes that structural_copy rebuilds itself.
+_MODULE_STATE = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
+
+
+def _containers_copied(value: Any) -> Any:
+    """New dicts, lists and sets all the way down; the objects they hold (tensors) are shared."""
+    if type(value) in (dict, list, set):
+        if isinstance(value, dict):
+            return {k: _containers_copied(v) for k, v in value.items()}
+        return type(value)(_containers_copied(v) for v in value)
+    if isinstance(value, (dict, list, set)):  # a subclass (OrderedDict, defaultdict, …): copy.copy keeps its type
+        return copy.copy(value)
+    return value
 
 
 def as_inputs(example_input: Any) -> tuple[Any, ...] | None:
@@ -390,7 +407,7 @@ def trace(
                 ResifyWarning,
                 stacklevel=3,
             )
-    other = _other_mode_graph(private, graph, inputs, leaves, tracer_used) if _reads_training(private) else None
+    other = _other_mode_graph(private, model, graph, inputs, leaves, tracer_used) if _reads_training(private) else None
     return Traced(private, graph, tracer_used, inputs, name, model.training, shapes_from, other)
 
 
@@ -422,17 +439,19 @@ def _reads_training(root: nn.Module) -> bool:
                for m in root.modules())
 
 
-def _set_mode(root: nn.Module, mode: bool) -> dict[nn.Module, bool]:
-    saved = {m: m.training for m in root.modules()}
-    for m in saved:
-        m.__dict__["training"] = mode
-    return saved
+def _other_mode_graph(private: nn.Module, model: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...],
+                      leaves: list, tracer_used: str) -> torch.fx.Graph | None:
+    """The graph of ``private`` traced in the other mode, with shapes; None when it is the same graph.
 
-
-def _other_mode_graph(private: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...], leaves: list,
-                      tracer_used: str) -> torch.fx.Graph | None:
-    """The graph of ``private`` traced in the other mode, with shapes; None when it is the same graph."""
-    saved = _set_mode(private, not private.training)
+    The copy's containers start again from the user's (a cache the first trace filled holds its
+    proxies), and ``train(mode)`` is called, so that a module's own ``train`` override runs.
+    """
+    saved = {m: m.training for m in private.modules()}
+    for mine, theirs in zip(private.modules(), model.modules()):
+        for key, value in theirs.__dict__.items():
+            if key not in _MODULE_STATE and not key.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) and isinstance(value, (dict, list, set)):
+                mine.__dict__[key] = _containers_copied(value)
+    private.train(not private.training)
     try:
         if tracer_used == "symbolic":
             other = _LeafTracer(leaves).trace(private)
