@@ -30,9 +30,10 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _prepare(model: nn.Module, example_input: Any, policy: dict[str, Any]) -> tuple[Traced, Plan]:
+def _prepare(model: nn.Module, example_input: Any, example_kwargs: dict[str, Any] | None,
+             policy: dict[str, Any]) -> tuple[Traced, Plan]:
     pol = Policy.from_kwargs(**policy)
-    traced = trace(model, example_input, leaf_modules=pol.leaf_modules)
+    traced = trace(model, example_input, example_kwargs=example_kwargs, leaf_modules=pol.leaf_modules)
     params = sum(p.numel() for p in model.parameters())
     the_plan = make_plan(analyze(traced), pol, params_before=params)
     other = traced.other_mode()
@@ -41,12 +42,15 @@ def _prepare(model: nn.Module, example_input: Any, policy: dict[str, Any]) -> tu
     return traced, the_plan
 
 
-def plan(model: nn.Module, example_input: Any = None, **policy: Any) -> Plan:
+def plan(model: nn.Module, example_input: Any = None, *, example_kwargs: dict[str, Any] | None = None,
+         **policy: Any) -> Plan:
     """Say what ``apply`` would do to ``model``, and why, without changing anything.
 
     Args:
         model: any ``nn.Module`` (never modified).
         example_input: a tensor or tuple of tensors; derived when the first layer is an nn.Linear.
+        example_kwargs: inputs given by name (``{"attention_mask": mask}``); every other optional
+            argument of ``forward`` is traced at its default and stays optional.
         **policy: ``shortcut`` ('auto' | 'identity'), ``group``, ``include``, ``exclude``,
             ``gate`` (None | 'rezero' | 'layerscale'), ``gate_init``, ``leaf_modules``.
 
@@ -54,18 +58,20 @@ def plan(model: nn.Module, example_input: Any = None, **policy: Any) -> Plan:
         A frozen :class:`~resify.planner.Plan`: ``sites``, ``skipped`` (with reasons), ``existing``.
     """
     with _no_gc():
-        return _prepare(model, example_input, policy)[1]
+        return _prepare(model, example_input, example_kwargs, policy)[1]
 
 
-def apply(model: nn.Module, example_input: Any = None, **policy: Any) -> torch.fx.GraphModule:
+def apply(model: nn.Module, example_input: Any = None, *, example_kwargs: dict[str, Any] | None = None,
+          **policy: Any) -> torch.fx.GraphModule:
     """Return a new GraphModule: ``model`` with residual shortcuts added (``model`` is not changed).
 
     Takes the same arguments as :func:`plan`; the plan that was carried out is in
     ``result.meta["resify_plan"]`` and the example input used (given or derived) in
-    ``result.meta["resify_example_inputs"]``.
+    ``result.meta["resify_example_inputs"]`` (and ``["resify_example_kwargs"]``).
     """
     with _no_gc():
-        traced, the_plan = _prepare(model, example_input, policy)
+        traced, the_plan = _prepare(model, example_input, example_kwargs, policy)
         result = rewrite(traced, the_plan)
     result.meta["resify_example_inputs"] = traced.example_inputs
+    result.meta["resify_example_kwargs"] = traced.example_kwargs
     return result

@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .api import apply
 from .errors import ModelLoadError, ResifyError, ResifyWarning
-from .loading import LoadedModel, load_model, parse_input_shape
+from .loading import DTYPES, LoadedModel, load_model, parse_input_kwarg, parse_input_shape
 
 __all__ = ["main", "cli"]
 
@@ -41,7 +41,11 @@ def _policy_options(f: Callable) -> Callable:
     """The policy keywords of resify.apply as flags (shared by inspect and convert)."""
     options = [
         click.option("--input-shape", metavar="N,C,H,W", help="Example input shape, e.g. 8,3,32,32."),
-        click.option("--dtype", default="float32", show_default=True, help="dtype of the example input."),
+        click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
+                     help="dtype of the example input (integer ones: token ids 0 or 1)."),
+        click.option("--input-kwarg", "input_kwargs", multiple=True, metavar="NAME=SHAPE[:DTYPE]",
+                     help="An input passed by name, e.g. attention_mask=2,16:int64 (repeatable); "
+                          "every other optional argument stays at its default."),
         click.option("--shortcut", type=click.Choice(["auto", "identity", "dense"]), default="auto",
                      show_default=True, help="auto: identity or projection; identity: only where shapes match."),
         click.option("--group", type=click.IntRange(min=1), default=1, show_default=True, help="Layers per shortcut."),
@@ -101,13 +105,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     click.echo(f"warning: {message}", err=True)
 
 
-def _load(spec: str, opts: dict[str, Any]) -> tuple[LoadedModel, Any]:
+def _load(spec: str, opts: dict[str, Any]) -> tuple[LoadedModel, Any, dict[str, Any]]:
     loaded = load_model(spec)
     given = parse_input_shape(opts["input_shape"], opts["dtype"])
     example = given if given is not None else loaded.example_input
     if isinstance(example, torch.Tensor) and opts["input_shape"] is None and opts["dtype"] != "float32":
         example = parse_input_shape(",".join(map(str, example.shape)), opts["dtype"])
-    return loaded, example
+    kwargs = dict(loaded.example_kwargs or {})
+    kwargs.update(parse_input_kwarg(text) for text in opts["input_kwargs"])
+    return loaded, example, kwargs
 
 
 def _model_info(loaded: LoadedModel, converted: torch.fx.GraphModule) -> dict[str, Any]:
@@ -127,8 +133,10 @@ def _flow(loaded: LoadedModel, converted: torch.fx.GraphModule, batches: int) ->
     from .report import compare, gradient_flow
 
     inputs = converted.meta["resify_example_inputs"]
+    kwargs = converted.meta["resify_example_kwargs"]
     x = inputs[0] if len(inputs) == 1 else tuple(inputs)
-    return compare(gradient_flow(loaded.model, x, batches=batches), gradient_flow(converted, x, batches=batches))
+    return compare(gradient_flow(loaded.model, x, batches=batches, example_kwargs=kwargs),
+                   gradient_flow(converted, x, batches=batches, example_kwargs=kwargs))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -152,8 +160,8 @@ def cli(debug: bool) -> None:
 @_boundary
 def inspect(model_spec: str, fmt: str, plot_path: str | None, batches: int, no_report: bool, **opts: Any) -> None:
     """A dry run: what resify sees, what it would do, and the gradient flow before and after."""
-    loaded, example = _load(model_spec, opts)
-    converted = apply(loaded.model, example, **_policy(opts))
+    loaded, example, kwargs = _load(model_spec, opts)
+    converted = apply(loaded.model, example, example_kwargs=kwargs, **_policy(opts))
     plan = converted.meta["resify_plan"]
     info = _model_info(loaded, converted)
     flow = None if no_report else _flow(loaded, converted, batches)
@@ -188,8 +196,8 @@ def convert(model_spec: str, out: str, force: bool, batches: int, **opts: Any) -
     """Write the converted model to OUT: model.py, weights.pt, plan.json, report.json."""
     from .export import load_line, save
 
-    loaded, example = _load(model_spec, opts)
-    converted = apply(loaded.model, example, **_policy(opts))
+    loaded, example, kwargs = _load(model_spec, opts)
+    converted = apply(loaded.model, example, example_kwargs=kwargs, **_policy(opts))
     plan = converted.meta["resify_plan"]
     flow = _flow(loaded, converted, batches)
     inputs = converted.meta["resify_example_inputs"]
@@ -197,7 +205,8 @@ def convert(model_spec: str, out: str, force: bool, batches: int, **opts: Any) -
     def same_outputs(reloaded: torch.nn.Module) -> None:
         with torch.no_grad():
             converted.eval(), reloaded.eval()
-            a, b = converted(*inputs), reloaded(*inputs)
+            kw = converted.meta["resify_example_kwargs"]
+            a, b = converted(*inputs, **kw), reloaded(*inputs, **kw)
         converted.train(plan_training), reloaded.train(plan_training)
         if isinstance(a, torch.Tensor) and not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
             raise ResifyError("the written model does not reproduce the converted one; please report this")

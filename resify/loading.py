@@ -19,11 +19,13 @@ from torch import nn
 
 from .errors import ModelLoadError
 
-__all__ = ["LoadedModel", "load_model", "parse_input_shape", "BUILDER_NAMES"]
+__all__ = ["LoadedModel", "load_model", "parse_input_shape", "parse_input_kwarg", "BUILDER_NAMES", "DTYPES"]
 
 BUILDER_NAMES = ("build_model", "get_model", "make_model")
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64,
-           "double": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: The example input's dtype names (CLI --dtype); integer ones give token ids 0 or 1 (valid for any vocabulary).
+DTYPES = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64,
+          "double": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32, "bool": torch.bool}
 
 
 @dataclass
@@ -33,6 +35,7 @@ class LoadedModel:
     model: nn.Module
     example_input: Any
     source: str  # how it was found, e.g. "examples/seed_mlp.py:model"
+    example_kwargs: dict[str, Any] | None = None  # the file's example_kwargs: inputs given by name
 
 
 def parse_input_shape(text: str | None, dtype: str = "float32") -> torch.Tensor | None:
@@ -45,9 +48,23 @@ def parse_input_shape(text: str | None, dtype: str = "float32") -> torch.Tensor 
         shape = ()
     if not shape or any(s <= 0 for s in shape):
         raise ModelLoadError(f"--input-shape expects positive integers separated by commas, like 8,3,32,32; found {text!r}")
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"--dtype expects one of {', '.join(_DTYPES)}; found {dtype!r}")
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(_DTYPES[dtype])
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype expects one of {', '.join(DTYPES)}; found {dtype!r}")
+    generator = torch.Generator().manual_seed(0)
+    if DTYPES[dtype].is_floating_point:
+        return torch.randn(*shape, generator=generator).to(DTYPES[dtype])
+    return torch.randint(0, 2, shape, generator=generator).to(DTYPES[dtype])
+
+
+def parse_input_kwarg(text: str) -> tuple[str, torch.Tensor]:
+    """'attention_mask=2,16:int64' → ('attention_mask', a tensor of that shape and dtype)."""
+    name, sep, rest = text.partition("=")
+    shape, _, dtype = rest.partition(":")
+    if not sep or not name.strip().isidentifier() or not shape:
+        raise ModelLoadError(f"--input-kwarg expects NAME=SHAPE[:DTYPE], like attention_mask=2,16:int64; found {text!r}")
+    tensor = parse_input_shape(shape, dtype or "float32")
+    assert tensor is not None
+    return name.strip(), tensor
 
 
 def _import_file(path: Path) -> ModuleType:
@@ -106,6 +123,25 @@ def _example_from(module: ModuleType) -> Any:
     )
 
 
+def _example_kwargs_from(module: ModuleType) -> dict[str, Any] | None:
+    value = getattr(module, "example_kwargs", None)
+    if callable(value):
+        value = value()
+    if value is None or (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
+        return value
+    raise ModelLoadError(f"example_kwargs in {module.__file__} must be a dict of inputs by name or a function "
+                         f"returning one; found {type(value).__name__}")
+
+
+def _candidates(module: ModuleType) -> list[str]:
+    """Module-level models: nn.Module instances with parameters that are not part of another one
+    (a loss object, the loop variable of ``for m in model.modules()``), and builder functions."""
+    instances = {k: v for k, v in vars(module).items() if isinstance(v, nn.Module) and not k.startswith("_")}
+    inside = {id(m) for v in instances.values() for m in v.modules() if m is not v}
+    models = [k for k, v in instances.items() if id(v) not in inside and any(True for _ in v.parameters())]
+    return models + [k for k in BUILDER_NAMES if callable(getattr(module, k, None))]
+
+
 def _torchvision(name: str) -> LoadedModel:
     try:
         import torchvision
@@ -133,19 +169,18 @@ def load_model(spec: str) -> LoadedModel:
     path = Path(path_text)
     module = _import_file(path)
     example = _example_from(module)
+    kwargs = _example_kwargs_from(module)
     if name:
         if not hasattr(module, name):
             raise ModelLoadError(f"{path} has no attribute {name!r}; check the name after ':'")
-        return LoadedModel(_resolve(getattr(module, name), f"{path}:{name}"), example, f"{path}:{name}")
-    instances = [k for k, v in vars(module).items() if isinstance(v, nn.Module) and not k.startswith("_")]
-    builders = [k for k in BUILDER_NAMES if callable(getattr(module, k, None))]
-    candidates = instances + builders
+        return LoadedModel(_resolve(getattr(module, name), f"{path}:{name}"), example, f"{path}:{name}", kwargs)
+    candidates = _candidates(module)
     if len(candidates) == 1:
         key = candidates[0]
-        return LoadedModel(_resolve(getattr(module, key), f"{path}:{key}"), example, f"{path}:{key}")
+        return LoadedModel(_resolve(getattr(module, key), f"{path}:{key}"), example, f"{path}:{key}", kwargs)
     if not candidates:
         raise ModelLoadError(
-            f"{path} defines no module-level nn.Module instance and no function named "
+            f"{path} defines no module-level nn.Module instance with parameters and no function named "
             f"{', '.join(BUILDER_NAMES)}; add one, or name it as {path}:NAME"
         )
     raise ModelLoadError(

@@ -12,6 +12,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = [
     "LAYER_MODULES",
@@ -97,6 +98,8 @@ def layer_weight(gm: nn.Module, n: torch.fx.Node) -> torch.Tensor:
     """The weight tensor of a layer node (module weight or the get_attr parameter)."""
     m = _module(gm, n)
     if m is not None:
+        if parametrize.is_parametrized(m, "weight"):  # a stored tensor (its device and dtype): computing
+            return next(m.parametrizations.weight.parameters())  # the weight would step a spectral norm
         return m.weight  # type: ignore[return-value]
     w = n.args[1] if len(n.args) > 1 else n.kwargs["weight"]
     obj: Any = gm

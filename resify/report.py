@@ -79,6 +79,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from torch import nn
 
 from .analyze import NAMESPACE
@@ -324,6 +325,7 @@ def gradient_flow(
     target: torch.Tensor | None = None,
     batches: int = 1,
     seed: int = 0,
+    example_kwargs: dict[str, Any] | None = None,
 ) -> GradientFlow:
     """Measure the gradient flow of ``model`` with one forward and backward per batch.
 
@@ -340,6 +342,7 @@ def gradient_flow(
             normal (or, for integer inputs, uniform between the example's min and max) tensors of
             its shapes drawn from a generator seeded with ``seed``.
         seed: seeds that generator and, inside the call only, the random state (dropout masks).
+        example_kwargs: inputs passed by name (an attention mask), the same for every batch.
 
     Returns:
         A frozen :class:`GradientFlow`; print it, or call ``to_text``/``to_markdown``/``to_json``/``plot``.
@@ -366,7 +369,7 @@ def gradient_flow(
     loss_name = "loss_fn" if loss_fn is not None else (
         "mse to zeros" if target is None else
         ("mse to target" if target.is_floating_point() or target.is_complex() else "cross-entropy to target"))
-    weights = {name: m.weight for name, m in layer_modules.items()}
+    weights = {name: _stored_weight(m) for name, m in layer_modules.items()}
     weights.update(gates)
     sink = _Sink()
     probe = _Probe(layer_modules, weights, model, sink)
@@ -375,7 +378,7 @@ def gradient_flow(
             for p in model.parameters():
                 p.grad = None
             with probe.recording():
-                output = _forward(model, batch)
+                output = _forward(model, batch, example_kwargs or {})
                 loss = _loss(output, loss_fn, target)
                 if not loss.requires_grad:
                     raise ResifyError(
@@ -396,7 +399,7 @@ def gradient_flow(
         fig = figures.get(name, {})
         gnorm, wnorm = fig.get("grad_norm"), fig.get("weight")
         records.append(LayerFlow(
-            name=name, kind="Gate" if name in gates else type(layer_modules[name]).__name__,
+            name=name, kind="Gate" if name in gates else _kind(layer_modules[name]),
             depth=depth, added=_is_added(name), shape=tuple(weights[name].shape),
             mean_abs_grad=fig.get("mean_abs"), grad_norm=gnorm,
             grad_to_weight=None if gnorm is None or not wnorm else gnorm / wnorm,
@@ -415,14 +418,28 @@ def _is_added(name: str) -> bool:
     return NAMESPACE in name.split(".")
 
 
+def _stored_weight(m: nn.Module) -> torch.Tensor | None:
+    """The parameter that holds a module's weight: ``weight`` itself, or where the weight is computed
+    (a parametrization, old-style ``weight_norm``/``spectral_norm``) the tensor it is computed from."""
+    w = m._parameters.get("weight")
+    if w is None and parametrize.is_parametrized(m, "weight"):
+        w = max(m.parametrizations.weight.parameters(), key=lambda p: (p.dim(), p.numel()), default=None)
+    if w is None:
+        w = m._parameters.get("weight_orig", m._parameters.get("weight_v"))
+    if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.is_floating_point():
+        return w
+    return None
+
+
+def _kind(m: nn.Module) -> str:
+    """The layer's class name ("Linear" for a parametrized Linear too)."""
+    cls = type(m)
+    return cls.__bases__[0].__name__ if parametrize.is_parametrized(m) and cls.__bases__ else cls.__name__
+
+
 def _layer_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules with a direct ``weight`` parameter of two or more dimensions, by qualified name."""
-    found: dict[str, nn.Module] = {}
-    for name, m in model.named_modules():
-        w = m._parameters.get("weight")
-        if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.is_floating_point():
-            found[name] = m
-    return found
+    """Modules with a weight of two or more dimensions (stored or parametrized), by qualified name."""
+    return {name: m for name, m in model.named_modules() if _stored_weight(m) is not None}
 
 
 def _gate_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -716,9 +733,9 @@ def _batch_inputs(inputs: tuple[Any, ...], batches: int, seed: int) -> Iterator[
         yield tuple(draw(t) for t in inputs)
 
 
-def _forward(model: nn.Module, batch: tuple[Any, ...]) -> Any:
+def _forward(model: nn.Module, batch: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     try:
-        return model(*batch)
+        return model(*batch, **kwargs)
     except ResifyError:
         raise
     except Exception as e:

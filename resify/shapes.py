@@ -67,22 +67,25 @@ class ShapeRecorder(torch.fx.Interpreter):
         n.meta["resify"] = tensor_info(result)
         return result
 
-    def _arg_shapes(self, n: torch.fx.Node) -> list[tuple[int, ...]]:
-        shapes = []
-        for a in n.all_input_nodes:
-            info = a.meta.get("resify")
-            if info is not None:
-                shapes.append(info.shape)
-        return shapes
+    def _arg_shapes(self, n: torch.fx.Node) -> list[TensorInfo]:
+        return [a.meta["resify"] for a in n.all_input_nodes if a.meta.get("resify") is not None]
 
 
-def _rejection_message(root: nn.Module, n: torch.fx.Node, shapes: list, e: Exception) -> str:
+_DTYPE_WORDS = ("scalar type", "dtype", "Expected tensor for argument", "expected scalar type", "Long, Int",
+                "must have the same dtype", "not implemented for")
+
+
+def _rejection_message(root: nn.Module, n: torch.fx.Node, infos: list, e: Exception) -> str:
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    shown = ", ".join(str(list(s)) for s in shapes) or "its input"
     if n.op == "call_module":
         what = f"layer '{n.target}' ({type(root.get_submodule(n.target)).__name__})"
     else:
         what = f"operation '{n.name}' ({n.format_node()})"
+    if any(w in first_line for w in _DTYPE_WORDS):  # the dtype, not the shape, is what it rejects
+        shown = ", ".join(str(i.dtype).replace("torch.", "") for i in infos) or "its input"
+        return (f"{what} rejected input of dtype {shown}: {first_line}; pass an example_input of the dtype the "
+                "model expects (token ids: torch.long; CLI: --dtype int64)")
+    shown = ", ".join(str(list(i.shape)) for i in infos) or "its input"
     return (
         f"{what} rejected input of shape {shown}: {first_line}; "
         "pass an example_input with the shape the model expects (CLI: --input-shape)"

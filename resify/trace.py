@@ -10,22 +10,25 @@ It writes one thing: ``node.meta["resify"]``, a :class:`TensorInfo` for each ten
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import functools
 import inspect
 import os
 import re
+import types
 import traceback
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
 import torch
 import torch.fx
 from torch import nn
 from torch.fx.node import map_arg
+from torch.nn.utils import parametrize
 from torch.fx.proxy import Attribute, Proxy
 
 from .errors import ResifyWarning, TraceError
@@ -58,13 +61,14 @@ class Traced:
     #: the graph of the other mode (eval when ``training``, else train) where ``self.training``
     #: changes what forward does; None where both modes trace to the same graph
     other_graph: torch.fx.Graph | None = None
+    #: example inputs given by name (``example_kwargs``); the converted forward takes them by name too
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def other_mode(self) -> Traced | None:
         """This trace seen in the other mode (same module tree, the other graph), or None."""
         if self.other_graph is None:
             return None
-        return Traced(self.root, self.other_graph, self.tracer, self.example_inputs, self.model_class,
-                      not self.training, self.shapes_from)
+        return replace(self, graph=self.other_graph, training=not self.training, other_graph=None)
 
 
 def _plain_state(cls: type) -> bool:
@@ -76,7 +80,8 @@ def _plain_state(cls: type) -> bool:
 def structural_copy(module: nn.Module) -> nn.Module:
     """New module objects for the whole tree (hooks and attribute dicts copied), tensors shared."""
     cls = type(module)
-    if _plain_state(cls):  # what copy.copy does, in half the time
+    if _plain_state(cls) or parametrize.is_parametrized(module):  # what copy.copy does, in half the time
+        # (a parametrized module refuses copy.copy: its class forbids pickling, not copying)
         new = object.__new__(cls)
         new.__dict__.update(module.__dict__)
         new.__dict__.pop("_compiled_call_impl", None)  # as Module.__getstate__ does
@@ -92,6 +97,8 @@ def structural_copy(module: nn.Module) -> nn.Module:
             d[key] = type(value)(value)
         elif key not in _MODULE_STATE and isinstance(value, (dict, list, set)):
             d[key] = _containers_copied(value)  # a cache its forward fills stays the copy's own
+        elif isinstance(value, types.MethodType) and value.__self__ is module:
+            d[key] = types.MethodType(value.__func__, new)  # self.forward = self.fwd in __init__
     return new
 
 
@@ -215,6 +222,12 @@ class _ConcreteMixin:
     def __float__(self) -> float:
         return float(self.tracer.value_of(self, specialise=True))
 
+    def __str__(self) -> str:  # a message the model builds shows the real value, not Proxy(getitem)
+        return str(self.tracer.value_of(self))
+
+    def __format__(self, spec: str) -> str:
+        return format(self.tracer.value_of(self), spec)
+
 
 class _ConcreteProxy(_ConcreteMixin, Proxy):
     pass
@@ -326,10 +339,112 @@ def _one_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+_P = inspect.Parameter
+
+
+@dataclass
+class _Call:
+    """How the traced forward is called: the given inputs by position and by name, the rest at
+    their defaults (specialised: passing another value to the converted model raises)."""
+
+    wrapper: type | None  # a subclass whose forward names exactly what is traced (None: the model's own)
+    concrete: dict[str, Any]  # parameters left at their defaults: fx's concrete_args
+    values: tuple[Any, ...]  # one value per placeholder, in order (the defaults for concrete ones)
+
+
+def _call_for(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+    """Match the example inputs to ``forward``'s parameters (see :class:`_Call`).
+
+    Raises:
+        TraceError: a name that forward does not take, an input given twice, or one not given.
+    """
+    cls = type(module)
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # no signature to read: call it as before
+        return _Call(None, {}, inputs)
+    kinds = {p.kind for p in params}
+    positional = [p for p in params if p.kind in (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD)]
+    named = positional + [p for p in params if p.kind is _P.KEYWORD_ONLY]
+    names = [p.name for p in named]
+    var_kw = _P.VAR_KEYWORD in kinds
+    where = f"{cls.__name__}.forward({', '.join(str(p) for p in params)})"
+    extra = [k for k in kwargs if k not in names]
+    if extra and not var_kw:
+        raise TraceError(f"example_kwargs names {', '.join(map(repr, extra))}, which {where} does not take; "
+                         f"it takes {', '.join(names) or 'no named input'}")
+    if len(inputs) > len(positional) and _P.VAR_POSITIONAL not in kinds:
+        raise TraceError(f"example_input has {len(inputs)} inputs but {where} takes {len(positional)} by position; "
+                         "pass the others by name with example_kwargs")
+    given = positional[:len(inputs)]
+    twice = [p.name for p in given if p.name in kwargs]
+    if twice:
+        raise TraceError(f"{', '.join(map(repr, twice))} given both in example_input and in example_kwargs; give it once")
+    rest = [p for p in named if p not in given]
+    missing = [p.name for p in rest if p.default is _P.empty and p.name not in kwargs]
+    if missing:
+        raise TraceError(
+            f"the model's forward takes an input '{missing[0]}' that example_input does not provide (found "
+            f"{len(inputs)} input(s)) in {where}; pass a tuple with one tensor per input, or name it: "
+            f"example_kwargs={{'{missing[0]}': ...}} (CLI: --input-kwarg {missing[0]}=SHAPE)")
+    concrete = {p.name: p.default for p in rest if p.name not in kwargs}
+    simple = not kwargs and not (kinds & {_P.VAR_POSITIONAL, _P.VAR_KEYWORD, _P.KEYWORD_ONLY, _P.POSITIONAL_ONLY})
+    if simple:
+        return _Call(None, concrete, (*inputs, *(concrete[p.name] for p in rest)))
+    # a forward with *args, **kwargs or names given out of order: trace a subclass whose forward
+    # takes exactly the given inputs, then the rest of the named ones at their defaults
+    n_extra_pos = len(inputs) - len(given)
+    head = [p.name for p in given] + [f"arg_{i}" for i in range(n_extra_pos)]
+    tail = [f"{p.name}=__defaults[{p.name!r}]" if p.name in concrete else p.name for p in rest] + extra
+    tail = [t for t in tail if "=" not in t] + [t for t in tail if "=" in t]  # required ones first
+    call = [p.name for p in given] + ([f"*({', '.join(head[len(given):])},)"] if n_extra_pos else [])
+    call += [f"{n}={n}" for n in [p.name for p in rest] + extra]
+    src = (f"def forward(self, {', '.join(head + tail)}):\n"
+           f"    return __forward(self, {', '.join(call)})\n")
+    scope: dict[str, Any] = {"__forward": cls.forward, "__defaults": {p.name: p.default for p in rest}}
+    exec(src, scope)  # noqa: S102 - source built from the model's own parameter names
+    wrapper = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__})
+    ordered = [t.split("=")[0] for t in tail]
+    by_name = {**{p.name: concrete.get(p.name) for p in rest}, **kwargs}
+    return _Call(wrapper, concrete, (*inputs, *(by_name[n] for n in ordered)))
+
+
+@contextlib.contextmanager
+def _forward_of(module: nn.Module, call: _Call) -> Iterator[None]:
+    """Trace through ``call``'s wrapper forward (the module's class, swapped for the trace only)."""
+    if call.wrapper is None:
+        yield
+        return
+    cls = module.__class__
+    module.__class__ = call.wrapper
+    try:
+        yield
+    finally:
+        module.__class__ = cls
+
+
+def _named_placeholders(graph: torch.fx.Graph, call: _Call) -> None:
+    """fx renames a specialised parameter ('mask' -> 'mask_1'): give the signature its name back."""
+    targets = {str(n.target) for n in graph.nodes if n.op == "placeholder"}
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            base = re.sub(r"_\d+$", "", str(n.target))
+            if base in call.concrete and base not in targets:
+                n.target = base
+
+
+def _traced(tracer: torch.fx.Tracer, module: nn.Module, call: _Call) -> torch.fx.Graph:
+    with _forward_of(module, call):
+        graph = tracer.trace(module, concrete_args=call.concrete or None)
+    _named_placeholders(graph, call)
+    return graph
+
+
 def trace(
     model: nn.Module,
     example_input: Any = None,
     *,
+    example_kwargs: dict[str, Any] | None = None,
     leaf_modules: LeafSpec = (),
 ) -> Traced:
     """Trace ``model`` into a graph with a TensorInfo on every tensor node.
@@ -338,6 +453,8 @@ def trace(
         model: any ``nn.Module``; tracing works on a structural copy and never changes it (buffers
             that a forward on the example input would update are restored).
         example_input: a tensor or tuple of tensors; derived when the first layer fixes it.
+        example_kwargs: inputs given by name; every other optional parameter of ``forward`` (and
+            ``**kwargs``) is traced at its default and stays optional in the converted model.
         leaf_modules: module types or glob patterns on qualified names to keep whole.
 
     Raises:
@@ -351,17 +468,21 @@ def trace(
         )
     leaves = list(leaf_modules)
     inputs = as_inputs(example_input)
-    if inputs is not None:
-        check_device(model, inputs)
+    kwargs = dict(example_kwargs or {})
+    if inputs is not None or kwargs:
+        check_device(model, (*(inputs or ()), *kwargs.values()))
     private = structural_copy(model)
     name = type(model).__name__
+    call = _call_for(private, inputs if inputs is not None else (None,), kwargs)
 
     symbolic_error: Exception | None = None
     where = module_hint = ""
     tracer_used, shapes_from = "symbolic", "meta"
     try:
         tracer = _LeafTracer(leaves)
-        graph = tracer.trace(private)
+        graph = _traced(tracer, private, call)
+    except TraceError:
+        raise
     except Exception as e:  # any failure of symbolic tracing sends us to the concrete tracer
         symbolic_error = e
         where = _user_frame(e)
@@ -370,7 +491,8 @@ def trace(
     if symbolic_error is None:
         if inputs is None:
             inputs = derive_example_input(private, _first_called_module(private, graph))
-        shapes_from = record_shapes(private, graph, inputs)
+            call = replace(call, values=(*inputs, *call.values[1:]))
+        shapes_from = record_shapes(private, graph, call.values)
     else:
         if inputs is None:
             try:
@@ -380,15 +502,21 @@ def trace(
                     f"symbolic tracing of {name} failed{where}: {_one_line(symbolic_error)}; "
                     f"tracing on a concrete input needs one: {e}"
                 ) from symbolic_error
+            call = replace(call, values=(*inputs, *call.values[1:]))
         tracer_used, shapes_from = "concrete", "run"
-        ctracer = _ConcreteTracer(inputs, leaves)
+        ctracer = _ConcreteTracer(call.values, leaves)
         try:
             with state_kept(private):
-                graph = ctracer.trace(private)
+                graph = _traced(ctracer, private, call)
         except TraceError:
             raise
         except Exception as e:
             shapes = ", ".join(str(list(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
+            if _user_frame(e) == where and where and "Proxy" not in str(e):  # the model's own check
+                raise TraceError(
+                    f"{name}'s forward raised {type(e).__name__}{where} on the example input {shapes}: "
+                    f"{_one_line(e)}; pass an example_input that it accepts"
+                ) from e
             raise TraceError(
                 f"could not trace {name}: symbolic tracing failed{where}{module_hint}: "
                 f"{_one_line(symbolic_error)}; tracing on the example input {shapes} failed{_user_frame(e)}"
@@ -407,8 +535,9 @@ def trace(
                 ResifyWarning,
                 stacklevel=3,
             )
-    other = _other_mode_graph(private, model, graph, inputs, leaves, tracer_used) if _reads_training(private) else None
-    return Traced(private, graph, tracer_used, inputs, name, model.training, shapes_from, other)
+    other = (_other_mode_graph(private, model, graph, call, leaves, tracer_used)
+             if _reads_training(private) else None)
+    return Traced(private, graph, tracer_used, inputs, name, model.training, shapes_from, other, kwargs)
 
 
 _TRAINING = re.compile(r"\btraining\b")
@@ -439,7 +568,7 @@ def _reads_training(root: nn.Module) -> bool:
                for m in root.modules())
 
 
-def _other_mode_graph(private: nn.Module, model: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...],
+def _other_mode_graph(private: nn.Module, model: nn.Module, graph: torch.fx.Graph, call: _Call,
                       leaves: list, tracer_used: str) -> torch.fx.Graph | None:
     """The graph of ``private`` traced in the other mode, with shapes; None when it is the same graph.
 
@@ -454,12 +583,12 @@ def _other_mode_graph(private: nn.Module, model: nn.Module, graph: torch.fx.Grap
     private.train(not private.training)
     try:
         if tracer_used == "symbolic":
-            other = _LeafTracer(leaves).trace(private)
-            record_shapes(private, other, inputs)
+            other = _traced(_LeafTracer(leaves), private, call)
+            record_shapes(private, other, call.values)
         else:
-            ctracer = _ConcreteTracer(inputs, leaves)
+            ctracer = _ConcreteTracer(call.values, leaves)
             with state_kept(private):
-                other = ctracer.trace(private)
+                other = _traced(ctracer, private, call)
             _drop_specialisation_nodes(other, ctracer.values)
             for n in other.nodes:
                 n.meta["resify"] = tensor_info(ctracer.values.get(n))
