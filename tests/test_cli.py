@@ -225,3 +225,51 @@ def test_convert_keeps_what_forward_does_in_each_mode(tmp_path):
     torch.testing.assert_close(loaded(x), loaded(x))  # eval: no noise, no dropout
     loaded.train()
     assert not torch.equal(loaded(x), loaded(x))
+
+
+def test_the_loader_ignores_losses_and_loop_variables(tmp_path):
+    model_file = tmp_path / "train.py"
+    model_file.write_text(textwrap.dedent("""
+        import torch.nn as nn
+
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        criterion = nn.CrossEntropyLoss()  # no parameters: not a model
+        for m in model.modules():  # leaves m, a submodule of model: not a model either
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+    """))
+    code, out = run("inspect", model_file, "--no-report")
+    assert code == 0, out
+    assert "train.py:model" in out and "total: 2 shortcut(s)" in out
+
+
+def test_token_models_take_an_integer_dtype_and_inputs_by_name(tmp_path):
+    model_file = tmp_path / "tokens.py"
+    model_file.write_text(textwrap.dedent("""
+        import torch
+        import torch.nn as nn
+
+        class Tagger(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = nn.Embedding(100, 16)
+                self.fc1, self.fc2, self.out = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 5)
+
+            def forward(self, input_ids, attention_mask=None):
+                h = self.emb(input_ids)
+                if attention_mask is not None:
+                    h = h * attention_mask[..., None]
+                return self.out(torch.relu(self.fc2(torch.relu(self.fc1(h)))))
+
+        model = Tagger()
+    """))
+    code, out = run("inspect", model_file, "--input-shape", "2,7", "--no-report")
+    assert code == 1 and "rejected input of dtype float32" in out and "--dtype int64" in out, out
+    code, out = run("inspect", model_file, "--input-shape", "2,7", "--dtype", "int64",
+                    "--input-kwarg", "attention_mask=2,7", "--no-report")
+    assert code == 0, out
+    assert "total: 2 shortcut(s)" in out
+    code, out = run("inspect", model_file, "--input-shape", "2,7", "--dtype", "int64", "--input-kwarg", "nope")
+    assert code == 2 and "--input-kwarg expects NAME=SHAPE[:DTYPE]" in out
+    code, out = run("inspect", model_file, "--input-shape", "2,7", "--dtype", "int65")
+    assert code == 2 and "Invalid value for '--dtype'" in out

@@ -400,3 +400,192 @@ def test_a_module_registered_under_two_names_still_gets_meta_shapes():
 
     traced = trace(Shared(), torch.randn(2, 6))
     assert traced.shapes_from == "meta" and all(v[0] == (2, 6) for v in _shapes(traced).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# the code people write: optional arguments, **kwargs, caches, parametrizations, rebound forwards
+
+class Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, mask=None, scale=1.0):
+        h = torch.relu(self.fc1(x))
+        if mask is not None:
+            h = h * mask
+        return torch.relu(self.fc2(h)) * scale
+
+
+class HFStyle(nn.Module):
+    """forward(input_ids, token_type_ids=None, attention_mask=None, ..., **kwargs), as transformers write it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, output_hidden_states=False, **kwargs):
+        h = self.emb(input_ids)
+        if token_type_ids is not None:
+            h = h + self.emb(token_type_ids)
+        h = torch.relu(self.fc1(h))
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        out = torch.relu(self.fc2(h))
+        return (out, h) if output_hidden_states else out
+
+
+def test_optional_arguments_stay_optional_at_their_defaults():
+    torch.manual_seed(0)
+    model = Masked()
+    x = torch.randn(2, 4)
+    converted = resify.apply(model, x, preserve_output=True)
+    torch.testing.assert_close(converted(x), model(x))
+    torch.testing.assert_close(converted(torch.randn(5, 4)).shape, (5, 4))
+    with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+        converted(x, mask=torch.ones(2, 4))  # never silently ignored
+
+
+def test_an_optional_argument_given_by_name_is_traced():
+    torch.manual_seed(0)
+    model, x, mask = Masked(), torch.randn(2, 4), torch.rand(2, 4)
+    converted = resify.apply(model, x, example_kwargs={"mask": torch.ones(2, 4)}, preserve_output=True)
+    torch.testing.assert_close(converted(x, mask=mask), model(x, mask=mask))
+    assert converted.meta["resify_example_kwargs"].keys() == {"mask"}
+
+
+def test_hugging_face_style_forward_with_kwargs():
+    torch.manual_seed(0)
+    model = HFStyle()
+    ids, mask = torch.randint(0, 10, (2, 5)), torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2])
+    converted = resify.apply(model, ids, example_kwargs={"attention_mask": mask}, preserve_output=True)
+    torch.testing.assert_close(converted(ids, attention_mask=mask), model(ids, attention_mask=mask))
+    other = torch.randint(0, 10, (3, 7))
+    torch.testing.assert_close(converted(other, attention_mask=torch.ones(3, 7)),
+                               model(other, attention_mask=torch.ones(3, 7)))
+    plain = resify.apply(model, ids, preserve_output=True)  # every optional one at its default
+    torch.testing.assert_close(plain(ids), model(ids))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"nope": torch.ones(1)}, "example_kwargs names 'nope', which Masked.forward.* does not take; it takes x, mask, scale"),
+    ({"x": torch.ones(2, 4)}, "'x' given both in example_input and in example_kwargs"),
+])
+def test_bad_example_kwargs_are_refused_by_name(kwargs, match):
+    with pytest.raises(resify.TraceError, match=match):
+        resify.plan(Masked(), torch.randn(2, 4), example_kwargs=kwargs)
+
+
+def test_a_required_input_not_given_names_the_parameter_and_the_fix():
+    with pytest.raises(resify.TraceError, match=r"takes an input 'y' .*example_kwargs=\{'y': \.\.\.\}"):
+        resify.plan(TakesTwo(), torch.randn(2, 8))
+
+
+class Caching(nn.Module):
+    """Fills a dict during forward (timm's LeViT attention_bias_cache) and logs calls in a list."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.cache, self.calls = {}, []
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.fc1.weight * 2
+        self.calls.append(key)
+        return self.fc2(torch.relu(x @ self.cache[key]))
+
+
+def test_the_users_model_is_never_written_to_and_apply_twice_gives_the_same_result():
+    torch.manual_seed(0)
+    model = Caching()
+    first = resify.apply(model, torch.randn(2, 4))
+    assert model.cache == {} and model.calls == []  # no tracer proxy ever lands in the user's model
+    second = resify.apply(model, torch.randn(2, 4))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(first(x), second(x))
+    assert str(first.code) == str(second.code)
+
+
+def test_parametrized_layers_convert_and_keep_their_outputs():
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(8, 8)), nn.ReLU(),
+                          parametrizations.spectral_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = torch.randn(4, 8)
+    converted = resify.apply(model, x, preserve_output=True).eval()
+    torch.testing.assert_close(converted(x), model(x))
+    assert [s.start for s in converted.meta["resify_plan"].sites] == ["0", "2"]
+    converted.train()(x).sum().backward()
+    assert all(p.grad is not None for p in converted.parameters())
+    flow = resify.gradient_flow(model, x)  # the report sees them as the layers they are
+    assert [(r.name, r.kind) for r in flow.layers] == [("0", "Linear"), ("2", "Linear"), ("4", "Linear")]
+
+
+def test_a_forward_rebound_in_init_is_traced_as_torch_fx_traces_it():
+    class Partial(nn.Module):  # timm's FasterNet: self.forward = self.forward_split_cat
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+            self.forward = self.forward_split_cat
+
+        def forward_split_cat(self, x):
+            a, b = torch.split(x, [2, 2], dim=1)
+            return torch.cat((self.conv(a), b), 1)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), Partial(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    expected = torch.fx.symbolic_trace(model)(x)
+    converted = resify.apply(model, x, preserve_output=True)
+    torch.testing.assert_close(converted(x), expected)
+
+
+def test_a_python_function_activation_is_the_layers_activation():
+    def mish(x):
+        return x * torch.tanh(torch.nn.functional.softplus(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            h = h * torch.sigmoid(h)  # swish, written out
+            return self.c(mish(self.b(h)))
+
+    traced = trace(Net(), torch.randn(2, 8))
+    from resify.analyze import analyze
+
+    layers = {layer.name: layer for layer in analyze(traced).layers}
+    assert layers["a"].roles == ("activation",) and layers["a"].output == "mul"
+    assert layers["b"].roles == ("activation",) and layers["b"].output == "mul_1"
+    converted = resify.apply(Net(), torch.randn(2, 8))
+    adds = [n for n in converted.graph.nodes if n.name.startswith("add")]
+    assert [a.args[0].name for a in adds] == ["mul", "mul_1"]  # after the activation, not before it
+
+
+def test_the_models_own_error_is_shown_with_real_values():
+    class Checks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.shape[1] != 4:
+                raise ValueError(f"expected 4 features, got {x.shape[1]}")
+            return self.fc(x)
+
+    with pytest.raises(resify.TraceError, match="forward raised ValueError .*expected 4 features, got 5") as e:
+        resify.plan(Checks(), torch.randn(2, 5))
+    assert "Proxy" not in str(e.value)
+
+
+def test_a_wrong_dtype_is_named_as_a_dtype():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    with pytest.raises(resify.TraceError, match="rejected input of dtype float32.*torch.long"):
+        resify.plan(model, torch.randn(2, 5))
+    assert resify.plan(model, torch.randint(0, 10, (2, 5))).sites
