@@ -185,8 +185,23 @@ class Analysis:
         return "a value inside the span is also used outside it"
 
 
+_SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda"}
+_SHAPE_METHODS = {"size", "dim", "numel", "get_device", "type"}
+
+
+def _reads_metadata_only(n: torch.fx.Node) -> bool:
+    """True for ``x.shape``, ``x.size(1)``, ``x.dim()``: what they give does not flow from x's values."""
+    if n.op == "call_function" and n.target is getattr:
+        return len(n.args) > 1 and n.args[1] in _SHAPE_ATTRIBUTES
+    return n.op == "call_method" and n.target in _SHAPE_METHODS
+
+
 def _dataflow(graph: torch.fx.Graph) -> nx.DiGraph:
-    """Nodes computed from the model's inputs, with an edge from each input to its user."""
+    """Nodes computed from the model's inputs' values, with an edge from each input to its user.
+
+    Reading a value's shape is not data flow: positions made with ``torch.arange(x.size(1))`` and
+    the embeddings of them are not computed from x (so ``x + pos_embedding`` is no shortcut).
+    """
     g = nx.DiGraph()
     g.add_node(_SOURCE)
     live: set[torch.fx.Node] = set()
@@ -194,6 +209,8 @@ def _dataflow(graph: torch.fx.Graph) -> nx.DiGraph:
         if n.op == "placeholder":
             live.add(n)
             g.add_edge(_SOURCE, n)
+            continue
+        if _reads_metadata_only(n):
             continue
         inputs = [a for a in n.all_input_nodes if a in live]
         if inputs:
@@ -301,6 +318,17 @@ def _backward_walk(starts: list, stop: object, order: dict,
     return seen, w
 
 
+def _latest_common_ancestor(operands: list, stop: torch.fx.Node, order: dict) -> torch.fx.Node | None:
+    """The latest node (in graph order; ``stop`` at the earliest) that every operand is computed from
+    (an operand itself, where the other is computed from it)."""
+    common: set | None = None
+    for o in operands:
+        seen, _ = _backward_walk([o], stop, order)
+        seen.add(stop)
+        common = seen if common is None else common & seen
+    return max(common or (), key=order.__getitem__, default=None)
+
+
 def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcut], dict[str, str], list]:
     anchors = {n for n in graph.nodes if is_layer_node(gm, n)}
     layer_by_anchor = {layer.anchor: layer for layer in layers}
@@ -312,10 +340,15 @@ def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcu
         if found is None or m not in idom:
             continue
         kind, operands = found
-        operands = [o for o in operands if o in order]
+        operands = [o for o in operands if o in idom]  # computed from the input (not a parameter)
         if len(operands) < 2:
             continue
-        fork = idom[m]
+        # side inputs that join a branch (RoPE's cos/sin, a shared mask) move the immediate dominator
+        # above the value that forks; the fork is the latest value both operands are computed from
+        # (where the dominator is an operand, every operand is computed from it: it is the fork)
+        fork = idom[m] if idom[m] in operands else _latest_common_ancestor(operands, idom[m], order)
+        if not isinstance(fork, torch.fx.Node):
+            continue  # the operands come from separate inputs: a join of inputs, not a shortcut
         walks = [_backward_walk([o], fork, order, weight, not_a_bypass) for o in operands]
         bypass = [i for i, (_, w) in enumerate(walks) if not not_a_bypass(w)]
         if not bypass:

@@ -335,6 +335,13 @@ def _user_frame(e: BaseException) -> str:
     return f" at {os.path.basename(f.filename)}:{f.lineno} `{(f.line or '').strip()}`"
 
 
+def _raised_by_user(e: BaseException) -> bool:
+    """True when the innermost frame of ``e`` is the user's code (a ``raise`` in forward)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and not frames[-1].filename.startswith(_TORCH_DIR) and \
+        os.path.basename(os.path.dirname(frames[-1].filename)) != "resify"
+
+
 def _one_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -512,9 +519,9 @@ def trace(
             raise
         except Exception as e:
             shapes = ", ".join(str(list(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
-            if _user_frame(e) == where and where and "Proxy" not in str(e):  # the model's own check
+            if _raised_by_user(e) and "Proxy" not in str(e):  # the model's own check, on real values
                 raise TraceError(
-                    f"{name}'s forward raised {type(e).__name__}{where} on the example input {shapes}: "
+                    f"{name}'s forward raised {type(e).__name__}{_user_frame(e)} on the example input {shapes}: "
                     f"{_one_line(e)}; pass an example_input that it accepts"
                 ) from e
             raise TraceError(

@@ -1,8 +1,8 @@
 """Converted models under the usual PyTorch machinery (CPU): compile, export, ONNX, TorchScript,
 pickling, DDP and FSDP2 over gloo, and the meta-device construction workflow."""
 import copy
+import datetime
 import io
-import os
 
 import pytest
 import torch
@@ -136,8 +136,14 @@ def test_shortcut_reset_parameters_restores_the_gates():
 # distributed: 2 processes over gloo on the CPU
 
 def _init(rank, world, path):
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a loaded 2-core machine is slow
     torch.set_num_threads(1)
+
+
+def _finish():
+    dist.barrier()  # no rank leaves while the other is still in a collective
+    dist.destroy_process_group()
 
 
 def _ddp_worker(rank, world, path, out):
@@ -155,7 +161,7 @@ def _ddp_worker(rank, world, path, out):
         # parameters (BatchNorm statistics are each rank's own: DDP broadcasts them before a forward)
         torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, f"{out}.{rank}")
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def _fsdp_worker(rank, world, path, out, policy):
@@ -183,7 +189,7 @@ def _fsdp_worker(rank, world, path, out, policy):
         full = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
         torch.save(full, f"{out}.{rank}")
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def _spawn(fn, tmp_path, *args):

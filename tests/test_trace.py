@@ -56,9 +56,11 @@ def test_tuple_example_input():
     x, y = torch.randn(2, 8), torch.randn(2, 8)
     converted = resify.apply(model, (x, y))
     plan = converted.meta["resify_plan"]
-    assert [s.start for s in plan.sites] == ["b"]  # 'a' is joined by y before 'b': not single-entry
-    assert "joins the span" not in plan.skipped[0].reason or plan.skipped[0].start == "a"
-    torch.testing.assert_close(converted(x, y), model(x, y) + torch.relu(model.a(x)) + y)
+    # relu(a(x)) + y joins two inputs: no existing shortcut (so 'a' is not inside one), and y joins
+    # after 'a', outside its span: both layers get an identity shortcut
+    assert plan.existing == () and [s.start for s in plan.sites] == ["a", "b"]
+    h = torch.relu(model.a(x)) + x + y
+    torch.testing.assert_close(converted(x, y), model.b(h) + h)
 
 
 def test_concrete_tracer_handles_len_and_int():
