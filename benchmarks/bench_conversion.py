@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import resify  # noqa: E402
 from common import SeedMLP, machine, table  # noqa: E402
 from resify.analyze import analyze  # noqa: E402
-from resify.planner import Policy, make_plan  # noqa: E402
+from resify.planner import Policy, make_plan, reconcile_modes  # noqa: E402
 from resify import rewrite as rewrite_stage  # noqa: E402
 from resify.rewrite import rewrite  # noqa: E402
 from resify.trace import trace  # noqa: E402
@@ -133,11 +133,17 @@ def stage_times(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     t = time.perf_counter()
     box["traced"] = trace(model, x)
     out["trace"] = time.perf_counter() - t
+    other = box["traced"].other_mode()  # where forward reads self.training: the other mode's graph too
     t = time.perf_counter()
     box["analysis"] = analyze(box["traced"])
+    if other is not None:
+        box["other_analysis"] = analyze(other)
     out["analyze"] = time.perf_counter() - t
     t = time.perf_counter()
     box["plan"] = make_plan(box["analysis"], Policy.from_kwargs(), params_before=0)
+    if other is not None:
+        box["plan"] = reconcile_modes(box["plan"], make_plan(box["other_analysis"], Policy.from_kwargs()),
+                                      box["traced"].training)
     out["plan"] = time.perf_counter() - t
     t = time.perf_counter()
     rewrite(box["traced"], box["plan"])

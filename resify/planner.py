@@ -232,17 +232,28 @@ def _geometry(layers: Sequence[Layer], analysis: Analysis, dims: int) -> tuple[s
     windows the shortcut averages over; an adaptive pool; a valid convolution), where the shortcut
     is average-pooled to the branch's own output size at run time.
     """
+    nodes = [analysis.node(name) for layer in layers for name in layer.nodes]
+    found = _size_rule(nodes, analysis, dims)
+    if found is None:
+        return "match", ()
+    strides, pooled = found
+    if all(s == 1 for s in strides):
+        return "same", ()
+    return ("match", ()) if pooled else ("stride", tuple(strides))
+
+
+def _size_rule(nodes: Sequence, analysis: Analysis, dims: int) -> tuple[list[int], bool] | None:
+    """Per spatial dim the stride S with out = ceil(in / S) for every size the ops accept, and whether
+    one of them pools; None where the ops' sizes follow no such rule (or cannot be told)."""
     per_dim: list[list] = [[] for _ in range(dims)]
     pooled = False
-    for layer in layers:
-        for name in layer.nodes:
-            n = analysis.node(name)
-            fns = size_functions(analysis.module, n, dims)
-            if fns is None:
-                return "match", ()
-            pooled = pooled or follower_role(analysis.module, n) == "pool"
-            for d, fn in enumerate(fns):
-                per_dim[d].append(fn)
+    for n in nodes:
+        fns = size_functions(analysis.module, n, dims)
+        if fns is None:
+            return None
+        pooled = pooled or follower_role(analysis.module, n) == "pool"
+        for d, fn in enumerate(fns):
+            per_dim[d].append(fn)
     strides = []
     for fns in per_dim:
         sizes = {}
@@ -253,15 +264,31 @@ def _geometry(layers: Sequence[Layer], analysis: Analysis, dims: int) -> tuple[s
             if out is not None and out >= 1:
                 sizes[size] = out
         if not sizes:
-            return "match", ()
+            return None
         top = max(sizes)
         stride = max(1, round(top / sizes[top]))
         if any(-(-i // stride) != o for i, o in sizes.items()):
-            return "match", ()
+            return None
         strides.append(stride)
-    if all(s == 1 for s in strides):
-        return "same", ()
-    return ("match", ()) if pooled else ("stride", tuple(strides))
+    return strides, pooled
+
+
+def _norm_sees(layers: Sequence[Layer], analysis: Analysis, dims: int) -> str | None:
+    """Which size the span's first norm sees at every input size: "input", "output" or None.
+
+    A BatchNorm on the shortcut goes where it sees that same size, so that it accepts every batch
+    the span's own does (one sample of 1×1 maps is refused in training).
+    """
+    nodes = [analysis.node(name) for layer in layers for name in layer.nodes]
+    first = next((i for i, n in enumerate(nodes) if follower_role(analysis.module, n) == "norm"), None)
+    if first is None:
+        return None
+    before, after = _size_rule(nodes[:first], analysis, dims), _size_rule(nodes[first:], analysis, dims)
+    if before is not None and all(s == 1 for s in before[0]):
+        return "input"
+    if after is not None and all(s == 1 for s in after[0]):
+        return "output"
+    return None
 
 
 def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name: str, carry: int = 0) -> Site | str:
@@ -324,7 +351,9 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     cin, cout = src.shape[1], dst.shape[1]
     if geometry != "match":  # the size follows a stride (1 or more): a 1×1 projection with that stride
         shown = "" if not stride else f", stride={stride[0] if len(set(stride)) == 1 else stride}"
-        norm = _span_norm(layers, analysis, dims)
+        # a norm sees the projection's output size: the span's must see the span's output size
+        norm = _span_norm(layers, analysis, dims) if _norm_sees(layers, analysis, dims) == "output" or \
+            (not stride and _norm_sees(layers, analysis, dims) == "input") else None
         added = cin * cout + (2 * cout if norm else 0) + gate_params
         label = f"Conv{dims}d({cin}, {cout}, 1{shown})" + (f" + {norm}" if norm else "")
         return Site(kind="projection", added_params=added, projection=label, stride=stride, norm=norm,
@@ -336,11 +365,12 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     if cin == cout:
         return Site(kind="projection", added_params=gate_params, projection=pool, pool=True,
                     channels=(cin, cout), **common)
-    norm = _span_norm(layers, analysis, dims)
-    # the projection normalises where the span does: before its pooling when the span's norm comes
-    # first (its statistics then cover as many values as the span's own norm: a batch of one that
-    # the original trains on, the converted model trains on too)
-    pool_last = norm is not None and _norm_before_pool(layers, analysis)
+    # A norm on the projection sees what the span's norm sees: the input's size (conv → norm → pool:
+    # the head of an EfficientNet normalises 7×7 maps, then pools them to 1×1, and trains on a batch
+    # of one) or the output's (pool → conv → norm); where it sees neither, the projection has none.
+    sees = _norm_sees(layers, analysis, dims)
+    norm = _span_norm(layers, analysis, dims) if sees else None
+    pool_last = sees == "input"
     conv = f"Conv{dims}d({cin}, {cout}, 1)" + (f" + {norm}" if norm else "")
     label = f"{conv} + {pool}" if pool_last else f"{pool} + {conv}"
     added = cin * cout + (2 * cout if norm else 0) + gate_params
@@ -352,17 +382,6 @@ def _span_norm(layers: Sequence[Layer], analysis: Analysis, dims: int) -> str | 
     """The BatchNorm type a conv projection gets: one where the span has a batch norm."""
     return next((f"BatchNorm{dims}d" for l in layers for r in l.roles if r == "norm"
                  and analysis.has_batchnorm(l)), None)
-
-
-def _norm_before_pool(layers: Sequence[Layer], analysis: Analysis) -> bool:
-    """True when the span's first norm comes before its first pool (or it has no pool)."""
-    for layer in layers:
-        for role in layer.roles:
-            if role == "norm":
-                return True
-            if role == "pool":
-                return False
-    return True
 
 
 def _dense_site(src: TensorInfo, dst: TensorInfo, layers: Sequence[Layer], analysis: Analysis, policy: Policy,
@@ -454,8 +473,8 @@ def reconcile_modes(plan: Plan, other: Plan, training: bool) -> Plan:
     mode's. A site is kept where both modes have it, around the same layers with the same shapes and
     shortcut; the other mode's copy (its own node names) goes to ``other_mode_sites``.
     """
-    def key(s: Site) -> tuple:
-        return (s.kind, s.start, s.end, s.in_shape, s.out_shape, s.projection)
+    def key(s: Site) -> tuple:  # without the batch size (the other mode may be traced on a batch of two)
+        return (s.kind, s.start, s.end, s.in_shape[1:], s.out_shape[1:], s.projection)
 
     theirs = {key(s): s for s in other.sites}
     mine = {key(s) for s in plan.sites}

@@ -202,12 +202,18 @@ class _LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+#: Tensor attributes the concrete tracer answers with the example's value (a dtype, a device).
+_METADATA = frozenset({"dtype", "device", "is_cuda", "layout", "is_sparse", "is_quantized", "is_meta"})
+
+
 class _ConcreteMixin:
     """Proxy behaviour that answers Python's questions (bool, len, int) from concrete values."""
 
     tracer: _ConcreteTracer
 
-    def __getattr__(self, k: str) -> Attribute:
+    def __getattr__(self, k: str) -> Any:
+        if k in _METADATA:  # torch.finfo(x.dtype), x.to(y.device): never data, always the real value
+            return getattr(self.tracer.value_of(self), k)
         return _ConcreteAttribute(self, k)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
@@ -243,6 +249,10 @@ class _ConcreteTracer(_LeafTracer):
     Control flow that depends on those values is decided on them (and counted in
     ``specialised``); the recorded graph is therefore valid for inputs shaped like the example.
     """
+
+    #: buffers become graph values too: a buffer sliced by a traced size (BERT's position_ids) stays
+    #: traced, instead of a real tensor that meets a proxy inside a torch function
+    proxy_buffer_attributes = True
 
     def __init__(self, inputs: tuple[Any, ...], leaves: LeafSpec = ()) -> None:
         super().__init__(leaves)
@@ -394,7 +404,10 @@ def _call_for(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
             f"the model's forward takes an input '{missing[0]}' that example_input does not provide (found "
             f"{len(inputs)} input(s)) in {where}; pass a tuple with one tensor per input, or name it: "
             f"example_kwargs={{'{missing[0]}': ...}} (CLI: --input-kwarg {missing[0]}=SHAPE)")
-    concrete = {p.name: p.default for p in rest if p.name not in kwargs}
+    # left at their defaults, or given as plain values (use_cache=False): specialised, not traced
+    concrete = {p.name: kwargs.get(p.name, p.default) for p in rest
+                if p.name not in kwargs or not _holds_tensor(kwargs[p.name])}
+    concrete.update({k: v for k, v in kwargs.items() if k in extra and not _holds_tensor(v)})
     simple = not kwargs and not (kinds & {_P.VAR_POSITIONAL, _P.VAR_KEYWORD, _P.KEYWORD_ONLY, _P.POSITIONAL_ONLY})
     if simple:
         return _Call(None, concrete, (*inputs, *(concrete[p.name] for p in rest)))
@@ -402,17 +415,17 @@ def _call_for(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
     # takes exactly the given inputs, then the rest of the named ones at their defaults
     n_extra_pos = len(inputs) - len(given)
     head = [p.name for p in given] + [f"arg_{i}" for i in range(n_extra_pos)]
-    tail = [f"{p.name}=__defaults[{p.name!r}]" if p.name in concrete else p.name for p in rest] + extra
+    tail = [f"{n}=__defaults[{n!r}]" if n in concrete else n for n in [p.name for p in rest] + extra]
     tail = [t for t in tail if "=" not in t] + [t for t in tail if "=" in t]  # required ones first
     call = [p.name for p in given] + ([f"*({', '.join(head[len(given):])},)"] if n_extra_pos else [])
     call += [f"{n}={n}" for n in [p.name for p in rest] + extra]
     src = (f"def forward(self, {', '.join(head + tail)}):\n"
            f"    return __forward(self, {', '.join(call)})\n")
-    scope: dict[str, Any] = {"__forward": cls.forward, "__defaults": {p.name: p.default for p in rest}}
+    scope: dict[str, Any] = {"__forward": cls.forward, "__defaults": {p.name: p.default for p in rest} | concrete}
     exec(src, scope)  # noqa: S102 - source built from the model's own parameter names
     wrapper = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__})
     ordered = [t.split("=")[0] for t in tail]
-    by_name = {**{p.name: concrete.get(p.name) for p in rest}, **kwargs}
+    by_name = {**{p.name: concrete.get(p.name) for p in rest}, **kwargs, **concrete}
     return _Call(wrapper, concrete, (*inputs, *(by_name[n] for n in ordered)))
 
 
@@ -428,6 +441,13 @@ def _forward_of(module: nn.Module, call: _Call) -> Iterator[None]:
         yield
     finally:
         module.__class__ = cls
+
+
+def _takes(module: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _named_placeholders(graph: torch.fx.Graph, call: _Call) -> None:
@@ -529,6 +549,9 @@ def trace(
                 f"{_one_line(symbolic_error)}; tracing on the example input {shapes} failed{_user_frame(e)}"
                 f"{_current_module(ctracer)}: {_one_line(e)}; "
                 "try leaf_modules=[...] (CLI: --leaf) for the module named, or check the example input's shape"
+                + (" (a forward with use_cache builds a cache object as it runs: try "
+                   "example_kwargs={'use_cache': False})" if _takes(private, "use_cache") and
+                   "use_cache" not in kwargs else "")
             ) from e
         _drop_specialisation_nodes(graph, ctracer.values)
         for n in graph.nodes:
@@ -575,6 +598,27 @@ def _reads_training(root: nn.Module) -> bool:
                for m in root.modules())
 
 
+def _doubled(value: Any) -> Any:
+    """A tensor of batch one made a batch of two (itself twice); anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == 1:
+        return torch.cat([value, value])
+    return value
+
+
+def _traced_with_shapes(private: nn.Module, call: _Call, leaves: list, tracer_used: str) -> torch.fx.Graph:
+    if tracer_used == "symbolic":
+        graph = _traced(_LeafTracer(leaves), private, call)
+        record_shapes(private, graph, call.values)
+        return graph
+    ctracer = _ConcreteTracer(call.values, leaves)
+    with state_kept(private):
+        graph = _traced(ctracer, private, call)
+    _drop_specialisation_nodes(graph, ctracer.values)
+    for n in graph.nodes:
+        n.meta["resify"] = tensor_info(ctracer.values.get(n))
+    return graph
+
+
 def _other_mode_graph(private: nn.Module, model: nn.Module, graph: torch.fx.Graph, call: _Call,
                       leaves: list, tracer_used: str) -> torch.fx.Graph | None:
     """The graph of ``private`` traced in the other mode, with shapes; None when it is the same graph.
@@ -587,23 +631,22 @@ def _other_mode_graph(private: nn.Module, model: nn.Module, graph: torch.fx.Grap
         for key, value in theirs.__dict__.items():
             if key not in _MODULE_STATE and not key.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) and isinstance(value, (dict, list, set)):
                 mine.__dict__[key] = _containers_copied(value)
+    mode = "train" if not private.training else "eval"  # the one traced now
     private.train(not private.training)
     try:
-        if tracer_used == "symbolic":
-            other = _traced(_LeafTracer(leaves), private, call)
-            record_shapes(private, other, call.values)
-        else:
-            ctracer = _ConcreteTracer(call.values, leaves)
-            with state_kept(private):
-                other = _traced(ctracer, private, call)
-            _drop_specialisation_nodes(other, ctracer.values)
-            for n in other.nodes:
-                n.meta["resify"] = tensor_info(ctracer.values.get(n))
+        try:
+            other = _traced_with_shapes(private, call, leaves, tracer_used)
+        except Exception:
+            # a batch of one that this mode rejects (BatchNorm in training): its shapes from a batch
+            # of two, the same graph (the plans are compared without the batch dimension)
+            doubled = replace(call, values=tuple(_doubled(v) for v in call.values))
+            if all(a is b for a, b in zip(doubled.values, call.values)):
+                raise
+            other = _traced_with_shapes(private, doubled, leaves, tracer_used)
     except Exception as e:
         raise TraceError(
-            f"{type(private).__name__} traces in {'train' if private.training else 'eval'} mode but not in "
-            f"{'train' if not private.training else 'eval'} mode{_user_frame(e)}: {_one_line(e)}; "
-            "convert it in the mode it will run in (the converted model then keeps that mode's graph)"
+            f"{type(private).__name__} reads self.training, and it traces in the mode it is in but not in {mode} "
+            f"mode{_user_frame(e)}: {_one_line(e)}; pass an example_input that {mode} mode accepts"
         ) from e
     finally:
         for m, flag in saved.items():
