@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
@@ -30,6 +30,8 @@ __all__ = [
     "reaches_output_unchanged",
     "size_functions",
     "SizeFn",
+    "Window",
+    "SAME",
 ]
 
 #: Parametric modules that make a layer (the seed's nn.Linear, and convolutions).
@@ -190,8 +192,30 @@ def merge_operands(n: torch.fx.Node) -> tuple[str, list[torch.fx.Node]] | None:
 # ---------------------------------------------------------------------------------------------
 # spatial geometry: how an op maps an input size to an output size, from its hyperparameters
 
-#: A function from one spatial input size to the output size (None: the op rejects that size).
-SizeFn = Callable[[int], "int | None"]
+class Window(NamedTuple):
+    """A sliding window over one spatial dim (a convolution's or a pool's): calling it maps an input
+    size to the output size by torch's formula, None where the op rejects that size. Hashable, so a
+    span's geometry is computed once per distinct sequence of windows."""
+
+    kernel: int
+    stride: int
+    padding: int
+    dilation: int
+    ceil: bool
+
+    def __call__(self, n: int) -> int | None:
+        span = n + 2 * self.padding - self.dilation * (self.kernel - 1) - 1
+        if span < 0:
+            return None
+        out = (-(-span // self.stride) if self.ceil else span // self.stride) + 1
+        if self.ceil and (out - 1) * self.stride >= n + self.padding:  # the last window starts inside
+            out -= 1
+        return out
+
+
+#: The window that keeps every size (element-wise ops, norms, a 'same'-padded convolution).
+SAME = Window(1, 1, 0, 1, False)
+SizeFn = Window
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _MAX_POOL_FUNCTIONS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
 _AVG_POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
@@ -201,21 +225,11 @@ def _per_dim(v: Any, dims: int) -> tuple[Any, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims
 
 
-def _window(k: int, s: int, p: int, d: int, ceil: bool) -> SizeFn:
-    """Output size of a sliding window (torch's formula for convolutions and pools)."""
-    def size(n: int) -> int | None:
-        span = n + 2 * p - d * (k - 1) - 1
-        if span < 0:
-            return None
-        out = (-(-span // s) if ceil else span // s) + 1
-        if ceil and (out - 1) * s >= n + p:  # the last window must start inside the input
-            out -= 1
-        return out
-    return size
+def _window(k: int, s: int, p: int, d: int, ceil: bool) -> Window:
+    return Window(int(k), int(s), int(p), int(d), bool(ceil))
 
 
-def _same(n: int) -> int | None:
-    return n
+_same = SAME
 
 
 def _arg(n: torch.fx.Node, i: int, name: str, default: Any) -> Any:

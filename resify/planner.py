@@ -7,6 +7,7 @@ converts to a plain dict; ``rewrite`` only executes it.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -14,7 +15,7 @@ from typing import Any
 
 from .analyze import Analysis, ExistingShortcut, Layer
 from .errors import PlanError
-from .ops import data_input, describe, follower_role, is_bounded_activation, reaches_output_unchanged, size_functions
+from .ops import SAME, Window, data_input, describe, follower_role, is_bounded_activation, reaches_output_unchanged, size_functions
 from .trace import TensorInfo
 
 __all__ = ["Policy", "Site", "Skipped", "Plan", "make_plan", "reconcile_modes", "SHORTCUTS", "GATES", "PLAN_SCHEMA_VERSION"]
@@ -245,7 +246,7 @@ def _geometry(layers: Sequence[Layer], analysis: Analysis, dims: int) -> tuple[s
 def _size_rule(nodes: Sequence, analysis: Analysis, dims: int) -> tuple[list[int], bool] | None:
     """Per spatial dim the stride S with out = ceil(in / S) for every size the ops accept, and whether
     one of them pools; None where the ops' sizes follow no such rule (or cannot be told)."""
-    per_dim: list[list] = [[] for _ in range(dims)]
+    per_dim: list[list[Window]] = [[] for _ in range(dims)]
     pooled = False
     for n in nodes:
         fns = size_functions(analysis.module, n, dims)
@@ -253,24 +254,33 @@ def _size_rule(nodes: Sequence, analysis: Analysis, dims: int) -> tuple[list[int
             return None
         pooled = pooled or follower_role(analysis.module, n) == "pool"
         for d, fn in enumerate(fns):
-            per_dim[d].append(fn)
-    strides = []
-    for fns in per_dim:
-        sizes = {}
-        for size in _PROBE_SIZES:
-            out: int | None = size
-            for fn in fns:
-                out = fn(out) if out is not None and out >= 1 else None
-            if out is not None and out >= 1:
-                sizes[size] = out
-        if not sizes:
-            return None
-        top = max(sizes)
-        stride = max(1, round(top / sizes[top]))
-        if any(-(-i // stride) != o for i, o in sizes.items()):
-            return None
-        strides.append(stride)
-    return strides, pooled
+            if fn != SAME:
+                per_dim[d].append(fn)
+    strides = [_stride_of(tuple(windows)) for windows in per_dim]
+    if any(s is None for s in strides):
+        return None
+    return strides, pooled  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=4096)
+def _stride_of(windows: tuple[Window, ...]) -> int | None:
+    """S with ceil(in / S) == the windows' output for every input size they accept, or None."""
+    if not windows:
+        return 1
+    sizes = {}
+    for size in _PROBE_SIZES:
+        out: int | None = size
+        for window in windows:
+            out = window(out) if out is not None and out >= 1 else None
+        if out is not None and out >= 1:
+            sizes[size] = out
+    if not sizes:
+        return None
+    top = max(sizes)
+    stride = max(1, round(top / sizes[top]))
+    if any(-(-i // stride) != o for i, o in sizes.items()):
+        return None
+    return stride
 
 
 def _norm_sees(layers: Sequence[Layer], analysis: Analysis, dims: int) -> str | None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import TraceError
 
-__all__ = ["TensorInfo", "tensor_info", "record_shapes", "state_kept", "ShapeRecorder", "fetch"]
+__all__ = ["TensorInfo", "tensor_info", "record_shapes", "state_kept", "ShapeRecorder", "fetch", "node_keys"]
 
 
 @dataclass(frozen=True)
@@ -297,18 +297,61 @@ def fetch(root: nn.Module, target: str) -> Any:
     return obj
 
 
-def _propagate_on_meta(root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...]) -> None:
+def node_keys(graph: torch.fx.Graph) -> dict[torch.fx.Node, tuple]:
+    """A key per node that is equal for two nodes (of two graphs) computing the same value: the op,
+    its target, its constant arguments and the keys of its input nodes (a Merkle hash of the graph)."""
+    keys: dict[torch.fx.Node, tuple] = {}
+    interned: dict[tuple, int] = {}  # each distinct key gets a number: keys stay flat, hashing cheap
+    placeholders = 0
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            placeholders += 1
+            key: tuple = ("placeholder", placeholders)
+        else:
+            args = map_arg((n.args, n.kwargs), lambda a: ("node", interned[keys[a]]))
+            key = (n.op, n.target, _hashable(args))
+        keys[n] = key
+        interned.setdefault(key, len(interned))
+    return keys
+
+
+def _hashable(value: Any) -> Any:
+    """``value`` with lists, dicts and slices made tuples, so that it can be a dict key."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _hashable(v)) for k, v in value.items())
+    if isinstance(value, slice):
+        return ("slice", _hashable(value.start), _hashable(value.stop), _hashable(value.step))
+    try:
+        hash(value)
+    except TypeError:
+        return ("object", id(value))
+    return value
+
+
+def _propagate_on_meta(root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...],
+                       known: dict[tuple, TensorInfo] | None = None) -> None:
     """Walk the graph once, the rules taking the common ops first and meta tensors the rest.
 
     A lean loop rather than a ``torch.fx.Interpreter``: its per-node bookkeeping costs more than
-    the rules. Any exception means "ask a real run" (the caller's business).
+    the rules. Any exception means "ask a real run" (the caller's business). ``known`` maps node
+    keys (:func:`node_keys`) of another graph of the same model to their shapes: a node that
+    computes what one of those computed takes its shape without being run (the other mode's graph,
+    which differs from the first in a few nodes).
     """
     modules = dict(root.named_modules(remove_duplicate=False))
     env: dict[torch.fx.Node, Any] = {}
     load = env.__getitem__
     pending = list(map(_to_meta, inputs))
+    keys = node_keys(graph) if known else {}
     for n in graph.nodes:
         op = n.op
+        info = known.get(keys[n]) if known and op not in ("placeholder", "output") else None
+        if info is not None:
+            env[n] = torch.empty(info.shape, dtype=info.dtype, device="meta")
+            n.meta["resify"] = info
+            continue
         if op == "placeholder":
             if str(n.target).startswith("*"):
                 value: Any = list(pending)
@@ -343,10 +386,11 @@ def _propagate_on_meta(root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any
         n.meta["resify"] = tensor_info(value)
 
 
-def _record_on_meta(root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...]) -> bool:
+def _record_on_meta(root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...],
+                    known: dict[tuple, TensorInfo] | None = None) -> bool:
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            _propagate_on_meta(root, graph, inputs)
+            _propagate_on_meta(root, graph, inputs, known)
     except Exception:
         for n in graph.nodes:
             n.meta.pop("resify", None)
@@ -372,8 +416,10 @@ def state_kept(module: nn.Module) -> Iterator[None]:
                     b.copy_(saved[name])
 
 
-def record_shapes(root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...]) -> str:
-    """Write ``node.meta["resify"]`` on every node of ``graph`` (a graph of ``root``).
+def record_shapes(root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...],
+                  known: dict[tuple, TensorInfo] | None = None) -> str:
+    """Write ``node.meta["resify"]`` on every node of ``graph`` (a graph of ``root``); ``known``:
+    shapes by node key from another graph of the model on the same inputs (see ``_propagate_on_meta``).
 
     Returns:
         ``"meta"`` when rules and meta tensors sufficed, ``"run"`` when the model ran for real.
@@ -381,7 +427,7 @@ def record_shapes(root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...
     Raises:
         TraceError: the model rejected the example input (names the layer and the shapes).
     """
-    if _record_on_meta(root, graph, inputs):
+    if _record_on_meta(root, graph, inputs, known):
         return "meta"
     recorder = ShapeRecorder(root, graph=graph)
     try:

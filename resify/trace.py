@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 from torch.fx.proxy import Attribute, Proxy
 
 from .errors import ResifyWarning, TraceError
-from .shapes import TensorInfo, fetch, record_shapes, state_kept, tensor_info
+from .shapes import TensorInfo, fetch, node_keys, record_shapes, state_kept, tensor_info
 
 __all__ = ["TensorInfo", "Traced", "trace", "as_inputs", "check_device", "derive_example_input", "LeafSpec"]
 
@@ -364,7 +364,7 @@ class _Call:
     """How the traced forward is called: the given inputs by position and by name, the rest at
     their defaults (specialised: passing another value to the converted model raises)."""
 
-    wrapper: type | None  # a subclass whose forward names exactly what is traced (None: the model's own)
+    forward: Any  # a forward that names exactly what is traced, for a subclass (None: the model's own)
     concrete: dict[str, Any]  # parameters left at their defaults: fx's concrete_args
     values: tuple[Any, ...]  # one value per placeholder, in order (the defaults for concrete ones)
 
@@ -423,20 +423,19 @@ def _call_for(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
            f"    return __forward(self, {', '.join(call)})\n")
     scope: dict[str, Any] = {"__forward": cls.forward, "__defaults": {p.name: p.default for p in rest} | concrete}
     exec(src, scope)  # noqa: S102 - source built from the model's own parameter names
-    wrapper = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__})
     ordered = [t.split("=")[0] for t in tail]
     by_name = {**{p.name: concrete.get(p.name) for p in rest}, **kwargs, **concrete}
-    return _Call(wrapper, concrete, (*inputs, *(by_name[n] for n in ordered)))
+    return _Call(scope["forward"], concrete, (*inputs, *(by_name[n] for n in ordered)))
 
 
 @contextlib.contextmanager
 def _forward_of(module: nn.Module, call: _Call) -> Iterator[None]:
-    """Trace through ``call``'s wrapper forward (the module's class, swapped for the trace only)."""
-    if call.wrapper is None:
+    """Trace through ``call``'s forward (a subclass of the module's class, swapped in for the trace)."""
+    if call.forward is None:
         yield
         return
     cls = module.__class__
-    module.__class__ = call.wrapper
+    module.__class__ = type(cls.__name__, (cls,), {"forward": call.forward, "__module__": cls.__module__})
     try:
         yield
     finally:
@@ -460,8 +459,10 @@ def _named_placeholders(graph: torch.fx.Graph, call: _Call) -> None:
                 n.target = base
 
 
-def _traced(tracer: torch.fx.Tracer, module: nn.Module, call: _Call) -> torch.fx.Graph:
-    with _forward_of(module, call):
+def _traced(tracer: torch.fx.Tracer, module: nn.Module, call: _Call, reads: list | None = None) -> torch.fx.Graph:
+    """``tracer``'s graph of ``module`` called as ``call`` says; ``reads`` collects the modules whose
+    forward read ``self.training`` meanwhile."""
+    with _training_probe(module, reads), _forward_of(module, call):
         graph = tracer.trace(module, concrete_args=call.concrete or None)
     _named_placeholders(graph, call)
     return graph
@@ -501,13 +502,14 @@ def trace(
     private = structural_copy(model)
     name = type(model).__name__
     call = _call_for(private, inputs if inputs is not None else (None,), kwargs)
+    reads: list[nn.Module] = []  # modules whose forward read self.training while traced
 
     symbolic_error: Exception | None = None
     where = module_hint = ""
     tracer_used, shapes_from = "symbolic", "meta"
     try:
         tracer = _LeafTracer(leaves)
-        graph = _traced(tracer, private, call)
+        graph = _traced(tracer, private, call, reads)
     except TraceError:
         raise
     except Exception as e:  # any failure of symbolic tracing sends us to the concrete tracer
@@ -534,7 +536,8 @@ def trace(
         ctracer = _ConcreteTracer(call.values, leaves)
         try:
             with state_kept(private):
-                graph = _traced(ctracer, private, call)
+                reads.clear()
+                graph = _traced(ctracer, private, call, reads)
         except TraceError:
             raise
         except Exception as e:
@@ -565,8 +568,7 @@ def trace(
                 ResifyWarning,
                 stacklevel=3,
             )
-    other = (_other_mode_graph(private, model, graph, call, leaves, tracer_used)
-             if _reads_training(private) else None)
+    other = _other_mode_graph(private, model, graph, call, leaves, tracer_used) if reads else None
     return Traced(private, graph, tracer_used, inputs, name, model.training, shapes_from, other, kwargs)
 
 
@@ -588,14 +590,46 @@ def _class_reads_training(cls: type) -> bool:
     return False
 
 
-def _reads_training(root: nn.Module) -> bool:
-    """True when a module that is traced through (not a torch.nn layer) may branch on ``self.training``.
+_READS: list[list] = []  # the lists the probes of the traces now running record into
 
-    A cheap look at the classes' source decides whether the other mode must be traced at all;
-    when it is, the two graphs are compared and kept apart only if they differ.
+
+@functools.lru_cache(maxsize=None)
+def _probe_class(cls: type) -> type:
+    """``cls`` with ``training`` as a property that records each read (and stores the same bool)."""
+    def get(self: nn.Module) -> bool:
+        if _READS:
+            _READS[-1].append(self)
+        return self.__dict__["training"]
+
+    def set_(self: nn.Module, value: bool) -> None:
+        self.__dict__["training"] = value
+
+    return type(cls.__name__, (cls,), {"training": property(get, set_), "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+@contextlib.contextmanager
+def _training_probe(root: nn.Module, reads: list | None) -> Iterator[None]:
+    """Record which traced-through modules read ``self.training`` while the block runs.
+
+    Only modules whose class source mentions ``training`` are probed (a cheap filter); their class
+    is swapped for one whose ``training`` is a recording property, then restored. A forward that
+    never reads it (DenseNet's dropout at rate 0) then costs no second trace.
     """
-    return any(not type(m).__module__.startswith("torch.nn") and _class_reads_training(type(m))
-               for m in root.modules())
+    if reads is None:
+        yield
+        return
+    swapped = [(m, type(m)) for m in root.modules()
+               if not type(m).__module__.startswith("torch.nn") and _class_reads_training(type(m))]
+    for m, cls in swapped:
+        m.__class__ = _probe_class(cls)
+    _READS.append(reads)
+    try:
+        yield
+    finally:
+        _READS.pop()
+        for m, cls in swapped:
+            m.__class__ = cls
 
 
 def _doubled(value: Any) -> Any:
@@ -605,10 +639,17 @@ def _doubled(value: Any) -> Any:
     return value
 
 
-def _traced_with_shapes(private: nn.Module, call: _Call, leaves: list, tracer_used: str) -> torch.fx.Graph:
+def _traced_with_shapes(private: nn.Module, call: _Call, leaves: list, tracer_used: str,
+                        first: torch.fx.Graph, same_inputs: bool = True) -> torch.fx.Graph | None:
+    """The other mode's graph with its shapes (those of nodes the first graph has taken from it, on
+    the same inputs); None where it is the first graph again."""
     if tracer_used == "symbolic":
         graph = _traced(_LeafTracer(leaves), private, call)
-        record_shapes(private, graph, call.values)
+        first_keys, keys = node_keys(first), node_keys(graph)
+        if list(first_keys.values()) == list(keys.values()):
+            return None  # the same graph: forward's reads of self.training changed nothing
+        known = {k: n.meta["resify"] for n, k in first_keys.items() if n.meta.get("resify") is not None}
+        record_shapes(private, graph, call.values, known if same_inputs else None)
         return graph
     ctracer = _ConcreteTracer(call.values, leaves)
     with state_kept(private):
@@ -616,6 +657,8 @@ def _traced_with_shapes(private: nn.Module, call: _Call, leaves: list, tracer_us
     _drop_specialisation_nodes(graph, ctracer.values)
     for n in graph.nodes:
         n.meta["resify"] = tensor_info(ctracer.values.get(n))
+    if graph.python_code("self").src == first.python_code("self").src:
+        return None
     return graph
 
 
@@ -635,14 +678,14 @@ def _other_mode_graph(private: nn.Module, model: nn.Module, graph: torch.fx.Grap
     private.train(not private.training)
     try:
         try:
-            other = _traced_with_shapes(private, call, leaves, tracer_used)
+            other = _traced_with_shapes(private, call, leaves, tracer_used, graph)
         except Exception:
             # a batch of one that this mode rejects (BatchNorm in training): its shapes from a batch
             # of two, the same graph (the plans are compared without the batch dimension)
             doubled = replace(call, values=tuple(_doubled(v) for v in call.values))
             if all(a is b for a, b in zip(doubled.values, call.values)):
                 raise
-            other = _traced_with_shapes(private, doubled, leaves, tracer_used)
+            other = _traced_with_shapes(private, doubled, leaves, tracer_used, graph, same_inputs=False)
     except Exception as e:
         raise TraceError(
             f"{type(private).__name__} reads self.training, and it traces in the mode it is in but not in {mode} "
@@ -651,8 +694,6 @@ def _other_mode_graph(private: nn.Module, model: nn.Module, graph: torch.fx.Grap
     finally:
         for m, flag in saved.items():
             m.__dict__["training"] = flag
-    if other.python_code("self").src == graph.python_code("self").src:
-        return None
     return other
 
 
