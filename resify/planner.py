@@ -9,12 +9,13 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .analyze import Analysis, ExistingShortcut, Layer
-from .errors import PlanError
+from .errors import PlanError, ResifyWarning
 from .ops import SAME, Window, data_input, describe, follower_role, is_bounded_activation, reaches_output_unchanged, size_functions
 from .trace import TensorInfo
 
@@ -434,8 +435,27 @@ def _site_name(layers: Sequence[Layer], taken: set[str]) -> str:
     return name
 
 
+def _check_patterns(analysis: Analysis, policy: Policy) -> None:
+    names = [layer.name for layer in analysis.layers]
+    shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "") or "none"
+    for kind, patterns in (("include", policy.include), ("exclude", policy.exclude)):
+        for p in patterns:
+            if any(fnmatch.fnmatchcase(n, p) for n in names):
+                continue
+            message = f"{kind} pattern {p!r} matches no layer; the layers resify can put a shortcut around are: {shown}"
+            if kind == "include":
+                raise PlanError(message)
+            warnings.warn(message, ResifyWarning, stacklevel=4)
+
+
 def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0) -> Plan:
-    """Decide the shortcut sites for an analysed model under ``policy`` (pure: changes nothing)."""
+    """Decide the shortcut sites for an analysed model under ``policy`` (pure: changes nothing).
+
+    Raises:
+        PlanError: an ``include`` pattern matches no layer (the message lists the layers); an
+            ``exclude`` pattern that matches none is a ResifyWarning.
+    """
+    _check_patterns(analysis, policy)
     skipped: list[Skipped] = []
     runs: list[list[Layer]] = [[]]
     for layer in analysis.layers:

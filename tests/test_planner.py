@@ -182,3 +182,12 @@ def test_plan_table_fits_its_width_and_cuts_shortcut_labels_at_their_end():
         assert len(table) == 2 + len(plan.sites) and max(map(len, table)) <= width
     row = next(line for line in plan_text(plan, width=80).splitlines() if line.startswith("6 "))
     assert "Conv2d(16, 32, 1) + Ba…" in row and row.endswith(" 576")  # the label is cut at its end
+
+
+def test_a_pattern_that_matches_no_layer_lists_the_layers():
+    model = ImprovedResidualNetwork([8, 8, 8], False)
+    with pytest.raises(resify.PlanError, match=r"include pattern 'lstms\.\*' matches no layer; .*: layers\.0\.0, layers\.1\.0"):
+        resify.plan(model, torch.randn(2, 8), include=["lstms.*"])
+    with pytest.warns(resify.ResifyWarning, match="exclude pattern 'head' matches no layer"):
+        plan = resify.plan(model, torch.randn(2, 8), exclude="head")
+    assert len(plan.sites) == 2
