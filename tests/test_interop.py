@@ -36,7 +36,9 @@ def _batch(shape, n):
 def test_torch_compile_runs_a_training_step(build, shape):
     _, converted = _converted(build, shape, gate="rezero")
     converted.train()
-    compiled = torch.compile(converted, backend="aot_eager")  # no C++ toolchain needed
+    # aot_eager: Dynamo and AOTAutograd; inductor segfaults in this torch build on the backward of any
+    # strided 1x1 convolution (a plain nn.Conv2d too), which is no fault of the converted model
+    compiled = torch.compile(converted, backend="aot_eager")
     out = compiled(_batch(shape, 3))
     out.square().mean().backward()
     assert_every_parameter_has_grad(converted)
