@@ -77,8 +77,15 @@ def _plain_state(cls: type) -> bool:
             and cls.__getstate__ is nn.Module.__getstate__ and cls.__setstate__ is nn.Module.__setstate__ and "__slots__" not in cls.__dict__)
 
 
-def structural_copy(module: nn.Module) -> nn.Module:
-    """New module objects for the whole tree (hooks and attribute dicts copied), tensors shared."""
+def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
+    """New module objects for the whole tree (hooks and attribute dicts copied), tensors shared.
+
+    A module registered in two places (CoaT's ``cpe1`` is also ``serial_blocks1.0.cpe``) stays one
+    module in the copy (``memo``), so it keeps the name torch.fx gives it, and the user's state_dict
+    keys."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
     cls = type(module)
     if _plain_state(cls) or parametrize.is_parametrized(module):  # what copy.copy does, in half the time
         # (a parametrized module refuses copy.copy: its class forbids pickling, not copying)
@@ -91,7 +98,8 @@ def structural_copy(module: nn.Module) -> nn.Module:
     d["_parameters"] = dict(module._parameters)
     d["_buffers"] = dict(module._buffers)
     d["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
-    d["_modules"] = {k: None if c is None else structural_copy(c) for k, c in module._modules.items()}
+    memo[id(module)] = new
+    d["_modules"] = {k: None if c is None else structural_copy(c, memo) for k, c in module._modules.items()}
     for key, value in module.__dict__.items():
         if key.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) and isinstance(value, dict):
             d[key] = type(value)(value)
@@ -542,7 +550,7 @@ def trace(
             raise
         except Exception as e:
             shapes = ", ".join(str(list(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
-            if _raised_by_user(e) and "Proxy" not in str(e):  # the model's own check, on real values
+            if _raised_by_user(e) and "Proxy" not in str(e) and not isinstance(e, TypeError):  # its own check
                 raise TraceError(
                     f"{name}'s forward raised {type(e).__name__}{_user_frame(e)} on the example input {shapes}: "
                     f"{_one_line(e)}; pass an example_input that it accepts"

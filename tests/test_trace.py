@@ -591,3 +591,24 @@ def test_a_wrong_dtype_is_named_as_a_dtype():
     with pytest.raises(resify.TraceError, match="rejected input of dtype float32.*torch.long"):
         resify.plan(model, torch.randn(2, 5))
     assert resify.plan(model, torch.randint(0, 10, (2, 5))).sites
+
+
+def test_a_module_registered_under_two_names_stays_one_module_with_the_users_names():
+    """CoaT registers its position encoders first as cpe1, then inside serial_blocks1.0 as cpe."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(8, 8)  # registered first: torch.fx names it 'enc'
+            self.blocks = nn.Sequential(nn.Sequential(self.enc, nn.ReLU()), nn.Linear(8, 8), nn.ReLU())
+
+        def forward(self, x):
+            return self.blocks(x)
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 8)
+    converted = resify.apply(model, x, preserve_output=True)
+    called = {str(n.target) for n in converted.graph.nodes if n.op == "call_module"}
+    expected = {str(n.target) for n in torch.fx.symbolic_trace(model).graph.nodes if n.op == "call_module"}
+    assert expected <= called and "enc" in called  # one module, under the name torch.fx gives it
+    assert {"enc.weight", "enc.bias"} <= set(converted.state_dict())
+    torch.testing.assert_close(converted(x), model(x))
