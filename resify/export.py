@@ -145,6 +145,14 @@ def render_source(gm: torch.fx.GraphModule, class_name: str = "ResifiedModel") -
             built.add(path)
         owner = f"self.get_submodule({parent!r})" if parent else "self"
         lines.append(f"        {owner}.add_module({attr!r}, {_constructor(module, path)})")
+    first: dict[int, str] = {}  # a module registered under two names: the second name is an alias
+    for path, module in gm.named_modules(remove_duplicate=False):
+        if id(module) not in first:
+            first[id(module)] = path
+        elif path.rpartition(".")[0] not in built:
+            parent, _, attr = path.rpartition(".")
+            owner = f"self.get_submodule({parent!r})" if parent else "self"
+            lines.append(f"        {owner}.add_module({attr!r}, self.get_submodule({first[id(module)]!r}))")
     for path, module in [("", gm), *gm.named_modules()]:
         if path and not _is_container(module):
             continue  # leaf modules create their own parameters

@@ -246,6 +246,25 @@ def _copy_training_flags(gm: torch.fx.GraphModule, source: nn.Module) -> None:
             m.__dict__["training"] = flag  # a plain attribute: skip Module.__setattr__'s checks
 
 
+def _keep_aliases(gm: nn.Module, root: nn.Module) -> None:
+    """Register a module the graph calls under every name the model gave it (CoaT's ``cpe1`` is also
+    ``serial_blocks1.0.cpe``): GraphModule keeps only the name torch.fx called it by, and the
+    user's state_dict keys would lose the others."""
+    names: dict[int, list[str]] = {}
+    for name, m in root.named_modules(remove_duplicate=False):
+        if name:
+            names.setdefault(id(m), []).append(name)
+    kept = {id(m): m for _, m in gm.named_modules()}
+    for key, paths in names.items():
+        if len(paths) < 2 or key not in kept:
+            continue
+        for path in paths:
+            parent, _, attr = path.rpartition(".")
+            owner = _container(gm, parent) if parent else gm
+            if owner._modules.get(attr) is None:
+                owner._modules[attr] = kept[key]
+
+
 def rewrite(traced: Traced, plan: Plan) -> torch.fx.GraphModule:
     """Insert the plan's shortcuts into the traced graph and return a new GraphModule.
 
@@ -281,6 +300,7 @@ def rewrite(traced: Traced, plan: Plan) -> torch.fx.GraphModule:
     else:
         train_graph, eval_graph = (graph, traced.other_graph) if traced.training else (traced.other_graph, graph)
         gm = DualGraphModule(root, train_graph, eval_graph, traced.model_class)
+    _keep_aliases(gm, root)
     if NAMESPACE in root._modules and NAMESPACE in gm._modules:
         # GraphModule rebuilds the containers on the way to each target as plain nn.Modules:
         # put resify's own back (each Shortcut, with its reset_parameters)

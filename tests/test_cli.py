@@ -273,3 +273,26 @@ def test_token_models_take_an_integer_dtype_and_inputs_by_name(tmp_path):
     assert code == 2 and "--input-kwarg expects NAME=SHAPE[:DTYPE]" in out
     code, out = run("inspect", model_file, "--input-shape", "2,7", "--dtype", "int65")
     assert code == 2 and "Invalid value for '--dtype'" in out
+
+
+def test_export_keeps_a_module_registered_under_two_names(tmp_path):
+    import torch.nn as nn
+
+    from resify.export import load, save
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(8, 8)
+            self.blocks = nn.Sequential(nn.Sequential(self.enc, nn.ReLU()), nn.Linear(8, 8), nn.ReLU())
+
+        def forward(self, x):
+            return self.blocks(x)
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 8)
+    converted = resify.apply(model, x)
+    save(converted, tmp_path / "m")
+    loaded = load(tmp_path / "m")  # a strict load_state_dict: every alias key has its module
+    torch.testing.assert_close(loaded(x), converted(x))
+    assert loaded.get_submodule("enc") is loaded.get_submodule("blocks.0.0")

@@ -610,5 +610,6 @@ def test_a_module_registered_under_two_names_stays_one_module_with_the_users_nam
     called = {str(n.target) for n in converted.graph.nodes if n.op == "call_module"}
     expected = {str(n.target) for n in torch.fx.symbolic_trace(model).graph.nodes if n.op == "call_module"}
     assert expected <= called and "enc" in called  # one module, under the name torch.fx gives it
-    assert {"enc.weight", "enc.bias"} <= set(converted.state_dict())
+    assert set(model.state_dict()) <= set(converted.state_dict())  # both names of the shared one too
+    assert converted.get_submodule("enc") is converted.get_submodule("blocks.0.0")
     torch.testing.assert_close(converted(x), model(x))
