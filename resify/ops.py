@@ -29,7 +29,6 @@ __all__ = [
     "is_nonlinear",
     "reaches_output_unchanged",
     "size_functions",
-    "SizeFn",
     "Window",
     "SAME",
 ]
@@ -215,7 +214,6 @@ class Window(NamedTuple):
 
 #: The window that keeps every size (element-wise ops, norms, a 'same'-padded convolution).
 SAME = Window(1, 1, 0, 1, False)
-SizeFn = Window
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _MAX_POOL_FUNCTIONS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
 _AVG_POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
@@ -229,16 +227,13 @@ def _window(k: int, s: int, p: int, d: int, ceil: bool) -> Window:
     return Window(int(k), int(s), int(p), int(d), bool(ceil))
 
 
-_same = SAME
-
-
 def _arg(n: torch.fx.Node, i: int, name: str, default: Any) -> Any:
     if len(n.args) > i:
         return n.args[i]
     return n.kwargs.get(name, default)
 
 
-def size_functions(gm: nn.Module, n: torch.fx.Node, dims: int) -> list[SizeFn] | None:
+def size_functions(gm: nn.Module, n: torch.fx.Node, dims: int) -> list[Window] | None:
     """Per spatial dim, the function from input to output size of op ``n`` on [N, C, *spatial].
 
     Element-wise ops, norms and dropout keep the size; convolutions and pools follow torch's
@@ -248,7 +243,7 @@ def size_functions(gm: nn.Module, n: torch.fx.Node, dims: int) -> list[SizeFn] |
     m = _module(gm, n)
     if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
         if m.padding == "same":
-            return [_same] * dims
+            return [SAME] * dims
         pad = (0,) * dims if m.padding == "valid" else m.padding
         return [_window(k, s, p, d, False) for k, s, p, d in zip(m.kernel_size, m.stride, pad, m.dilation)]
     if isinstance(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)):
@@ -267,7 +262,7 @@ def size_functions(gm: nn.Module, n: torch.fx.Node, dims: int) -> list[SizeFn] |
         if info is None or not isinstance(padding, (int, tuple, list, str)):
             return None
         if padding == "same":
-            return [_same] * dims
+            return [SAME] * dims
         pad = (0,) * dims if padding == "valid" else _per_dim(padding, dims)
         stride, dilation = _per_dim(_arg(n, 3, "stride", 1), dims), _per_dim(_arg(n, 5, "dilation", 1), dims)
         return [_window(k, s, p, d, False) for k, s, p, d in zip(info.shape[2:], stride, pad, dilation)]
@@ -284,7 +279,7 @@ def size_functions(gm: nn.Module, n: torch.fx.Node, dims: int) -> list[SizeFn] |
         return [_window(*a, bool(ceil)) for a in
                 zip(_per_dim(k, dims), _per_dim(s, dims), _per_dim(p, dims), _per_dim(d, dims))]
     if follower_role(gm, n) in ("activation", "norm", "dropout"):
-        return [_same] * dims
+        return [SAME] * dims
     return None
 
 

@@ -363,8 +363,9 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     if geometry != "match":  # the size follows a stride (1 or more): a 1×1 projection with that stride
         shown = "" if not stride else f", stride={stride[0] if len(set(stride)) == 1 else stride}"
         # a norm sees the projection's output size: the span's must see the span's output size
-        norm = _span_norm(layers, analysis, dims) if _norm_sees(layers, analysis, dims) == "output" or \
-            (not stride and _norm_sees(layers, analysis, dims) == "input") else None
+        # (or its input's, where the span keeps the size)
+        sees = _norm_sees(layers, analysis, dims)
+        norm = _span_norm(layers, analysis, dims) if sees == "output" or (not stride and sees) else None
         added = cin * cout + (2 * cout if norm else 0) + gate_params
         label = f"Conv{dims}d({cin}, {cout}, 1{shown})" + (f" + {norm}" if norm else "")
         return Site(kind="projection", added_params=added, projection=label, stride=stride, norm=norm,

@@ -76,7 +76,8 @@ def _gate_parameter(site: Site, factory: dict) -> torch.Tensor:
     return torch.full((channels, *ones), init, **factory)
 
 
-def _site_factory(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: Site) -> dict:
+def _site_factory(gm: nn.Module, nodes: dict[str, torch.fx.Node], site: Site) -> dict:
+    """Device and dtype of the layer a site bridges; a RewriteError where the plan names a node this graph lacks."""
     try:
         anchor = nodes[site.anchor]
         nodes[site.exit]
@@ -86,9 +87,9 @@ def _site_factory(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.f
     return {"device": weight.device, "dtype": weight.dtype}
 
 
-def _build_site(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: Site) -> None:
+def _build_site(gm: nn.Module, nodes: dict[str, torch.fx.Node], site: Site) -> None:
     """Create the site's modules and parameters under ``resify.<site>`` (once, whatever the graphs)."""
-    factory = _site_factory(gm, graph, nodes, site)
+    factory = _site_factory(gm, nodes, site)
     if site.kind == "dense":
         if site.consumer is None:
             raise RewriteError(f"dense site '{site.name}' names no consumer layer; make the plan with resify.plan")
@@ -117,7 +118,7 @@ def _pool_to(graph: torch.fx.Graph, x: torch.fx.Node, like: torch.fx.Node, dims:
 
 def _insert_site(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: Site) -> None:
     """Insert ``out = gate·F(x) + S(x)`` after the span's output in ``graph`` (modules already built)."""
-    factory = _site_factory(gm, graph, nodes, site)
+    factory = _site_factory(gm, nodes, site)
     anchor, exit = nodes[site.anchor], nodes[site.exit]
     entry = data_input(anchor)
     prefix = f"{NAMESPACE}.{site.name}"
@@ -187,7 +188,7 @@ def _widened_layer(m: nn.Module, extra: int) -> nn.Module:
 
 def _insert_dense(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: Site) -> None:
     """Insert ``cat([S(x), F(x)])`` after the span's output (the consumer is widened by ``_build_site``)."""
-    _site_factory(gm, graph, nodes, site)
+    _site_factory(gm, nodes, site)
     anchor, exit = nodes[site.anchor], nodes[site.exit]
     entry = data_input(anchor)
     new: set[torch.fx.Node] = set()
@@ -286,7 +287,7 @@ def rewrite(traced: Traced, plan: Plan) -> torch.fx.GraphModule:
         graphs.append((traced.other_graph, plan.other_mode_sites))
     nodes = {n.name: n for n in graph.nodes}
     for site in plan.sites:
-        _build_site(root, graph, nodes, site)
+        _build_site(root, nodes, site)
     for g, sites in graphs:
         nodes = {n.name: n for n in g.nodes}
         for site in sites:

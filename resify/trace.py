@@ -100,14 +100,24 @@ def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None)
     d["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
     memo[id(module)] = new
     d["_modules"] = {k: None if c is None else structural_copy(c, memo) for k, c in module._modules.items()}
+    _own_containers(d, module.__dict__)
     for key, value in module.__dict__.items():
-        if key.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) and isinstance(value, dict):
-            d[key] = type(value)(value)
-        elif key not in _MODULE_STATE and isinstance(value, (dict, list, set)):
-            d[key] = _containers_copied(value)  # a cache its forward fills stays the copy's own
-        elif isinstance(value, types.MethodType) and value.__self__ is module:
+        if isinstance(value, types.MethodType) and value.__self__ is module:
             d[key] = types.MethodType(value.__func__, new)  # self.forward = self.fwd in __init__
     return new
+
+
+_HOOKS = ("_hooks", "_hooks_with_kwargs", "_hooks_always_called")
+
+
+def _own_containers(mine: dict[str, Any], theirs: dict[str, Any]) -> None:
+    """Give a copied module's ``__dict__`` its own hook dicts and its own dicts, lists and sets (a
+    cache its forward fills stays the copy's), made from the original module's ``__dict__``."""
+    for key, value in theirs.items():
+        if key.endswith(_HOOKS) and isinstance(value, dict):
+            mine[key] = type(value)(value)
+        elif key not in _MODULE_STATE and isinstance(value, (dict, list, set)):
+            mine[key] = _containers_copied(value)
 
 
 #: Module attributes that structural_copy rebuilds itself.
@@ -564,9 +574,7 @@ def trace(
                    "example_kwargs={'use_cache': False})" if _takes(private, "use_cache") and
                    "use_cache" not in kwargs else "")
             ) from e
-        _drop_specialisation_nodes(graph, ctracer.values)
-        for n in graph.nodes:
-            n.meta["resify"] = tensor_info(ctracer.values.get(n))
+        _record_concrete_shapes(graph, ctracer)
         if ctracer.specialised:
             warnings.warn(
                 f"{name} has data-dependent control flow{where} that symbolic tracing cannot capture "
@@ -653,21 +661,25 @@ def _traced_with_shapes(private: nn.Module, call: _Call, leaves: list, tracer_us
     the same inputs); None where it is the first graph again."""
     if tracer_used == "symbolic":
         graph = _traced(_LeafTracer(leaves), private, call)
-        first_keys, keys = node_keys(first), node_keys(graph)
-        if list(first_keys.values()) == list(keys.values()):
-            return None  # the same graph: forward's reads of self.training changed nothing
+    else:
+        ctracer = _ConcreteTracer(call.values, leaves)
+        with state_kept(private):
+            graph = _traced(ctracer, private, call)
+        _record_concrete_shapes(graph, ctracer)
+    first_keys, keys = node_keys(first), node_keys(graph)
+    if list(first_keys.values()) == list(keys.values()):
+        return None  # the same graph: forward's reads of self.training changed nothing
+    if tracer_used == "symbolic":
         known = {k: n.meta["resify"] for n, k in first_keys.items() if n.meta.get("resify") is not None}
         record_shapes(private, graph, call.values, known if same_inputs else None)
-        return graph
-    ctracer = _ConcreteTracer(call.values, leaves)
-    with state_kept(private):
-        graph = _traced(ctracer, private, call)
+    return graph
+
+
+def _record_concrete_shapes(graph: torch.fx.Graph, ctracer: _ConcreteTracer) -> None:
+    """Shapes from the values the concrete tracer computed (nodes only control flow needed dropped)."""
     _drop_specialisation_nodes(graph, ctracer.values)
     for n in graph.nodes:
         n.meta["resify"] = tensor_info(ctracer.values.get(n))
-    if graph.python_code("self").src == first.python_code("self").src:
-        return None
-    return graph
 
 
 def _other_mode_graph(private: nn.Module, model: nn.Module, graph: torch.fx.Graph, call: _Call,
@@ -679,9 +691,7 @@ def _other_mode_graph(private: nn.Module, model: nn.Module, graph: torch.fx.Grap
     """
     saved = {m: m.training for m in private.modules()}
     for mine, theirs in zip(private.modules(), model.modules()):
-        for key, value in theirs.__dict__.items():
-            if key not in _MODULE_STATE and not key.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) and isinstance(value, (dict, list, set)):
-                mine.__dict__[key] = _containers_copied(value)
+        _own_containers(mine.__dict__, theirs.__dict__)
     mode = "train" if not private.training else "eval"  # the one traced now
     private.train(not private.training)
     try:

@@ -3,6 +3,8 @@ pickling, DDP and FSDP2 over gloo, and the meta-device construction workflow."""
 import copy
 import datetime
 import io
+import os
+import sys
 
 import pytest
 import torch
@@ -144,8 +146,12 @@ def _init(rank, world, path):
 
 
 def _finish():
-    dist.barrier()  # no rank leaves while the other is still in a collective
+    """Leave cleanly: no rank goes while the other is still in a collective, and the process ends
+    without running the interpreter's teardown (gloo's threads have aborted it there, at random)."""
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def _ddp_worker(rank, world, path, out):
@@ -162,8 +168,10 @@ def _ddp_worker(rank, world, path, out):
             opt.step()
         # parameters (BatchNorm statistics are each rank's own: DDP broadcasts them before a forward)
         torch.save({k: v.detach().clone() for k, v in model.named_parameters()}, f"{out}.{rank}")
-    finally:
-        _finish()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
 
 
 def _fsdp_worker(rank, world, path, out, policy):
@@ -190,8 +198,10 @@ def _fsdp_worker(rank, world, path, out, policy):
             opt.step()
         full = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
         torch.save(full, f"{out}.{rank}")
-    finally:
-        _finish()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
 
 
 def _spawn(fn, tmp_path, *args):
