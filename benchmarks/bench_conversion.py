@@ -19,6 +19,7 @@ Run from the repository root::
 
 It prints plain tables and writes ``benchmarks/results/conversion.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,13 +43,14 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import resify  # noqa: E402
-from common import SeedMLP, machine, table  # noqa: E402
-from resify.analyze import analyze  # noqa: E402
-from resify.planner import Policy, make_plan, reconcile_modes  # noqa: E402
-from resify import rewrite as rewrite_stage  # noqa: E402
-from resify.rewrite import rewrite  # noqa: E402
-from resify.trace import trace  # noqa: E402
+from common import SeedMLP, machine, table
+
+import resify
+from resify import rewrite as rewrite_stage
+from resify.analyze import analyze
+from resify.planner import Policy, make_plan, reconcile_modes
+from resify.rewrite import rewrite
+from resify.trace import trace
 
 __all__ = ["Timing", "time_conversion", "stage_times", "mlp", "zoo_names", "main"]
 
@@ -88,8 +90,7 @@ def _clock(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def time_conversion(name: str, model: nn.Module, x: torch.Tensor, reps: int = 3,
-                    budget_s: float = 20.0) -> Timing:
+def time_conversion(name: str, model: nn.Module, x: torch.Tensor, reps: int = 3, budget_s: float = 20.0) -> Timing:
     """Median times of symbolic_trace and resify.apply, alternating; fewer reps once ``budget_s`` is spent."""
     traces, applies = [], []
     results: list[torch.fx.GraphModule] = []
@@ -108,9 +109,18 @@ def time_conversion(name: str, model: nn.Module, x: torch.Tensor, reps: int = 3,
     with warnings.catch_warnings(), _projections_on_meta():
         warnings.simplefilter("ignore")
         bare = statistics.median(_clock(lambda: resify.apply(model, x)) for _ in range(len(traces)))
-    return Timing(name, the_plan.n_layers, statistics.median(traces), statistics.median(applies), len(traces),
-                  the_plan.tracer, shapes_from, len(the_plan.sites), the_plan.added_params,
-                  max(statistics.median(applies) - bare, 0.0))
+    return Timing(
+        name,
+        the_plan.n_layers,
+        statistics.median(traces),
+        statistics.median(applies),
+        len(traces),
+        the_plan.tracer,
+        shapes_from,
+        len(the_plan.sites),
+        the_plan.added_params,
+        max(statistics.median(applies) - bare, 0.0),
+    )
 
 
 @contextlib.contextmanager
@@ -142,8 +152,9 @@ def stage_times(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     t = time.perf_counter()
     box["plan"] = make_plan(box["analysis"], Policy.from_kwargs(), params_before=0)
     if other is not None:
-        box["plan"] = reconcile_modes(box["plan"], make_plan(box["other_analysis"], Policy.from_kwargs()),
-                                      box["traced"].training)
+        box["plan"] = reconcile_modes(
+            box["plan"], make_plan(box["other_analysis"], Policy.from_kwargs()), box["traced"].training
+        )
     out["plan"] = time.perf_counter() - t
     t = time.perf_counter()
     rewrite(box["traced"], box["plan"])
@@ -210,20 +221,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-zoo", action="store_true")
     p.add_argument("--skip-big", action="store_true", help=f"leave out {', '.join(BIG)}")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--profile", type=int, default=10000, metavar="N",
-                   help="cProfile the N-layer MLP (0: no profile)")
+    p.add_argument("--profile", type=int, default=10000, metavar="N", help="cProfile the N-layer MLP (0: no profile)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "conversion.md"))
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    md = ["# Conversion speed: resify.apply vs torch.fx.symbolic_trace", "",
-          "Command: `" + f"python benchmarks/bench_conversion.py {' '.join(sys.argv[1:])}".rstrip() + "`  ",
-          f"Machine: {machine()}", "",
-          "Times are medians of alternating runs in one process (garbage collected before each). "
-          "Ratio = apply / symbolic_trace. Stage times (one run, ms) split `apply`: *trace* = module-tree "
-          "copy + tracing + shape recording, *rewrite* = new layers (with their initialisation), "
-          "graph surgery and code generation.", ""]
+    md = [
+        "# Conversion speed: resify.apply vs torch.fx.symbolic_trace",
+        "",
+        "Command: `" + f"python benchmarks/bench_conversion.py {' '.join(sys.argv[1:])}".rstrip() + "`  ",
+        f"Machine: {machine()}",
+        "",
+        "Times are medians of alternating runs in one process (garbage collected before each). "
+        "Ratio = apply / symbolic_trace. Stage times (one run, ms) split `apply`: *trace* = module-tree "
+        "copy + tracing + shape recording, *rewrite* = new layers (with their initialisation), "
+        "graph surgery and code generation.",
+        "",
+    ]
 
     # ---- MLPs
     rows, stage_rows = [], []
@@ -233,8 +248,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         t = time_conversion(f"MLP-{depth}", model, x, reps=reps, budget_s=60)
         st = stage_times(model, x)
         total = sum(st.values())
-        rows.append([depth, f"{t.trace_s:.3f}", f"{t.apply_s:.3f}", f"{t.ratio:.2f}",
-                     f"{1e6 * t.trace_s / depth:.0f}", f"{1e6 * t.apply_s / depth:.0f}", t.sites])
+        rows.append(
+            [
+                depth,
+                f"{t.trace_s:.3f}",
+                f"{t.apply_s:.3f}",
+                f"{t.ratio:.2f}",
+                f"{1e6 * t.trace_s / depth:.0f}",
+                f"{1e6 * t.apply_s / depth:.0f}",
+                t.sites,
+            ]
+        )
         stage_rows.append([depth, *(f"{st[k]:.3f} ({100 * st[k] / total:.0f}%)" for k in st)])
         print(f"  MLP-{depth}: trace {t.trace_s:.3f} s, apply {t.apply_s:.3f} s, ratio {t.ratio:.2f}", flush=True)
         del model
@@ -242,19 +266,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\n" + table(head, rows))
     stage_head = ["layers", "trace (copy+trace+shapes)", "analyze", "plan", "rewrite (new layers, surgery, codegen)"]
     print("\n" + table(stage_head, stage_rows))
-    md += ["## Plain MLPs (Linear(64, 64) + ReLU per layer, input [2, 64])", "", table(head, rows, True), "",
-           "Where `apply`'s time goes, by stage (one run):", "", table(stage_head, stage_rows, True), ""]
+    md += [
+        "## Plain MLPs (Linear(64, 64) + ReLU per layer, input [2, 64])",
+        "",
+        table(head, rows, True),
+        "",
+        "Where `apply`'s time goes, by stage (one run):",
+        "",
+        table(stage_head, stage_rows, True),
+        "",
+    ]
 
     if args.profile:
         on, off = _gc_share(mlp(args.profile), torch.randn(2, 64))
         prof = profile_mlp(args.profile)
-        print(f"\nresify.apply on the {args.profile}-layer MLP: {on:.2f} s with the garbage collector, "
-              f"{off:.2f} s without\n")
+        print(
+            f"\nresify.apply on the {args.profile}-layer MLP: {on:.2f} s with the garbage collector, "
+            f"{off:.2f} s without\n"
+        )
         print(prof)
-        md += [f"## Profile of the {args.profile:,}-layer MLP", "",
-               f"`resify.apply`: {on:.2f} s with Python's cyclic garbage collector on, {off:.2f} s with it off "
-               f"(the collector's passes over the many new objects are {100 * (on - off) / on:.0f}% of the time).", "",
-               "cProfile (profiling roughly doubles the times):", "", "```", prof.strip(), "```", ""]
+        md += [
+            f"## Profile of the {args.profile:,}-layer MLP",
+            "",
+            f"`resify.apply`: {on:.2f} s with Python's cyclic garbage collector on, {off:.2f} s with it off "
+            f"(the collector's passes over the many new objects are {100 * (on - off) / on:.0f}% of the time).",
+            "",
+            "cProfile (profiling roughly doubles the times):",
+            "",
+            "```",
+            prof.strip(),
+            "```",
+            "",
+        ]
 
     # ---- zoo
     if not args.no_zoo:
@@ -272,42 +315,82 @@ def main(argv: Sequence[str] | None = None) -> None:
                     warnings.simplefilter("ignore")
                     stages[name] = stage_times(model, x)
                 z = zoo[-1]
-                print(f"  {name}: trace {z.trace_s:.3f} s, apply {z.apply_s:.3f} s, ratio {z.ratio:.2f}, "
-                      f"{z.sites} sites (+{z.added_params:,} params), {z.tracer}, shapes from {z.shapes_from}",
-                      flush=True)
+                print(
+                    f"  {name}: trace {z.trace_s:.3f} s, apply {z.apply_s:.3f} s, ratio {z.ratio:.2f}, "
+                    f"{z.sites} sites (+{z.added_params:,} params), {z.tracer}, shapes from {z.shapes_from}",
+                    flush=True,
+                )
             except Exception as e:  # a model resify cannot convert is a finding, not a crash
                 failed.append((name, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
                 print(f"  {name}: FAILED {failed[-1][1]}", flush=True)
             finally:
                 model = None
                 gc.collect()
-        zrows = [[z.name, z.layers, z.sites, f"{z.added_params:,}", z.tracer, z.shapes_from, f"{z.trace_s:.3f}",
-                  f"{z.apply_s:.3f}", f"{z.ratio:.2f}", f"{z.ratio_without_init:.2f}",
-                  *(f"{1e3 * stages[z.name][k]:.0f}" for k in stages[z.name]), f"{1e3 * z.init_s:.0f}"]
-                 for z in zoo]
-        zhead = ["model", "layers", "sites", "+params", "tracer", "shapes", "trace s", "apply s", "ratio",
-                 "ratio w/o init", "trace ms", "analyze ms", "plan ms", "rewrite ms", "of which init ms"]
+        zrows = [
+            [
+                z.name,
+                z.layers,
+                z.sites,
+                f"{z.added_params:,}",
+                z.tracer,
+                z.shapes_from,
+                f"{z.trace_s:.3f}",
+                f"{z.apply_s:.3f}",
+                f"{z.ratio:.2f}",
+                f"{z.ratio_without_init:.2f}",
+                *(f"{1e3 * stages[z.name][k]:.0f}" for k in stages[z.name]),
+                f"{1e3 * z.init_s:.0f}",
+            ]
+            for z in zoo
+        ]
+        zhead = [
+            "model",
+            "layers",
+            "sites",
+            "+params",
+            "tracer",
+            "shapes",
+            "trace s",
+            "apply s",
+            "ratio",
+            "ratio w/o init",
+            "trace ms",
+            "analyze ms",
+            "plan ms",
+            "rewrite ms",
+            "of which init ms",
+        ]
         ratios = [z.ratio for z in zoo]
         if zoo:
             worst = max(zoo, key=lambda z: z.ratio)
             no_init = [z.ratio_without_init for z in zoo]
-            summary = (f"{len(zoo)} models: ratio median {statistics.median(ratios):.2f}, worst "
-                       f"{worst.ratio:.2f} ({worst.name}, +{worst.added_params:,} new parameters), geometric mean "
-                       f"{math.exp(statistics.fmean(map(math.log, ratios))):.2f}; shapes from meta tensors for "
-                       f"{sum(z.shapes_from == 'meta' for z in zoo)} of {len(zoo)}. Without the initialisation "
-                       f"of the new projection layers (which symbolic_trace has no counterpart for): median "
-                       f"{statistics.median(no_init):.2f}, worst {max(no_init):.2f} "
-                       f"({max(zoo, key=lambda z: z.ratio_without_init).name})")
+            summary = (
+                f"{len(zoo)} models: ratio median {statistics.median(ratios):.2f}, worst "
+                f"{worst.ratio:.2f} ({worst.name}, +{worst.added_params:,} new parameters), geometric mean "
+                f"{math.exp(statistics.fmean(map(math.log, ratios))):.2f}; shapes from meta tensors for "
+                f"{sum(z.shapes_from == 'meta' for z in zoo)} of {len(zoo)}. Without the initialisation "
+                f"of the new projection layers (which symbolic_trace has no counterpart for): median "
+                f"{statistics.median(no_init):.2f}, worst {max(no_init):.2f} "
+                f"({max(zoo, key=lambda z: z.ratio_without_init).name})"
+            )
         else:
             summary = "no model converted"
         print("\n" + table(zhead, zrows) + "\n\n" + summary)
-        md += ["## torchvision classification zoo (weights=None, eval, one image)", "", summary, "",
-               "New projection layers are created and initialised like any torch layer (kaiming-uniform "
-               "for 100M parameters is about half a second), which symbolic_trace never does: the models "
-               "whose plan adds a large projection (VGG's and AlexNet's 25088→4096 classifier) have the "
-               "largest ratios. `ratio w/o init` = the ratio when those layers are made on the meta device "
-               "(no memory, no initialisation; timed the same way, for this table only), and "
-               "`of which init ms` the difference.", "", table(zhead, zrows, True), ""]
+        md += [
+            "## torchvision classification zoo (weights=None, eval, one image)",
+            "",
+            summary,
+            "",
+            "New projection layers are created and initialised like any torch layer (kaiming-uniform "
+            "for 100M parameters is about half a second), which symbolic_trace never does: the models "
+            "whose plan adds a large projection (VGG's and AlexNet's 25088→4096 classifier) have the "
+            "largest ratios. `ratio w/o init` = the ratio when those layers are made on the meta device "
+            "(no memory, no initialisation; timed the same way, for this table only), and "
+            "`of which init ms` the difference.",
+            "",
+            table(zhead, zrows, True),
+            "",
+        ]
         if failed:
             print("\nfailed:\n" + "\n".join(f"  {n}: {e}" for n, e in failed))
             md += ["Failed:", "", *[f"- `{n}`: {e}" for n, e in failed], ""]

@@ -10,6 +10,7 @@ ratio (target: at most 1.5×), and the extra time per layer. Part of that extra 
 and bookkeeping in Python, ~0.1 ms per layer on one CPU thread), part grows with the tensors
 (norms of activations and gradients), so a network of tiny layers (the seed's) shows it most.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-import resify  # noqa: E402
 from reference import vgg_style_cnn  # noqa: E402
+
+import resify  # noqa: E402
 
 
 def mlp(depth: int = 20, width: int = 256) -> nn.Module:
@@ -94,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, CPU, {args.threads} thread(s), {args.reps} repetitions, medians")
-    header = (f"{'model':<9} {'layers':>6} {'fwd+bwd ms':>10} {'report ms':>10} {'ratio':>6} "
-              f"{'extra µs/layer':>14}  setup")
+    header = (
+        f"{'model':<9} {'layers':>6} {'fwd+bwd ms':>10} {'report ms':>10} {'ratio':>6} {'extra µs/layer':>14}  setup"
+    )
     print(header)
     print("-" * len(header))
     met = []
@@ -108,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         if ratio <= 1.5:
             met.append(name)
         per_layer = (report - plain) / layers * 1e6
-        print(f"{name:<9} {layers:>6} {plain * 1e3:>10.1f} {report * 1e3:>10.1f} {ratio:>5.2f}× "
-              f"{per_layer:>14.0f}  {what}")
+        print(
+            f"{name:<9} {layers:>6} {plain * 1e3:>10.1f} {report * 1e3:>10.1f} {ratio:>5.2f}× "
+            f"{per_layer:>14.0f}  {what}"
+        )
     print(f"target ≤ 1.5×: met by {', '.join(met) or 'none'}")
     return 0
 

@@ -23,6 +23,7 @@ Run from the repository root::
 
 It prints a plain table and writes ``benchmarks/results/runtime.md`` (``runtime-cuda.md`` on CUDA).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import resify  # noqa: E402
-from common import SeedMLP, VGGNet, copy_shortcut_weights, machine, table  # noqa: E402
+from common import SeedMLP, VGGNet, copy_shortcut_weights, machine, table
+
+import resify
 
 __all__ = ["Pair", "Measure", "make_mlp_pair", "make_cnn_pair", "time_steps", "peak_bytes", "saved_bytes", "main"]
 
@@ -96,8 +98,9 @@ def make_mlp_pair(depth: int, width: int, batch: int, device: str) -> Pair:
     converted = resify.apply(plain, x)
     hand = SeedMLP(sizes, use_shortcut=True, act=nn.GELU).to(device)
     copy_shortcut_weights(converted, hand)
-    pair = Pair(f"MLP {depth}×{width}, batch {batch}", converted, hand, x,
-                torch.randint(0, 10, (batch,), device=device))
+    pair = Pair(
+        f"MLP {depth}×{width}, batch {batch}", converted, hand, x, torch.randint(0, 10, (batch,), device=device)
+    )
     _check_same(pair)
     return pair
 
@@ -112,8 +115,13 @@ def make_cnn_pair(channels: Sequence[int], per_stage: int, side: int, batch: int
     hand = VGGNet(**kw, use_shortcut=True).to(device)
     copy_shortcut_weights(converted, hand)
     n = len(channels) * per_stage
-    pair = Pair(f"VGG CNN {n} conv {'/'.join(map(str, channels))}, {side}×{side}, batch {batch}",
-                converted, hand, x, torch.randint(0, 10, (batch,), device=device))
+    pair = Pair(
+        f"VGG CNN {n} conv {'/'.join(map(str, channels))}, {side}×{side}, batch {batch}",
+        converted,
+        hand,
+        x,
+        torch.randint(0, 10, (batch,), device=device),
+    )
     _check_same(pair)
     return pair
 
@@ -123,6 +131,7 @@ def _step_fn(model: Callable, params: Sequence[torch.Tensor], x: torch.Tensor, y
         for p in params:
             p.grad = None
         F.cross_entropy(model(x), y).backward()
+
     return step
 
 
@@ -231,8 +240,19 @@ def measure(pair: Pair, mode: str, reps: int, warmup: int, device: str) -> Measu
     paired = statistics.median(a / b for a, b in zip(*times))
     peaks = [statistics.median(peak_bytes(s, ps, device) for _ in range(3)) for s, ps in zip(steps, params)]
     saved = [saved_bytes(conv, pair.x), saved_bytes(hand, pair.x)] if mode == "eager" else [None, None]
-    return Measure(pair.name, mode, statistics.median(times[0]), statistics.median(times[1]), paired,
-                   int(peaks[0]), int(peaks[1]), saved[0], saved[1], reps, compile_s)
+    return Measure(
+        pair.name,
+        mode,
+        statistics.median(times[0]),
+        statistics.median(times[1]),
+        paired,
+        int(peaks[0]),
+        int(peaks[1]),
+        saved[0],
+        saved[1],
+        reps,
+        compile_s,
+    )
 
 
 def _mib(b: int | None) -> str:
@@ -242,16 +262,40 @@ def _mib(b: int | None) -> str:
 def _rows(ms: Sequence[Measure]) -> list[list[object]]:
     rows = []
     for m in ms:
-        saved = "-" if m.conv_saved is None else f"{_mib(m.conv_saved)} / {_mib(m.hand_saved)} = {m.conv_saved / m.hand_saved:.3f}×"
-        rows.append([m.name, m.mode, f"{1e3 * m.conv_s:.2f}", f"{1e3 * m.hand_s:.2f}",
-                     f"{m.conv_s / m.hand_s:.3f}×", f"{m.paired:.3f}×",
-                     f"{_mib(m.conv_peak)} / {_mib(m.hand_peak)}", f"{m.conv_peak / m.hand_peak:.3f}×",
-                     saved, "-" if m.compile_s is None else f"{m.compile_s:.0f} s"])
+        saved = (
+            "-"
+            if m.conv_saved is None
+            else f"{_mib(m.conv_saved)} / {_mib(m.hand_saved)} = {m.conv_saved / m.hand_saved:.3f}×"
+        )
+        rows.append(
+            [
+                m.name,
+                m.mode,
+                f"{1e3 * m.conv_s:.2f}",
+                f"{1e3 * m.hand_s:.2f}",
+                f"{m.conv_s / m.hand_s:.3f}×",
+                f"{m.paired:.3f}×",
+                f"{_mib(m.conv_peak)} / {_mib(m.hand_peak)}",
+                f"{m.conv_peak / m.hand_peak:.3f}×",
+                saved,
+                "-" if m.compile_s is None else f"{m.compile_s:.0f} s",
+            ]
+        )
     return rows
 
 
-HEADER = ["model", "mode", "resify ms", "hand ms", "time ratio", "paired ratio", "peak MiB (resify / hand)",
-          "memory ratio", "saved for backward MiB", "compile"]
+HEADER = [
+    "model",
+    "mode",
+    "resify ms",
+    "hand ms",
+    "time ratio",
+    "paired ratio",
+    "peak MiB (resify / hand)",
+    "memory ratio",
+    "saved for backward MiB",
+    "compile",
+]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -262,19 +306,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--mlp", type=int, nargs=3, default=[64, 256, 128], metavar=("DEPTH", "WIDTH", "BATCH"))
-    p.add_argument("--cnn", type=int, nargs=3, default=[7, 32, 32], metavar=("PER_STAGE", "SIDE", "BATCH"),
-                   help="conv layers per stage (3 stages of 32/64/128 channels), image side, batch")
+    p.add_argument(
+        "--cnn",
+        type=int,
+        nargs=3,
+        default=[7, 32, 32],
+        metavar=("PER_STAGE", "SIDE", "BATCH"),
+        help="conv layers per stage (3 stages of 32/64/128 channels), image side, batch",
+    )
     p.add_argument("--results", default=None)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = args.device
     results = args.results or os.path.join(
-        ROOT, "benchmarks", "results", "runtime.md" if device == "cpu" else "runtime-cuda.md")
+        ROOT, "benchmarks", "results", "runtime.md" if device == "cpu" else "runtime-cuda.md"
+    )
     what = machine() + (f"; device {torch.cuda.get_device_name()}" if device.startswith("cuda") else "")
     print(what)
-    pairs = [make_mlp_pair(*args.mlp, device),
-             make_cnn_pair((32, 64, 128), args.cnn[0], args.cnn[1], args.cnn[2], device)]
+    pairs = [
+        make_mlp_pair(*args.mlp, device),
+        make_cnn_pair((32, 64, 128), args.cnn[0], args.cnn[1], args.cnn[2], device),
+    ]
     measures: list[Measure] = []
     notes: list[str] = []
     for mode in ("eager",) if args.no_compile else ("eager", "compile"):
@@ -293,21 +346,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(n)
     if args.no_write:
         return
-    md = ["# Runtime cost: resify.apply(plain) vs the hand-written residual network", "",
-          "Command: `" + f"python benchmarks/bench_runtime.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
-          + "`  ", f"Machine: {what}", "",
-          "One training step (forward, cross-entropy, backward; gradients set to None before it) of "
-          "each model, same weights, same batch; the two alternate (A B B A …) in one process after "
-          f"{args.warmup} warm-up steps; {args.reps} repetitions, medians. *time ratio* = median(resify) / "
-          "median(hand); *paired ratio* = median over repetitions of resify / hand in adjacent runs. "
-          "Peak memory: " + ("`torch.cuda.max_memory_allocated` over the step, above the memory held before it."
-                             if device.startswith("cuda") else
-                             "the peak, during the step, of the bytes held by torch's CPU allocator above "
-                             "those held when it began (running sum of the allocation/free events of "
-                             "`torch.profiler` with `profile_memory=True`; activations, saved tensors, "
-                             "temporaries and the new gradients; median of 3). *saved for backward*: the "
-                             "distinct tensors autograd saves in one forward (`saved_tensors_hooks`), eager only."),
-          "", table(HEADER, _rows(measures), True), ""]
+    md = [
+        "# Runtime cost: resify.apply(plain) vs the hand-written residual network",
+        "",
+        "Command: `"
+        + f"python benchmarks/bench_runtime.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+        + "`  ",
+        f"Machine: {what}",
+        "",
+        "One training step (forward, cross-entropy, backward; gradients set to None before it) of "
+        "each model, same weights, same batch; the two alternate (A B B A …) in one process after "
+        f"{args.warmup} warm-up steps; {args.reps} repetitions, medians. *time ratio* = median(resify) / "
+        "median(hand); *paired ratio* = median over repetitions of resify / hand in adjacent runs. "
+        "Peak memory: "
+        + (
+            "`torch.cuda.max_memory_allocated` over the step, above the memory held before it."
+            if device.startswith("cuda")
+            else "the peak, during the step, of the bytes held by torch's CPU allocator above "
+            "those held when it began (running sum of the allocation/free events of "
+            "`torch.profiler` with `profile_memory=True`; activations, saved tensors, "
+            "temporaries and the new gradients; median of 3). *saved for backward*: the "
+            "distinct tensors autograd saves in one forward (`saved_tensors_hooks`), eager only."
+        ),
+        "",
+        table(HEADER, _rows(measures), True),
+        "",
+    ]
     if notes:
         md += ["Failures:", "", *[f"- {n}" for n in notes], ""]
     os.makedirs(os.path.dirname(results), exist_ok=True)

@@ -7,6 +7,7 @@ with a learned projection wherever the shape changes), which is what ``resify.ap
 ``gate=None`` should reproduce. The scripts import this module as ``common`` (run them from the
 repository root or from ``benchmarks/``; each puts its own folder on ``sys.path``).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,13 @@ import torch.nn as nn
 import resify
 
 __all__ = [
-    "ACTIVATIONS", "SeedMLP", "VGGNet", "mlp_sizes", "copy_shortcut_weights", "machine", "table",
+    "ACTIVATIONS",
+    "SeedMLP",
+    "VGGNet",
+    "mlp_sizes",
+    "copy_shortcut_weights",
+    "machine",
+    "table",
 ]
 
 #: The activations the efficacy sweep covers, by the name used on the command line.
@@ -29,7 +36,6 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "ta
 def mlp_sizes(depth: int, width: int = 64, in_features: int = 64, classes: int = 10) -> list[int]:
     """Layer sizes of an MLP with ``depth`` Linear layers: ``depth - 1`` hidden ones and the output layer."""
     return [in_features] + [width] * (depth - 1) + [classes]
-
 
 
 def _seed_loop(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +49,7 @@ def _seed_loop(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
                 identity = net.projections[i](identity)
             x = x + identity
     return x
+
 
 class SeedMLP(nn.Module):
     """The seed's ImprovedResidualNetwork with a choice of activation and a linear output layer.
@@ -87,9 +94,16 @@ class VGGNet(nn.Module):
     the same, to be the same computation.
     """
 
-    def __init__(self, in_channels: int = 1, classes: int = 10, stages: Sequence[int] = (16, 32, 64),
-                 per_stage: int = 7, norm: bool = True, use_shortcut: bool = False,
-                 input_size: int = 8) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        classes: int = 10,
+        stages: Sequence[int] = (16, 32, 64),
+        per_stage: int = 7,
+        norm: bool = True,
+        use_shortcut: bool = False,
+        input_size: int = 8,
+    ) -> None:
         super().__init__()
         self.use_shortcut = use_shortcut
         self.no_shortcut: set[int] = set()
@@ -152,10 +166,13 @@ def copy_shortcut_weights(converted: torch.fx.GraphModule, hand: nn.Module) -> N
         src = f"resify.{site.name}."
         keys = [k for k in state if k.startswith(src)]
         # resify's modules in their order (pool, proj, norm) = the hand-written Sequential's indices
-        present = [m for m in ("pool", "proj", "norm") if (m == "pool" and site.pool) or
-                   any(k[len(src):].startswith(m + ".") for k in keys)]
+        present = [
+            m
+            for m in ("pool", "proj", "norm")
+            if (m == "pool" and site.pool) or any(k[len(src) :].startswith(m + ".") for k in keys)
+        ]
         for key in keys:
-            sub = key[len(src):]  # "proj.weight", "norm.running_mean", …
+            sub = key[len(src) :]  # "proj.weight", "norm.running_mean", …
             module, rest = sub.split(".", 1)
             seq = f"{prefix}.{present.index(module)}.{rest}"
             dst = seq if seq in target else f"{prefix}.{rest}"
@@ -176,9 +193,11 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} logical cores (torch threads: {torch.get_num_threads()}), "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, resify {resify.__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} logical cores (torch threads: {torch.get_num_threads()}), "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, resify {resify.__version__}"
+    )
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]], markdown: bool = False) -> str:
@@ -188,5 +207,5 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]], markdown: boo
         lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells[1:]])
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([fmt(cells[0]), fmt(["-" * w for w in widths]), *map(fmt, cells[1:])])

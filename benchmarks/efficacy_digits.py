@@ -28,6 +28,7 @@ Run from the repository root::
 It prints plain tables, writes ``benchmarks/results/efficacy.md`` (and ``efficacy.json``) and the
 figure ``docs/efficacy_depth.png``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,19 +47,34 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import resify  # noqa: E402
-from common import ACTIVATIONS, SeedMLP, VGGNet, machine, mlp_sizes, table  # noqa: E402
+from common import ACTIVATIONS, SeedMLP, VGGNet, machine, mlp_sizes, table
+
+import resify
 
 __all__ = [
-    "Digits", "Run", "Probe", "load_data", "build", "train", "accuracy", "first_layer_grad", "run_mlp",
-    "run_cnn", "VARIANTS", "main",
+    "Digits",
+    "Run",
+    "Probe",
+    "load_data",
+    "build",
+    "train",
+    "accuracy",
+    "first_layer_grad",
+    "run_mlp",
+    "run_cnn",
+    "VARIANTS",
+    "main",
 ]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLIT_SEED = 0
 VARIANTS = ("plain", "resify", "resify+rezero", "hand")
-_LABEL = {"plain": "plain", "resify": "resify gate=None", "resify+rezero": "resify gate='rezero'",
-          "hand": "hand-written"}
+_LABEL = {
+    "plain": "plain",
+    "resify": "resify gate=None",
+    "resify+rezero": "resify gate='rezero'",
+    "hand": "hand-written",
+}
 
 
 @dataclass(frozen=True)
@@ -99,7 +115,7 @@ def load_data(split_seed: int = SPLIT_SEED) -> Digits:
     x, y = load_digits(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, stratify=y, random_state=split_seed)
     scaler = StandardScaler().fit(x_tr)
-    f = lambda a: torch.tensor(scaler.transform(a), dtype=torch.float32)  # noqa: E731
+    f = lambda a: torch.tensor(scaler.transform(a), dtype=torch.float32)
     return Digits(f(x_tr), torch.tensor(y_tr), f(x_te), torch.tensor(y_te))
 
 
@@ -151,8 +167,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         model.train(was)
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int,
-          lr: float = 1e-3, batch: int = 64) -> bool:
+def train(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, lr: float = 1e-3, batch: int = 64
+) -> bool:
     """Adam on cross-entropy for ``epochs`` epochs, shuffled from ``seed``; True if the loss went non-finite."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -161,7 +178,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed:
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             loss = F.cross_entropy(model(x[idx]), y[idx])
             if not torch.isfinite(loss):
                 diverged = True
@@ -207,8 +224,18 @@ def first_layer_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Prob
     return Probe(0.0 if weight.grad is None else weight.grad.abs().mean().item(), None, None)
 
 
-def _one(model_kind: str, act: str, depth: int, variant: str, seed: int, epochs: int, data: Digits,
-         net: nn.Module, plain_grad: float | None, to_input: Callable[[torch.Tensor], torch.Tensor]) -> Run:
+def _one(
+    model_kind: str,
+    act: str,
+    depth: int,
+    variant: str,
+    seed: int,
+    epochs: int,
+    data: Digits,
+    net: nn.Module,
+    plain_grad: float | None,
+    to_input: Callable[[torch.Tensor], torch.Tensor],
+) -> Run:
     xtr, xte = to_input(data.x_train), to_input(data.x_test)
     probe = first_layer_grad(net, xtr, data.y_train)
     grad = probe.first_grad
@@ -216,8 +243,21 @@ def _one(model_kind: str, act: str, depth: int, variant: str, seed: int, epochs:
     t = time.perf_counter()
     diverged = train(net, xtr, data.y_train, epochs, seed)
     seconds = time.perf_counter() - t
-    return Run(model_kind, act, depth, variant, seed, epochs, accuracy(net, xte, data.y_test), ratio,
-               grad, seconds, diverged, probe.verdict, probe.recommendation)
+    return Run(
+        model_kind,
+        act,
+        depth,
+        variant,
+        seed,
+        epochs,
+        accuracy(net, xte, data.y_test),
+        ratio,
+        grad,
+        seconds,
+        diverged,
+        probe.verdict,
+        probe.recommendation,
+    )
 
 
 def _ratio(a: float, b: float) -> float:
@@ -226,19 +266,20 @@ def _ratio(a: float, b: float) -> float:
     return a / b
 
 
-def run_mlp(depth: int, act: str, variant: str, seed: int, epochs: int, data: Digits,
-            plain_grad: float | None = None) -> Run:
+def run_mlp(
+    depth: int, act: str, variant: str, seed: int, epochs: int, data: Digits, plain_grad: float | None = None
+) -> Run:
     """Build, measure the first-layer gradient, train and test one MLP."""
     net = build(variant, depth, act, seed, data.x_train[:2])
     return _one("mlp", act, depth, variant, seed, epochs, data, net, plain_grad, lambda x: x)
 
 
-def run_cnn(variant: str, seed: int, epochs: int, data: Digits, norm: bool = True,
-            plain_grad: float | None = None) -> Run:
+def run_cnn(
+    variant: str, seed: int, epochs: int, data: Digits, norm: bool = True, plain_grad: float | None = None
+) -> Run:
     """Build, measure, train and test the 21-conv VGG-style net (``variant``: plain/resify/resify+rezero)."""
     net = build_cnn(variant, seed, norm, data.x_train[:2])
-    return _one("cnn" if norm else "cnn-nobn", "relu", 21, variant, seed, epochs, data, net, plain_grad,
-                _image)
+    return _one("cnn" if norm else "cnn-nobn", "relu", 21, variant, seed, epochs, data, net, plain_grad, _image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,8 +325,12 @@ def accuracy_tables(runs: Sequence[Run], markdown: bool = False) -> str:
                 row.append(cell)
             rows.append(row)
         title = f"{act.upper()} MLP, width 64: test accuracy % (mean ± std over {_n_seeds(runs)} seeds)"
-        out.append(("### " if markdown else "") + title + "\n\n" +
-                   table(["depth", *[_LABEL[v] for v in variants]], rows, markdown))
+        out.append(
+            ("### " if markdown else "")
+            + title
+            + "\n\n"
+            + table(["depth", *[_LABEL[v] for v in variants]], rows, markdown)
+        )
     return "\n\n".join(out)
 
 
@@ -301,8 +346,9 @@ def grad_tables(runs: Sequence[Run], markdown: bool = False) -> str:
                 zero = bool(rs) and all(r.first_grad == 0.0 for r in rs)
                 row.append("0 (gate = 0)" if zero else _fmt_ratio([r.grad_ratio for r in rs]))
             rows.append(row)
-    return table(["activation", "depth", "plain mean |grad|", *[_LABEL[v] + " / plain" for v in VARIANTS[1:]]],
-                 rows, markdown)
+    return table(
+        ["activation", "depth", "plain mean |grad|", *[_LABEL[v] + " / plain" for v in VARIANTS[1:]]], rows, markdown
+    )
 
 
 def report_table(runs: Sequence[Run], markdown: bool = False) -> str:
@@ -356,9 +402,15 @@ def big_table(runs: Sequence[Run], markdown: bool = False) -> str:
     for v in VARIANTS:
         rs = _group(runs, model="mlp-big", variant=v)
         if rs:
-            rows.append([rs[0].depth, _LABEL[v], _mean_std([r.accuracy for r in rs]),
-                         ", ".join(f"{100 * r.accuracy:.1f}" for r in rs),
-                         f"{statistics.fmean(r.seconds for r in rs):.0f} s"])
+            rows.append(
+                [
+                    rs[0].depth,
+                    _LABEL[v],
+                    _mean_std([r.accuracy for r in rs]),
+                    ", ".join(f"{100 * r.accuracy:.1f}" for r in rs),
+                    f"{statistics.fmean(r.seconds for r in rs):.0f} s",
+                ]
+            )
     return table(["depth", "variant", "test acc %", "per seed", "train time / seed"], rows, markdown)
 
 
@@ -375,8 +427,12 @@ def figure(runs: Sequence[Run], path: str) -> None:
 
     acts = list(dict.fromkeys(r.act for r in runs if r.model == "mlp"))
     fig, axes = plt.subplots(1, len(acts), figsize=(4.2 * len(acts), 3.8), sharey=True, squeeze=False)
-    style = {"plain": ("#888888", "o", "-"), "resify": ("#1f77b4", "s", "-"),
-             "resify+rezero": ("#2ca02c", "^", "-"), "hand": ("#d62728", "x", "--")}
+    style = {
+        "plain": ("#888888", "o", "-"),
+        "resify": ("#1f77b4", "s", "-"),
+        "resify+rezero": ("#2ca02c", "^", "-"),
+        "hand": ("#d62728", "x", "--"),
+    }
     for ax, act in zip(axes[0], acts):
         for v in VARIANTS:
             depths = sorted({r.depth for r in _group(runs, model="mlp", act=act, variant=v)})
@@ -386,8 +442,19 @@ def figure(runs: Sequence[Run], path: str) -> None:
             mean = [statistics.fmean(a) for a in accs]
             std = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
             color, marker, ls = style[v]
-            ax.errorbar(depths, mean, yerr=std, label=_LABEL[v], color=color, marker=marker, linestyle=ls,
-                        capsize=3, markersize=6, linewidth=1.6, alpha=0.9)
+            ax.errorbar(
+                depths,
+                mean,
+                yerr=std,
+                label=_LABEL[v],
+                color=color,
+                marker=marker,
+                linestyle=ls,
+                capsize=3,
+                markersize=6,
+                linewidth=1.6,
+                alpha=0.9,
+            )
         ax.axhline(10, color="#bbbbbb", linestyle=":", linewidth=1)
         ax.text(min(r.depth for r in runs if r.model == "mlp"), 12, "chance", color="#999999", fontsize=8)
         ax.set_xscale("log")
@@ -403,16 +470,17 @@ def figure(runs: Sequence[Run], path: str) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
     epochs = {r.epochs for r in runs}
-    fig.suptitle(f"load_digits, Adam 1e-3, batch 64, {'/'.join(map(str, sorted(epochs)))} epochs, "
-                 f"{_n_seeds(runs)} seeds", fontsize=10)
+    fig.suptitle(
+        f"load_digits, Adam 1e-3, batch 64, {'/'.join(map(str, sorted(epochs)))} epochs, {_n_seeds(runs)} seeds",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_markdown(runs: Sequence[Run], path: str, commands: Sequence[str], machine_line: str,
-                   seconds: float) -> None:
+def write_markdown(runs: Sequence[Run], path: str, commands: Sequence[str], machine_line: str, seconds: float) -> None:
     mlp = [r for r in runs if r.model == "mlp"]
     epochs = "/".join(str(e) for e in sorted({r.epochs for r in runs}))
     seeds = ", ".join(str(x) for x in sorted({r.seed for r in runs}))
@@ -433,28 +501,45 @@ def write_markdown(runs: Sequence[Run], path: str, commands: Sequence[str], mach
         "",
     ]
     if mlp:
-        parts += ["## MLP depth sweep", "", accuracy_tables(runs, markdown=True), "",
-                  "![accuracy vs depth](../../docs/efficacy_depth.png)", "",
-                  "## First-layer gradient at initialisation", "",
-                  "Mean |∂loss/∂W| of the first Linear weight on the whole training set (cross-entropy), "
-                  "variant over plain, geometric mean over seeds. With `gate='rezero'` every branch is "
-                  "multiplied by a gate that starts at 0, so the first layer's gradient is exactly 0 at "
-                  "initialisation (only the gates get gradient on the first step): the ratio is 0 by "
-                  "construction, not a failure.", "",
-                  grad_tables(runs, markdown=True), "",
-                  "## What the report says at initialisation", "",
-                  "`resify.gradient_flow(model, x_train, target=y_train)` on each network before training "
-                  "(verdicts over the seeds). The *recommended setting* follows the report: a plain net that "
-                  "is 'vanishing' is told to add shortcuts, ungated (`shortcut='auto'`) below 32 layers and "
-                  "with `gate='rezero'` from 32 layers on; where the gate=None conversion is 'exploding', "
-                  "its report recommends `gate='rezero'` too.", "",
-                  report_table(runs, markdown=True), ""]
+        parts += [
+            "## MLP depth sweep",
+            "",
+            accuracy_tables(runs, markdown=True),
+            "",
+            "![accuracy vs depth](../../docs/efficacy_depth.png)",
+            "",
+            "## First-layer gradient at initialisation",
+            "",
+            "Mean |∂loss/∂W| of the first Linear weight on the whole training set (cross-entropy), "
+            "variant over plain, geometric mean over seeds. With `gate='rezero'` every branch is "
+            "multiplied by a gate that starts at 0, so the first layer's gradient is exactly 0 at "
+            "initialisation (only the gates get gradient on the first step): the ratio is 0 by "
+            "construction, not a failure.",
+            "",
+            grad_tables(runs, markdown=True),
+            "",
+            "## What the report says at initialisation",
+            "",
+            "`resify.gradient_flow(model, x_train, target=y_train)` on each network before training "
+            "(verdicts over the seeds). The *recommended setting* follows the report: a plain net that "
+            "is 'vanishing' is told to add shortcuts, ungated (`shortcut='auto'`) below 32 layers and "
+            "with `gate='rezero'` from 32 layers on; where the gate=None conversion is 'exploding', "
+            "its report recommends `gate='rezero'` too.",
+            "",
+            report_table(runs, markdown=True),
+            "",
+        ]
     if any(r.model.startswith("cnn") for r in runs):
-        parts += ["## VGG-style CNN, 21 conv layers", "",
-                  "Stages of 7 conv3×3(+BatchNorm)+ReLU at 16/32/64 channels on the 1×8×8 images, max-pool "
-                  "between stages, global average pool, Linear(64, 10). Test accuracy %, mean ± std; "
-                  "in brackets the first-layer gradient ratio converted / plain.", "",
-                  cnn_table(runs, markdown=True), ""]
+        parts += [
+            "## VGG-style CNN, 21 conv layers",
+            "",
+            "Stages of 7 conv3×3(+BatchNorm)+ReLU at 16/32/64 channels on the 1×8×8 images, max-pool "
+            "between stages, global average pool, Linear(64, 10). Test accuracy %, mean ± std; "
+            "in brackets the first-layer gradient ratio converted / plain.",
+            "",
+            cnn_table(runs, markdown=True),
+            "",
+        ]
     if any(r.model == "mlp-big" for r in runs):
         depth = next(r.depth for r in runs if r.model == "mlp-big")
         parts += [f"## {depth:,}-layer MLP (GELU, width 64)", "", big_table(runs, markdown=True), ""]
@@ -469,17 +554,25 @@ def _targets(runs: Sequence[Run]) -> list[str]:
         deepest = max((r.depth for r in runs if r.model == "mlp" and r.act == act), default=0)
         if deepest < 100:
             continue
-        m = {v: statistics.fmean([r.accuracy for r in _group(runs, model="mlp", act=act, depth=deepest, variant=v)] or [math.nan])
-             for v in VARIANTS}
-        verdict = lambda a: "met" if a >= 0.95 else "missed"  # noqa: E731
+        m = {
+            v: statistics.fmean(
+                [r.accuracy for r in _group(runs, model="mlp", act=act, depth=deepest, variant=v)] or [math.nan]
+            )
+            for v in VARIANTS
+        }
+        verdict = lambda a: "met" if a >= 0.95 else "missed"
         rec = _recommended(runs, act, deepest)
         if rec is not None:
-            lines.append(f"- {act} depth {deepest}, the report's recommended setting ({_LABEL[rec]}): "
-                         f"{100 * m[rec]:.1f}% (≥ 95%: {verdict(m[rec])}); plain {100 * m['plain']:.1f}%")
-        lines.append(f"- {act} depth {deepest}: plain {100 * m['plain']:.1f}%; resify gate=None "
-                     f"{100 * m['resify']:.1f}% ({verdict(m['resify'])}); gate='rezero' "
-                     f"{100 * m['resify+rezero']:.1f}% ({verdict(m['resify+rezero'])}); hand-written "
-                     f"{100 * m['hand']:.1f}%")
+            lines.append(
+                f"- {act} depth {deepest}, the report's recommended setting ({_LABEL[rec]}): "
+                f"{100 * m[rec]:.1f}% (≥ 95%: {verdict(m[rec])}); plain {100 * m['plain']:.1f}%"
+            )
+        lines.append(
+            f"- {act} depth {deepest}: plain {100 * m['plain']:.1f}%; resify gate=None "
+            f"{100 * m['resify']:.1f}% ({verdict(m['resify'])}); gate='rezero' "
+            f"{100 * m['resify+rezero']:.1f}% ({verdict(m['resify+rezero'])}); hand-written "
+            f"{100 * m['hand']:.1f}%"
+        )
     compared = 0
     for act in dict.fromkeys(r.act for r in runs if r.model == "mlp"):
         for d in sorted({r.depth for r in runs if r.model == "mlp" and r.act == act}):
@@ -490,21 +583,29 @@ def _targets(runs: Sequence[Run]) -> list[str]:
                 gap = statistics.fmean(a) - statistics.fmean(b)
                 noise = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
                 if abs(gap) > 2 * noise + 0.005:
-                    lines.append(f"- {act} depth {d}: resify gate=None vs hand-written differ by "
-                                 f"{100 * gap:+.1f} points (2 standard errors: {200 * noise:.1f})")
+                    lines.append(
+                        f"- {act} depth {d}: resify gate=None vs hand-written differ by "
+                        f"{100 * gap:+.1f} points (2 standard errors: {200 * noise:.1f})"
+                    )
     if compared and not any("differ by" in line for line in lines):
-        lines.append("- resify gate=None and the hand-written network agree within 2 standard errors "
-                     "(+0.5 point) at every depth and activation")
+        lines.append(
+            "- resify gate=None and the hand-written network agree within 2 standard errors "
+            "(+0.5 point) at every depth and activation"
+        )
     big = _group(runs, model="mlp-big", variant="resify+rezero")
     if big:
         acc = statistics.fmean(r.accuracy for r in big)
-        lines.append(f"- {big[0].depth:,}-layer gate='rezero': {100 * acc:.1f}% (≥ 93%: {'met' if acc >= 0.93 else 'missed'}; "
-                     f"{statistics.fmean(r.seconds for r in big):.0f} s of training per seed)")
+        lines.append(
+            f"- {big[0].depth:,}-layer gate='rezero': {100 * acc:.1f}% (≥ 93%: {'met' if acc >= 0.93 else 'missed'}; "
+            f"{statistics.fmean(r.seconds for r in big):.0f} s of training per seed)"
+        )
     return lines or ["- (no depth-100 or 1,000-layer rows in this run)"]
 
 
 def main(argv: Sequence[str] | None = None) -> list[Run]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64, 100])
     p.add_argument("--activations", nargs="+", default=list(ACTIVATIONS), choices=list(ACTIVATIONS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -514,17 +615,21 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     p.add_argument("--big", action="store_true", help="also train a 1,000-layer MLP (plain and gate='rezero')")
     p.add_argument("--big-depth", type=int, default=1000)
     p.add_argument("--only-big", action="store_true", help="with --big: skip the sweep and the CNN")
-    p.add_argument("--only-cnn", action="store_true", help="train the CNNs only; their rows replace the "
-                   "saved ones")
-    p.add_argument("--quick", action="store_true", help="smoke run: depths 8 32, seed 0, 5 epochs, no CNN, "
-                   "writes nothing")
+    p.add_argument("--only-cnn", action="store_true", help="train the CNNs only; their rows replace the saved ones")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: depths 8 32, seed 0, 5 epochs, no CNN, writes nothing"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "efficacy.md"))
     p.add_argument("--figure", default=os.path.join(ROOT, "docs", "efficacy_depth.png"))
     p.add_argument("--no-write", action="store_true", help="print only; write no files")
     p.add_argument("--replot", action="store_true", help="rewrite the Markdown and figure from the saved .json")
-    p.add_argument("--rejudge", action="store_true", help="like --replot, after asking the installed resify's "
-                   "report again for each saved network's verdict and recommendation at initialisation (no training)")
+    p.add_argument(
+        "--rejudge",
+        action="store_true",
+        help="like --replot, after asking the installed resify's "
+        "report again for each saved network's verdict and recommendation at initialisation (no training)",
+    )
     args = p.parse_args(argv)
     json_path = os.path.splitext(args.results)[0] + ".json"
     if args.replot or args.rejudge:
@@ -547,8 +652,11 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     def log(r: Run) -> None:
         runs.append(r)
         ratio = "" if r.grad_ratio is None else f" grad x{r.grad_ratio:.3g}"
-        print(f"  {r.model:8s} {r.act:5s} depth {r.depth:4d} {r.variant:14s} seed {r.seed}: "
-              f"{100 * r.accuracy:5.1f}%{ratio} ({r.seconds:.1f} s){' DIVERGED' if r.diverged else ''}", flush=True)
+        print(
+            f"  {r.model:8s} {r.act:5s} depth {r.depth:4d} {r.variant:14s} seed {r.seed}: "
+            f"{100 * r.accuracy:5.1f}%{ratio} ({r.seconds:.1f} s){' DIVERGED' if r.diverged else ''}",
+            flush=True,
+        )
 
     if not args.only_big and not args.only_cnn:
         for act in args.activations:
@@ -593,8 +701,14 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     print()
     print(machine())
     if any(r.model == "mlp" for r in runs):
-        print("\n" + accuracy_tables(runs) + "\n\nFirst-layer gradient ratio at init (variant / plain)\n\n" +
-              grad_tables(runs) + "\n\nresify.gradient_flow verdict at init\n\n" + report_table(runs))
+        print(
+            "\n"
+            + accuracy_tables(runs)
+            + "\n\nFirst-layer gradient ratio at init (variant / plain)\n\n"
+            + grad_tables(runs)
+            + "\n\nresify.gradient_flow verdict at init\n\n"
+            + report_table(runs)
+        )
     if any(r.model.startswith("cnn") for r in runs):
         print("\n" + cnn_table(runs))
     if any(r.model == "mlp-big" for r in runs):
@@ -618,23 +732,31 @@ def rejudge(runs: list[Run]) -> list[Run]:
             net, x = build_cnn(r.variant, r.seed, r.model == "cnn", data.x_train[:2]), _image(data.x_train)
         probe = first_layer_grad(net, x, data.y_train)
         if probe.first_grad != r.first_grad and not math.isclose(probe.first_grad, r.first_grad, rel_tol=1e-3):
-            raise SystemExit(f"{r.model} {r.act} {r.depth} {r.variant} seed {r.seed}: rebuilt net's first-layer "
-                             f"gradient {probe.first_grad:.4g} differs from the saved {r.first_grad:.4g}")
+            raise SystemExit(
+                f"{r.model} {r.act} {r.depth} {r.variant} seed {r.seed}: rebuilt net's first-layer "
+                f"gradient {probe.first_grad:.4g} differs from the saved {r.first_grad:.4g}"
+            )
         out.append(Run(**{**asdict(r), "verdict": probe.verdict, "recommendation": probe.recommendation}))
     return out
 
 
-def _write(runs: list[Run], args: argparse.Namespace, commands: list[str], machine_line: str, seconds: float,
-           json_path: str) -> None:
+def _write(
+    runs: list[Run], args: argparse.Namespace, commands: list[str], machine_line: str, seconds: float, json_path: str
+) -> None:
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
     write_markdown(runs, args.results, commands, machine_line, seconds)
     with open(json_path, "w") as f:
-        json.dump({"machine": machine_line, "commands": commands, "seconds": seconds,
-                   "runs": [asdict(r) for r in runs]}, f, indent=1)
+        json.dump(
+            {"machine": machine_line, "commands": commands, "seconds": seconds, "runs": [asdict(r) for r in runs]},
+            f,
+            indent=1,
+        )
     if any(r.model == "mlp" for r in runs):
         figure(runs, args.figure)
-    print(f"\nwrote {os.path.relpath(args.results, ROOT)} and its .json" +
-          (f", {os.path.relpath(args.figure, ROOT)}" if any(r.model == 'mlp' for r in runs) else ""))
+    print(
+        f"\nwrote {os.path.relpath(args.results, ROOT)} and its .json"
+        + (f", {os.path.relpath(args.figure, ROOT)}" if any(r.model == "mlp" for r in runs) else "")
+    )
 
 
 if __name__ == "__main__":

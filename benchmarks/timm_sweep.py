@@ -25,6 +25,7 @@ Each model runs in its own process (forked from a forkserver) (all its memory is
 stopped after ``--timeout`` seconds). One row is printed per model as it goes, and a Markdown table
 with the counts is (re)written to ``--out`` (default benchmarks/results/timm.md) after each model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import resify  # noqa: E402
-from common import machine  # noqa: E402
-from zoo_sizes import _commit, _first_line, _md, _quiet, _relative_diff, _shapes  # noqa: E402
+from common import machine
+from zoo_sizes import _commit, _first_line, _md, _quiet, _relative_diff, _shapes
+
+import resify
 
 __all__ = ["check_timm", "select_models"]
 
@@ -104,7 +106,7 @@ def _fx_traces(model: torch.nn.Module) -> str:
             warnings.simplefilter("ignore")
             torch.fx.symbolic_trace(model)
         return "yes"
-    except Exception as e:  # noqa: BLE001 - any failure is the answer
+    except Exception as e:
         return "no: " + _first_line(e)
 
 
@@ -117,8 +119,13 @@ def select_models(names: list[str], every: int, limit: int | None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- one model
-def check_timm(name: str, max_params: int = MAX_PARAMS, build_limit: float = BUILD_LIMIT_S,
-               phase: Any = None, show_traceback: bool = False) -> dict[str, Any]:
+def check_timm(
+    name: str,
+    max_params: int = MAX_PARAMS,
+    build_limit: float = BUILD_LIMIT_S,
+    phase: Any = None,
+    show_traceback: bool = False,
+) -> dict[str, Any]:
     """Build timm model ``name``, convert it with both policies and check it; returns a row.
 
     ``row['status']`` is one of 'passed', 'failed', 'refused', 'skipped (size)', 'skipped (time)',
@@ -132,9 +139,20 @@ def check_timm(name: str, max_params: int = MAX_PARAMS, build_limit: float = BUI
             phase(text)
 
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"model": name, "params": None, "input": None, "status": None, "message": "",
-                           "sites": None, "existing": None, "added": None, "max_rel": None, "note": "",
-                           "fx": None, "problems": []}
+    row: dict[str, Any] = {
+        "model": name,
+        "params": None,
+        "input": None,
+        "status": None,
+        "message": "",
+        "sites": None,
+        "existing": None,
+        "added": None,
+        "max_rel": None,
+        "note": "",
+        "fx": None,
+        "problems": [],
+    }
 
     def done(status: str, message: str = "") -> dict[str, Any]:
         row.update(status=status, message=_one_line(message), seconds=time.perf_counter() - t0)
@@ -152,7 +170,7 @@ def check_timm(name: str, max_params: int = MAX_PARAMS, build_limit: float = BUI
             meta = timm.create_model(name, pretrained=False)
         row["params"] = sum(p.numel() for p in meta.parameters())
         del meta
-    except Exception:  # noqa: BLE001 - counted below on the real model
+    except Exception:
         pass
     if row["params"] is not None and row["params"] > max_params:
         return done("skipped (size)", f"{row['params'] / 1e6:.0f}M parameters > {max_params / 1e6:.0f}M")
@@ -164,7 +182,7 @@ def check_timm(name: str, max_params: int = MAX_PARAMS, build_limit: float = BUI
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = timm.create_model(name, pretrained=False).eval()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         tb()
         return done("original fails", f"build: {_first_line(e)}")
     build_s = time.perf_counter() - tb0
@@ -183,7 +201,7 @@ def check_timm(name: str, max_params: int = MAX_PARAMS, build_limit: float = BUI
         with torch.no_grad(), warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
             out0 = model(x)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         tb()
         return done("original fails", f"eval forward: {_first_line(e)}")
     enter("original backward")
@@ -192,14 +210,14 @@ def check_timm(name: str, max_params: int = MAX_PARAMS, build_limit: float = BUI
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             grads0 = _step(model, x, train=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         train = False
         row["note"] = f"backward in eval mode (the original's train step fails: {_first_line(e)})"
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 grads0 = _step(model, x, train=False)
-        except Exception as e2:  # noqa: BLE001
+        except Exception as e2:
             tb()
             return done("original fails", f"backward: {_first_line(e2)}")
     reached = {n for n, g in grads0.items() if g}
@@ -218,7 +236,7 @@ def check_timm(name: str, max_params: int = MAX_PARAMS, build_limit: float = BUI
         except resify.ResifyError as e:
             tb()
             refusals.append(f"{policy}: {type(e).__name__}: {_one_line(e)}")
-        except Exception as e:  # noqa: BLE001 - a crash is a failure, not a refusal
+        except Exception as e:
             tb()
             failures.append(f"{policy}: conversion raises {_first_line(e)}")
     if "default" in converted:
@@ -243,7 +261,7 @@ def check_timm(name: str, max_params: int = MAX_PARAMS, build_limit: float = BUI
                 if not rel <= RTOL:
                     problems.append(f"outputs differ: max relative difference {rel:.2e} > {RTOL:g}")
             del out
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             tb()
             problems.append(f"eval forward raises {_first_line(e)}")
         try:
@@ -254,9 +272,12 @@ def check_timm(name: str, max_params: int = MAX_PARAMS, build_limit: float = BUI
             missing = sorted(n for n in reached if not grads.get(n, False))
             missing += [n for n in added if not grads[n]]
             if missing:
-                problems.append(f"{len(missing)} parameters get no gradient ({', '.join(missing[:4])}"
-                                + (", …" if len(missing) > 4 else "") + ")")
-        except Exception as e:  # noqa: BLE001
+                problems.append(
+                    f"{len(missing)} parameters get no gradient ({', '.join(missing[:4])}"
+                    + (", …" if len(missing) > 4 else "")
+                    + ")"
+                )
+        except Exception as e:
             tb()
             problems.append(f"{'train' if train else 'eval'}-mode backward raises {_first_line(e)}")
         failures += [f"{policy}: {p}" for p in problems]
@@ -276,7 +297,7 @@ def _child(name: str, conn: Any, max_params: int, build_limit: float) -> None:
     torch.set_num_threads(2)
     try:
         row = check_timm(name, max_params, build_limit, phase=lambda p: conn.send(("phase", p)))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, never lost
+    except BaseException as e:
         row = {"model": name, "status": "failed", "message": f"sweep error: {_first_line(e)}", "crash": True}
     conn.send(("row", row))
     conn.close()
@@ -323,8 +344,11 @@ def run_isolated(name: str, max_params: int, build_limit: float, timeout: float)
         if proc.is_alive():
             proc.kill()
             proc.join(10)
-            why = (f"building took over {build_limit:.0f} s" if phase == "build"
-                   else f"stopped after {elapsed:.0f} s (time limit) in phase '{phase}'")
+            why = (
+                f"building took over {build_limit:.0f} s"
+                if phase == "build"
+                else f"stopped after {elapsed:.0f} s (time limit) in phase '{phase}'"
+            )
             status = "failed" if phase in RESIFY_PHASES else "skipped (time)"
         else:
             proc.join(10)
@@ -352,8 +376,7 @@ def _m(n: Any) -> str:
     return "" if n is None else f"{n / 1e6:.1f}"
 
 
-def write_markdown(path: Path, rows: list[dict[str, Any]], header: str, elapsed: float, done: bool,
-                   total: int) -> None:
+def write_markdown(path: Path, rows: list[dict[str, Any]], header: str, elapsed: float, done: bool, total: int) -> None:
     c = counts(rows)
     lines = [
         header,
@@ -370,7 +393,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], header: str, elapsed:
         "original's train step fails) gives a gradient to every parameter the original's reaches and to every "
         f"added one, and preserve_output's outputs equal the original's (max|a−b|/max|b| ≤ {RTOL:g}: rel). "
         f"Models over {MAX_PARAMS / 1e6:.0f}M parameters are skipped by size; those timm cannot build or run "
-        "are \"original fails\". sites / existing / +params: the default conversion's.",
+        'are "original fails". sites / existing / +params: the default conversion\'s.',
         "",
         "| model | params (M) | input | status | sites | existing | +params (M) | rel | sec | note |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---|",
@@ -380,10 +403,12 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], header: str, elapsed:
         note = r.get("message") or r.get("note") or ""
         if r.get("message") and r.get("note"):
             note += "; " + r["note"]
-        lines.append(f"| {r['model']} | {_m(r.get('params'))} | {r.get('input') or ''} | {r['status']} | "
-                     f"{'' if r.get('sites') is None else r['sites']} | "
-                     f"{'' if r.get('existing') is None else r['existing']} | {_m(r.get('added'))} | {rel} | "
-                     f"{r.get('seconds', 0):.1f} | {_md(note, 140)} |")
+        lines.append(
+            f"| {r['model']} | {_m(r.get('params'))} | {r.get('input') or ''} | {r['status']} | "
+            f"{'' if r.get('sites') is None else r['sites']} | "
+            f"{'' if r.get('existing') is None else r['existing']} | {_m(r.get('added'))} | {rel} | "
+            f"{r.get('seconds', 0):.1f} | {_md(note, 140)} |"
+        )
     lines += [
         "",
         "## Counts",
@@ -398,8 +423,13 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], header: str, elapsed:
         f"- failing: **{c['failed']}**",
         f"- pass percentage (of those asked to convert): **{c['pass_pct']:.1f}%**",
     ]
-    sections = [("Refused", "refused"), ("Failing", "failed"), ("Original fails", "original fails"),
-                ("Skipped by size", "skipped (size)"), ("Skipped by time", "skipped (time)")]
+    sections = [
+        ("Refused", "refused"),
+        ("Failing", "failed"),
+        ("Original fails", "original fails"),
+        ("Skipped by size", "skipped (size)"),
+        ("Skipped by time", "skipped (time)"),
+    ]
     for title, status in sections:
         items = []
         for r in rows:
@@ -423,10 +453,16 @@ def main() -> int:
     parser.add_argument("models", nargs="*", help="timm model names (default: every --every-th of the sorted list)")
     parser.add_argument("--every", type=int, default=13, help="take every N-th name of sorted(timm.list_models())")
     parser.add_argument("--limit", type=int, default=None, help="only the first N of the selected models")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "timm.md",
-                        help="the Markdown results file (default: benchmarks/results/timm.md)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "timm.md",
+        help="the Markdown results file (default: benchmarks/results/timm.md)",
+    )
     parser.add_argument("--max-params", type=float, default=MAX_PARAMS, help="skip larger models (default 200e6)")
-    parser.add_argument("--build-limit", type=float, default=BUILD_LIMIT_S, help="skip a model whose build takes longer (s)")
+    parser.add_argument(
+        "--build-limit", type=float, default=BUILD_LIMIT_S, help="skip a model whose build takes longer (s)"
+    )
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="stop one model's whole check after this (s)")
     parser.add_argument("--in-process", action="store_true", help="no child processes (no time-out); for debugging")
     parser.add_argument("--traceback", action="store_true", help="print tracebacks of failures (with --in-process)")
@@ -434,11 +470,12 @@ def main() -> int:
     torch.set_num_threads(2)
     names = select_models(args.models, args.every, args.limit)
     command = "python benchmarks/timm_sweep.py" + "".join(f" {a}" for a in sys.argv[1:])
-    header = (f"`{command}` — {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} — commit {_commit()}"
-              f" — torch {torch.__version__}, timm {timm.__version__}")
+    header = (
+        f"`{command}` — {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} — commit {_commit()}"
+        f" — torch {torch.__version__}, timm {timm.__version__}"
+    )
     print(header, flush=True)
-    print(f"{len(names)} models (of {len(timm.list_models())} in timm), {torch.get_num_threads()} threads",
-          flush=True)
+    print(f"{len(names)} models (of {len(timm.list_models())} in timm), {torch.get_num_threads()} threads", flush=True)
     print(f"{'model':44} {'params':>7} {'status':15} {'sites':>5} {'rel':>8} {'sec':>6}  message", flush=True)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -452,17 +489,22 @@ def main() -> int:
         params = "" if row.get("params") is None else f"{row['params'] / 1e6:.1f}M"
         sites = "" if row.get("sites") is None else str(row["sites"])
         msg = row.get("message") or row.get("note") or ""
-        print(f"{name:44} {params:>7} {row['status']:15} {sites:>5} {rel:>8} {row.get('seconds', 0):6.1f}  {msg}",
-              flush=True)
+        print(
+            f"{name:44} {params:>7} {row['status']:15} {sites:>5} {rel:>8} {row.get('seconds', 0):6.1f}  {msg}",
+            flush=True,
+        )
         gc.collect()
         write_markdown(args.out, rows, header, time.perf_counter() - t0, done=False, total=len(names))
     elapsed = time.perf_counter() - t0
     write_markdown(args.out, rows, header, elapsed, done=True, total=len(names))
     c = counts(rows)
-    print(f"\n{c['considered']} models considered in {elapsed / 60:.1f} min: {c['skipped (size)']} skipped by size, "
-          f"{c['skipped (time)']} skipped by time, {c['original fails']} original fails; {c['asked']} asked to "
-          f"convert: {c['passed']} passed, {c['refused']} refused, {c['failed']} failing "
-          f"({c['pass_pct']:.1f}% pass). Written to {args.out}", flush=True)
+    print(
+        f"\n{c['considered']} models considered in {elapsed / 60:.1f} min: {c['skipped (size)']} skipped by size, "
+        f"{c['skipped (time)']} skipped by time, {c['original fails']} original fails; {c['asked']} asked to "
+        f"convert: {c['passed']} passed, {c['refused']} refused, {c['failed']} failing "
+        f"({c['pass_pct']:.1f}% pass). Written to {args.out}",
+        flush=True,
+    )
     return 1 if c["failed"] else 0
 
 

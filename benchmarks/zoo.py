@@ -10,6 +10,7 @@ original's backward reaches, and every added one; every parameter and buffer lie
 device; the shapes resify found without computing equal a real run's at every node) or refused with
 a ResifyError and its reason.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import resify  # noqa: E402
+import resify
 
 
 def input_size(name: str) -> int:
@@ -65,9 +66,16 @@ def check_model(name: str, preserve_output: bool = False, device: str = "cpu", *
     row["seconds"] = time.perf_counter() - t0
     plan = converted.meta["resify_plan"]
     counts = plan.counts()
-    row.update(status="converted", plan=plan, sites=len(plan.sites), identity=counts.get("identity", 0),
-               projection=counts.get("projection", 0), dense=counts.get("dense", 0),
-               existing=len(plan.existing), added=plan.added_params)
+    row.update(
+        status="converted",
+        plan=plan,
+        sites=len(plan.sites),
+        identity=counts.get("identity", 0),
+        projection=counts.get("projection", 0),
+        dense=counts.get("dense", 0),
+        existing=len(plan.existing),
+        added=plan.added_params,
+    )
     out0 = model(x)
     out0 = out0 if isinstance(out0, torch.Tensor) else out0[0]
     out0.sum().backward()
@@ -85,8 +93,13 @@ def check_model(name: str, preserve_output: bool = False, device: str = "cpu", *
     row["missing_grads"] = missing
     row["off_device"] = [n for n, t in [*names.items(), *converted.named_buffers()] if t.device != x.device]
     row["shapes_from"], row["shape_mismatches"] = shape_mismatches(model, x)
-    row["ok"] = (row["same_shape"] and not missing and not row["shape_mismatches"] and not row["off_device"]
-                 and (not preserve_output or row["max_rel_diff"] <= 1e-5))
+    row["ok"] = (
+        row["same_shape"]
+        and not missing
+        and not row["shape_mismatches"]
+        and not row["off_device"]
+        and (not preserve_output or row["max_rel_diff"] <= 1e-5)
+    )
     return row
 
 
@@ -100,7 +113,9 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="where the models live (cpu, cuda)")
     args = parser.parse_args()
     if args.device != "cpu":
-        print(f"device: {torch.device(args.device)} ({torch.cuda.get_device_name(args.device)}), torch {torch.__version__}")
+        print(
+            f"device: {torch.device(args.device)} ({torch.cuda.get_device_name(args.device)}), torch {torch.__version__}"
+        )
     names = args.models or torchvision.models.list_models(torchvision.models)
     names = [n for n in names if n not in args.skip]
     rows = []
@@ -112,18 +127,23 @@ def main() -> int:
             print(f"{name:28} refused   {row['reason']}")
         else:
             extra = f" rel={row['max_rel_diff']:.1e}" if "max_rel_diff" in row else ""
-            print(f"{name:28} converted {row['sites']:5} {row['identity']:4} {row['projection']:4} "
-                  f"{row['existing']:5} {row['added']:12,} {row['seconds']:6.2f}  {row['ok']}{extra}"
-                  f" shapes={row['shapes_from']}"
-                  + (f" missing={row['missing_grads'][:3]}" if row["missing_grads"] else "")
-                  + (f" off-device={row['off_device'][:3]}" if row["off_device"] else "")
-                  + (f" shape-mismatch={row['shape_mismatches'][:3]}" if row["shape_mismatches"] else ""), flush=True)
+            print(
+                f"{name:28} converted {row['sites']:5} {row['identity']:4} {row['projection']:4} "
+                f"{row['existing']:5} {row['added']:12,} {row['seconds']:6.2f}  {row['ok']}{extra}"
+                f" shapes={row['shapes_from']}"
+                + (f" missing={row['missing_grads'][:3]}" if row["missing_grads"] else "")
+                + (f" off-device={row['off_device'][:3]}" if row["off_device"] else "")
+                + (f" shape-mismatch={row['shape_mismatches'][:3]}" if row["shape_mismatches"] else ""),
+                flush=True,
+            )
         gc.collect()
     converted = [r for r in rows if r["status"] == "converted"]
     refused = [r for r in rows if r["status"] == "refused"]
     bad = [r["model"] for r in converted if not r["ok"]]
-    print(f"\n{len(rows)} models: {len(converted)} converted ({len(converted) - len(bad)} checked ok), "
-          f"{len(refused)} refused; already residual: {sum(1 for r in converted if r['existing'])}")
+    print(
+        f"\n{len(rows)} models: {len(converted)} converted ({len(converted) - len(bad)} checked ok), "
+        f"{len(refused)} refused; already residual: {sum(1 for r in converted if r['existing'])}"
+    )
     if bad:
         print("FAILED checks:", ", ".join(bad))
     return 1 if bad else 0

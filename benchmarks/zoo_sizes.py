@@ -25,6 +25,7 @@ partial sweep leaves its rows) to ``--out`` (default benchmarks/results/zoo-size
 ``check_sizes(name)`` checks one model and returns a dict; ``tests/test_zoo_sizes.py`` runs it on a
 subset.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import resify  # noqa: E402
-from common import machine  # noqa: E402
-from zoo import input_size  # noqa: E402
+from common import machine
+from zoo import input_size
+
+import resify
 
 __all__ = ["check_sizes", "LABELS", "POLICIES"]
 
@@ -53,7 +55,11 @@ __all__ = ["check_sizes", "LABELS", "POLICIES"]
 POLICIES: dict[str, dict[str, Any]] = {"default": {}, "preserve_output": {"preserve_output": True}}
 #: The eval-mode inputs: label -> (side, batch); side None means the model's usual size.
 EVAL_INPUTS: dict[str, tuple[int | None, int]] = {
-    "usual b2": (None, 2), "160 b1": (160, 1), "256 b1": (256, 1), "usual b3": (None, 3)}
+    "usual b2": (None, 2),
+    "160 b1": (160, 1),
+    "256 b1": (256, 1),
+    "usual b3": (None, 3),
+}
 #: The training steps: label -> (side, batch), both at the usual size.
 TRAIN_INPUTS: dict[str, tuple[int | None, int]] = {"train b1": (None, 1), "train b2": (None, 2)}
 LABELS = [*EVAL_INPUTS, *TRAIN_INPUTS]
@@ -95,7 +101,7 @@ def _run(model: torch.nn.Module, x: torch.Tensor) -> tuple[Any, str | None]:
     try:
         with torch.no_grad(), _quiet():
             return model(x), None
-    except Exception as e:  # noqa: BLE001 - any failure is a result here
+    except Exception as e:
         return None, _first_line(e)
 
 
@@ -108,7 +114,7 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor) -> tuple[Any, str | Non
         shapes = _shapes(out)
         _main_output(out).sum().backward()
         return shapes, None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return None, _first_line(e)
     finally:
         del m
@@ -121,9 +127,15 @@ def _relative_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, bool]:
     return rel, rel <= RTOL and torch.allclose(a, b, rtol=RTOL, atol=ATOL)
 
 
-def _compare(label: str, ref: tuple[Any, str | None], runs: dict[str, tuple[Any, str | None]],
-             exact: set[str], regressions: list[str], failures: list[str],
-             shapes: Any = _shapes) -> tuple[str, float | None]:
+def _compare(
+    label: str,
+    ref: tuple[Any, str | None],
+    runs: dict[str, tuple[Any, str | None]],
+    exact: set[str],
+    regressions: list[str],
+    failures: list[str],
+    shapes: Any = _shapes,
+) -> tuple[str, float | None]:
     """Compare the converted models' results with the original's on one input; returns the table cell
     and the largest relative difference among the ``exact`` (preserve_output) models. ``shapes`` maps
     an output to its shapes (the identity for training steps, which return shapes already)."""
@@ -165,8 +177,15 @@ def check_sizes(name: str) -> dict[str, Any]:
     import torchvision
 
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"model": name, "reason": None, "refused": {}, "results": {}, "regressions": [],
-                           "original_failures": [], "max_rel": None}
+    row: dict[str, Any] = {
+        "model": name,
+        "reason": None,
+        "refused": {},
+        "results": {},
+        "regressions": [],
+        "original_failures": [],
+        "max_rel": None,
+    }
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -182,7 +201,7 @@ def check_sizes(name: str) -> dict[str, Any]:
                 converted[policy] = resify.apply(model, x, **kwargs).eval()
         except resify.ResifyError as e:
             row["refused"][policy] = str(e)
-        except Exception as e:  # noqa: BLE001 - a crash is not a refusal: report it
+        except Exception as e:
             row["refused"][policy] = f"crashed: {_first_line(e)}"
             row["regressions"].append(f"conversion ({policy}): crashed with {_first_line(e)}")
     del x
@@ -220,8 +239,9 @@ def check_sizes(name: str) -> dict[str, Any]:
             xi = torch.randn(batch, 3, s, s, generator=gen)
             ref = _train_step(model, xi)
             run = _train_step(converted["default"], xi)
-            row["results"][label], _ = _compare(label, ref, {"default": run}, set(), row["regressions"],
-                                                row["original_failures"], shapes=lambda s: s)
+            row["results"][label], _ = _compare(
+                label, ref, {"default": run}, set(), row["regressions"], row["original_failures"], shapes=lambda s: s
+            )
     del model, converted
     gc.collect()
     row["seconds"] = time.perf_counter() - t0
@@ -256,17 +276,20 @@ def _commit() -> str:
     """The repository's HEAD, and whether resify/ has uncommitted changes (for the results file)."""
     root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "resify"], cwd=root, capture_output=True, text=True,
-                               check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "resify"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" with uncommitted changes to resify/" if dirty else "")
 
 
-def write_markdown(path: Path, rows: list[dict[str, Any]], command: str, elapsed: float, done: bool,
-                   commit: str = "unknown") -> None:
+def write_markdown(
+    path: Path, rows: list[dict[str, Any]], command: str, elapsed: float, done: bool, commit: str = "unknown"
+) -> None:
     c = _counts(rows)
     lines = [
         "# The zoo at other input sizes: is the converted model a drop-in replacement?",
@@ -286,7 +309,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], command: str, elapsed
         "and of the default conversion in train mode, forward and `out.sum().backward()` (first element / "
         "`.logits` of a tuple output); ok = both succeed with the same output shapes. A regression: the "
         "original succeeds and a converted model raises, or shapes or (preserve_output) values differ. "
-        "\"both fail\": the original cannot take that input either (no regression).",
+        '"both fail": the original cannot take that input either (no regression).',
         "",
         "| model | params (M) | conversion | " + " | ".join(LABELS) + " | sec |",
         "|---|---:|---|" + "---|" * len(LABELS) + "---:|",
@@ -294,8 +317,9 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], command: str, elapsed
     for r in rows:
         status = r["status"] if not r["reason"] else f"{r['status']}: {_md(r['reason'], 100)}"
         cells = [_md(r["results"].get(label, "—"), 160) for label in LABELS]
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f} | {status} | " + " | ".join(cells)
-                     + f" | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e6:.1f} | {status} | " + " | ".join(cells) + f" | {r['seconds']:.1f} |"
+        )
     lines += [
         "",
         f"**Models checked: {c['models']}** ({c['converted']} converted, {c['refused']} refused"
@@ -326,16 +350,22 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="models to check (default: every classification model)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "zoo-sizes.md",
-                        help="the Markdown results file (default: benchmarks/results/zoo-sizes.md)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "zoo-sizes.md",
+        help="the Markdown results file (default: benchmarks/results/zoo-sizes.md)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     command = "python benchmarks/zoo_sizes.py" + "".join(f" {a}" for a in sys.argv[1:])
-    print(f"{len(names)} models; torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
-    print(f"{'model':22} {'params':>7}  {'status':9} " + " ".join(f"{lb:>11}" for lb in LABELS) + "    sec",
-          flush=True)
+    print(
+        f"{len(names)} models; torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
+    print(f"{'model':22} {'params':>7}  {'status':9} " + " ".join(f"{lb:>11}" for lb in LABELS) + "    sec", flush=True)
     rows = []
     commit = _commit()
     t0 = time.perf_counter()
@@ -345,9 +375,12 @@ def main() -> int:
         if not row["results"]:
             print(f"{name:22} {row['params'] / 1e6:6.1f}M  {row['status']:9} {row['reason']}", flush=True)
         else:
-            print(f"{name:22} {row['params'] / 1e6:6.1f}M  {row['status']:9} "
-                  + " ".join(f"{_short(row['results'].get(lb, '-')):>11}" for lb in LABELS)
-                  + f" {row['seconds']:6.1f}", flush=True)
+            print(
+                f"{name:22} {row['params'] / 1e6:6.1f}M  {row['status']:9} "
+                + " ".join(f"{_short(row['results'].get(lb, '-')):>11}" for lb in LABELS)
+                + f" {row['seconds']:6.1f}",
+                flush=True,
+            )
         for g in row["regressions"]:
             print(f"    regression: {g}", flush=True)
         gc.collect()
@@ -355,10 +388,13 @@ def main() -> int:
     elapsed = time.perf_counter() - t0
     write_markdown(args.out, rows, command, elapsed, done=True, commit=commit)
     c = _counts(rows)
-    print(f"\n{c['models']} models checked in {elapsed / 60:.1f} min: {c['converted']} converted, "
-          f"{c['refused']} refused, {c['partly_refused']} refused by one policy, {c['errors']} crashed; "
-          f"{c['with_regression']} with a regression, {c['regressions']} regressions in all; "
-          f"{c['both_fail']} inputs that the original fails too. Written to {args.out}", flush=True)
+    print(
+        f"\n{c['models']} models checked in {elapsed / 60:.1f} min: {c['converted']} converted, "
+        f"{c['refused']} refused, {c['partly_refused']} refused by one policy, {c['errors']} crashed; "
+        f"{c['with_regression']} with a regression, {c['regressions']} regressions in all; "
+        f"{c['both_fail']} inputs that the original fails too. Written to {args.out}",
+        flush=True,
+    )
     return 1 if c["regressions"] else 0
 
 

@@ -5,13 +5,14 @@
 Writes docs/gradient_flow.png (the seed network, [128, 64, 32, 16, 8, 1]) and
 docs/gradient_flow_deep.png (a 30-layer sigmoid MLP, where the difference is dramatic).
 """
+
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from seed_mlp import ImprovedResidualNetwork  # the seed guide's network, beside this file
 
 import resify
-from seed_mlp import ImprovedResidualNetwork  # the seed guide's network, beside this file
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -35,8 +36,14 @@ def show(name: str, model: nn.Module, x: torch.Tensor, path: Path, **policy) -> 
 if __name__ == "__main__":
     torch.manual_seed(123)
     seed_net = ImprovedResidualNetwork([128, 64, 32, 16, 8, 1], use_shortcut=False)
-    show("the seed network, shortcut='auto'", seed_net, torch.randn(10, 128), DOCS / "gradient_flow.png",
-         shortcut="auto")
+    show(
+        "the seed network, shortcut='auto'", seed_net, torch.randn(10, 128), DOCS / "gradient_flow.png", shortcut="auto"
+    )
     torch.manual_seed(0)
-    show("a 30-layer sigmoid MLP, shortcut='auto'", deep_sigmoid_mlp(), torch.randn(16, 32),
-         DOCS / "gradient_flow_deep.png", shortcut="auto")
+    show(
+        "a 30-layer sigmoid MLP, shortcut='auto'",
+        deep_sigmoid_mlp(),
+        torch.randn(16, 32),
+        DOCS / "gradient_flow_deep.png",
+        shortcut="auto",
+    )

@@ -1,8 +1,9 @@
 """The seed guide's network, without shortcuts: resify's first example.
 
-    resify inspect examples/seed_mlp.py          # what resify would do, and the gradient flow
-    python examples/seed_mlp.py                  # the same from Python
+resify inspect examples/seed_mlp.py          # what resify would do, and the gradient flow
+python examples/seed_mlp.py                  # the same from Python
 """
+
 import torch
 import torch.nn as nn
 

@@ -7,6 +7,7 @@ The same network with a shortcut around every hidden layer (``resify.apply``; th
 layer gets none) trains to above 95%.
 ``gate='rezero'`` starts every residual branch at zero, which keeps very deep nets stable.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

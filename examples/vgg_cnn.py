@@ -1,8 +1,9 @@
 """A plain VGG-style CNN for 32×32 images: conv/bn/relu blocks, channel changes, max-pooling.
 
-    resify inspect examples/vgg_cnn.py
-    resify convert examples/vgg_cnn.py -o out/vgg_resified
+resify inspect examples/vgg_cnn.py
+resify convert examples/vgg_cnn.py -o out/vgg_resified
 """
+
 import torch
 import torch.nn as nn
 
@@ -15,9 +16,15 @@ def _block(cin: int, cout: int, pool: bool) -> list:
 def build_model(num_classes: int = 10) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        *_block(3, 32, False), *_block(32, 32, False), *_block(32, 64, True),
-        *_block(64, 64, False), *_block(64, 128, True), *_block(128, 128, False),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes),
+        *_block(3, 32, False),
+        *_block(32, 32, False),
+        *_block(32, 64, True),
+        *_block(64, 64, False),
+        *_block(64, 128, True),
+        *_block(128, 128, False),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, num_classes),
     )
 
 

@@ -1,15 +1,35 @@
 """resify: add residual shortcuts to a PyTorch model by graph surgery, and show the gradient flow."""
+
 from .analyze import ExistingShortcut, Layer
 from .api import apply, plan
-from .modules import DualGraphModule, Shortcut
 from .errors import ModelLoadError, PlanError, ResifyError, ResifyWarning, RewriteError, TraceError
+from .modules import DualGraphModule, Shortcut
 from .planner import Plan, Policy, Site, Skipped
 from .report import FlowComparison, GradientFlow, LayerFlow, compare, gradient_flow
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__", "apply", "plan", "Plan", "Policy", "Site", "Skipped", "ExistingShortcut", "Layer",
-    "ResifyError", "TraceError", "PlanError", "RewriteError", "ModelLoadError", "ResifyWarning",
-    "gradient_flow", "compare", "GradientFlow", "FlowComparison", "LayerFlow", "DualGraphModule", "Shortcut",
+    "__version__",
+    "apply",
+    "plan",
+    "Plan",
+    "Policy",
+    "Site",
+    "Skipped",
+    "ExistingShortcut",
+    "Layer",
+    "ResifyError",
+    "TraceError",
+    "PlanError",
+    "RewriteError",
+    "ModelLoadError",
+    "ResifyWarning",
+    "gradient_flow",
+    "compare",
+    "GradientFlow",
+    "FlowComparison",
+    "LayerFlow",
+    "DualGraphModule",
+    "Shortcut",
 ]

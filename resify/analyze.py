@@ -6,6 +6,7 @@ concat one of whose operands bypasses the layers the other goes through), and an
 run of consecutive layers, whether it is a single-entry single-exit region of the data-flow graph
 (dominators and post-dominators computed once with networkx). It changes nothing.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -16,12 +17,21 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch.fx
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from torch import nn
-
-from .ops import (LAYER_MODULES, data_input, describe, follower_role, is_elementwise, is_layer_node, is_nonlinear,
-                  layer_kind, layer_name, merge_operands)
+from .ops import (
+    LAYER_MODULES,
+    data_input,
+    describe,
+    follower_role,
+    is_elementwise,
+    is_layer_node,
+    is_nonlinear,
+    layer_kind,
+    layer_name,
+    merge_operands,
+)
 from .trace import TensorInfo, Traced
 
 __all__ = ["Layer", "ExistingShortcut", "Analysis", "analyze", "NAMESPACE"]
@@ -53,12 +63,20 @@ class ExistingShortcut:
     node: str  # fx node name of the merge
     start: str  # first layer (or parametric module) inside the bypassed region
     end: str  # last one
-    bypass: str  # "identity" (the input itself), "projection" (one layer, no activation) or "parameter-free" (pooling, …)
+    bypass: (
+        str  # "identity" (the input itself), "projection" (one layer, no activation) or "parameter-free" (pooling, …)
+    )
     layers: tuple[str, ...]  # names of the resify layers inside the region
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "node": self.node, "start": self.start, "end": self.end,
-                "bypass": self.bypass, "layers": list(self.layers)}
+        return {
+            "kind": self.kind,
+            "node": self.node,
+            "start": self.start,
+            "end": self.end,
+            "bypass": self.bypass,
+            "layers": list(self.layers),
+        }
 
 
 @dataclass
@@ -141,8 +159,7 @@ class Analysis:
             n = self._idom[n]
         if n is not entry:
             joiner = self._first_outside_input(entry, exit)
-            return (f"another value ({joiner}) joins the span between its input and output: "
-                    "not single-entry single-exit")
+            return f"another value ({joiner}) joins the span between its input and output: not single-entry single-exit"
         n = entry
         while n is not exit and n in self._ipdom and self._order[n] < hi:
             n = self._ipdom[n]
@@ -243,12 +260,18 @@ def _find_layers(traced: Traced) -> list[Layer]:
             chain += [r.name for r in region]
             cur = region[-1]
         x = data_input(n)
-        layers.append(Layer(
-            name=layer_name(n), kind=layer_kind(gm, n), anchor=n.name, output=cur.name,
-            roles=tuple(roles), nodes=tuple(chain),
-            in_info=x.meta.get("resify") if isinstance(x, torch.fx.Node) else None,
-            out_info=cur.meta.get("resify"),
-        ))
+        layers.append(
+            Layer(
+                name=layer_name(n),
+                kind=layer_kind(gm, n),
+                anchor=n.name,
+                output=cur.name,
+                roles=tuple(roles),
+                nodes=tuple(chain),
+                in_info=x.meta.get("resify") if isinstance(x, torch.fx.Node) else None,
+                out_info=cur.meta.get("resify"),
+            )
+        )
     return layers
 
 
@@ -272,7 +295,8 @@ def _function_activation(start: torch.fx.Node) -> list[torch.fx.Node]:
             inside.add(n)
             # closed: every value but the last is used inside the group only
             if all(all(u in inside for u in r.users) for r in (start, *region[:-1])) and any(
-                    is_nonlinear(r) for r in region):
+                is_nonlinear(r) for r in region
+            ):
                 best = list(region)
         elif any(a in inside for a in n.all_input_nodes):
             break  # a value of the group goes to something else: the group ends here
@@ -291,9 +315,13 @@ def _weight(gm: torch.fx.GraphModule, n: torch.fx.Node, anchors: set) -> tuple[i
     return 0, params, act
 
 
-def _backward_walk(starts: list, stop: object, order: dict,
-                   weight: Callable[[torch.fx.Node], tuple[int, int, int]] | None = None,
-                   done: Callable[[list[int]], bool] | None = None) -> tuple[set, list[int]]:
+def _backward_walk(
+    starts: list,
+    stop: object,
+    order: dict,
+    weight: Callable[[torch.fx.Node], tuple[int, int, int]] | None = None,
+    done: Callable[[list[int]], bool] | None = None,
+) -> tuple[set, list[int]]:
     """Nodes on paths from ``stop`` (excluded) to ``starts`` (included), and their summed weights.
 
     With ``done``, the walk ends as soon as ``done(weights so far)`` holds: enough to tell a bypass
@@ -334,7 +362,7 @@ def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcu
     layer_by_anchor = {layer.anchor: layer for layer in layers}
     existing, inside, merges = [], {}, []
     weight = functools.lru_cache(maxsize=None)(lambda n: _weight(gm, n, anchors))  # once per node
-    not_a_bypass = lambda w: w[2] > 0 or w[0] > 1  # noqa: E731 - an activation, or two layers
+    not_a_bypass = lambda w: w[2] > 0 or w[0] > 1
     for m in graph.nodes:
         found = merge_operands(m)
         if found is None or m not in idom:
@@ -355,27 +383,33 @@ def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcu
             continue
         b = min(bypass, key=lambda i: sum(walks[i][1]))
         light = sum(walks[b][1])
-        heavy = lambda w: (w[0] + w[1]) > 0 and sum(w) > light  # noqa: E731
-        if not any(heavy(_backward_walk([o], fork, order, weight, heavy)[1])
-                   for i, o in enumerate(operands) if i != b):
+        heavy = lambda w, light=light: (w[0] + w[1]) > 0 and sum(w) > light
+        if not any(heavy(_backward_walk([o], fork, order, weight, heavy)[1]) for i, o in enumerate(operands) if i != b):
             continue
         region, _ = _backward_walk(operands, fork, order)
-        members = sorted((n for n in region if n in anchors or weight(n)[1]),
-                         key=order.__getitem__)
+        members = sorted((n for n in region if n in anchors or weight(n)[1]), key=order.__getitem__)
         bypass_nodes, bypass_weight = walks[b]
         # start and end name the branch the shortcut goes around, not its bypass (a downsample)
         branch = [n for n in members if n not in bypass_nodes] or members
-        names = [layer_by_anchor[n.name].name if n.name in layer_by_anchor else str(n.target) for n in branch
-                 if not str(n.target).startswith(NAMESPACE + ".")] or [m.name]
+        names = [
+            layer_by_anchor[n.name].name if n.name in layer_by_anchor else str(n.target)
+            for n in branch
+            if not str(n.target).startswith(NAMESPACE + ".")
+        ] or [m.name]
         inner = tuple(layer_by_anchor[n.name].name for n in members if n.name in layer_by_anchor)
         for name in inner:
             inside.setdefault(name, m.name)
         merges.append(m)
-        existing.append(ExistingShortcut(
-            kind=kind, node=m.name, start=names[0], end=names[-1],
-            bypass="identity" if not bypass_nodes else "projection" if bypass_weight[0] else "parameter-free",
-            layers=inner,
-        ))
+        existing.append(
+            ExistingShortcut(
+                kind=kind,
+                node=m.name,
+                start=names[0],
+                end=names[-1],
+                bypass="identity" if not bypass_nodes else "projection" if bypass_weight[0] else "parameter-free",
+                layers=inner,
+            )
+        )
     return existing, inside, merges
 
 

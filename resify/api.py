@@ -1,4 +1,5 @@
 """The public entry points: ``apply`` and ``plan``, each running trace → analyze → plan (→ rewrite)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,9 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _prepare(model: nn.Module, example_input: Any, example_kwargs: dict[str, Any] | None,
-             policy: dict[str, Any]) -> tuple[Traced, Plan]:
+def _prepare(
+    model: nn.Module, example_input: Any, example_kwargs: dict[str, Any] | None, policy: dict[str, Any]
+) -> tuple[Traced, Plan]:
     pol = Policy.from_kwargs(**policy)
     traced = trace(model, example_input, example_kwargs=example_kwargs, leaf_modules=pol.leaf_modules)
     params = sum(p.numel() for p in model.parameters())
@@ -42,8 +44,9 @@ def _prepare(model: nn.Module, example_input: Any, example_kwargs: dict[str, Any
     return traced, the_plan
 
 
-def plan(model: nn.Module, example_input: Any = None, *, example_kwargs: dict[str, Any] | None = None,
-         **policy: Any) -> Plan:
+def plan(
+    model: nn.Module, example_input: Any = None, *, example_kwargs: dict[str, Any] | None = None, **policy: Any
+) -> Plan:
     """Say what ``apply`` would do to ``model``, and why, without changing anything.
 
     Args:
@@ -61,8 +64,9 @@ def plan(model: nn.Module, example_input: Any = None, *, example_kwargs: dict[st
         return _prepare(model, example_input, example_kwargs, policy)[1]
 
 
-def apply(model: nn.Module, example_input: Any = None, *, example_kwargs: dict[str, Any] | None = None,
-          **policy: Any) -> torch.fx.GraphModule:
+def apply(
+    model: nn.Module, example_input: Any = None, *, example_kwargs: dict[str, Any] | None = None, **policy: Any
+) -> torch.fx.GraphModule:
     """Return a new GraphModule: ``model`` with residual shortcuts added (``model`` is not changed).
 
     Takes the same arguments as :func:`plan`; the plan that was carried out is in

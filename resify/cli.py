@@ -3,6 +3,7 @@
 Every ResifyError becomes a one-line message and exit status 1 (2 for usage errors); a traceback
 only with ``--debug``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,24 +42,55 @@ def _policy_options(f: Callable) -> Callable:
     """The policy keywords of resify.apply as flags (shared by inspect and convert)."""
     options = [
         click.option("--input-shape", metavar="N,C,H,W", help="Example input shape, e.g. 8,3,32,32."),
-        click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
-                     help="dtype of the example input (integer ones: token ids 0 or 1)."),
-        click.option("--input-kwarg", "input_kwargs", multiple=True, metavar="NAME=SHAPE[:DTYPE]",
-                     help="An input passed by name, e.g. attention_mask=2,16:int64 (repeatable); "
-                          "every other optional argument stays at its default."),
-        click.option("--shortcut", type=click.Choice(["auto", "identity", "dense"]), default="auto",
-                     show_default=True, help="auto: identity or projection; identity: only where shapes match."),
+        click.option(
+            "--dtype",
+            type=click.Choice(list(DTYPES)),
+            default="float32",
+            show_default=True,
+            help="dtype of the example input (integer ones: token ids 0 or 1).",
+        ),
+        click.option(
+            "--input-kwarg",
+            "input_kwargs",
+            multiple=True,
+            metavar="NAME=SHAPE[:DTYPE]",
+            help="An input passed by name, e.g. attention_mask=2,16:int64 (repeatable); "
+            "every other optional argument stays at its default.",
+        ),
+        click.option(
+            "--shortcut",
+            type=click.Choice(["auto", "identity", "dense"]),
+            default="auto",
+            show_default=True,
+            help="auto: identity or projection; identity: only where shapes match.",
+        ),
         click.option("--group", type=click.IntRange(min=1), default=1, show_default=True, help="Layers per shortcut."),
         click.option("--include", multiple=True, metavar="GLOB", help="Only layers whose name matches (repeatable)."),
-        click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out layers whose name matches (repeatable)."),
-        click.option("--gate", type=click.Choice(["none", "rezero", "layerscale"]), default="none", show_default=True,
-                     help="Scale each layer branch by a learnable gate."),
+        click.option(
+            "--exclude", multiple=True, metavar="GLOB", help="Leave out layers whose name matches (repeatable)."
+        ),
+        click.option(
+            "--gate",
+            type=click.Choice(["none", "rezero", "layerscale"]),
+            default="none",
+            show_default=True,
+            help="Scale each layer branch by a learnable gate.",
+        ),
         click.option("--gate-init", type=float, default=None, help="Initial gate value (rezero 0, layerscale 1e-4)."),
         click.option("--preserve-output", is_flag=True, help="Start every shortcut at β=0: outputs unchanged."),
-        click.option("--dense-max-growth", type=click.IntRange(min=1), default=None,
-                     help="Dense: at most this many channels/features added per widened layer."),
-        click.option("--leaf", "leaf_modules", multiple=True, metavar="GLOB",
-                     help="Module names to keep whole while tracing (repeatable)."),
+        click.option(
+            "--dense-max-growth",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Dense: at most this many channels/features added per widened layer.",
+        ),
+        click.option(
+            "--leaf",
+            "leaf_modules",
+            multiple=True,
+            metavar="GLOB",
+            help="Module names to keep whole while tracing (repeatable).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -67,8 +99,11 @@ def _policy_options(f: Callable) -> Callable:
 
 def _policy(opts: dict[str, Any]) -> dict[str, Any]:
     policy: dict[str, Any] = {
-        "shortcut": opts["shortcut"], "group": opts["group"], "include": opts["include"],
-        "exclude": opts["exclude"], "gate": None if opts["gate"] == "none" else opts["gate"],
+        "shortcut": opts["shortcut"],
+        "group": opts["group"],
+        "include": opts["include"],
+        "exclude": opts["exclude"],
+        "gate": None if opts["gate"] == "none" else opts["gate"],
         "leaf_modules": opts["leaf_modules"],
     }
     if opts["gate_init"] is not None:
@@ -101,7 +136,7 @@ def _boundary(f: Callable) -> Callable:
     return wrapper
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
@@ -125,7 +160,9 @@ def _model_info(loaded: LoadedModel, converted: torch.fx.GraphModule) -> dict[st
         "parameters_after": sum(p.numel() for p in converted.parameters()),
         "tracer": plan.tracer,
         "layers": plan.n_layers,
-        "example_input": [list(t.shape) for t in converted.meta["resify_example_inputs"] if isinstance(t, torch.Tensor)],
+        "example_input": [
+            list(t.shape) for t in converted.meta["resify_example_inputs"] if isinstance(t, torch.Tensor)
+        ],
     }
 
 
@@ -135,8 +172,10 @@ def _flow(loaded: LoadedModel, converted: torch.fx.GraphModule, batches: int) ->
     inputs = converted.meta["resify_example_inputs"]
     kwargs = converted.meta["resify_example_kwargs"]
     x = inputs[0] if len(inputs) == 1 else tuple(inputs)
-    return compare(gradient_flow(loaded.model, x, batches=batches, example_kwargs=kwargs),
-                   gradient_flow(converted, x, batches=batches, example_kwargs=kwargs))
+    return compare(
+        gradient_flow(loaded.model, x, batches=batches, example_kwargs=kwargs),
+        gradient_flow(converted, x, batches=batches, example_kwargs=kwargs),
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -168,14 +207,20 @@ def inspect(model_spec: str, fmt: str, plot_path: str | None, batches: int, no_r
     if plot_path and flow is not None:
         flow.plot(plot_path)
     if fmt == "json":
-        doc = {"schema_version": INSPECT_SCHEMA_VERSION, "model": info, "plan": plan.to_dict(),
-               "report": None if flow is None else json.loads(flow.to_json())}
+        doc = {
+            "schema_version": INSPECT_SCHEMA_VERSION,
+            "model": info,
+            "plan": plan.to_dict(),
+            "report": None if flow is None else json.loads(flow.to_json()),
+        }
         click.echo(json.dumps(doc, indent=2))
         return
     md = fmt == "markdown"
     click.echo(("# " if md else "") + f"{info['class']} ({info['source']})")
-    click.echo(f"{info['parameters']:,} parameters, {info['layers']} layers, {info['tracer']} trace, "
-               f"example input {info['example_input']}")
+    click.echo(
+        f"{info['parameters']:,} parameters, {info['layers']} layers, {info['tracer']} trace, "
+        f"example input {info['example_input']}"
+    )
     click.echo("")
     click.echo(("```\n" if md else "") + str(plan) + ("\n```" if md else ""))
     if flow is not None:
@@ -212,10 +257,16 @@ def convert(model_spec: str, out: str, force: bool, batches: int, **opts: Any) -
             raise ResifyError("the written model does not reproduce the converted one; please report this")
 
     plan_training = converted.training
-    save(converted, out, force=force, check=same_outputs, extra_json={
-        "plan.json": plan.to_dict(),
-        "report.json": json.loads(flow.to_json()),
-    })
+    save(
+        converted,
+        out,
+        force=force,
+        check=same_outputs,
+        extra_json={
+            "plan.json": plan.to_dict(),
+            "report.json": json.loads(flow.to_json()),
+        },
+    )
     click.echo(plan.summary())
     click.echo(f"wrote {out}/model.py, weights.pt, plan.json, report.json; load it with:")
     click.echo(load_line(out))

@@ -2,6 +2,7 @@
 
 Every error derives from :class:`ResifyError`; the CLI turns it into a one-line message.
 """
+
 from __future__ import annotations
 
 __all__ = [

@@ -6,6 +6,7 @@ with ``torch.load(..., weights_only=True)``). The folder is written under a temp
 the target and renamed at the end, so a failure leaves nothing half-written. ``load(folder)``
 imports it again.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,9 +38,11 @@ def _constructor(module: nn.Module, path: str) -> str:
         return "nn.Module()"
     if isinstance(module, nn.MultiheadAttention):
         m = module
-        return (f"nn.MultiheadAttention({m.embed_dim}, {m.num_heads}, dropout={m.dropout}, "
-                f"bias={m.in_proj_bias is not None}, add_bias_kv={m.bias_k is not None}, "
-                f"add_zero_attn={m.add_zero_attn}, kdim={m.kdim}, vdim={m.vdim}, batch_first={m.batch_first})")
+        return (
+            f"nn.MultiheadAttention({m.embed_dim}, {m.num_heads}, dropout={m.dropout}, "
+            f"bias={m.in_proj_bias is not None}, add_bias_kv={m.bias_k is not None}, "
+            f"add_zero_attn={m.add_zero_attn}, kdim={m.kdim}, vdim={m.vdim}, batch_first={m.batch_first})"
+        )
     cls = type(module)
     if cls.__module__.startswith("torch.nn") and hasattr(nn, cls.__name__) and getattr(nn, cls.__name__) is cls:
         expr = f"nn.{module.__repr__()}"
@@ -53,8 +56,12 @@ def _constructor(module: nn.Module, path: str) -> str:
                     extra = ", ".join(f"{k}={getattr(module, k)!r}" for k in missing)
                     expr = f"{expr[:-1]}, {extra})" if not expr.endswith("()") else f"{expr[:-1]}{extra})"
                     rebuilt = _build(expr)
-            if (rebuilt is not None and repr(rebuilt) == repr(module) and _settings(rebuilt) == _settings(module)
-                    and _same_tensors(rebuilt, module)):
+            if (
+                rebuilt is not None
+                and repr(rebuilt) == repr(module)
+                and _settings(rebuilt) == _settings(module)
+                and _same_tensors(rebuilt, module)
+            ):
                 return expr
     raise ResifyError(
         f"cannot write module '{path}' ({cls.__module__}.{cls.__name__}) as source: resify exports "
@@ -71,7 +78,7 @@ def _is_container(module: nn.Module) -> bool:
 
 def _build(expr: str) -> nn.Module | None:
     try:
-        return eval(expr, {"nn": nn, "torch": torch})  # noqa: S307 - our own repr text
+        return eval(expr, {"nn": nn, "torch": torch})
     except Exception:
         return None
 
@@ -80,8 +87,11 @@ def _settings(module: nn.Module | None) -> dict[str, Any]:
     """A module's plain configuration attributes (kernel_size, ceil_mode, …), not its state."""
     if module is None:
         return {}
-    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"
-            and isinstance(v, (bool, int, float, str, tuple, type(None)))}
+    return {
+        k: v
+        for k, v in vars(module).items()
+        if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, tuple, type(None)))
+    }
 
 
 def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
@@ -158,12 +168,16 @@ def render_source(gm: torch.fx.GraphModule, class_name: str = "ResifiedModel") -
             continue  # leaf modules create their own parameters
         owner = f"self.get_submodule({path!r})" if path else "self"
         for name, p in module.named_parameters(recurse=False):
-            lines.append(f"        {owner}.register_parameter({name!r}, nn.Parameter(torch.empty({list(p.shape)}, "
-                         f"dtype={p.dtype}), requires_grad={p.requires_grad}))")
+            lines.append(
+                f"        {owner}.register_parameter({name!r}, nn.Parameter(torch.empty({list(p.shape)}, "
+                f"dtype={p.dtype}), requires_grad={p.requires_grad}))"
+            )
         for name, b in module.named_buffers(recurse=False):
             persistent = name not in module._non_persistent_buffers_set
-            lines.append(f"        {owner}.register_buffer({name!r}, torch.empty({list(b.shape)}, dtype={b.dtype}), "
-                         f"persistent={persistent})")
+            lines.append(
+                f"        {owner}.register_buffer({name!r}, torch.empty({list(b.shape)}, dtype={b.dtype}), "
+                f"persistent={persistent})"
+            )
     lines.append("")
     if len(codes) == 1:
         lines += _forward_lines(code.src)

@@ -4,6 +4,7 @@ MODEL_SPEC is ``path/to/model.py``, ``path/to/model.py:NAME`` or ``torchvision:N
 file runs its Python code, as ``python model.py`` would (but with ``__name__`` set to the file's
 stem, so an ``if __name__ == "__main__":`` block does not run).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,9 +24,19 @@ __all__ = ["LoadedModel", "load_model", "parse_input_shape", "parse_input_kwarg"
 
 BUILDER_NAMES = ("build_model", "get_model", "make_model")
 #: The example input's dtype names (CLI --dtype); integer ones give token ids 0 or 1 (valid for any vocabulary).
-DTYPES = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64,
-          "double": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32, "bool": torch.bool}
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "double": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "long": torch.int64,
+    "int32": torch.int32,
+    "int": torch.int32,
+    "bool": torch.bool,
+}
 
 
 @dataclass
@@ -47,7 +58,9 @@ def parse_input_shape(text: str | None, dtype: str = "float32") -> torch.Tensor 
     except ValueError:
         shape = ()
     if not shape or any(s <= 0 for s in shape):
-        raise ModelLoadError(f"--input-shape expects positive integers separated by commas, like 8,3,32,32; found {text!r}")
+        raise ModelLoadError(
+            f"--input-shape expects positive integers separated by commas, like 8,3,32,32; found {text!r}"
+        )
     if dtype not in DTYPES:
         raise ModelLoadError(f"--dtype expects one of {', '.join(DTYPES)}; found {dtype!r}")
     generator = torch.Generator().manual_seed(0)
@@ -61,7 +74,9 @@ def parse_input_kwarg(text: str) -> tuple[str, torch.Tensor]:
     name, sep, rest = text.partition("=")
     shape, _, dtype = rest.partition(":")
     if not sep or not name.strip().isidentifier() or not shape:
-        raise ModelLoadError(f"--input-kwarg expects NAME=SHAPE[:DTYPE], like attention_mask=2,16:int64; found {text!r}")
+        raise ModelLoadError(
+            f"--input-kwarg expects NAME=SHAPE[:DTYPE], like attention_mask=2,16:int64; found {text!r}"
+        )
     tensor = parse_input_shape(shape, dtype or "float32")
     assert tensor is not None
     return name.strip(), tensor
@@ -129,8 +144,10 @@ def _example_kwargs_from(module: ModuleType) -> dict[str, Any] | None:
         value = value()
     if value is None or (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
         return value
-    raise ModelLoadError(f"example_kwargs in {module.__file__} must be a dict of inputs by name or a function "
-                         f"returning one; found {type(value).__name__}")
+    raise ModelLoadError(
+        f"example_kwargs in {module.__file__} must be a dict of inputs by name or a function "
+        f"returning one; found {type(value).__name__}"
+    )
 
 
 def _candidates(module: ModuleType) -> list[str]:
@@ -153,8 +170,9 @@ def _torchvision(name: str) -> LoadedModel:
         raise ModelLoadError(f"torchvision has no model {name!r}; try one of {', '.join(close or known[:5])}")
     model = torchvision.models.get_model(name, weights=None)
     size = 299 if name.startswith("inception") else 224
-    return LoadedModel(model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)),
-                       f"torchvision:{name}")
+    return LoadedModel(
+        model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)), f"torchvision:{name}"
+    )
 
 
 def load_model(spec: str) -> LoadedModel:

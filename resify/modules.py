@@ -9,6 +9,7 @@
   reads ``self.training`` (torchvision's feature extraction does the same): ``train()`` and
   ``eval()`` switch graphs, and pickling, ``copy.deepcopy`` and ``torch.save`` keep both.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.graph_module import _copy_attr, _forward_from_src, _format_import_block, _deserialize_graph_module
+from torch.fx.graph_module import _copy_attr, _deserialize_graph_module, _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
 __all__ = ["Shortcut", "DualGraphModule", "GATE_PARAMETERS"]
@@ -60,8 +61,9 @@ class DualGraphModule(torch.fx.GraphModule):
     one model. ``.graph``/``.code`` are the current mode's; ``train_graph``/``eval_graph`` both.
     """
 
-    def __init__(self, root: nn.Module, train_graph: torch.fx.Graph, eval_graph: torch.fx.Graph,
-                 class_name: str = "GraphModule") -> None:
+    def __init__(
+        self, root: nn.Module, train_graph: torch.fx.Graph, eval_graph: torch.fx.Graph, class_name: str = "GraphModule"
+    ) -> None:
         training = root.training
         super().__init__(root, train_graph if training else eval_graph, class_name)
         for node in (*train_graph.nodes, *eval_graph.nodes):  # modules only one graph calls
@@ -117,8 +119,9 @@ def _has(module: nn.Module, target: str) -> bool:
     return True
 
 
-def _rebuild_dual(body: dict[str, Any], codes: list[tuple[str, str]], training: bool,
-                  class_name: str) -> DualGraphModule:
+def _rebuild_dual(
+    body: dict[str, Any], codes: list[tuple[str, str]], training: bool, class_name: str
+) -> DualGraphModule:
     """Unpickle a DualGraphModule: re-trace each mode's generated code, as GraphModule does."""
     graphs = []
     for import_block, src in codes:

@@ -2,10 +2,10 @@
 
 Pure tables and predicates on fx nodes, shared by the analyze stage and the report.
 """
+
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -38,35 +38,95 @@ LAYER_MODULES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYER_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
 
 _ACTIVATION_MODULES: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU,
-    nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.PReLU,
-    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.GLU, nn.Threshold, nn.RReLU, nn.Hardshrink,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Mish,
+    nn.Softplus,
+    nn.PReLU,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.GLU,
+    nn.Threshold,
+    nn.RReLU,
+    nn.Hardshrink,
     nn.Softshrink,
 )
 _NORM_MODULES: tuple[type, ...] = (
-    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
-    nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
     *([nn.RMSNorm] if hasattr(nn, "RMSNorm") else []),  # torch >= 2.4
 )
 _DROPOUT_MODULES: tuple[type, ...] = (nn.modules.dropout._DropoutNd, nn.Identity)
 _POOL_MODULES: tuple[type, ...] = (
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
     nn.modules.pooling._LPPoolNd,
 )
 _ACTIVATION_FUNCTIONS = {
-    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.leaky_relu, F.elu, F.selu, F.celu, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.mish, F.softplus, F.sigmoid, F.tanh, torch.relu, torch.relu_,
-    torch.sigmoid, torch.tanh, torch.selu, F.glu, F.threshold, F.rrelu, F.hardshrink, F.softshrink,
-    F.logsigmoid, F.tanhshrink, F.softsign, F.prelu,
+    F.relu,
+    F.relu_,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.mish,
+    F.softplus,
+    F.sigmoid,
+    F.tanh,
+    torch.relu,
+    torch.relu_,
+    torch.sigmoid,
+    torch.tanh,
+    torch.selu,
+    F.glu,
+    F.threshold,
+    F.rrelu,
+    F.hardshrink,
+    F.softshrink,
+    F.logsigmoid,
+    F.tanhshrink,
+    F.softsign,
+    F.prelu,
 }
 _ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 _NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 _POOL_FUNCTIONS = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
 }
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
@@ -140,16 +200,20 @@ def follower_role(gm: nn.Module, n: torch.fx.Node) -> str | None:
     m = _module(gm, n)
     if m is not None:
         for role, types in (
-            ("activation", _ACTIVATION_MODULES), ("norm", _NORM_MODULES),
-            ("dropout", _DROPOUT_MODULES), ("pool", _POOL_MODULES),
+            ("activation", _ACTIVATION_MODULES),
+            ("norm", _NORM_MODULES),
+            ("dropout", _DROPOUT_MODULES),
+            ("pool", _POOL_MODULES),
         ):
             if isinstance(m, types):
                 return role
         return None
     if n.op == "call_function":
         for role, fns in (
-            ("activation", _ACTIVATION_FUNCTIONS), ("norm", _NORM_FUNCTIONS),
-            ("dropout", _DROPOUT_FUNCTIONS), ("pool", _POOL_FUNCTIONS),
+            ("activation", _ACTIVATION_FUNCTIONS),
+            ("norm", _NORM_FUNCTIONS),
+            ("dropout", _DROPOUT_FUNCTIONS),
+            ("pool", _POOL_FUNCTIONS),
         ):
             if n.target in fns:
                 return role
@@ -175,9 +239,12 @@ def is_activation(gm: nn.Module, n: torch.fx.Node) -> bool:
 
 def merge_operands(n: torch.fx.Node) -> tuple[str, list[torch.fx.Node]] | None:
     """For an add or concat of graph values, ('add'|'concat', operand nodes); else None."""
-    if n.op == "call_function" and n.target in _ADD_FUNCTIONS:
-        kind, ops = "add", list(n.args[:2])
-    elif n.op == "call_method" and n.target in ("add", "add_", "__add__", "__iadd__"):
+    if (
+        n.op == "call_function"
+        and n.target in _ADD_FUNCTIONS
+        or n.op == "call_method"
+        and n.target in ("add", "add_", "__add__", "__iadd__")
+    ):
         kind, ops = "add", list(n.args[:2])
     elif n.op == "call_function" and n.target in _CAT_FUNCTIONS:
         seq = n.args[0] if n.args else n.kwargs.get("tensors", ())
@@ -190,6 +257,7 @@ def merge_operands(n: torch.fx.Node) -> tuple[str, list[torch.fx.Node]] | None:
 
 # ---------------------------------------------------------------------------------------------
 # spatial geometry: how an op maps an input size to an output size, from its hyperparameters
+
 
 class Window(NamedTuple):
     """A sliding window over one spatial dim (a convolution's or a pool's): calling it maps an input
@@ -249,12 +317,16 @@ def size_functions(gm: nn.Module, n: torch.fx.Node, dims: int) -> list[Window] |
     if isinstance(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)):
         dil = _per_dim(getattr(m, "dilation", 1), dims)
         stride = m.stride if m.stride is not None else m.kernel_size
-        return [_window(k, s, p, d, bool(m.ceil_mode)) for k, s, p, d in
-                zip(_per_dim(m.kernel_size, dims), _per_dim(stride, dims), _per_dim(m.padding, dims), dil)]
+        return [
+            _window(k, s, p, d, bool(m.ceil_mode))
+            for k, s, p, d in zip(_per_dim(m.kernel_size, dims), _per_dim(stride, dims), _per_dim(m.padding, dims), dil)
+        ]
     if isinstance(m, nn.modules.pooling._LPPoolNd):
         stride = m.stride if m.stride is not None else m.kernel_size
-        return [_window(k, s, 0, 1, bool(m.ceil_mode)) for k, s in
-                zip(_per_dim(m.kernel_size, dims), _per_dim(stride, dims))]
+        return [
+            _window(k, s, 0, 1, bool(m.ceil_mode))
+            for k, s in zip(_per_dim(m.kernel_size, dims), _per_dim(stride, dims))
+        ]
     if n.op == "call_function" and n.target in _CONV_FUNCTIONS:
         w = _arg(n, 1, "weight", None)
         info = w.meta.get("resify") if isinstance(w, torch.fx.Node) else None
@@ -276,8 +348,10 @@ def size_functions(gm: nn.Module, n: torch.fx.Node, dims: int) -> list[Window] |
         values = (k, s, p, d, ceil)
         if any(isinstance(v, torch.fx.Node) for v in values) or k is None:
             return None
-        return [_window(*a, bool(ceil)) for a in
-                zip(_per_dim(k, dims), _per_dim(s, dims), _per_dim(p, dims), _per_dim(d, dims))]
+        return [
+            _window(*a, bool(ceil))
+            for a in zip(_per_dim(k, dims), _per_dim(s, dims), _per_dim(p, dims), _per_dim(d, dims))
+        ]
     if follower_role(gm, n) in ("activation", "norm", "dropout"):
         return [SAME] * dims
     return None
@@ -287,19 +361,58 @@ def size_functions(gm: nn.Module, n: torch.fx.Node, dims: int) -> list[Window] |
 # bounded outputs: a shortcut across these would take the model's output out of its range
 
 _BOUNDED_MODULES: tuple[type, ...] = (
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Softsign, nn.LogSigmoid, nn.Softmax,
-    nn.LogSoftmax, nn.Softmax2d, nn.Softmin,  # nn.ReLU6 is a Hardtanh
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Softsign,
+    nn.LogSigmoid,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Softmax2d,
+    nn.Softmin,  # nn.ReLU6 is a Hardtanh
 )
 _BOUNDED_FUNCTIONS = {
-    F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.hardtanh, F.relu6, F.hardsigmoid, F.softsign,
-    F.logsigmoid, F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax,
+    F.sigmoid,
+    torch.sigmoid,
+    F.tanh,
+    torch.tanh,
+    F.hardtanh,
+    F.relu6,
+    F.hardsigmoid,
+    F.softsign,
+    F.logsigmoid,
+    F.softmax,
+    F.log_softmax,
+    F.softmin,
+    torch.softmax,
+    torch.log_softmax,
 }
 _BOUNDED_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_", "softmax", "log_softmax"}
 _SHAPE_MODULES: tuple[type, ...] = (nn.Flatten, nn.Unflatten, nn.Identity)
-_SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
-                    torch.transpose, operator.getitem}
-_SHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose",
-                  "contiguous", "view_as", "reshape_as", "unflatten", "movedim"}
+_SHAPE_FUNCTIONS = {
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.permute,
+    torch.transpose,
+    operator.getitem,
+}
+_SHAPE_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "squeeze",
+    "unsqueeze",
+    "permute",
+    "transpose",
+    "contiguous",
+    "view_as",
+    "reshape_as",
+    "unflatten",
+    "movedim",
+}
 
 
 def is_bounded_activation(gm: nn.Module, n: torch.fx.Node) -> bool:
@@ -324,8 +437,11 @@ def reaches_output_unchanged(gm: nn.Module, n: torch.fx.Node) -> bool:
             if u.op == "output":
                 return True
             m = _module(gm, u)
-            if (isinstance(m, _SHAPE_MODULES) or (u.op == "call_function" and u.target in _SHAPE_FUNCTIONS)
-                    or (u.op == "call_method" and u.target in _SHAPE_METHODS)):
+            if (
+                isinstance(m, _SHAPE_MODULES)
+                or (u.op == "call_function" and u.target in _SHAPE_FUNCTIONS)
+                or (u.op == "call_method" and u.target in _SHAPE_METHODS)
+            ):
                 todo.append(u)
     return False
 
@@ -334,14 +450,61 @@ def reaches_output_unchanged(gm: nn.Module, n: torch.fx.Node) -> bool:
 # element-wise ops: an activation written as a Python function (x * sigmoid(x), a mish helper)
 
 _UNARY_FUNCTIONS = {
-    torch.sigmoid, torch.tanh, torch.exp, torch.erf, torch.log1p, torch.abs, torch.neg, torch.sqrt,
-    torch.rsqrt, torch.clamp, torch.square, torch.sin, torch.cos, F.softplus, F.sigmoid, F.tanh,
-    torch.pow, torch.relu, F.relu, F.gelu, F.silu, F.elu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.exp,
+    torch.erf,
+    torch.log1p,
+    torch.abs,
+    torch.neg,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.clamp,
+    torch.square,
+    torch.sin,
+    torch.cos,
+    F.softplus,
+    F.sigmoid,
+    F.tanh,
+    torch.pow,
+    torch.relu,
+    F.relu,
+    F.gelu,
+    F.silu,
+    F.elu,
 }
-_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.neg,
-               torch.add, torch.sub, torch.mul, torch.div}
-_ELEMENTWISE_METHODS = {"sigmoid", "tanh", "exp", "erf", "abs", "neg", "sqrt", "rsqrt", "clamp", "pow",
-                        "square", "mul", "add", "sub", "div", "relu", "softplus", "log1p"}
+_ARITHMETIC = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.pow,
+    operator.neg,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+}
+_ELEMENTWISE_METHODS = {
+    "sigmoid",
+    "tanh",
+    "exp",
+    "erf",
+    "abs",
+    "neg",
+    "sqrt",
+    "rsqrt",
+    "clamp",
+    "pow",
+    "square",
+    "mul",
+    "add",
+    "sub",
+    "div",
+    "relu",
+    "softplus",
+    "log1p",
+}
 #: the ops that make such a chain nonlinear (a chain of adds and multiplies by constants is linear)
 _NONLINEAR = (_UNARY_FUNCTIONS - {torch.neg, torch.abs}) | {operator.pow}
 _NONLINEAR_METHODS = _ELEMENTWISE_METHODS - {"mul", "add", "sub", "div", "neg", "abs"}

@@ -4,6 +4,7 @@ The Plan says which shortcuts will be inserted (Sites), which candidates were no
 (Skipped), and which shortcuts the model already has (Existing). It prints as a table and
 converts to a plain dict; ``rewrite`` only executes it.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -16,10 +17,29 @@ from typing import Any
 
 from .analyze import Analysis, ExistingShortcut, Layer
 from .errors import PlanError, ResifyWarning
-from .ops import SAME, Window, data_input, describe, follower_role, is_bounded_activation, reaches_output_unchanged, size_functions
+from .ops import (
+    SAME,
+    Window,
+    data_input,
+    describe,
+    follower_role,
+    is_bounded_activation,
+    reaches_output_unchanged,
+    size_functions,
+)
 from .trace import TensorInfo
 
-__all__ = ["Policy", "Site", "Skipped", "Plan", "make_plan", "reconcile_modes", "SHORTCUTS", "GATES", "PLAN_SCHEMA_VERSION"]
+__all__ = [
+    "Policy",
+    "Site",
+    "Skipped",
+    "Plan",
+    "make_plan",
+    "reconcile_modes",
+    "SHORTCUTS",
+    "GATES",
+    "PLAN_SCHEMA_VERSION",
+]
 
 SHORTCUTS = ("auto", "identity", "dense")
 GATES = (None, "rezero", "layerscale")
@@ -42,7 +62,7 @@ class Policy:
     dense_max_growth: int | None = None
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "Policy":
+    def from_kwargs(cls, **kwargs: Any) -> Policy:
         """Validate policy keywords; unknown names or values raise PlanError saying what is allowed."""
         names = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(kwargs) - names)
@@ -195,8 +215,10 @@ class Plan:
         """One line: sites by kind, parameters added and growth."""
         by_kind = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items())) or "none"
         growth = 100.0 * self.added_params / self.params_before if self.params_before else 0.0
-        return (f"{len(self.sites)} shortcut(s) ({by_kind}); {len(self.skipped)} skipped; "
-                f"{len(self.existing)} existing; +{self.added_params:,} parameters (+{growth:.2f}%)")
+        return (
+            f"{len(self.sites)} shortcut(s) ({by_kind}); {len(self.skipped)} skipped; "
+            f"{len(self.existing)} existing; +{self.added_params:,} parameters (+{growth:.2f}%)"
+        )
 
     def __str__(self) -> str:
         from .render import plan_text
@@ -311,8 +333,10 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     if problem:
         return problem
     if is_bounded_activation(analysis.module, exit) and reaches_output_unchanged(analysis.module, exit):
-        return (f"the span ends in a bounded activation ({describe(analysis.module, exit)}) whose range is the "
-                "model's output range: a shortcut would take outputs out of it")
+        return (
+            f"the span ends in a bounded activation ({describe(analysis.module, exit)}) whose range is the "
+            "model's output range: a shortcut would take outputs out of it"
+        )
     src: TensorInfo | None = first.in_info
     dst: TensorInfo | None = last.out_info
     if src is None or dst is None:
@@ -322,9 +346,18 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     if src.dtype != dst.dtype:
         return f"dtype changes across the span ({src.dtype} -> {dst.dtype})"
     gate, gate_init = policy.gate, policy.effective_gate_init
-    common = dict(start=first.name, end=last.name, layers=tuple(l.name for l in layers),
-                  in_shape=src.shape, out_shape=dst.shape, gate=gate, gate_init=gate_init,
-                  anchor=first.anchor, exit=last.output, name=name)
+    common = dict(
+        start=first.name,
+        end=last.name,
+        layers=tuple(layer.name for layer in layers),
+        in_shape=src.shape,
+        out_shape=dst.shape,
+        gate=gate,
+        gate_init=gate_init,
+        anchor=first.anchor,
+        exit=last.output,
+        name=name,
+    )
     channel_dim = -1 if first.kind == "Linear" else 1
     common["channel_dim"] = channel_dim
     if policy.shortcut == "dense":
@@ -337,14 +370,17 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     geometry, stride = _geometry(layers, analysis, dims) if conv_geometry else ("same", ())
     change = f"{_shape(src.shape)} -> {_shape(dst.shape)}"
     if src.shape == dst.shape and geometry == "same":
-        return Site(kind="identity", added_params=gate_params, projection=None,
-                    channels=(out_c, out_c), **common)
+        return Site(kind="identity", added_params=gate_params, projection=None, channels=(out_c, out_c), **common)
     if policy.shortcut == "identity":
         if src.shape == dst.shape:
-            return (f"the span keeps the shape {_shape(src.shape)} only at this input size (an adaptive pool "
-                    "or a valid convolution); shortcut='identity' needs it kept at every size; try shortcut='auto'")
-        return (f"shape changes {change}; shortcut='identity' adds shortcuts only where shapes "
-                "match; try shortcut='auto' for a learned projection")
+            return (
+                f"the span keeps the shape {_shape(src.shape)} only at this input size (an adaptive pool "
+                "or a valid convolution); shortcut='identity' needs it kept at every size; try shortcut='auto'"
+            )
+        return (
+            f"shape changes {change}; shortcut='identity' adds shortcuts only where shapes "
+            "match; try shortcut='auto' for a learned projection"
+        )
     if len(src.shape) != len(dst.shape):
         return f"rank change {change} (e.g. a flatten) inside the span; a projection cannot bridge it"
     if all(r == "dropout" for layer in layers for r in layer.roles):
@@ -355,8 +391,13 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
         if src.shape[:-1] != dst.shape[:-1]:
             return f"unsupported shape change {change}: a Linear projection changes the last dimension only"
         cin, cout = src.shape[-1], dst.shape[-1]
-        return Site(kind="projection", added_params=cin * cout + cout + gate_params,
-                    projection=f"Linear({cin}, {cout})", channels=(cin, cout), **common)
+        return Site(
+            kind="projection",
+            added_params=cin * cout + cout + gate_params,
+            projection=f"Linear({cin}, {cout})",
+            channels=(cin, cout),
+            **common,
+        )
     if not conv_geometry or src.shape[0] != dst.shape[0]:
         return f"unsupported shape change {change} for a {first.kind} span"
     cin, cout = src.shape[1], dst.shape[1]
@@ -368,15 +409,23 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
         norm = _span_norm(layers, analysis, dims) if sees == "output" or (not stride and sees) else None
         added = cin * cout + (2 * cout if norm else 0) + gate_params
         label = f"Conv{dims}d({cin}, {cout}, 1{shown})" + (f" + {norm}" if norm else "")
-        return Site(kind="projection", added_params=added, projection=label, stride=stride, norm=norm,
-                    channels=(cin, cout), **common)
+        return Site(
+            kind="projection",
+            added_params=added,
+            projection=label,
+            stride=stride,
+            norm=norm,
+            channels=(cin, cout),
+            **common,
+        )
     # Where the span pools (a max-pool ending a VGG stage, a global average pool) or its size does not
     # follow a stride, the shortcut averages its input to the branch's output size at run time; where
     # the channels do not change either, that pooling is the whole shortcut, without parameters.
     pool = f"AvgPool{dims}d(→out)"
     if cin == cout:
-        return Site(kind="projection", added_params=gate_params, projection=pool, pool=True,
-                    channels=(cin, cout), **common)
+        return Site(
+            kind="projection", added_params=gate_params, projection=pool, pool=True, channels=(cin, cout), **common
+        )
     # A norm on the projection sees what the span's norm sees: the input's size (conv → norm → pool:
     # the head of an EfficientNet normalises 7×7 maps, then pools them to 1×1, and trains on a batch
     # of one) or the output's (pool → conv → norm); where it sees neither, the projection has none.
@@ -386,18 +435,35 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     conv = f"Conv{dims}d({cin}, {cout}, 1)" + (f" + {norm}" if norm else "")
     label = f"{conv} + {pool}" if pool_last else f"{pool} + {conv}"
     added = cin * cout + (2 * cout if norm else 0) + gate_params
-    return Site(kind="projection", added_params=added, projection=label, pool=True, pool_last=pool_last,
-                norm=norm, channels=(cin, cout), **common)
+    return Site(
+        kind="projection",
+        added_params=added,
+        projection=label,
+        pool=True,
+        pool_last=pool_last,
+        norm=norm,
+        channels=(cin, cout),
+        **common,
+    )
 
 
 def _span_norm(layers: Sequence[Layer], analysis: Analysis, dims: int) -> str | None:
     """The BatchNorm type a conv projection gets: one where the span has a batch norm."""
-    return next((f"BatchNorm{dims}d" for l in layers for r in l.roles if r == "norm"
-                 and analysis.has_batchnorm(l)), None)
+    return next(
+        (f"BatchNorm{dims}d" for layer in layers for r in layer.roles if r == "norm" and analysis.has_batchnorm(layer)),
+        None,
+    )
 
 
-def _dense_site(src: TensorInfo, dst: TensorInfo, layers: Sequence[Layer], analysis: Analysis, policy: Policy,
-                common: dict, carry: int) -> Site | str:
+def _dense_site(
+    src: TensorInfo,
+    dst: TensorInfo,
+    layers: Sequence[Layer],
+    analysis: Analysis,
+    policy: Policy,
+    common: dict,
+    carry: int,
+) -> Site | str:
     """A dense site: cat([x, F(x)]) and the consumer widened with zero weights for x, or why not."""
     cd = common["channel_dim"]
     change = f"{_shape(src.shape)} -> {_shape(dst.shape)}"
@@ -417,13 +483,21 @@ def _dense_site(src: TensorInfo, dst: TensorInfo, layers: Sequence[Layer], analy
     consumer, consumer_params_per_channel = found
     extra = src.shape[cd] + carry
     if policy.dense_max_growth is not None and extra > policy.dense_max_growth:
-        return (f"would add {extra} channels/features to '{consumer}', more than "
-                f"dense_max_growth={policy.dense_max_growth}")
+        return (
+            f"would add {extra} channels/features to '{consumer}', more than dense_max_growth={policy.dense_max_growth}"
+        )
     added = extra * consumer_params_per_channel
     shown = " (shortcut avg-pooled to the output size)" if pool else ""
-    return Site(kind="dense", added_params=added, projection=f"concat, widens {consumer} by {extra}{shown}",
-                pool=pool, channels=(extra, dst.shape[cd]), consumer=consumer,
-                extra_channels=extra, **common)
+    return Site(
+        kind="dense",
+        added_params=added,
+        projection=f"concat, widens {consumer} by {extra}{shown}",
+        pool=pool,
+        channels=(extra, dst.shape[cd]),
+        consumer=consumer,
+        extra_channels=extra,
+        **common,
+    )
 
 
 def _site_name(layers: Sequence[Layer], taken: set[str]) -> str:
@@ -476,10 +550,11 @@ def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0) -> Pla
     for run in runs:
         i = 0
         while i < len(run):
-            group = run[i:i + policy.group]
+            group = run[i : i + policy.group]
             if len(group) < policy.group:
-                skipped.append(Skipped(group[0].name, group[-1].name,
-                                       f"only {len(group)} layer(s) left for group={policy.group}"))
+                skipped.append(
+                    Skipped(group[0].name, group[-1].name, f"only {len(group)} layer(s) left for group={policy.group}")
+                )
                 break
             found = _site_for(group, analysis, policy, _site_name(group, taken), carry.pop(group[0].name, 0))
             if isinstance(found, Site):
@@ -491,9 +566,14 @@ def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0) -> Pla
                 skipped.append(Skipped(group[0].name, group[-1].name, found))
                 i += 1  # slide: a group may still start at the next layer
     return Plan(
-        model_class=analysis.traced.model_class, tracer=analysis.traced.tracer, policy=policy,
-        n_layers=len(analysis.layers), params_before=params_before, sites=tuple(sites),
-        skipped=tuple(skipped), existing=tuple(analysis.existing),
+        model_class=analysis.traced.model_class,
+        tracer=analysis.traced.tracer,
+        policy=policy,
+        n_layers=len(analysis.layers),
+        params_before=params_before,
+        sites=tuple(sites),
+        skipped=tuple(skipped),
+        existing=tuple(analysis.existing),
     )
 
 
@@ -504,6 +584,7 @@ def reconcile_modes(plan: Plan, other: Plan, training: bool) -> Plan:
     mode's. A site is kept where both modes have it, around the same layers with the same shapes and
     shortcut; the other mode's copy (its own node names) goes to ``other_mode_sites``.
     """
+
     def key(s: Site) -> tuple:  # without the batch size (the other mode may be traced on a batch of two)
         return (s.kind, s.start, s.end, s.in_shape[1:], s.out_shape[1:], s.projection)
 
@@ -513,17 +594,25 @@ def reconcile_modes(plan: Plan, other: Plan, training: bool) -> Plan:
     for s in plan.sites:
         twin = theirs.get(key(s))
         if twin is None:
-            skipped.append(Skipped(s.start, s.end, "the span differs between train and eval mode "
-                                                   "(forward reads self.training there)"))
+            skipped.append(
+                Skipped(
+                    s.start, s.end, "the span differs between train and eval mode (forward reads self.training there)"
+                )
+            )
             continue
         sites.append(s)
         other_sites.append(replace(twin, name=s.name))
     for s in other.sites:
         if key(s) not in mine:
-            skipped.append(Skipped(s.start, s.end, f"a site only in {'eval' if training else 'train'} mode "
-                                                   "(forward reads self.training there)"))
+            skipped.append(
+                Skipped(
+                    s.start,
+                    s.end,
+                    f"a site only in {'eval' if training else 'train'} mode (forward reads self.training there)",
+                )
+            )
     modes = "train and eval mode"
-    note = (f"forward reads self.training: traced in {modes}; the converted model switches graphs "
-            "with train()/eval()")
-    return replace(plan, sites=tuple(sites), skipped=tuple(skipped), notes=(*plan.notes, note),
-                   other_mode_sites=tuple(other_sites))
+    note = f"forward reads self.training: traced in {modes}; the converted model switches graphs with train()/eval()"
+    return replace(
+        plan, sites=tuple(sites), skipped=tuple(skipped), notes=(*plan.notes, note), other_mode_sites=tuple(other_sites)
+    )

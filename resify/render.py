@@ -3,6 +3,7 @@
 Beside the pipeline: ``Plan.__str__`` and the report's ``to_text`` / ``to_markdown`` / ``plot``
 call into this module, which turns the frozen records into text or figures and computes nothing.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,15 @@ if TYPE_CHECKING:
     from .report import FlowComparison, GradientFlow
 
 __all__ = [
-    "fmt_number", "fmt_times", "table", "plan_text", "flow_text", "flow_markdown",
-    "comparison_text", "comparison_markdown", "plot_flows",
+    "fmt_number",
+    "fmt_times",
+    "table",
+    "plan_text",
+    "flow_text",
+    "flow_markdown",
+    "comparison_text",
+    "comparison_markdown",
+    "plot_flows",
 ]
 
 
@@ -62,11 +70,19 @@ def _shorten(name: str, width: int) -> str:
         return name
     if name.startswith("+"):  # keep the 'added' mark
         return "+" + _shorten(name[1:], width - 1)
-    return "…" + name[len(name) - width + 1:]
+    return "…" + name[len(name) - width + 1 :]
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int, shrink: int | Sequence[int],
-           right: Sequence[bool], min_widths: Sequence[int] = (), cut_end: Sequence[int] = ()) -> list[str]:
+def table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    width: int,
+    shrink: int | Sequence[int],
+    right: Sequence[bool],
+    min_widths: Sequence[int] = (),
+    cut_end: Sequence[int] = (),
+) -> list[str]:
     """Aligned columns two spaces apart, cut to fit ``width``: the ``shrink`` columns in turn (each
     down to 20 characters or its header, the last one further), at their start (the end of a layer
     name names it) or, for the ``cut_end`` columns, at their end."""
@@ -84,9 +100,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int, s
     def cut(c: str, w: int, i: int) -> str:
         return _kind(c, w) if i in cut_end else _shorten(c, w)
 
-    fmt = lambda r: "  ".join(  # noqa: E731
-        (cut(c, w, i).rjust(w) if al else cut(c, w, i).ljust(w))
-        for i, (c, w, al) in enumerate(zip(r, widths, right))
+    fmt = lambda r: "  ".join(
+        (cut(c, w, i).rjust(w) if al else cut(c, w, i).ljust(w)) for i, (c, w, al) in enumerate(zip(r, widths, right))
     ).rstrip()
     return [fmt(header), fmt(["-" * w for w in widths]), *[fmt(r) for r in rows]]
 
@@ -96,8 +111,12 @@ def _header(flow: GradientFlow, width: int) -> list[str]:
     added = len(flow.layers) - own
     extra = f" (+{added} added by resify)" if added else ""
     batches = f"{flow.batches} batch" + ("es" if flow.batches != 1 else "")
-    lines = textwrap.wrap(f"gradient flow of {flow.model_class}: {own} layers{extra}; loss {flow.loss} = "
-                          f"{fmt_number(flow.loss_value)}, {batches}", width, subsequent_indent="  ")
+    lines = textwrap.wrap(
+        f"gradient flow of {flow.model_class}: {own} layers{extra}; loss {flow.loss} = "
+        f"{fmt_number(flow.loss_value)}, {batches}",
+        width,
+        subsequent_indent="  ",
+    )
     lines += textwrap.wrap(f"verdict: {flow.verdict}, {flow.reason}", width, subsequent_indent="  ")
     if flow.recommendation:
         lines += textwrap.wrap(f"recommendation: {flow.recommendation}", width, subsequent_indent="  ")
@@ -105,11 +124,21 @@ def _header(flow: GradientFlow, width: int) -> list[str]:
 
 
 def flow_text(flow: GradientFlow, width: int) -> str:
-    header = ["#", "layer", "kind", "mean|grad|", "‖grad‖", "‖g‖/‖w‖", "‖input grad‖", "act rms",
-              "verdict"]
-    rows = [[str(r.depth), ("+" if r.added else "") + r.name, _kind(r.kind), fmt_number(r.mean_abs_grad),
-             fmt_number(r.grad_norm), fmt_number(r.grad_to_weight), fmt_number(r.input_grad_norm), fmt_number(r.activation_rms),
-             r.verdict] for r in flow.layers]
+    header = ["#", "layer", "kind", "mean|grad|", "‖grad‖", "‖g‖/‖w‖", "‖input grad‖", "act rms", "verdict"]
+    rows = [
+        [
+            str(r.depth),
+            ("+" if r.added else "") + r.name,
+            _kind(r.kind),
+            fmt_number(r.mean_abs_grad),
+            fmt_number(r.grad_norm),
+            fmt_number(r.grad_to_weight),
+            fmt_number(r.input_grad_norm),
+            fmt_number(r.activation_rms),
+            r.verdict,
+        ]
+        for r in flow.layers
+    ]
     right = [True, False, False, True, True, True, True, True, False]
     lines = [*_header(flow, width), "", *table(header, rows, width=width, shrink=1, right=right)]
     if any(r.added for r in flow.layers):
@@ -122,20 +151,48 @@ def _md_row(cells: Sequence[str]) -> str:
 
 
 def flow_markdown(flow: GradientFlow) -> str:
-    lines = [f"### Gradient flow of `{flow.model_class}`", "",
-             f"**Verdict: {flow.verdict}**, {flow.reason}."]
+    lines = [f"### Gradient flow of `{flow.model_class}`", "", f"**Verdict: {flow.verdict}**, {flow.reason}."]
     if flow.recommendation:
         lines += ["", f"Recommendation: {flow.recommendation}."]
-    lines += ["", f"Loss: {flow.loss} = {fmt_number(flow.loss_value)} over {flow.batches} batch(es); "
-                  "layers marked *added* were inserted by resify.", ""]
-    lines.append(_md_row(["#", "layer", "kind", "mean abs grad", "grad norm", "grad/weight",
-                          "input grad norm", "activation RMS", "verdict"]))
+    lines += [
+        "",
+        f"Loss: {flow.loss} = {fmt_number(flow.loss_value)} over {flow.batches} batch(es); "
+        "layers marked *added* were inserted by resify.",
+        "",
+    ]
+    lines.append(
+        _md_row(
+            [
+                "#",
+                "layer",
+                "kind",
+                "mean abs grad",
+                "grad norm",
+                "grad/weight",
+                "input grad norm",
+                "activation RMS",
+                "verdict",
+            ]
+        )
+    )
     lines.append("|" + "---:|" + ":---|" * 2 + "---:|" * 5 + ":---|")
     for r in flow.layers:
         name = f"`{r.name}`" + (" *added*" if r.added else "")
-        lines.append(_md_row([str(r.depth), name, r.kind, fmt_number(r.mean_abs_grad), fmt_number(r.grad_norm),
-                              fmt_number(r.grad_to_weight), fmt_number(r.input_grad_norm), fmt_number(r.activation_rms),
-                              r.verdict]))
+        lines.append(
+            _md_row(
+                [
+                    str(r.depth),
+                    name,
+                    r.kind,
+                    fmt_number(r.mean_abs_grad),
+                    fmt_number(r.grad_norm),
+                    fmt_number(r.grad_to_weight),
+                    fmt_number(r.input_grad_norm),
+                    fmt_number(r.activation_rms),
+                    r.verdict,
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
@@ -144,9 +201,19 @@ def comparison_text(c: FlowComparison, width: int) -> str:
     for tag, flow in (("before", c.before), ("after", c.after)):
         lines += textwrap.wrap(f"{tag}: {flow.summary()}", width, subsequent_indent="  ")
     header = ["layer", "kind", "before", "after", "×", "before", "after", "×"]
-    rows = [[ch.name, _kind(ch.after.kind), fmt_number(ch.before.mean_abs_grad), fmt_number(ch.after.mean_abs_grad),
-             fmt_times(ch.ratio), fmt_number(ch.before.input_grad_norm), fmt_number(ch.after.input_grad_norm),
-             fmt_times(ch.input_ratio)] for ch in c.layers]
+    rows = [
+        [
+            ch.name,
+            _kind(ch.after.kind),
+            fmt_number(ch.before.mean_abs_grad),
+            fmt_number(ch.after.mean_abs_grad),
+            fmt_times(ch.ratio),
+            fmt_number(ch.before.input_grad_norm),
+            fmt_number(ch.after.input_grad_norm),
+            fmt_times(ch.input_ratio),
+        ]
+        for ch in c.layers
+    ]
     groups = ("mean |grad| of weight", "‖input grad‖")
     # widen the 'before' columns so that each group label fits over its three columns
     mins = [0, 0, 0, 0, 0, 0, 0, 0]
@@ -156,38 +223,76 @@ def comparison_text(c: FlowComparison, width: int) -> str:
     rendered = table(header, rows, width=width, shrink=0, right=[False, False] + [True] * 6, min_widths=mins)
     cols = rendered[1].split("  ")
     starts = [sum(len(x) + 2 for x in cols[:i]) for i in range(len(cols))]
-    spans = [sum(len(x) for x in cols[i:i + 3]) + 4 for i in (2, 5)]
+    spans = [sum(len(x) for x in cols[i : i + 3]) + 4 for i in (2, 5)]
     group = " " * starts[2] + groups[0].center(spans[0]) + "  " + groups[1].center(spans[1])
     lines += ["", group.rstrip(), *rendered]
     if c.added:
         lines += ["", f"added by resify ({len(c.added)}):"]
-        rows = [[r.name, _kind(r.kind), fmt_number(r.mean_abs_grad), fmt_number(r.grad_norm), fmt_number(r.input_grad_norm)]
-                for r in c.added]
-        lines += table(["layer", "kind", "mean|grad|", "‖grad‖", "‖input grad‖"], rows, width=width,
-                        shrink=0, right=[False, False, True, True, True])
+        rows = [
+            [r.name, _kind(r.kind), fmt_number(r.mean_abs_grad), fmt_number(r.grad_norm), fmt_number(r.input_grad_norm)]
+            for r in c.added
+        ]
+        lines += table(
+            ["layer", "kind", "mean|grad|", "‖grad‖", "‖input grad‖"],
+            rows,
+            width=width,
+            shrink=0,
+            right=[False, False, True, True, True],
+        )
     if c.removed:
         lines += textwrap.wrap(f"only before: {', '.join(c.removed)}", width, subsequent_indent="  ")
     return "\n".join(lines)
 
 
 def comparison_markdown(c: FlowComparison) -> str:
-    lines = [f"### Gradient flow: `{c.before.model_class}` → `{c.after.model_class}`", "",
-             f"**{c.headline}**", "",
-             f"- before: {c.before.summary()}", f"- after: {c.after.summary()}", "",
-             _md_row(["layer", "kind", "mean abs grad before", "after", "ratio",
-                      "input grad norm before", "after", "ratio"]),
-             "|:---|:---|" + "---:|" * 6]
+    lines = [
+        f"### Gradient flow: `{c.before.model_class}` → `{c.after.model_class}`",
+        "",
+        f"**{c.headline}**",
+        "",
+        f"- before: {c.before.summary()}",
+        f"- after: {c.after.summary()}",
+        "",
+        _md_row(
+            ["layer", "kind", "mean abs grad before", "after", "ratio", "input grad norm before", "after", "ratio"]
+        ),
+        "|:---|:---|" + "---:|" * 6,
+    ]
     for ch in c.layers:
-        lines.append(_md_row([f"`{ch.name}`", ch.after.kind, fmt_number(ch.before.mean_abs_grad),
-                              fmt_number(ch.after.mean_abs_grad), fmt_times(ch.ratio), fmt_number(ch.before.input_grad_norm),
-                              fmt_number(ch.after.input_grad_norm), fmt_times(ch.input_ratio)]))
+        lines.append(
+            _md_row(
+                [
+                    f"`{ch.name}`",
+                    ch.after.kind,
+                    fmt_number(ch.before.mean_abs_grad),
+                    fmt_number(ch.after.mean_abs_grad),
+                    fmt_times(ch.ratio),
+                    fmt_number(ch.before.input_grad_norm),
+                    fmt_number(ch.after.input_grad_norm),
+                    fmt_times(ch.input_ratio),
+                ]
+            )
+        )
     if c.added:
-        lines += ["", f"Added by resify ({len(c.added)}):", "",
-                  _md_row(["layer", "kind", "mean abs grad", "grad norm", "input grad norm"]),
-                  "|:---|:---|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Added by resify ({len(c.added)}):",
+            "",
+            _md_row(["layer", "kind", "mean abs grad", "grad norm", "input grad norm"]),
+            "|:---|:---|---:|---:|---:|",
+        ]
         for r in c.added:
-            lines.append(_md_row([f"`{r.name}`", r.kind, fmt_number(r.mean_abs_grad), fmt_number(r.grad_norm),
-                                  fmt_number(r.input_grad_norm)]))
+            lines.append(
+                _md_row(
+                    [
+                        f"`{r.name}`",
+                        r.kind,
+                        fmt_number(r.mean_abs_grad),
+                        fmt_number(r.grad_norm),
+                        fmt_number(r.input_grad_norm),
+                    ]
+                )
+            )
     if c.removed:
         lines += ["", "Only before: " + ", ".join(f"`{n}`" for n in c.removed)]
     return "\n".join(lines)
@@ -231,22 +336,43 @@ def plot_flows(flows: Sequence[tuple[str, GradientFlow]], path: str | Path, titl
         color, marker = _STYLE.get(label, _STYLE[""])
         tag = f"{label}: " if label else ""
         shown = [(x, v) for x, v in rel if v is not None]
-        top.plot([x for x, _ in shown], [v if v > 0 else lo * 2 for _, v in shown], marker=marker, ms=4,
-                 color=color, label=f"{tag}{flow.model_class}, {flow.verdict}")
+        top.plot(
+            [x for x, _ in shown],
+            [v if v > 0 else lo * 2 for _, v in shown],
+            marker=marker,
+            ms=4,
+            color=color,
+            label=f"{tag}{flow.model_class}, {flow.verdict}",
+        )
         zeros = [x for x, v in shown if v == 0]
         if zeros:
             top.plot(zeros, [lo * 2] * len(zeros), "v", color=color, ms=7, ls="none", label=f"{tag}zero (underflow)")
         if added:
-            top.plot([x for x, _ in added], [v for _, v in added], marker="D", ls="none", mfc="none",
-                     color=color, ms=5, label=f"{tag}resify projections")
+            top.plot(
+                [x for x, _ in added],
+                [v for _, v in added],
+                marker="D",
+                ls="none",
+                mfc="none",
+                color=color,
+                ms=5,
+                label=f"{tag}resify projections",
+            )
         pos = [(x, v) for x, v in grads if v is not None and v > 0]
         if pos:
-            bottom.plot([x for x, _ in pos], [v for _, v in pos], marker=marker, ms=4, color=color,
-                        label=f"{tag}{flow.model_class}")
+            bottom.plot(
+                [x for x, _ in pos],
+                [v for _, v in pos],
+                marker=marker,
+                ms=4,
+                color=color,
+                label=f"{tag}{flow.model_class}",
+            )
         zx = [x for x, v in grads if v == 0]
         if zx:
-            bottom.plot(zx, [glo * 2] * len(zx), "v", color=color, ms=6, ls="none",
-                        label=f"{tag}zero (e.g. behind a gate at 0)")
+            bottom.plot(
+                zx, [glo * 2] * len(zx), "v", color=color, ms=6, ls="none", label=f"{tag}zero (e.g. behind a gate at 0)"
+            )
     top.set_yscale("log")
     top.set_ylim(lo, hi)
     top.set_ylabel("input-gradient norm\n÷ the last layer's")
@@ -282,16 +408,18 @@ def _plot_series(flow: GradientFlow, xpos: Mapping[str, int]) -> tuple[list, lis
     return rel, grads, added
 
 
-
-
 def _span_label(start: str, end: str) -> str:
     return start if start == end else f"{start} … {end}"
 
 
 def plan_text(plan: Plan, width: int = 100) -> str:
     """The plan as an aligned text table (sites, skipped with reasons, existing, totals)."""
-    lines = textwrap.wrap(f"resify plan for {plan.model_class} ({plan.tracer} trace, {plan.n_layers} layers, "
-                          f"{plan.params_before:,} parameters)", width, subsequent_indent="  ")
+    lines = textwrap.wrap(
+        f"resify plan for {plan.model_class} ({plan.tracer} trace, {plan.n_layers} layers, "
+        f"{plan.params_before:,} parameters)",
+        width,
+        subsequent_indent="  ",
+    )
     if plan.existing:
         lines += ["", f"existing shortcuts ({len(plan.existing)}):"]
         for e in plan.existing:
@@ -299,11 +427,27 @@ def plan_text(plan: Plan, width: int = 100) -> str:
     else:
         lines += ["", "existing shortcuts: none"]
     if plan.sites:
-        rows = [[_span_label(s.start, s.end), f"{_shape(s.in_shape)} -> {_shape(s.out_shape)}",
-                 s.kind if s.projection is None else s.projection, s.gate or "-", f"{s.added_params:,}"]
-                for s in plan.sites]
-        lines += ["", *table(["span", "shape", "shortcut", "gate", "+params"], rows, width=width, shrink=(0, 2),
-                             right=[False, False, False, False, True], cut_end=(2,))]
+        rows = [
+            [
+                _span_label(s.start, s.end),
+                f"{_shape(s.in_shape)} -> {_shape(s.out_shape)}",
+                s.kind if s.projection is None else s.projection,
+                s.gate or "-",
+                f"{s.added_params:,}",
+            ]
+            for s in plan.sites
+        ]
+        lines += [
+            "",
+            *table(
+                ["span", "shape", "shortcut", "gate", "+params"],
+                rows,
+                width=width,
+                shrink=(0, 2),
+                right=[False, False, False, False, True],
+                cut_end=(2,),
+            ),
+        ]
     else:
         lines += ["", "no shortcut will be added"]
     if plan.skipped:

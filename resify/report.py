@@ -66,6 +66,7 @@ JSON schema (``schema_version`` 1)
 ``null`` means "not measured" (no gradient reached it, or a gate has no input); infinities and
 NaN are written as the strings "inf", "-inf" and "nan". ``GradientFlow.from_json`` reads it back.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,13 +80,13 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch.nn.utils import parametrize
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .analyze import NAMESPACE
 from . import render
-from .modules import Shortcut
+from .analyze import NAMESPACE
 from .errors import ResifyError
+from .modules import Shortcut
 from .render import fmt_number, fmt_times
 from .trace import as_inputs, check_device, derive_example_input
 
@@ -143,20 +144,32 @@ class LayerFlow:
 
     def to_dict(self) -> dict:
         return {
-            "name": self.name, "kind": self.kind, "depth": self.depth, "added": self.added,
-            "shape": list(self.shape), "mean_abs_grad": _jnum(self.mean_abs_grad),
-            "grad_norm": _jnum(self.grad_norm), "grad_to_weight": _jnum(self.grad_to_weight),
-            "input_grad_norm": _jnum(self.input_grad_norm), "activation_rms": _jnum(self.activation_rms),
+            "name": self.name,
+            "kind": self.kind,
+            "depth": self.depth,
+            "added": self.added,
+            "shape": list(self.shape),
+            "mean_abs_grad": _jnum(self.mean_abs_grad),
+            "grad_norm": _jnum(self.grad_norm),
+            "grad_to_weight": _jnum(self.grad_to_weight),
+            "input_grad_norm": _jnum(self.input_grad_norm),
+            "activation_rms": _jnum(self.activation_rms),
             "verdict": self.verdict,
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LayerFlow":
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerFlow:
         return cls(
-            name=d["name"], kind=d["kind"], depth=int(d["depth"]), added=bool(d["added"]),
-            shape=tuple(d["shape"]), mean_abs_grad=_pnum(d["mean_abs_grad"]),
-            grad_norm=_pnum(d["grad_norm"]), grad_to_weight=_pnum(d["grad_to_weight"]),
-            input_grad_norm=_pnum(d["input_grad_norm"]), activation_rms=_pnum(d["activation_rms"]),
+            name=d["name"],
+            kind=d["kind"],
+            depth=int(d["depth"]),
+            added=bool(d["added"]),
+            shape=tuple(d["shape"]),
+            mean_abs_grad=_pnum(d["mean_abs_grad"]),
+            grad_norm=_pnum(d["grad_norm"]),
+            grad_to_weight=_pnum(d["grad_to_weight"]),
+            input_grad_norm=_pnum(d["input_grad_norm"]),
+            activation_rms=_pnum(d["activation_rms"]),
             verdict=d["verdict"],
         )
 
@@ -186,11 +199,18 @@ class GradientFlow:
 
     def to_dict(self) -> dict:
         return {
-            "schema_version": REPORT_SCHEMA_VERSION, "kind": "resify.gradient_flow",
-            "model_class": self.model_class, "loss": self.loss, "batches": self.batches,
-            "seed": self.seed, "loss_value": _jnum(self.loss_value), "verdict": self.verdict,
-            "reason": self.reason, "recommendation": self.recommendation,
-            "first_to_last": _jnum(self.first_to_last), "thresholds": _thresholds(),
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "kind": "resify.gradient_flow",
+            "model_class": self.model_class,
+            "loss": self.loss,
+            "batches": self.batches,
+            "seed": self.seed,
+            "loss_value": _jnum(self.loss_value),
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "recommendation": self.recommendation,
+            "first_to_last": _jnum(self.first_to_last),
+            "thresholds": _thresholds(),
             "layers": [r.to_dict() for r in self.layers],
         }
 
@@ -199,17 +219,23 @@ class GradientFlow:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GradientFlow":
+    def from_dict(cls, d: Mapping[str, Any]) -> GradientFlow:
         _check_schema(d, "resify.gradient_flow")
         return cls(
-            model_class=d["model_class"], layers=tuple(LayerFlow.from_dict(r) for r in d["layers"]),
-            verdict=d["verdict"], reason=d["reason"], recommendation=d["recommendation"],
-            first_to_last=_pnum(d["first_to_last"]), loss=d["loss"], loss_value=_pnum(d["loss_value"]),
-            batches=int(d["batches"]), seed=int(d["seed"]),
+            model_class=d["model_class"],
+            layers=tuple(LayerFlow.from_dict(r) for r in d["layers"]),
+            verdict=d["verdict"],
+            reason=d["reason"],
+            recommendation=d["recommendation"],
+            first_to_last=_pnum(d["first_to_last"]),
+            loss=d["loss"],
+            loss_value=_pnum(d["loss_value"]),
+            batches=int(d["batches"]),
+            seed=int(d["seed"]),
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "GradientFlow":
+    def from_json(cls, text: str) -> GradientFlow:
         """Read back what :meth:`to_json` wrote."""
         return cls.from_dict(_loads(text))
 
@@ -257,11 +283,14 @@ class LayerChange:
 
     def to_dict(self) -> dict:
         return {
-            "name": self.name, "kind": self.after.kind,
+            "name": self.name,
+            "kind": self.after.kind,
             "before_mean_abs_grad": _jnum(self.before.mean_abs_grad),
-            "after_mean_abs_grad": _jnum(self.after.mean_abs_grad), "ratio": _jnum(self.ratio),
+            "after_mean_abs_grad": _jnum(self.after.mean_abs_grad),
+            "ratio": _jnum(self.ratio),
             "before_input_grad_norm": _jnum(self.before.input_grad_norm),
-            "after_input_grad_norm": _jnum(self.after.input_grad_norm), "input_ratio": _jnum(self.input_ratio),
+            "after_input_grad_norm": _jnum(self.after.input_grad_norm),
+            "input_ratio": _jnum(self.input_ratio),
         }
 
 
@@ -279,11 +308,15 @@ class FlowComparison:
 
     def to_dict(self) -> dict:
         return {
-            "schema_version": REPORT_SCHEMA_VERSION, "kind": "resify.flow_comparison",
-            "headline": self.headline, "first_layer_ratio": _jnum(self.first_layer_ratio),
-            "before": self.before.to_dict(), "after": self.after.to_dict(),
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "kind": "resify.flow_comparison",
+            "headline": self.headline,
+            "first_layer_ratio": _jnum(self.first_layer_ratio),
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
             "layers": [c.to_dict() for c in self.layers],
-            "added": [r.name for r in self.added], "removed": list(self.removed),
+            "added": [r.name for r in self.added],
+            "removed": list(self.removed),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -291,7 +324,7 @@ class FlowComparison:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "FlowComparison":
+    def from_json(cls, text: str) -> FlowComparison:
         """Rebuild a comparison from :meth:`to_json` output (it is recomputed from both reports)."""
         d = _loads(text)
         _check_schema(d, "resify.flow_comparison")
@@ -306,8 +339,9 @@ class FlowComparison:
 
     def plot(self, path: str | Path) -> Path:
         """Draw both flows against depth (log scale, bands shaded) into a .png or .svg file."""
-        return render.plot_flows([("before", self.before), ("after", self.after)], path,
-                     title=f"{self.before.model_class}: {self.headline}")
+        return render.plot_flows(
+            [("before", self.before), ("after", self.after)], path, title=f"{self.before.model_class}: {self.headline}"
+        )
 
     def __str__(self) -> str:
         return self.to_text()
@@ -366,9 +400,15 @@ def gradient_flow(
             f"{type(model).__name__} has no parametric layer (a module with a weight of 2 or more "
             "dimensions, such as nn.Linear or nn.Conv2d); nothing to report"
         )
-    loss_name = "loss_fn" if loss_fn is not None else (
-        "mse to zeros" if target is None else
-        ("mse to target" if target.is_floating_point() or target.is_complex() else "cross-entropy to target"))
+    loss_name = (
+        "loss_fn"
+        if loss_fn is not None
+        else (
+            "mse to zeros"
+            if target is None
+            else ("mse to target" if target.is_floating_point() or target.is_complex() else "cross-entropy to target")
+        )
+    )
     weights = {name: _stored_weight(m) for name, m in layer_modules.items()}
     weights.update(gates)
     sink = _Sink()
@@ -398,20 +438,33 @@ def gradient_flow(
     for depth, name in enumerate(order):
         fig = figures.get(name, {})
         gnorm, wnorm = fig.get("grad_norm"), fig.get("weight")
-        records.append(LayerFlow(
-            name=name, kind="Gate" if name in gates else _kind(layer_modules[name]),
-            depth=depth, added=_is_added(name), shape=tuple(weights[name].shape),
-            mean_abs_grad=fig.get("mean_abs"), grad_norm=gnorm,
-            grad_to_weight=None if gnorm is None or not wnorm else gnorm / wnorm,
-            input_grad_norm=fig.get("input"), activation_rms=fig.get("rms"),
-        ))
+        records.append(
+            LayerFlow(
+                name=name,
+                kind="Gate" if name in gates else _kind(layer_modules[name]),
+                depth=depth,
+                added=_is_added(name),
+                shape=tuple(weights[name].shape),
+                mean_abs_grad=fig.get("mean_abs"),
+                grad_norm=gnorm,
+                grad_to_weight=None if gnorm is None or not wnorm else gnorm / wnorm,
+                input_grad_norm=fig.get("input"),
+                activation_rms=fig.get("rms"),
+            )
+        )
     if all(r.flow is None for r in records):
         raise ResifyError(
             f"no gradient reached any layer of {type(model).__name__}; check that the loss depends on "
             "the output and that the parameters have requires_grad=True"
         )
-    return _judge(tuple(records), model_class=type(model).__name__, loss=loss_name,
-                  loss_value=figures["loss"], batches=batches, seed=seed)
+    return _judge(
+        tuple(records),
+        model_class=type(model).__name__,
+        loss=loss_name,
+        loss_value=figures["loss"],
+        batches=batches,
+        seed=seed,
+    )
 
 
 def _is_added(name: str) -> bool:
@@ -560,8 +613,9 @@ class _Probe:
     one gradient at a time beside the user's own (which ``_no_trace`` keeps aside).
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module], weights: Mapping[str, torch.Tensor],
-                 model: nn.Module, sink: _Sink) -> None:
+    def __init__(
+        self, layers: Mapping[str, nn.Module], weights: Mapping[str, torch.Tensor], model: nn.Module, sink: _Sink
+    ) -> None:
         self.layers = layers
         self.sink = sink
         self.batch = 0
@@ -634,8 +688,13 @@ class _Probe:
         return hook
 
 
-def _order(model: nn.Module, layers: Mapping[str, nn.Module], gates: Mapping[str, torch.Tensor],
-           called: Mapping[str, int], got_grad: set[str]) -> list[str]:
+def _order(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    gates: Mapping[str, torch.Tensor],
+    called: Mapping[str, int],
+    got_grad: set[str],
+) -> list[str]:
     """Record names in forward order: layers by first call, each gate after the layer it follows.
 
     Gates are placed by the position of their get_attr node in the graph of the GraphModule that
@@ -686,8 +745,13 @@ def _no_trace(model: nn.Module, inputs: tuple[Any, ...], seed: int) -> Iterator[
     grads = [p.grad for p in params]
     buffers = [(b, b.clone()) for b in model.buffers()]
     modes = [(m, m.training) for m in model.modules()]
-    devices = sorted({t.device.index or 0 for t in [*params, *[b for b, _ in buffers], *inputs]
-                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+    devices = sorted(
+        {
+            t.device.index or 0
+            for t in [*params, *[b for b, _ in buffers], *inputs]
+            if isinstance(t, torch.Tensor) and t.device.type == "cuda"
+        }
+    )
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             torch.default_generator.manual_seed(seed)
@@ -783,8 +847,10 @@ def _loss(output: Any, loss_fn: Callable[[Any], torch.Tensor] | None, target: to
             "pass loss_fn=lambda out: ... to combine them"
         )
     out = tensors[0]
-    misfit = (f"the target {tuple(target.shape)} ({target.dtype}) does not fit the output {tuple(out.shape)}; "
-              "pass integer class indices [N] or a float tensor of the output's shape")
+    misfit = (
+        f"the target {tuple(target.shape)} ({target.dtype}) does not fit the output {tuple(out.shape)}; "
+        "pass integer class indices [N] or a float tensor of the output's shape"
+    )
     if target.is_floating_point() or target.is_complex():
         if target.shape != out.shape:
             raise ResifyError(misfit)
@@ -822,14 +888,20 @@ def _judge(records: tuple[LayerFlow, ...], **fields: Any) -> GradientFlow:
     layers = tuple(replace(r, verdict=_layer_verdict(r, last)) for r in records)
     first = own[0].flow if own else None
     ratio = first / last if first is not None and last else None
-    figures = [x for r in records for x in (r.mean_abs_grad, r.grad_norm, r.input_grad_norm, r.activation_rms)
-               if x is not None]
+    figures = [
+        x for r in records for x in (r.mean_abs_grad, r.grad_norm, r.input_grad_norm, r.activation_rms) if x is not None
+    ]
     flows = [r.flow for r in records if r.flow is not None and r.kind != "Gate"]
     where = f"from '{own[0].name}' to '{own[-1].name}'" if own else ""
     if any(not math.isfinite(x) for x in figures):
-        bad = next(r.name for r in records if any(
-            x is not None and not math.isfinite(x)
-            for x in (r.mean_abs_grad, r.grad_norm, r.input_grad_norm, r.activation_rms)))
+        bad = next(
+            r.name
+            for r in records
+            if any(
+                x is not None and not math.isfinite(x)
+                for x in (r.mean_abs_grad, r.grad_norm, r.input_grad_norm, r.activation_rms)
+            )
+        )
         verdict, reason = "exploding", f"a gradient or activation is not finite at '{bad}'"
     elif ratio is not None and ratio > EXPLODING_RATIO:
         verdict, reason = "exploding", f"input gradient grows {fmt_times(ratio)} (> {EXPLODING_RATIO:g}×) {where}"
@@ -838,13 +910,24 @@ def _judge(records: tuple[LayerFlow, ...], **fields: Any) -> GradientFlow:
     elif first is not None and first < ABS_VANISHING:
         verdict, reason = "vanishing", f"the first layer's input gradient is {fmt_number(first)} (< {ABS_VANISHING:g})"
     elif ratio is not None and ratio < VANISHING_RATIO:
-        verdict, reason = "vanishing", f"input gradient first/last = {fmt_number(ratio)} (< {VANISHING_RATIO:g}) {where}"
+        verdict, reason = (
+            "vanishing",
+            f"input gradient first/last = {fmt_number(ratio)} (< {VANISHING_RATIO:g}) {where}",
+        )
     else:
         shown = fmt_number(ratio) if ratio is not None else "n/a"
-        verdict, reason = "healthy", (f"input gradient first/last = {shown} (within {VANISHING_RATIO:g}…"
-                                      f"{EXPLODING_RATIO:g}) {where}")
-    return GradientFlow(layers=layers, verdict=verdict, reason=reason.strip(),
-                        recommendation=_recommend(verdict, layers), first_to_last=ratio, **fields)
+        verdict, reason = (
+            "healthy",
+            (f"input gradient first/last = {shown} (within {VANISHING_RATIO:g}…{EXPLODING_RATIO:g}) {where}"),
+        )
+    return GradientFlow(
+        layers=layers,
+        verdict=verdict,
+        reason=reason.strip(),
+        recommendation=_recommend(verdict, layers),
+        first_to_last=ratio,
+        **fields,
+    )
 
 
 def _recommend(verdict: str, layers: Sequence[LayerFlow]) -> str | None:
@@ -853,9 +936,11 @@ def _recommend(verdict: str, layers: Sequence[LayerFlow]) -> str | None:
     if verdict == "vanishing":
         depth = sum(1 for r in layers if not r.added and r.kind != "Gate")
         if not shortcuts and depth >= DEEP_LAYERS:
-            return (f"try gate='rezero': resify.apply(model, gate='rezero') adds a shortcut around every layer "
-                    f"and starts each branch at zero, which trains {depth} layers in series more reliably "
-                    "than ungated shortcuts")
+            return (
+                f"try gate='rezero': resify.apply(model, gate='rezero') adds a shortcut around every layer "
+                f"and starts each branch at zero, which trains {depth} layers in series more reliably "
+                "than ungated shortcuts"
+            )
         if not shortcuts:
             return "try shortcut='auto': resify.apply(model, shortcut='auto') adds a shortcut around every layer"
         return "try shortcut='auto' with group=1 so that every layer, not only some, gets a shortcut"
@@ -898,8 +983,15 @@ def compare(before: GradientFlow, after: GradientFlow) -> FlowComparison:
     else:
         b, a = first.before.mean_abs_grad, first.after.mean_abs_grad
         headline = f"first layer: mean |grad| {fmt_number(b)} → {fmt_number(a)}; {verdicts}"
-    return FlowComparison(before=before, after=after, layers=changes, added=added, removed=removed,
-                          headline=headline, first_layer_ratio=ratio)
+    return FlowComparison(
+        before=before,
+        after=after,
+        layers=changes,
+        added=added,
+        removed=removed,
+        headline=headline,
+        first_layer_ratio=ratio,
+    )
 
 
 def _change(ratio: float) -> str:
@@ -930,8 +1022,12 @@ def _pnum(x: Any) -> float | None:
 
 
 def _thresholds() -> dict[str, float]:
-    return {"vanishing_ratio": VANISHING_RATIO, "exploding_ratio": EXPLODING_RATIO,
-            "abs_vanishing": ABS_VANISHING, "abs_exploding": ABS_EXPLODING}
+    return {
+        "vanishing_ratio": VANISHING_RATIO,
+        "exploding_ratio": EXPLODING_RATIO,
+        "abs_vanishing": ABS_VANISHING,
+        "abs_exploding": ABS_EXPLODING,
+    }
 
 
 def _loads(text: str) -> dict:
@@ -954,5 +1050,3 @@ def _check_schema(d: Mapping[str, Any], kind: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # plotting (matplotlib is optional: resify[plot])
-
-

@@ -7,6 +7,7 @@ channels change) and the gate, when asked for, is a learnable scalar (rezero) or
 vector (layerscale). Everything new lives under the ``resify`` namespace, on the device and
 dtype of the layer it bridges. Original layers keep their qualified names.
 """
+
 from __future__ import annotations
 
 import operator
@@ -18,8 +19,8 @@ from torch import nn
 
 from .analyze import NAMESPACE
 from .errors import RewriteError
-from .ops import data_input, layer_weight
 from .modules import GATE_PARAMETERS, DualGraphModule, Shortcut
+from .ops import data_input, layer_weight
 from .planner import Plan, Site
 from .trace import TensorInfo, Traced
 
@@ -38,7 +39,9 @@ def _container(gm: nn.Module, path: str, site: Site | None = None) -> nn.Module:
         child = getattr(mod, atom, None)
         if child is None:
             last = i == len(atoms) - 1
-            child = Shortcut(site.gate_init if site is not None and site.gate else None) if last and site else nn.Module()
+            child = (
+                Shortcut(site.gate_init if site is not None and site.gate else None) if last and site else nn.Module()
+            )
             child.training = gm.training
             mod.add_module(atom, child)
         elif not isinstance(child, nn.Module):
@@ -60,7 +63,8 @@ def _projection(site: Site, factory: dict) -> list[tuple[str, nn.Module]]:
     dims = len(site.in_shape) - 2
     stride = site.stride or 1
     mods: list[tuple[str, nn.Module]] = [
-        ("proj", _CONV[dims](cin, cout, kernel_size=1, stride=stride, bias=False, **factory))]
+        ("proj", _CONV[dims](cin, cout, kernel_size=1, stride=stride, bias=False, **factory))
+    ]
     if site.norm:
         mods.append(("norm", _BATCHNORM[site.norm](cout, **factory)))
     return mods
@@ -82,7 +86,9 @@ def _site_factory(gm: nn.Module, nodes: dict[str, torch.fx.Node], site: Site) ->
         anchor = nodes[site.anchor]
         nodes[site.exit]
     except KeyError as e:
-        raise RewriteError(f"the plan names node {e} that is not in this graph; make the plan from the same model") from e
+        raise RewriteError(
+            f"the plan names node {e} that is not in this graph; make the plan from the same model"
+        ) from e
     weight = layer_weight(gm, anchor)
     return {"device": weight.device, "dtype": weight.dtype}
 
@@ -174,12 +180,23 @@ def _widened_layer(m: nn.Module, extra: int) -> nn.Module:
     w = m.weight
     zeros = torch.zeros(w.shape[0], extra, *w.shape[2:], device=w.device, dtype=w.dtype)
     if isinstance(m, nn.Linear):
-        new: nn.Module = nn.Linear(m.in_features + extra, m.out_features, bias=m.bias is not None,
-                                   device=w.device, dtype=w.dtype)
+        new: nn.Module = nn.Linear(
+            m.in_features + extra, m.out_features, bias=m.bias is not None, device=w.device, dtype=w.dtype
+        )
     else:
-        new = type(m)(m.in_channels + extra, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                      dilation=m.dilation, groups=1, bias=m.bias is not None, padding_mode=m.padding_mode,
-                      device=w.device, dtype=w.dtype)
+        new = type(m)(
+            m.in_channels + extra,
+            m.out_channels,
+            m.kernel_size,
+            stride=m.stride,
+            padding=m.padding,
+            dilation=m.dilation,
+            groups=1,
+            bias=m.bias is not None,
+            padding_mode=m.padding_mode,
+            device=w.device,
+            dtype=w.dtype,
+        )
     new.weight.copy_(torch.cat([zeros, w], dim=1))
     if m.bias is not None:
         new.bias.copy_(m.bias)
@@ -282,8 +299,10 @@ def rewrite(traced: Traced, plan: Plan) -> torch.fx.GraphModule:
     graphs = [(graph, plan.sites)]
     if traced.other_graph is not None:
         if plan.other_mode_sites is None:
-            raise RewriteError("the plan was made for one mode of a model whose forward reads self.training; "
-                               "make the plan with resify.plan on the same model")
+            raise RewriteError(
+                "the plan was made for one mode of a model whose forward reads self.training; "
+                "make the plan with resify.plan on the same model"
+            )
         graphs.append((traced.other_graph, plan.other_mode_sites))
     nodes = {n.name: n for n in graph.nodes}
     for site in plan.sites:

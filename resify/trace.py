@@ -8,6 +8,7 @@ on it. Shapes of a symbolic graph come from ``shapes.py`` (rules and meta tensor
 no memory; a real run only when the model needs real values).
 It writes one thing: ``node.meta["resify"]``, a :class:`TensorInfo` for each tensor-valued node.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,19 +18,19 @@ import functools
 import inspect
 import os
 import re
-import types
 import traceback
+import types
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 from torch.fx.node import map_arg
-from torch.nn.utils import parametrize
 from torch.fx.proxy import Attribute, Proxy
+from torch.nn.utils import parametrize
 
 from .errors import ResifyWarning, TraceError
 from .shapes import TensorInfo, fetch, node_keys, record_shapes, state_kept, tensor_info
@@ -37,7 +38,7 @@ from .shapes import TensorInfo, fetch, node_keys, record_shapes, state_kept, ten
 __all__ = ["TensorInfo", "Traced", "trace", "as_inputs", "check_device", "derive_example_input", "LeafSpec"]
 
 #: Module types or glob patterns on qualified module names that the tracer keeps whole.
-LeafSpec = Iterable[Union[type, str]]
+LeafSpec = Iterable[type | str]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -73,8 +74,13 @@ class Traced:
 
 def _plain_state(cls: type) -> bool:
     """True when copying an instance of ``cls`` is copying its ``__dict__`` (no custom pickling hooks)."""
-    return (cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
-            and cls.__getstate__ is nn.Module.__getstate__ and cls.__setstate__ is nn.Module.__setstate__ and "__slots__" not in cls.__dict__)
+    return (
+        cls.__reduce_ex__ is object.__reduce_ex__
+        and cls.__reduce__ is object.__reduce__
+        and cls.__getstate__ is nn.Module.__getstate__
+        and cls.__setstate__ is nn.Module.__setstate__
+        and "__slots__" not in cls.__dict__
+    )
 
 
 def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
@@ -182,9 +188,7 @@ def derive_example_input(model: nn.Module, first_layer: nn.Module | None = None)
         TraceError: the first layer does not fix the input shape; the message suggests one.
     """
     if first_layer is None:
-        first_layer = next(
-            (m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None
-        )
+        first_layer = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
     param = _first_parameter(model)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else torch.device("cpu")
@@ -366,8 +370,11 @@ def _user_frame(e: BaseException) -> str:
 def _raised_by_user(e: BaseException) -> bool:
     """True when the innermost frame of ``e`` is the user's code (a ``raise`` in forward)."""
     frames = traceback.extract_tb(e.__traceback__)
-    return bool(frames) and not frames[-1].filename.startswith(_TORCH_DIR) and \
-        os.path.basename(os.path.dirname(frames[-1].filename)) != "resify"
+    return (
+        bool(frames)
+        and not frames[-1].filename.startswith(_TORCH_DIR)
+        and os.path.basename(os.path.dirname(frames[-1].filename)) != "resify"
+    )
 
 
 def _one_line(e: BaseException) -> str:
@@ -406,25 +413,33 @@ def _call_for(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
     where = f"{cls.__name__}.forward({', '.join(str(p) for p in params)})"
     extra = [k for k in kwargs if k not in names]
     if extra and not var_kw:
-        raise TraceError(f"example_kwargs names {', '.join(map(repr, extra))}, which {where} does not take; "
-                         f"it takes {', '.join(names) or 'no named input'}")
+        raise TraceError(
+            f"example_kwargs names {', '.join(map(repr, extra))}, which {where} does not take; "
+            f"it takes {', '.join(names) or 'no named input'}"
+        )
     if len(inputs) > len(positional) and _P.VAR_POSITIONAL not in kinds:
-        raise TraceError(f"example_input has {len(inputs)} inputs but {where} takes {len(positional)} by position; "
-                         "pass the others by name with example_kwargs")
-    given = positional[:len(inputs)]
+        raise TraceError(
+            f"example_input has {len(inputs)} inputs but {where} takes {len(positional)} by position; "
+            "pass the others by name with example_kwargs"
+        )
+    given = positional[: len(inputs)]
     twice = [p.name for p in given if p.name in kwargs]
     if twice:
-        raise TraceError(f"{', '.join(map(repr, twice))} given both in example_input and in example_kwargs; give it once")
+        raise TraceError(
+            f"{', '.join(map(repr, twice))} given both in example_input and in example_kwargs; give it once"
+        )
     rest = [p for p in named if p not in given]
     missing = [p.name for p in rest if p.default is _P.empty and p.name not in kwargs]
     if missing:
         raise TraceError(
             f"the model's forward takes an input '{missing[0]}' that example_input does not provide (found "
             f"{len(inputs)} input(s)) in {where}; pass a tuple with one tensor per input, or name it: "
-            f"example_kwargs={{'{missing[0]}': ...}} (CLI: --input-kwarg {missing[0]}=SHAPE)")
+            f"example_kwargs={{'{missing[0]}': ...}} (CLI: --input-kwarg {missing[0]}=SHAPE)"
+        )
     # left at their defaults, or given as plain values (use_cache=False): specialised, not traced
-    concrete = {p.name: kwargs.get(p.name, p.default) for p in rest
-                if p.name not in kwargs or not _holds_tensor(kwargs[p.name])}
+    concrete = {
+        p.name: kwargs.get(p.name, p.default) for p in rest if p.name not in kwargs or not _holds_tensor(kwargs[p.name])
+    }
     concrete.update({k: v for k, v in kwargs.items() if k in extra and not _holds_tensor(v)})
     simple = not kwargs and not (kinds & {_P.VAR_POSITIONAL, _P.VAR_KEYWORD, _P.KEYWORD_ONLY, _P.POSITIONAL_ONLY})
     if simple:
@@ -435,12 +450,11 @@ def _call_for(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
     head = [p.name for p in given] + [f"arg_{i}" for i in range(n_extra_pos)]
     tail = [f"{n}=__defaults[{n!r}]" if n in concrete else n for n in [p.name for p in rest] + extra]
     tail = [t for t in tail if "=" not in t] + [t for t in tail if "=" in t]  # required ones first
-    call = [p.name for p in given] + ([f"*({', '.join(head[len(given):])},)"] if n_extra_pos else [])
+    call = [p.name for p in given] + ([f"*({', '.join(head[len(given) :])},)"] if n_extra_pos else [])
     call += [f"{n}={n}" for n in [p.name for p in rest] + extra]
-    src = (f"def forward(self, {', '.join(head + tail)}):\n"
-           f"    return __forward(self, {', '.join(call)})\n")
+    src = f"def forward(self, {', '.join(head + tail)}):\n    return __forward(self, {', '.join(call)})\n"
     scope: dict[str, Any] = {"__forward": cls.forward, "__defaults": {p.name: p.default for p in rest} | concrete}
-    exec(src, scope)  # noqa: S102 - source built from the model's own parameter names
+    exec(src, scope)
     ordered = [t.split("=")[0] for t in tail]
     by_name = {**{p.name: concrete.get(p.name) for p in rest}, **kwargs, **concrete}
     return _Call(scope["forward"], concrete, (*inputs, *(by_name[n] for n in ordered)))
@@ -570,17 +584,20 @@ def trace(
                 f"{_one_line(symbolic_error)}; tracing on the example input {shapes} failed{_user_frame(e)}"
                 f"{_current_module(ctracer)}: {_one_line(e)}; "
                 "try leaf_modules=[...] (CLI: --leaf) for the module named, or check the example input's shape"
-                + (" (a forward with use_cache builds a cache object as it runs: try "
-                   "example_kwargs={'use_cache': False})" if _takes(private, "use_cache") and
-                   "use_cache" not in kwargs else "")
+                + (
+                    " (a forward with use_cache builds a cache object as it runs: try "
+                    "example_kwargs={'use_cache': False})"
+                    if _takes(private, "use_cache") and "use_cache" not in kwargs
+                    else ""
+                )
             ) from e
         _record_concrete_shapes(graph, ctracer)
         if ctracer.specialised:
             warnings.warn(
                 f"{name} has data-dependent control flow{where} that symbolic tracing cannot capture "
                 f"({_one_line(symbolic_error)}); traced it on the example input instead: the converted "
-                "model is valid for inputs shaped like " + ", ".join(
-                    str(list(t.shape)) for t in inputs if isinstance(t, torch.Tensor)),
+                "model is valid for inputs shaped like "
+                + ", ".join(str(list(t.shape)) for t in inputs if isinstance(t, torch.Tensor)),
                 ResifyWarning,
                 stacklevel=3,
             )
@@ -591,7 +608,7 @@ def trace(
 _TRAINING = re.compile(r"\btraining\b")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _class_reads_training(cls: type) -> bool:
     """True when the source of ``cls`` (or a base outside torch.nn) mentions ``training``."""
     for klass in cls.__mro__:
@@ -609,9 +626,10 @@ def _class_reads_training(cls: type) -> bool:
 _READS: list[list] = []  # the lists the probes of the traces now running record into
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_class(cls: type) -> type:
     """``cls`` with ``training`` as a property that records each read (and stores the same bool)."""
+
     def get(self: nn.Module) -> bool:
         if _READS:
             _READS[-1].append(self)
@@ -620,8 +638,11 @@ def _probe_class(cls: type) -> type:
     def set_(self: nn.Module, value: bool) -> None:
         self.__dict__["training"] = value
 
-    return type(cls.__name__, (cls,), {"training": property(get, set_), "__module__": cls.__module__,
-                                       "__qualname__": cls.__qualname__})
+    return type(
+        cls.__name__,
+        (cls,),
+        {"training": property(get, set_), "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+    )
 
 
 @contextlib.contextmanager
@@ -635,8 +656,11 @@ def _training_probe(root: nn.Module, reads: list | None) -> Iterator[None]:
     if reads is None:
         yield
         return
-    swapped = [(m, type(m)) for m in root.modules()
-               if not type(m).__module__.startswith("torch.nn") and _class_reads_training(type(m))]
+    swapped = [
+        (m, type(m))
+        for m in root.modules()
+        if not type(m).__module__.startswith("torch.nn") and _class_reads_training(type(m))
+    ]
     for m, cls in swapped:
         m.__class__ = _probe_class(cls)
     _READS.append(reads)
@@ -655,8 +679,9 @@ def _doubled(value: Any) -> Any:
     return value
 
 
-def _traced_with_shapes(private: nn.Module, call: _Call, leaves: list, tracer_used: str,
-                        first: torch.fx.Graph, same_inputs: bool = True) -> torch.fx.Graph | None:
+def _traced_with_shapes(
+    private: nn.Module, call: _Call, leaves: list, tracer_used: str, first: torch.fx.Graph, same_inputs: bool = True
+) -> torch.fx.Graph | None:
     """The other mode's graph with its shapes (those of nodes the first graph has taken from it, on
     the same inputs); None where it is the first graph again."""
     if tracer_used == "symbolic":
@@ -682,8 +707,9 @@ def _record_concrete_shapes(graph: torch.fx.Graph, ctracer: _ConcreteTracer) -> 
         n.meta["resify"] = tensor_info(ctracer.values.get(n))
 
 
-def _other_mode_graph(private: nn.Module, model: nn.Module, graph: torch.fx.Graph, call: _Call,
-                      leaves: list, tracer_used: str) -> torch.fx.Graph | None:
+def _other_mode_graph(
+    private: nn.Module, model: nn.Module, graph: torch.fx.Graph, call: _Call, leaves: list, tracer_used: str
+) -> torch.fx.Graph | None:
     """The graph of ``private`` traced in the other mode, with shapes; None when it is the same graph.
 
     The copy's containers start again from the user's (a cache the first trace filled holds its

@@ -1,4 +1,5 @@
 """The seed guide's networks and gradient printer, copied as written: the independent references."""
+
 import torch
 import torch.nn as nn
 
@@ -7,13 +8,15 @@ class ExampleDeepNeuralNetwork(nn.Module):
     def __init__(self, layer_sizes, use_shortcut):
         super().__init__()
         self.use_shortcut = use_shortcut
-        self.layers = nn.ModuleList([
-            nn.Sequential(nn.Linear(layer_sizes[0], layer_sizes[1]), nn.GELU()),
-            nn.Sequential(nn.Linear(layer_sizes[1], layer_sizes[2]), nn.GELU()),
-            nn.Sequential(nn.Linear(layer_sizes[2], layer_sizes[3]), nn.GELU()),
-            nn.Sequential(nn.Linear(layer_sizes[3], layer_sizes[4]), nn.GELU()),
-            nn.Sequential(nn.Linear(layer_sizes[4], layer_sizes[5]), nn.GELU())
-        ])
+        self.layers = nn.ModuleList(
+            [
+                nn.Sequential(nn.Linear(layer_sizes[0], layer_sizes[1]), nn.GELU()),
+                nn.Sequential(nn.Linear(layer_sizes[1], layer_sizes[2]), nn.GELU()),
+                nn.Sequential(nn.Linear(layer_sizes[2], layer_sizes[3]), nn.GELU()),
+                nn.Sequential(nn.Linear(layer_sizes[3], layer_sizes[4]), nn.GELU()),
+                nn.Sequential(nn.Linear(layer_sizes[4], layer_sizes[5]), nn.GELU()),
+            ]
+        )
 
     def forward(self, x):
         for layer in self.layers:
@@ -33,25 +36,20 @@ class ImprovedResidualNetwork(nn.Module):
         self.layers = nn.ModuleList()
         self.projections = nn.ModuleList()
 
-        for i in range(len(layer_sizes)-1):
+        for i in range(len(layer_sizes) - 1):
             # Main transformation layer
-            self.layers.append(
-                nn.Sequential(
-                    nn.Linear(layer_sizes[i], layer_sizes[i+1]),
-                    nn.GELU()
-                )
-            )
+            self.layers.append(nn.Sequential(nn.Linear(layer_sizes[i], layer_sizes[i + 1]), nn.GELU()))
 
             # Projection layer for dimension matching
-            if use_shortcut and layer_sizes[i] != layer_sizes[i+1]:
-                self.projections.append(nn.Linear(layer_sizes[i], layer_sizes[i+1]))
+            if use_shortcut and layer_sizes[i] != layer_sizes[i + 1]:
+                self.projections.append(nn.Linear(layer_sizes[i], layer_sizes[i + 1]))
             else:
                 self.projections.append(None)
 
     def forward(self, x):
         for i, layer in enumerate(self.layers):
-            identity = x          # Store input
-            x = layer(x)         # Apply transformation
+            identity = x  # Store input
+            x = layer(x)  # Apply transformation
 
             if self.use_shortcut:
                 # Match dimensions if needed
@@ -76,22 +74,30 @@ def print_gradients(model, x):
     print("Gradient Analysis:")
     print("-" * 50)
     for name, param in model.named_parameters():
-        if 'weight' in name and param.grad is not None:
+        if "weight" in name and param.grad is not None:
             grad_mean = param.grad.abs().mean().item()
             print(f"{name}: gradient mean = {grad_mean:.6f}")
 
 
 def vgg_style_cnn(in_channels=3, num_classes=10):
     """A plain VGG-style CNN: conv/bn/relu blocks, channel changes, max-pooling, no shortcut."""
+
     def block(cin, cout, pool):
         layers = [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
         if pool:
             layers.append(nn.MaxPool2d(2))
         return layers
+
     return nn.Sequential(
-        *block(in_channels, 16, False), *block(16, 16, False), *block(16, 32, True),
-        *block(32, 32, False), *block(32, 64, True), *block(64, 64, False),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
+        *block(in_channels, 16, False),
+        *block(16, 16, False),
+        *block(16, 32, True),
+        *block(32, 32, False),
+        *block(32, 64, True),
+        *block(64, 64, False),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, num_classes),
     )
 
 

@@ -1,4 +1,5 @@
 """The command line, with click's CliRunner and a fresh interpreter for the converted model."""
+
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ SEED = str(ROOT / "examples" / "seed_mlp.py")
 VGG = str(ROOT / "examples" / "vgg_cnn.py")
 try:  # a test extra; without it, torchvision:NAME must say how to install it
     import torchvision  # noqa: F401
+
     HAS_TORCHVISION = True
 except ImportError:
     HAS_TORCHVISION = False
@@ -90,13 +92,16 @@ def test_convert_then_load_in_a_fresh_interpreter(tmp_path, spec, extra):
     assert line.startswith("import runpy; model = runpy.run_path(")
     # the same conversion in-process
     from resify.loading import load_model
+
     loaded = load_model(spec)
     policy = {"gate": "layerscale"} if extra else {}
     expected_model = resify.apply(loaded.model, loaded.example_input, **policy).eval()
     x = loaded.example_input
     torch.save(x, tmp_path / "x.pt")
-    script = f"{line}\nimport torch\nmodel.eval()\nx = torch.load({str(tmp_path / 'x.pt')!r})\n" \
-             f"torch.save(model(x), {str(tmp_path / 'y.pt')!r})\n"
+    script = (
+        f"{line}\nimport torch\nmodel.eval()\nx = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"torch.save(model(x), {str(tmp_path / 'y.pt')!r})\n"
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     with torch.no_grad():
@@ -118,13 +123,20 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     syntax = _write(tmp_path, "syntax.py", "def broken(:\n")
     failing = _write(tmp_path, "failing.py", "import torch\nraise RuntimeError('no GPU here')\n")
     empty = _write(tmp_path, "empty.py", "x = 1\n")
-    several = _write(tmp_path, "several.py", """
+    several = _write(
+        tmp_path,
+        "several.py",
+        """
         import torch.nn as nn
         a = nn.Linear(2, 2)
         def build_model():
             return nn.Linear(3, 3)
-    """)
-    untraceable = _write(tmp_path, "untraceable.py", """
+    """,
+    )
+    untraceable = _write(
+        tmp_path,
+        "untraceable.py",
+        """
         import torch, torch.nn as nn
         class M(nn.Module):
             def __init__(self):
@@ -133,7 +145,8 @@ def test_errors_are_one_line_without_traceback(tmp_path):
             def forward(self, x):
                 return self.fc(torch.from_numpy(x.numpy()))
         model = M()
-    """)
+    """,
+    )
     a_file = _write(tmp_path, "a_file.txt", "not a folder")
     cases = [
         (["inspect", str(tmp_path / "missing.py")], 2, "not found"),
@@ -144,11 +157,20 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         (["inspect", f"{several}:nothing"], 2, "has no attribute 'nothing'"),
         (["inspect", f"{empty}:x"], 2, "is a int, not an nn.Module"),
         (["inspect", untraceable, "--input-shape", "2,4"], 1, "could not trace M"),
-        (["inspect", SEED, "--input-shape", "10,99"], 1, "layer 'layers.0.0' (Linear) rejected input of shape [10, 99]"),
+        (
+            ["inspect", SEED, "--input-shape", "10,99"],
+            1,
+            "layer 'layers.0.0' (Linear) rejected input of shape [10, 99]",
+        ),
         (["inspect", SEED, "--input-shape", "ten"], 2, "--input-shape expects positive integers"),
         (["inspect", SEED, "--shortcut", "sideways"], 2, "Invalid value for '--shortcut'"),
-        (["inspect", "torchvision:resnet9000"], 2, "torchvision has no model 'resnet9000'" if HAS_TORCHVISION
-         else "torchvision:NAME needs torchvision; pip install torchvision"),
+        (
+            ["inspect", "torchvision:resnet9000"],
+            2,
+            "torchvision has no model 'resnet9000'"
+            if HAS_TORCHVISION
+            else "torchvision:NAME needs torchvision; pip install torchvision",
+        ),
         (["convert", SEED, "-o", str(Path(a_file) / "out")], 1, "cannot write to"),
     ]
     for args, status, message in cases:
@@ -168,6 +190,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_export_names_settings_a_repr_leaves_out():
     from resify.export import _constructor
+
     expr = _constructor(torch.nn.AvgPool2d(2, ceil_mode=True), "p")
     assert "ceil_mode=True" in expr and eval(expr, {"nn": torch.nn}).ceil_mode
 
@@ -180,9 +203,16 @@ def test_export_round_trip_keeps_pooled_shortcuts_exact_on_odd_sizes(tmp_path):
     from resify.export import load, save
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-                          nn.Flatten(), nn.Linear(8 * 2 * 2, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2, ceil_mode=True),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2, ceil_mode=True),
+        nn.Flatten(),
+        nn.Linear(8 * 2 * 2, 3),
+    ).eval()
     x = torch.randn(2, 3, 7, 7)
     converted = resify.apply(model, x).eval()
     assert any(s.pool for s in converted.meta["resify_plan"].sites)
@@ -194,7 +224,8 @@ def test_export_round_trip_keeps_pooled_shortcuts_exact_on_odd_sizes(tmp_path):
 def test_convert_keeps_what_forward_does_in_each_mode(tmp_path):
     """A model whose forward reads self.training: the written model.py has a forward per mode."""
     model_file = tmp_path / "noisy.py"
-    model_file.write_text(textwrap.dedent("""
+    model_file.write_text(
+        textwrap.dedent("""
         import torch
         import torch.nn as nn
         import torch.nn.functional as F
@@ -211,7 +242,8 @@ def test_convert_keeps_what_forward_does_in_each_mode(tmp_path):
 
         torch.manual_seed(0)
         model = Noisy()
-    """))
+    """)
+    )
     out = tmp_path / "out"
     code, text = run("convert", model_file, "-o", out)
     assert code == 0, text
@@ -229,7 +261,8 @@ def test_convert_keeps_what_forward_does_in_each_mode(tmp_path):
 
 def test_the_loader_ignores_losses_and_loop_variables(tmp_path):
     model_file = tmp_path / "train.py"
-    model_file.write_text(textwrap.dedent("""
+    model_file.write_text(
+        textwrap.dedent("""
         import torch.nn as nn
 
         model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -237,7 +270,8 @@ def test_the_loader_ignores_losses_and_loop_variables(tmp_path):
         for m in model.modules():  # leaves m, a submodule of model: not a model either
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
-    """))
+    """)
+    )
     code, out = run("inspect", model_file, "--no-report")
     assert code == 0, out
     assert "train.py:model" in out and "total: 2 shortcut(s)" in out
@@ -245,7 +279,8 @@ def test_the_loader_ignores_losses_and_loop_variables(tmp_path):
 
 def test_token_models_take_an_integer_dtype_and_inputs_by_name(tmp_path):
     model_file = tmp_path / "tokens.py"
-    model_file.write_text(textwrap.dedent("""
+    model_file.write_text(
+        textwrap.dedent("""
         import torch
         import torch.nn as nn
 
@@ -262,11 +297,21 @@ def test_token_models_take_an_integer_dtype_and_inputs_by_name(tmp_path):
                 return self.out(torch.relu(self.fc2(torch.relu(self.fc1(h)))))
 
         model = Tagger()
-    """))
+    """)
+    )
     code, out = run("inspect", model_file, "--input-shape", "2,7", "--no-report")
     assert code == 1 and "rejected input of dtype float32" in out and "--dtype int64" in out, out
-    code, out = run("inspect", model_file, "--input-shape", "2,7", "--dtype", "int64",
-                    "--input-kwarg", "attention_mask=2,7", "--no-report")
+    code, out = run(
+        "inspect",
+        model_file,
+        "--input-shape",
+        "2,7",
+        "--dtype",
+        "int64",
+        "--input-kwarg",
+        "attention_mask=2,7",
+        "--no-report",
+    )
     assert code == 0, out
     assert "total: 2 shortcut(s)" in out
     code, out = run("inspect", model_file, "--input-shape", "2,7", "--dtype", "int64", "--input-kwarg", "nope")

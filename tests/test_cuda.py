@@ -4,13 +4,14 @@ Skipped where no GPU is present (CI has none); run on a GPU machine with ``pytho
 Tolerances: float32 MLPs 1e-5 (cuBLAS matmuls without TF32); convolutions (TF32 off) 1e-4 relative, since
 cuDNN sums in another order than the CPU; bfloat16 is compared within its own precision.
 """
+
 import pytest
 import torch
 import torch.nn as nn
-
-import resify
 from reference import ImprovedResidualNetwork, assert_every_parameter_has_grad, vgg_style_cnn
 from test_seed import _copy_seed_weights
+
+import resify
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda", 0)
@@ -69,8 +70,9 @@ def test_cnn_on_cuda_keeps_outputs_with_preserve_output_and_matches_the_cpu(gate
 
 def test_bfloat16_model_gets_bfloat16_shortcuts_on_cuda():
     torch.manual_seed(2)
-    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(64, 64), nn.GELU())], nn.Linear(64, 32),
-                          nn.GELU(), nn.Linear(32, 10)).to(CUDA, torch.bfloat16)
+    model = nn.Sequential(
+        *[m for _ in range(6) for m in (nn.Linear(64, 64), nn.GELU())], nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 10)
+    ).to(CUDA, torch.bfloat16)
     x = torch.randn(8, 64, device=CUDA, dtype=torch.bfloat16)
     converted = resify.apply(model, x, gate="rezero", preserve_output=True)
     assert {(p.device, p.dtype) for p in converted.parameters()} == {(CUDA, torch.bfloat16)}

@@ -1,17 +1,24 @@
 """shortcut='dense': DenseNet-style concatenation that keeps the model's function at conversion."""
+
 import pytest
 import torch
 import torch.nn as nn
+from reference import ImprovedResidualNetwork, assert_every_parameter_has_grad, vgg_style_cnn
 
 import resify
-from reference import ImprovedResidualNetwork, assert_every_parameter_has_grad, vgg_style_cnn
 
 
 def ln_mlp():
     return nn.Sequential(
-        nn.Linear(20, 32), nn.LayerNorm(32), nn.GELU(),
-        nn.Linear(32, 32), nn.LayerNorm(32), nn.GELU(),
-        nn.Linear(32, 16), nn.LayerNorm(16), nn.GELU(),
+        nn.Linear(20, 32),
+        nn.LayerNorm(32),
+        nn.GELU(),
+        nn.Linear(32, 32),
+        nn.LayerNorm(32),
+        nn.GELU(),
+        nn.Linear(32, 16),
+        nn.LayerNorm(16),
+        nn.GELU(),
         nn.Linear(16, 4),
     )
 
@@ -57,13 +64,21 @@ def test_dense_plan_shows_consumer_growth_and_skips_with_reasons():
     plan = resify.plan(ImprovedResidualNetwork([128, 64, 32, 16, 8, 1], False), torch.randn(2, 128), shortcut="dense")
     # DenseNet-style: each consumer receives every earlier feature map
     assert [(s.consumer, s.extra_channels) for s in plan.sites] == [
-        ("layers.1.0", 128), ("layers.2.0", 192), ("layers.3.0", 224), ("layers.4.0", 240)]
+        ("layers.1.0", 128),
+        ("layers.2.0", 192),
+        ("layers.3.0", 224),
+        ("layers.4.0", 240),
+    ]
     assert plan.sites[0].added_params == 128 * 32
     assert plan.skipped[0].reason == "the span's output is the model's output: there is no layer to widen"
     assert "widens layers.1.0 by 128" in str(plan)
 
-    bounded = resify.plan(ImprovedResidualNetwork([128, 64, 32, 16, 8, 1], False), torch.randn(2, 128),
-                          shortcut="dense", dense_max_growth=150)
+    bounded = resify.plan(
+        ImprovedResidualNetwork([128, 64, 32, 16, 8, 1], False),
+        torch.randn(2, 128),
+        shortcut="dense",
+        dense_max_growth=150,
+    )
     assert [s.extra_channels for s in bounded.sites] == [128, 32, 48]
     assert "more than dense_max_growth=150" in bounded.skipped[0].reason
 
@@ -75,10 +90,13 @@ def test_dense_pools_the_shortcut_where_the_span_downsamples():
     assert "'21' (Flatten)" in {s.start: s.reason for s in plan.skipped}["17"]
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"shortcut": "dense", "gate": "rezero"}, "does not combine with shortcut='dense'"),
-    ({"dense_max_growth": 10}, "dense_max_growth must be a positive integer used with shortcut='dense'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"shortcut": "dense", "gate": "rezero"}, "does not combine with shortcut='dense'"),
+        ({"dense_max_growth": 10}, "dense_max_growth must be a positive integer used with shortcut='dense'"),
+    ],
+)
 def test_dense_policy_errors(kwargs, match):
     with pytest.raises(resify.PlanError, match=match):
         resify.plan(ImprovedResidualNetwork([8, 8], False), **kwargs)

@@ -4,23 +4,24 @@ Each case is a small model written in a style that once broke a conversion (test
 rule checked: for every input the original accepts, in train and eval mode, the converted model
 runs, returns the same shape and, with ``preserve_output=True``, the same values (rtol 1e-5).
 """
+
 import copy
 import pickle
 
 import pytest
+import styles
 import torch
 import torch.nn as nn
+from reference import assert_every_parameter_has_grad
 
 import resify
-import styles
-from reference import assert_every_parameter_has_grad
 
 
 def _runs(model, x):
     try:
         with torch.no_grad():
             return model(x), None
-    except Exception as e:  # noqa: BLE001 - the test compares whether both raise
+    except Exception as e:
         return None, e
 
 
@@ -54,7 +55,7 @@ def test_converted_model_runs_exactly_where_the_original_runs(build, example, ot
         assert got.shape == want.shape, shape
         torch.manual_seed(1)
         same, _ = _runs(copy.deepcopy(preserved), x)
-        torch.testing.assert_close(same, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{shape}: {m}")
+        torch.testing.assert_close(same, want, rtol=1e-5, atol=1e-6, msg=lambda m, shape=shape: f"{shape}: {m}")
 
 
 def test_the_example_size_is_not_baked_into_pooled_shortcuts():
@@ -113,8 +114,12 @@ class TestTrainingFlag:
 
     def test_both_graphs_share_one_set_of_modules_and_parameters(self):
         converted = resify.apply(styles.NoisyTrainer(), torch.randn(4, 8), gate="rezero")
-        targets = {str(n.target) for g in (converted.train_graph, converted.eval_graph)
-                   for n in g.nodes if n.op in ("call_module", "get_attr")}
+        targets = {
+            str(n.target)
+            for g in (converted.train_graph, converted.eval_graph)
+            for n in g.nodes
+            if n.op in ("call_module", "get_attr")
+        }
         assert "resify.fc1.alpha" in targets
         plan = converted.meta["resify_plan"]
         names = [n for n, _ in converted.named_parameters()]
@@ -158,10 +163,13 @@ class TestTrainingFlag:
         assert not isinstance(resify.apply(Reads(), torch.randn(2, 4)), resify.DualGraphModule)
 
 
-@pytest.mark.parametrize("build,x,last", [
-    (styles.DCGANGenerator, torch.randn(3, 8), "net.8"),
-    (styles.sigmoid_autoencoder, torch.randn(3, 64), "6"),
-])
+@pytest.mark.parametrize(
+    "build,x,last",
+    [
+        (styles.DCGANGenerator, torch.randn(3, 8), "net.8"),
+        (styles.sigmoid_autoencoder, torch.randn(3, 64), "6"),
+    ],
+)
 def test_no_shortcut_crosses_a_bounded_output_activation(build, x, last):
     torch.manual_seed(0)
     model = build()

@@ -3,6 +3,7 @@
 Runs benchmarks/efficacy_digits.py's own functions (one seed, a 32-layer GELU MLP, 3 epochs,
 a few seconds); asserts accuracy, not time.
 """
+
 import os
 import sys
 
@@ -12,7 +13,7 @@ import torch
 pytest.importorskip("sklearn")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-import efficacy_digits as bench  # noqa: E402
+import efficacy_digits as bench
 
 
 @pytest.fixture(scope="module")

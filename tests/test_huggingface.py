@@ -1,5 +1,6 @@
 """Hugging Face transformers built from tiny configs (nothing downloaded): forward(input_ids,
 attention_mask=None, ..., **kwargs), traced with what is given and everything else at its default."""
+
 import warnings
 
 import pytest
@@ -14,15 +15,30 @@ _TEXT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_h
 # name -> (model, extra example_kwargs); every one has 2 blocks, so 4 residuals
 MODELS = {
     "bert": lambda: (T.BertModel(T.BertConfig(**_TEXT)), {}),
-    "distilbert": lambda: (T.DistilBertModel(T.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4,
-                                                                  hidden_dim=37)), {}),
-    "t5_encoder": lambda: (T.T5EncoderModel(T.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2,
-                                                         num_heads=4)), {}),
+    "distilbert": lambda: (
+        T.DistilBertModel(T.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37)),
+        {},
+    ),
+    "t5_encoder": lambda: (
+        T.T5EncoderModel(T.T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)),
+        {},
+    ),
     "gpt2": lambda: (T.GPT2Model(T.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4)), {"use_cache": False}),
     "llama": lambda: (T.LlamaModel(T.LlamaConfig(**_TEXT, num_key_value_heads=2)), {"use_cache": False}),
     "qwen2": lambda: (T.Qwen2Model(T.Qwen2Config(**_TEXT, num_key_value_heads=2)), {"use_cache": False}),
-    "vit": lambda: (T.ViTModel(T.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
-                                           num_attention_heads=4, intermediate_size=37)), {}),
+    "vit": lambda: (
+        T.ViTModel(
+            T.ViTConfig(
+                image_size=16,
+                patch_size=4,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=37,
+            )
+        ),
+        {},
+    ),
 }
 
 

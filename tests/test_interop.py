@@ -1,5 +1,6 @@
 """Converted models under the usual PyTorch machinery (CPU): compile, export, ONNX, TorchScript,
 pickling, DDP and FSDP2 over gloo, and the meta-device construction workflow."""
+
 import copy
 import datetime
 import io
@@ -7,21 +8,26 @@ import os
 import sys
 
 import pytest
+import styles
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from reference import assert_every_parameter_has_grad
 
 import resify
-import styles
-from reference import assert_every_parameter_has_grad
 
 # (builder, example input shape): a CNN with pooled and strided projections, an MLP, a model
 # whose forward reads self.training (a DualGraphModule)
 MODELS = [(styles.small_cnn, (2, 3, 32, 32)), (styles.deep_mlp, (2, 8)), (styles.NoisyTrainer, (4, 8))]
 IDS = [b.__name__ for b, _ in MODELS]
-GATES = [{}, {"gate": "rezero"}, {"gate": "layerscale"}, {"preserve_output": True},
-         {"gate": "rezero", "preserve_output": True}]
+GATES = [
+    {},
+    {"gate": "rezero"},
+    {"gate": "layerscale"},
+    {"preserve_output": True},
+    {"gate": "rezero", "preserve_output": True},
+]
 
 
 def _converted(build, shape, **policy):
@@ -61,8 +67,9 @@ def test_onnx_export_runs_in_onnxruntime_with_equal_outputs(build, shape):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     _, converted = _converted(build, shape, gate="rezero", gate_init=0.3)
-    program = torch.onnx.export(converted, (_batch(shape, 2),), dynamo=True, verbose=False,
-                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program = torch.onnx.export(
+        converted, (_batch(shape, 2),), dynamo=True, verbose=False, dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
     session = ort.InferenceSession(program.model_proto.SerializeToString())
     x = _batch(shape, 3)
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
@@ -87,6 +94,7 @@ def test_torchscript_and_torch_save(build, shape, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # meta-device construction: build on meta, convert, to_empty, reset_parameters
+
 
 def _reset_all(model, seed):
     torch.manual_seed(seed)
@@ -113,8 +121,9 @@ def test_meta_device_workflow_gives_the_model_converted_on_the_cpu(policy):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     gates = {k: v for k, v in a.items() if k.rsplit(".", 1)[-1] in ("alpha", "gamma", "beta")}
-    assert len(gates) == len(from_cpu.meta["resify_plan"].sites) * (bool(policy.get("gate"))
-                                                                     + policy.get("preserve_output", False))
+    assert len(gates) == len(from_cpu.meta["resify_plan"].sites) * (
+        bool(policy.get("gate")) + policy.get("preserve_output", False)
+    )
     for k, v in gates.items():  # not uninitialised memory: their initial values
         want = 0.0 if k.endswith("beta") else from_cpu.meta["resify_plan"].policy.effective_gate_init
         assert torch.all(v == want), k
@@ -139,9 +148,11 @@ def test_shortcut_reset_parameters_restores_the_gates():
 # ---------------------------------------------------------------------------------------------
 # distributed: 2 processes over gloo on the CPU
 
+
 def _init(rank, world, path):
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))  # a loaded 2-core machine is slow
+    dist.init_process_group(
+        "gloo", init_method=f"file://{path}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )  # a loaded 2-core machine is slow
     torch.set_num_threads(1)
 
 

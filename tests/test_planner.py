@@ -1,13 +1,14 @@
 """The plan stage: policies, groups, patterns, reasons, printing and dict conversion."""
+
 import json
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference import ImprovedResidualNetwork, vgg_style_cnn
 
 import resify
-from reference import ImprovedResidualNetwork, vgg_style_cnn
 
 
 def test_plan_prints_a_table_and_converts_to_json():
@@ -68,8 +69,7 @@ def test_valid_convolution_gets_a_shortcut_pooled_to_the_branch_size_at_run_time
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
     converted = resify.apply(model, torch.randn(2, 3, 10, 10)).eval()
     plan = converted.meta["resify_plan"]
-    assert [(s.start, s.projection) for s in plan.sites] == [("0", "AvgPool2d(→out) + Conv2d(3, 8, 1)"),
-                                                              ("2", None)]
+    assert [(s.start, s.projection) for s in plan.sites] == [("0", "AvgPool2d(→out) + Conv2d(3, 8, 1)"), ("2", None)]
     w = converted.get_submodule("resify.0.proj").weight
     for x in (torch.randn(2, 3, 10, 10), torch.randn(3, 3, 13, 7)):  # and another size and batch
         h = model[1](model[0](x))
@@ -116,16 +116,19 @@ def test_functional_layers_are_found():
     assert converted(x).shape == (2, 8)
 
 
-@pytest.mark.parametrize("head, expected", [
-    (lambda: nn.Linear(32, 10), "skipped"),                                 # logits: linear
-    (lambda: nn.Sequential(nn.Dropout(0.1), nn.Linear(32, 10)), "skipped"),  # dropout is no nonlinearity
-    (lambda: nn.Sequential(nn.Linear(32, 10), nn.Dropout(0.1)), "skipped"),
-    (lambda: nn.Sequential(nn.Linear(32, 10), nn.GELU()), "projection"),
-    (lambda: nn.Sequential(nn.Linear(32, 10), nn.LayerNorm(10)), "projection"),
-    (lambda: nn.Sequential(nn.Linear(32, 10), nn.Softshrink()), "projection"),  # any elementwise activation
-    (lambda: nn.Sequential(nn.Linear(32, 10), nn.RReLU()), "projection"),
-    (lambda: nn.Linear(32, 32), "identity"),                                # same shape: x + W·x is kept
-])
+@pytest.mark.parametrize(
+    "head, expected",
+    [
+        (lambda: nn.Linear(32, 10), "skipped"),  # logits: linear
+        (lambda: nn.Sequential(nn.Dropout(0.1), nn.Linear(32, 10)), "skipped"),  # dropout is no nonlinearity
+        (lambda: nn.Sequential(nn.Linear(32, 10), nn.Dropout(0.1)), "skipped"),
+        (lambda: nn.Sequential(nn.Linear(32, 10), nn.GELU()), "projection"),
+        (lambda: nn.Sequential(nn.Linear(32, 10), nn.LayerNorm(10)), "projection"),
+        (lambda: nn.Sequential(nn.Linear(32, 10), nn.Softshrink()), "projection"),  # any elementwise activation
+        (lambda: nn.Sequential(nn.Linear(32, 10), nn.RReLU()), "projection"),
+        (lambda: nn.Linear(32, 32), "identity"),  # same shape: x + W·x is kept
+    ],
+)
 def test_a_projection_is_only_put_beside_a_span_with_a_nonlinearity(head, expected):
     """W·x + P·x = (W + P)·x: beside a purely linear span a projection adds parameters, nothing else."""
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), head())
@@ -156,29 +159,33 @@ def test_non_float_input_is_skipped():
     assert plan.sites[0].in_shape == (2, 4, 5)  # the cast is before the layer: its input is float
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"shortcut": "sideways"}, "shortcut must be one of 'auto', 'identity'"),
-    ({"gate": "sigmoid"}, "gate must be one of"),
-    ({"group": 0}, "group must be a positive integer"),
-    ({"group": 1.5}, "group must be a positive integer"),
-    ({"gate_init": 0.1}, "gate_init was given without a gate"),
-    ({"shorcut": "auto"}, "unknown policy keyword"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"shortcut": "sideways"}, "shortcut must be one of 'auto', 'identity'"),
+        ({"gate": "sigmoid"}, "gate must be one of"),
+        ({"group": 0}, "group must be a positive integer"),
+        ({"group": 1.5}, "group must be a positive integer"),
+        ({"gate_init": 0.1}, "gate_init was given without a gate"),
+        ({"shorcut": "auto"}, "unknown policy keyword"),
+    ],
+)
 def test_bad_policies_raise_plan_errors(kwargs, match):
     with pytest.raises(resify.PlanError, match=match):
         resify.plan(ImprovedResidualNetwork([8, 8], False), **kwargs)
 
 
 def test_plan_table_fits_its_width_and_cuts_shortcut_labels_at_their_end():
-    from resify.render import plan_text
     from reference import vgg_style_cnn
+
+    from resify.render import plan_text
 
     plan = resify.plan(vgg_style_cnn(), torch.randn(2, 3, 32, 32))
     for width in (80, 100):
         lines = plan_text(plan, width=width).splitlines()
         assert max(map(len, lines)) <= width
-        table = lines[lines.index(next(x for x in lines if x.startswith("span"))):]
-        table = table[:table.index("")]
+        table = lines[lines.index(next(x for x in lines if x.startswith("span"))) :]
+        table = table[: table.index("")]
         assert len(table) == 2 + len(plan.sites) and max(map(len, table)) <= width
     row = next(line for line in plan_text(plan, width=80).splitlines() if line.startswith("6 "))
     assert "Conv2d(16, 32, 1) + Ba…" in row and row.endswith(" 576")  # the label is cut at its end
@@ -186,7 +193,9 @@ def test_plan_table_fits_its_width_and_cuts_shortcut_labels_at_their_end():
 
 def test_a_pattern_that_matches_no_layer_lists_the_layers():
     model = ImprovedResidualNetwork([8, 8, 8], False)
-    with pytest.raises(resify.PlanError, match=r"include pattern 'lstms\.\*' matches no layer; .*: layers\.0\.0, layers\.1\.0"):
+    with pytest.raises(
+        resify.PlanError, match=r"include pattern 'lstms\.\*' matches no layer; .*: layers\.0\.0, layers\.1\.0"
+    ):
         resify.plan(model, torch.randn(2, 8), include=["lstms.*"])
     with pytest.warns(resify.ResifyWarning, match="exclude pattern 'head' matches no layer"):
         plan = resify.plan(model, torch.randn(2, 8), exclude="head")

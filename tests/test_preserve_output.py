@@ -1,10 +1,11 @@
 """preserve_output=True: shortcuts start at β=0, so a trained model computes the same function."""
+
 import pytest
 import torch
 import torch.nn as nn
+from reference import vgg_style_cnn
 
 import resify
-from reference import vgg_style_cnn
 
 
 def plain_mlp(depth=12, width=32, classes=10, features=64):

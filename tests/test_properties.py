@@ -1,13 +1,14 @@
 """Property-based checks: any plain MLP or CNN of these families keeps resify's invariants."""
+
 import copy
 
 import torch
 import torch.nn as nn
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from reference import assert_every_parameter_has_grad
 
 import resify
-from reference import assert_every_parameter_has_grad
 
 ACTIVATIONS = [nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU]
 
@@ -19,7 +20,7 @@ def mlps(draw):
     norm = draw(st.booleans())
     layers = []
     for a, b in zip(widths, widths[1:]):
-        layers += [nn.Linear(a, b), *( [nn.LayerNorm(b)] if norm else []), act()]
+        layers += [nn.Linear(a, b), *([nn.LayerNorm(b)] if norm else []), act()]
     return nn.Sequential(*layers), widths
 
 
@@ -92,8 +93,11 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _MAXPOOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _AVGPOOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
-_ADAPTIVE = {1: (nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d), 2: (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d),
-             3: (nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)}
+_ADAPTIVE = {
+    1: (nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d),
+    2: (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d),
+    3: (nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d),
+}
 _BOUNDED = [None, None, nn.Sigmoid, nn.Tanh, lambda: nn.Softmax(dim=1)]
 
 
@@ -131,8 +135,16 @@ def architectures(draw):
     channels = draw(st.lists(st.integers(1, 6), min_size=depth + 1, max_size=depth + 1))
     for a, b in zip(channels, channels[1:]):
         k = draw(st.integers(1, 3))
-        layers.append(_CONV[dims](a, b, k, stride=draw(st.integers(1, 2)), padding=draw(st.integers(0, k // 2)),
-                                  dilation=draw(st.integers(1, 2))))
+        layers.append(
+            _CONV[dims](
+                a,
+                b,
+                k,
+                stride=draw(st.integers(1, 2)),
+                padding=draw(st.integers(0, k // 2)),
+                dilation=draw(st.integers(1, 2)),
+            )
+        )
         norm = draw(st.sampled_from(["none", "batch", "group"]))
         if norm == "batch":
             layers.append(_BN[dims](b))
@@ -147,14 +159,19 @@ def architectures(draw):
         layers += [_ADAPTIVE[dims][0](1), nn.Flatten(), nn.Linear(channels[-1], 4)]
     else:  # the flattened size fixes the input size: other sizes fail in both models
         with torch.no_grad():
-            flat = nn.Sequential(*layers, nn.Flatten())(torch.zeros(1, channels[0], *[size] * dims)).shape[1] \
-                if _accepts(nn.Sequential(*layers), (1, channels[0], *[size] * dims)) else 1
+            flat = (
+                nn.Sequential(*layers, nn.Flatten())(torch.zeros(1, channels[0], *[size] * dims)).shape[1]
+                if _accepts(nn.Sequential(*layers), (1, channels[0], *[size] * dims))
+                else 1
+            )
         layers += [nn.Flatten(), nn.Linear(flat, 4)]
     bounded = draw(st.sampled_from(_BOUNDED))
     layers += [bounded()] if bounded else []
     example = (batch, channels[0], *[size] * dims)
-    others = [(draw(st.integers(1, 3)), channels[0], *[draw(st.integers(1, 30 if dims < 3 else 14))
-                                                         for _ in range(dims)]) for _ in range(3)]
+    others = [
+        (draw(st.integers(1, 3)), channels[0], *[draw(st.integers(1, 30 if dims < 3 else 14)) for _ in range(dims)])
+        for _ in range(3)
+    ]
     return nn.Sequential(*layers), example, others
 
 
@@ -163,7 +180,7 @@ def _accepts(model, shape):
         with torch.no_grad():
             model.eval()(torch.zeros(shape))
         return True
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
@@ -173,7 +190,7 @@ def _outcome(model, x, train):
     try:
         with torch.no_grad():
             return model(x), None
-    except Exception as e:  # noqa: BLE001 - compared between the two models
+    except Exception as e:
         return None, e
 
 
@@ -201,4 +218,6 @@ def test_any_architecture_converts_to_a_drop_in_replacement(built):
                 assert got.shape == want.shape, where
                 same, _ = _outcome(preserved, x, train)
                 if torch.isfinite(want).all():  # (a max-pool over padding alone gives -inf; β·S is then 0·inf)
-                    torch.testing.assert_close(same, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where}: {m}")
+                    torch.testing.assert_close(
+                        same, want, rtol=1e-5, atol=1e-6, msg=lambda m, where=where: f"{where}: {m}"
+                    )

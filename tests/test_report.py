@@ -1,4 +1,5 @@
 """The gradient-flow report: the seed's numbers, verdicts, no trace left, outputs, losses, rendering."""
+
 import contextlib
 import io
 import json
@@ -10,9 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference import ImprovedResidualNetwork, print_gradients, vgg_style_cnn
 
 import resify
-from reference import ImprovedResidualNetwork, print_gradients, vgg_style_cnn
 from resify.errors import ResifyError
 from resify.report import LayerFlow
 
@@ -157,18 +158,26 @@ def test_deep_relu_mlp_explodes_with_plain_shortcuts_and_is_healthy_with_rezero(
     assert len(c.added) == 100 and {r.kind for r in c.added} == {"Gate"}  # ungated has no added layer
 
 
-@pytest.mark.parametrize("first,last,verdict", [
-    (1.0, 1.0, "healthy"), (0.5e-2, 1.0, "vanishing"), (2e-2, 1.0, "healthy"), (2e3, 1.0, "exploding"),
-    (5e2, 1.0, "healthy"), (1e-11, 1e-11, "vanishing"), (2e6, 2e6, "exploding"), (math.inf, 1.0, "exploding"),
-])
+@pytest.mark.parametrize(
+    "first,last,verdict",
+    [
+        (1.0, 1.0, "healthy"),
+        (0.5e-2, 1.0, "vanishing"),
+        (2e-2, 1.0, "healthy"),
+        (2e3, 1.0, "exploding"),
+        (5e2, 1.0, "healthy"),
+        (1e-11, 1e-11, "vanishing"),
+        (2e6, 2e6, "exploding"),
+        (math.inf, 1.0, "exploding"),
+    ],
+)
 def test_documented_thresholds(first, last, verdict):
     from resify.report import _judge
 
     def rec(name, depth, g):
         return LayerFlow(name, "Linear", depth, False, (2, 2), 1.0, 1.0, 1.0, g, 1.0)
 
-    flow = _judge((rec("a", 0, first), rec("b", 1, last)), model_class="M", loss="mse to zeros",
-                  loss_value=1.0)
+    flow = _judge((rec("a", 0, first), rec("b", 1, last)), model_class="M", loss="mse to zeros", loss_value=1.0)
     assert flow.verdict == verdict
     assert (flow.recommendation is None) == (verdict == "healthy")
 
@@ -183,10 +192,20 @@ def _state(model):
         "grad_values": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
         "buffers": {n: b.clone() for n, b in model.named_buffers()},
         "training": {n: m.training for n, m in model.named_modules()},
-        "hooks": {n: (dict(m._forward_hooks), dict(m._forward_hooks_with_kwargs), dict(m._forward_pre_hooks),
-                      dict(m._backward_hooks), dict(m._backward_pre_hooks)) for n, m in model.named_modules()},
-        "param_hooks": {n: (dict(p._backward_hooks or {}), dict(p._post_accumulate_grad_hooks or {}))
-                        for n, p in model.named_parameters()},
+        "hooks": {
+            n: (
+                dict(m._forward_hooks),
+                dict(m._forward_hooks_with_kwargs),
+                dict(m._forward_pre_hooks),
+                dict(m._backward_hooks),
+                dict(m._backward_pre_hooks),
+            )
+            for n, m in model.named_modules()
+        },
+        "param_hooks": {
+            n: (dict(p._backward_hooks or {}), dict(p._post_accumulate_grad_hooks or {}))
+            for n, p in model.named_parameters()
+        },
     }
 
 
@@ -318,13 +337,16 @@ def test_loss_fn_and_target():
     model.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(loss_fn=lambda out: out), r"loss_fn must return a scalar tensor, found \(5, 3\)"),
-    (dict(loss_fn=lambda out: 1.0, target=torch.zeros(5)), "either loss_fn= or target="),
-    (dict(target=torch.zeros(4, 7)), r"the target \(4, 7\) .* does not fit the output \(5, 3\)"),
-    (dict(target=torch.zeros(4, dtype=torch.long)), r"the target \(4,\) \(torch.int64\) does not fit"),
-    (dict(batches=0), "batches must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(loss_fn=lambda out: out), r"loss_fn must return a scalar tensor, found \(5, 3\)"),
+        (dict(loss_fn=lambda out: 1.0, target=torch.zeros(5)), "either loss_fn= or target="),
+        (dict(target=torch.zeros(4, 7)), r"the target \(4, 7\) .* does not fit the output \(5, 3\)"),
+        (dict(target=torch.zeros(4, dtype=torch.long)), r"the target \(4,\) \(torch.int64\) does not fit"),
+        (dict(batches=0), "batches must be a positive integer"),
+    ],
+)
 def test_bad_arguments_raise_resify_errors(kwargs, match):
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ResifyError, match=match):
@@ -424,8 +446,9 @@ def seed_comparison():
     torch.manual_seed(0)
     x = torch.randn(10, 128)
     model = ImprovedResidualNetwork(SEED_SIZES, False)
-    return resify.compare(resify.gradient_flow(model, x),
-                          resify.gradient_flow(resify.apply(model, x, gate="rezero"), x))
+    return resify.compare(
+        resify.gradient_flow(model, x), resify.gradient_flow(resify.apply(model, x, gate="rezero"), x)
+    )
 
 
 def test_text_tables_fit_100_columns(seed_comparison):
@@ -434,7 +457,7 @@ def test_text_tables_fit_100_columns(seed_comparison):
         assert max(len(line) for line in text.splitlines()) <= 100
     text = c.after.to_text()
     assert "verdict: " in text and "+resify.layers_0_0.proj" in text and "Gate" in text
-    table = text.splitlines()[text.splitlines().index("") + 1:]
+    table = text.splitlines()[text.splitlines().index("") + 1 :]
     assert table[0].split()[:3] == ["#", "layer", "kind"] and len(table) == 2 + 15 + 1
     ctext = c.to_text()
     assert c.headline in ctext and "added by resify (10):" in ctext
@@ -456,8 +479,18 @@ def test_json_round_trips_with_a_schema_version(seed_comparison):
     c = seed_comparison
     d = json.loads(c.after.to_json())
     assert d["schema_version"] == 1 and d["kind"] == "resify.gradient_flow"
-    assert set(d["layers"][0]) >= {"name", "kind", "depth", "mean_abs_grad", "grad_norm", "grad_to_weight",
-                                   "input_grad_norm", "activation_rms", "added", "verdict"}
+    assert set(d["layers"][0]) >= {
+        "name",
+        "kind",
+        "depth",
+        "mean_abs_grad",
+        "grad_norm",
+        "grad_to_weight",
+        "input_grad_norm",
+        "activation_rms",
+        "added",
+        "verdict",
+    }
     assert resify.GradientFlow.from_json(c.after.to_json()) == c.after
     assert resify.FlowComparison.from_json(c.to_json()) == c
     cd = json.loads(c.to_json())

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference import ImprovedResidualNetwork, assert_every_parameter_has_grad, vgg_style_cnn
 
 import resify
-from reference import ImprovedResidualNetwork, assert_every_parameter_has_grad, vgg_style_cnn
 
 
 def test_vgg_style_cnn_gets_identity_and_pooled_projections():
@@ -42,18 +42,24 @@ def test_vgg_style_cnn_gets_identity_and_pooled_projections():
 def test_pooled_shortcut_computes_the_average_pool_of_its_input():
     """out = F(x) + conv1x1(avgpool(x) to F(x)'s size), checked against torch.nn.functional by hand."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-                          nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2, ceil_mode=True),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+    )
     x = torch.randn(2, 3, 7, 7)  # 7 is odd: the last pooling window is partial
     converted = resify.apply(model, x).eval()
     plan = converted.meta["resify_plan"]
     assert [s.projection for s in plan.sites] == ["AvgPool2d(→out) + Conv2d(3, 6, 1)", "AvgPool2d(→out)"]
     w = converted.get_submodule("resify.0.proj").weight
-    for x in (x, torch.randn(1, 3, 12, 9)):  # the example's size, then another one
-        f = model[2](model[1](model[0](x)))
-        h = f + F.conv2d(F.adaptive_avg_pool2d(x, f.shape[2:]), w)
+    for xi in (x, torch.randn(1, 3, 12, 9)):  # the example's size, then another one
+        f = model[2](model[1](model[0](xi)))
+        h = f + F.conv2d(F.adaptive_avg_pool2d(xi, f.shape[2:]), w)
         expected = model[5](model[4](model[3](h))) + h.mean(dim=(2, 3), keepdim=True)
-        torch.testing.assert_close(converted(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(converted(xi), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_strided_conv_without_pooling_keeps_a_strided_projection():
@@ -67,8 +73,10 @@ def _snapshot(model):
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
         "training": {n: m.training for n, m in model.named_modules()},
-        "hooks": {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
-                  for n, m in model.named_modules()},
+        "hooks": {
+            n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+            for n, m in model.named_modules()
+        },
         "ids": {n: id(p) for n, p in model.named_parameters()},
     }
 
@@ -141,7 +149,9 @@ def test_graph_lints_and_applying_twice_adds_nothing():
     assert sum(p.numel() for p in twice.parameters()) == sum(p.numel() for p in once.parameters())
 
 
-@pytest.mark.parametrize("gate,init,expected", [("rezero", None, 0.0), ("rezero", 0.5, 0.5), ("layerscale", None, 1e-4)])
+@pytest.mark.parametrize(
+    "gate,init,expected", [("rezero", None, 0.0), ("rezero", 0.5, 0.5), ("layerscale", None, 1e-4)]
+)
 def test_gates_scale_the_branch_not_the_shortcut(gate, init, expected):
     torch.manual_seed(0)
     model = ImprovedResidualNetwork([16, 16, 16], False)

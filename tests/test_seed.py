@@ -1,9 +1,10 @@
 """resify.apply on the seed guide's plain networks equals the guide's hand-written residual ones."""
+
 import pytest
 import torch
+from reference import ExampleDeepNeuralNetwork, ImprovedResidualNetwork, assert_every_parameter_has_grad
 
 import resify
-from reference import ExampleDeepNeuralNetwork, ImprovedResidualNetwork, assert_every_parameter_has_grad
 
 SIZES = [[128, 64, 32, 16, 8, 1], [32, 32, 32, 32, 32, 32], [64, 64, 32, 32, 16, 4], [10, 20, 20, 5, 5, 3]]
 
@@ -81,5 +82,10 @@ def test_seed_example_without_input_is_derived_from_the_first_linear():
     plan = resify.plan(ImprovedResidualNetwork([128, 64, 32, 16, 8, 1], False))
     assert plan.sites[0].in_shape == (2, 128)
     assert [s.projection for s in plan.sites] == [
-        "Linear(128, 64)", "Linear(64, 32)", "Linear(32, 16)", "Linear(16, 8)", "Linear(8, 1)"]
+        "Linear(128, 64)",
+        "Linear(64, 32)",
+        "Linear(32, 16)",
+        "Linear(16, 8)",
+        "Linear(8, 1)",
+    ]
     assert plan.added_params == sum(a * b + b for a, b in [(128, 64), (64, 32), (32, 16), (16, 8), (8, 1)])

@@ -1,12 +1,13 @@
 """The trace stage: tracers, shapes, derived inputs, and the errors a user can cause."""
+
 import pytest
 import torch
 import torch.nn as nn
+from reference import ImprovedResidualNetwork, vgg_style_cnn
 
 import resify
 from resify.shapes import ShapeRecorder
 from resify.trace import trace
-from reference import ImprovedResidualNetwork, vgg_style_cnn
 
 
 class TakesTwo(nn.Module):
@@ -147,8 +148,11 @@ def test_an_input_on_another_device_than_the_model_is_refused_by_name():
     """A CPU model with a meta input: the meta shape pass alone would accept it, the model would not."""
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     x = torch.empty(2, 8, device="meta")
-    with pytest.raises(resify.TraceError, match=r"^example_input is on meta but Sequential's parameters are on cpu; "
-                       r"move it there first: example_input.to\('cpu'\)$"):
+    with pytest.raises(
+        resify.TraceError,
+        match=r"^example_input is on meta but Sequential's parameters are on cpu; "
+        r"move it there first: example_input.to\('cpu'\)$",
+    ):
         resify.apply(model, x)
     with pytest.raises(resify.TraceError, match=r"^example_input\[1\] is on meta"):
         resify.plan(model, (torch.randn(2, 8), x))
@@ -205,15 +209,20 @@ class ScaleByMax(nn.Module):
 
 
 def _shapes(traced):
-    return {n.name: (n.meta["resify"].shape, n.meta["resify"].dtype) for n in traced.graph.nodes if n.meta.get("resify")}
+    return {
+        n.name: (n.meta["resify"].shape, n.meta["resify"].dtype) for n in traced.graph.nodes if n.meta.get("resify")
+    }
 
 
-@pytest.mark.parametrize("make, x", [
-    (lambda: ImprovedResidualNetwork([16, 12, 12, 8, 1], False), torch.randn(3, 16)),
-    (lambda: vgg_style_cnn(), torch.randn(2, 3, 16, 16)),
-    (lambda: TakesTwo(), (torch.randn(2, 8), torch.randn(2, 8))),
-    (lambda: nn.Sequential(nn.Embedding(10, 6), nn.Flatten(), nn.Linear(24, 5)), torch.tensor([[1, 2, 3, 4]])),
-])
+@pytest.mark.parametrize(
+    "make, x",
+    [
+        (lambda: ImprovedResidualNetwork([16, 12, 12, 8, 1], False), torch.randn(3, 16)),
+        (lambda: vgg_style_cnn(), torch.randn(2, 3, 16, 16)),
+        (lambda: TakesTwo(), (torch.randn(2, 8), torch.randn(2, 8))),
+        (lambda: nn.Sequential(nn.Embedding(10, 6), nn.Flatten(), nn.Linear(24, 5)), torch.tensor([[1, 2, 3, 4]])),
+    ],
+)
 def test_shapes_propagated_on_meta_equal_those_of_a_real_run(make, x):
     model = make().train()
     traced = trace(model, x)
@@ -268,12 +277,20 @@ def test_the_copy_is_made_on_first_write_not_during_conversion():
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize("call", [
-    dict(need_weights=False), dict(), dict(average_attn_weights=False), dict(unbatched=True),
-    dict(kv_len=5), dict(kdim=6),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        dict(need_weights=False),
+        dict(),
+        dict(average_attn_weights=False),
+        dict(unbatched=True),
+        dict(kv_len=5),
+        dict(kdim=6),
+    ],
+)
 def test_attention_shape_rule_agrees_with_the_real_layer(batch_first, call):
     from resify.shapes import _module_rule, _to_meta
+
     call = dict(call)
     unbatched, kv_len, kdim = call.pop("unbatched", False), call.pop("kv_len", 7), call.pop("kdim", None)
     mha = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim)
@@ -289,47 +306,59 @@ def test_attention_shape_rule_agrees_with_the_real_layer(batch_first, call):
         assert (r is None and m is None) or tuple(r.shape) == tuple(m.shape)
 
 
-@pytest.mark.parametrize("layer, x", [
-    (nn.Conv2d(3, 5, 3, stride=2, padding=1), torch.randn(2, 3, 9, 9)),
-    (nn.Conv2d(3, 5, (3, 1), stride=(2, 1), dilation=(2, 1), padding="valid"), torch.randn(2, 3, 11, 6)),
-    (nn.Conv1d(4, 6, 5, padding="same", padding_mode="reflect"), torch.randn(4, 16)),
-    (nn.Conv3d(2, 3, 2, stride=2), torch.randn(1, 2, 5, 6, 7)),
-    (nn.BatchNorm1d(6), torch.randn(4, 6, 3)),
-    (nn.LayerNorm([4, 5]), torch.randn(3, 4, 5)),
-    (nn.Linear(5, 2), torch.randn(5)),
-])
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (nn.Conv2d(3, 5, 3, stride=2, padding=1), torch.randn(2, 3, 9, 9)),
+        (nn.Conv2d(3, 5, (3, 1), stride=(2, 1), dilation=(2, 1), padding="valid"), torch.randn(2, 3, 11, 6)),
+        (nn.Conv1d(4, 6, 5, padding="same", padding_mode="reflect"), torch.randn(4, 16)),
+        (nn.Conv3d(2, 3, 2, stride=2), torch.randn(1, 2, 5, 6, 7)),
+        (nn.BatchNorm1d(6), torch.randn(4, 6, 3)),
+        (nn.LayerNorm([4, 5]), torch.randn(3, 4, 5)),
+        (nn.Linear(5, 2), torch.randn(5)),
+    ],
+)
 def test_layer_shape_rules_agree_with_the_real_layers(layer, x):
     from resify.shapes import _module_rule, _to_meta
+
     rule = _module_rule(layer, (_to_meta(x),), {})
     assert rule is not None and rule.shape == layer(x).shape and rule.dtype == x.dtype
 
 
-@pytest.mark.parametrize("layer, x", [
-    (nn.Conv2d(3, 5, 3), torch.randn(2, 4, 9, 9)),  # wrong channels
-    (nn.Conv2d(3, 5, 5), torch.randn(2, 3, 3, 3)),  # kernel larger than the input
-    (nn.Linear(5, 2), torch.randn(3, 4)),
-    (nn.BatchNorm2d(6), torch.randn(4, 6, 3)),  # 3-D input to a 2-D norm
-    (nn.BatchNorm1d(6).train(), torch.randn(1, 6)),  # one value per channel in training
-    (nn.LayerNorm(5), torch.randn(3, 4)),
-])
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (nn.Conv2d(3, 5, 3), torch.randn(2, 4, 9, 9)),  # wrong channels
+        (nn.Conv2d(3, 5, 5), torch.randn(2, 3, 3, 3)),  # kernel larger than the input
+        (nn.Linear(5, 2), torch.randn(3, 4)),
+        (nn.BatchNorm2d(6), torch.randn(4, 6, 3)),  # 3-D input to a 2-D norm
+        (nn.BatchNorm1d(6).train(), torch.randn(1, 6)),  # one value per channel in training
+        (nn.LayerNorm(5), torch.randn(3, 4)),
+    ],
+)
 def test_shape_rules_leave_inputs_the_real_layer_rejects_to_the_real_layer(layer, x):
     from resify.shapes import _module_rule, _to_meta
+
     assert _module_rule(layer, (_to_meta(x),), {}) is None
     with pytest.raises((RuntimeError, ValueError)):
         layer(x)
 
 
-@pytest.mark.parametrize("fn, args, kwargs", [
-    (torch.cat, ([torch.randn(2, 3, 4), torch.randn(2, 5, 4)], 1), {}),
-    (torch.cat, ([torch.randn(2, 3), torch.randn(1, 3)],), {}),
-    (torch.cat, ([torch.randn(2, 3, 4), torch.randn(2, 3, 1)],), {"dim": -1}),
-    (torch.nn.functional.adaptive_avg_pool2d, (torch.randn(2, 3, 7, 9), (1, None)), {}),
-    (torch.nn.functional.adaptive_avg_pool1d, (torch.randn(3, 8), 2), {}),
-    (nn.AdaptiveAvgPool2d(1), (torch.randn(2, 3, 5, 5),), {}),
-    (nn.AdaptiveMaxPool3d((2, None, 1)), (torch.randn(2, 3, 5, 6, 4),), {}),
-])
+@pytest.mark.parametrize(
+    "fn, args, kwargs",
+    [
+        (torch.cat, ([torch.randn(2, 3, 4), torch.randn(2, 5, 4)], 1), {}),
+        (torch.cat, ([torch.randn(2, 3), torch.randn(1, 3)],), {}),
+        (torch.cat, ([torch.randn(2, 3, 4), torch.randn(2, 3, 1)],), {"dim": -1}),
+        (torch.nn.functional.adaptive_avg_pool2d, (torch.randn(2, 3, 7, 9), (1, None)), {}),
+        (torch.nn.functional.adaptive_avg_pool1d, (torch.randn(3, 8), 2), {}),
+        (nn.AdaptiveAvgPool2d(1), (torch.randn(2, 3, 5, 5),), {}),
+        (nn.AdaptiveMaxPool3d((2, None, 1)), (torch.randn(2, 3, 5, 6, 4),), {}),
+    ],
+)
 def test_pool_and_cat_shape_rules_agree_with_the_real_ops(fn, args, kwargs):
     from resify.shapes import _function_rule, _module_rule, _to_meta
+
     meta_args = tuple([_to_meta(t) for t in a] if isinstance(a, list) else _to_meta(a) for a in args)
     rule = (_module_rule if isinstance(fn, nn.Module) else _function_rule)(fn, meta_args, kwargs)
     assert rule is not None and rule.shape == fn(*args, **kwargs).shape
@@ -337,6 +366,7 @@ def test_pool_and_cat_shape_rules_agree_with_the_real_ops(fn, args, kwargs):
 
 def test_cat_rule_leaves_mismatched_operands_to_the_real_op():
     from resify.shapes import _function_rule, _to_meta
+
     a, b = torch.randn(2, 3, 4), torch.randn(2, 5, 5)
     assert _function_rule(torch.cat, ([_to_meta(a), _to_meta(b)], 1), {}) is None
     with pytest.raises(RuntimeError):
@@ -407,6 +437,7 @@ def test_a_module_registered_under_two_names_still_gets_meta_shapes():
 # ---------------------------------------------------------------------------------------------
 # the code people write: optional arguments, **kwargs, caches, parametrizations, rebound forwards
 
+
 class Masked(nn.Module):
     def __init__(self):
         super().__init__()
@@ -464,16 +495,23 @@ def test_hugging_face_style_forward_with_kwargs():
     converted = resify.apply(model, ids, example_kwargs={"attention_mask": mask}, preserve_output=True)
     torch.testing.assert_close(converted(ids, attention_mask=mask), model(ids, attention_mask=mask))
     other = torch.randint(0, 10, (3, 7))
-    torch.testing.assert_close(converted(other, attention_mask=torch.ones(3, 7)),
-                               model(other, attention_mask=torch.ones(3, 7)))
+    torch.testing.assert_close(
+        converted(other, attention_mask=torch.ones(3, 7)), model(other, attention_mask=torch.ones(3, 7))
+    )
     plain = resify.apply(model, ids, preserve_output=True)  # every optional one at its default
     torch.testing.assert_close(plain(ids), model(ids))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"nope": torch.ones(1)}, "example_kwargs names 'nope', which Masked.forward.* does not take; it takes x, mask, scale"),
-    ({"x": torch.ones(2, 4)}, "'x' given both in example_input and in example_kwargs"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (
+            {"nope": torch.ones(1)},
+            "example_kwargs names 'nope', which Masked.forward.* does not take; it takes x, mask, scale",
+        ),
+        ({"x": torch.ones(2, 4)}, "'x' given both in example_input and in example_kwargs"),
+    ],
+)
 def test_bad_example_kwargs_are_refused_by_name(kwargs, match):
     with pytest.raises(resify.TraceError, match=match):
         resify.plan(Masked(), torch.randn(2, 4), example_kwargs=kwargs)
@@ -515,8 +553,13 @@ def test_parametrized_layers_convert_and_keep_their_outputs():
     from torch.nn.utils import parametrizations
 
     torch.manual_seed(0)
-    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(8, 8)), nn.ReLU(),
-                          parametrizations.spectral_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 2)).eval()
+    model = nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(8, 8)),
+        nn.ReLU(),
+        parametrizations.spectral_norm(nn.Linear(8, 8)),
+        nn.ReLU(),
+        nn.Linear(8, 2),
+    ).eval()
     x = torch.randn(4, 8)
     converted = resify.apply(model, x, preserve_output=True).eval()
     torch.testing.assert_close(converted(x), model(x))
@@ -595,6 +638,7 @@ def test_a_wrong_dtype_is_named_as_a_dtype():
 
 def test_a_module_registered_under_two_names_stays_one_module_with_the_users_names():
     """CoaT registers its position encoders first as cpe1, then inside serial_blocks1.0 as cpe."""
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()

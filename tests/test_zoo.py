@@ -1,4 +1,5 @@
 """A representative subset of torchvision's classification zoo (the full sweep: benchmarks/zoo.py)."""
+
 import sys
 from pathlib import Path
 
@@ -10,8 +11,14 @@ from zoo import check_model  # noqa: E402
 
 # name -> is it already residual (its shortcuts must be listed in plan.existing)?
 SUBSET = {
-    "vgg11_bn": False, "alexnet": False, "resnet18": True, "mobilenet_v2": True,
-    "densenet121": True, "googlenet": False, "vit_b_16": True, "swin_t": True,
+    "vgg11_bn": False,
+    "alexnet": False,
+    "resnet18": True,
+    "mobilenet_v2": True,
+    "densenet121": True,
+    "googlenet": False,
+    "vit_b_16": True,
+    "swin_t": True,
 }
 # residual throughout: what is left are linear spans (patch embedding, patch merging, the
 # classifier head), beside which a projection would be one more linear map: no site

@@ -3,6 +3,7 @@
 (default policy and preserve_output=True) and must run, with the original's output shapes (and, with
 preserve_output, its outputs), at 160×160 and 256×256 batch 1 and at batch 3, and take a training
 step at batch 1 and 2."""
+
 import sys
 from pathlib import Path
 
