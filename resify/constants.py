@@ -1,0 +1,65 @@
+"""Names and numbers that several stages share: choices, verdict thresholds, schema versions.
+
+A leaf of the import graph: it imports nothing of resify, so any module (the CLI's choice lists,
+the planner's validation, the report's verdict rules, the renderer's bands) reads the one copy.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+__all__ = [
+    "ShortcutChoice",
+    "GateChoice",
+    "TracerChoice",
+    "Verdict",
+    "SiteKind",
+    "SHORTCUTS",
+    "GATES",
+    "TRACERS",
+    "VERDICTS",
+    "PLAN_SCHEMA_VERSION",
+    "REPORT_SCHEMA_VERSION",
+    "VANISHING_RATIO",
+    "EXPLODING_RATIO",
+    "ABS_VANISHING",
+    "ABS_EXPLODING",
+    "DEEP_LAYERS",
+    "image_size",
+]
+
+ShortcutChoice = Literal["auto", "identity", "dense"]
+GateChoice = Literal["rezero", "layerscale"]
+TracerChoice = Literal["symbolic", "concrete"]
+Verdict = Literal["healthy", "vanishing", "exploding"]
+SiteKind = Literal["identity", "projection", "dense"]
+
+SHORTCUTS: tuple[ShortcutChoice, ...] = get_args(ShortcutChoice)
+#: None is "no gate".
+GATES: tuple[GateChoice | None, ...] = (None, *get_args(GateChoice))
+TRACERS: tuple[TracerChoice, ...] = get_args(TracerChoice)
+VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
+
+#: 2 added Skipped.code and Site.shortcut; version 1 documents still load.
+PLAN_SCHEMA_VERSION = 2
+REPORT_SCHEMA_VERSION = 1
+
+#: flow(first) / flow(last) below this is 'vanishing'.
+VANISHING_RATIO = 1e-2
+#: flow(first) / flow(last) above this is 'exploding'.
+EXPLODING_RATIO = 1e3
+#: a first-layer flow below this is 'vanishing', whatever the ratio.
+ABS_VANISHING = 1e-10
+#: any flow above this is 'exploding', whatever the ratio.
+ABS_EXPLODING = 1e6
+#: a plain 'vanishing' network with this many layers or more is told to add gated shortcuts.
+DEEP_LAYERS = 32
+
+
+def image_size(model_name: str) -> int:
+    """The side of the image a torchvision classifier is built for: 299 for Inception, else 224.
+
+    >>> image_size("inception_v3"), image_size("resnet18")
+    (299, 224)
+    """
+    return 299 if model_name.startswith("inception") else 224
