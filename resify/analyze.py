@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .constants import NAMESPACE
 from .ops import (
     LAYER_MODULES,
     data_input,
@@ -34,11 +35,10 @@ from .ops import (
 )
 from .trace import TensorInfo, Traced
 
-__all__ = ["Layer", "ExistingShortcut", "Analysis", "analyze", "NAMESPACE"]
+__all__ = ["Layer", "ExistingShortcut", "Analysis", "analyze"]
 
 _SOURCE = "__resify_source__"
 #: The attribute under which resify puts every module and parameter it adds.
-NAMESPACE = "resify"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,11 @@ __all__ = [
     "ABS_EXPLODING",
     "DEEP_LAYERS",
     "image_size",
+    "NAMESPACE",
 ]
+
+#: the submodule under which resify puts every module and parameter it adds.
+NAMESPACE = "resify"
 
 ShortcutChoice = Literal["auto", "identity", "dense"]
 GateChoice = Literal["rezero", "layerscale"]

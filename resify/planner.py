@@ -17,6 +17,7 @@ from typing import Any
 
 from .analyze import Analysis, ExistingShortcut, Layer
 from .errors import PlanError, ResifyWarning
+from .formats import fmt_shape
 from .ops import (
     SAME,
     Window,
@@ -226,10 +227,6 @@ class Plan:
         return plan_text(self)
 
 
-def _shape(s: Sequence[int]) -> str:
-    return "[" + ", ".join(str(x) for x in s) + "]"
-
-
 # ---------------------------------------------------------------------------------------------
 # the pure planning function
 
@@ -368,13 +365,13 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     dims = int(first.kind[-2]) if first.kind.startswith("Conv") else 0  # "Conv2d" -> 2
     conv_geometry = dims and len(src.shape) == dims + 2 and len(dst.shape) == dims + 2
     geometry, stride = _geometry(layers, analysis, dims) if conv_geometry else ("same", ())
-    change = f"{_shape(src.shape)} -> {_shape(dst.shape)}"
+    change = f"{fmt_shape(src.shape)} -> {fmt_shape(dst.shape)}"
     if src.shape == dst.shape and geometry == "same":
         return Site(kind="identity", added_params=gate_params, projection=None, channels=(out_c, out_c), **common)
     if policy.shortcut == "identity":
         if src.shape == dst.shape:
             return (
-                f"the span keeps the shape {_shape(src.shape)} only at this input size (an adaptive pool "
+                f"the span keeps the shape {fmt_shape(src.shape)} only at this input size (an adaptive pool "
                 "or a valid convolution); shortcut='identity' needs it kept at every size; try shortcut='auto'"
             )
         return (
@@ -466,7 +463,7 @@ def _dense_site(
 ) -> Site | str:
     """A dense site: cat([x, F(x)]) and the consumer widened with zero weights for x, or why not."""
     cd = common["channel_dim"]
-    change = f"{_shape(src.shape)} -> {_shape(dst.shape)}"
+    change = f"{fmt_shape(src.shape)} -> {fmt_shape(dst.shape)}"
     if len(src.shape) != len(dst.shape):
         return f"rank change {change} (e.g. a flatten) inside the span; cannot concatenate"
     pool = False

@@ -12,15 +12,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .constants import EXPLODING_RATIO, VANISHING_RATIO
 from .errors import ResifyError
+from .formats import fmt_number, fmt_shape, fmt_times
 
 if TYPE_CHECKING:
     from .planner import Plan
     from .report import FlowComparison, GradientFlow
 
 __all__ = [
-    "fmt_number",
-    "fmt_times",
     "table",
     "plan_text",
     "flow_text",
@@ -29,34 +29,6 @@ __all__ = [
     "comparison_markdown",
     "plot_flows",
 ]
-
-
-def _shape(s: Sequence[int]) -> str:
-    return "[" + ", ".join(str(x) for x in s) + "]"
-
-
-def fmt_number(x: float | None) -> str:
-    """A number as 1.23e-05 (one format, so that magnitudes line up); '-' for None."""
-    if x is None:
-        return "-"
-    if x == 0:
-        return "0"
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.2e}"
-
-
-def fmt_times(r: float | None) -> str:
-    """A ratio as '3.2×', '412×', '1.5e+20×'."""
-    if r is None:
-        return "-"
-    if not math.isfinite(r):
-        return "∞×" if r > 0 else "-"
-    if r < 10:
-        return f"{r:.2g}×" if r < 0.1 else f"{r:.1f}×"
-    if r < 1e5:
-        return f"{r:,.0f}×"
-    return f"{r:.1e}×"
 
 
 def _kind(kind: str, width: int = 14) -> str:
@@ -303,7 +275,6 @@ _STYLE = {"": ("#1f77b4", "o"), "before": ("#d62728", "s"), "after": ("#1f77b4",
 
 def plot_flows(flows: Sequence[tuple[str, GradientFlow]], path: str | Path, title: str) -> Path:
     """Gradient norm per layer against depth (log scale), one series per flow, bands shaded."""
-    from .report import EXPLODING_RATIO, VANISHING_RATIO  # report imports this module: import late
 
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
@@ -430,7 +401,7 @@ def plan_text(plan: Plan, width: int = 100) -> str:
         rows = [
             [
                 _span_label(s.start, s.end),
-                f"{_shape(s.in_shape)} -> {_shape(s.out_shape)}",
+                f"{fmt_shape(s.in_shape)} -> {fmt_shape(s.out_shape)}",
                 s.kind if s.projection is None else s.projection,
                 s.gate or "-",
                 f"{s.added_params:,}",

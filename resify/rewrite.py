@@ -17,7 +17,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .analyze import NAMESPACE
+from .constants import NAMESPACE
 from .errors import RewriteError
 from .modules import GATE_PARAMETERS, DualGraphModule, Shortcut
 from .ops import data_input, layer_weight

@@ -172,7 +172,7 @@ def test_deep_relu_mlp_explodes_with_plain_shortcuts_and_is_healthy_with_rezero(
     ],
 )
 def test_documented_thresholds(first, last, verdict):
-    from resify.report import _judge
+    from resify.report.verdicts import judge as _judge
 
     def rec(name, depth, g):
         return LayerFlow(name, "Linear", depth, False, (2, 2), 1.0, 1.0, 1.0, g, 1.0)

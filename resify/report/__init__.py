@@ -1,0 +1,13 @@
+"""Beside the pipeline: the gradient-flow report of any ``nn.Module``, and the comparison of two.
+
+``measure`` runs the forward and backward (``gradient_flow``) through the hooks of ``probe``;
+``verdicts`` applies the rules (thresholds in ``resify.constants``) and compares two reports;
+``records`` holds the frozen results and their JSON. Printing is ``resify.render``'s job.
+The README's "Reading the report" explains the figures, the verdicts and the JSON schema.
+"""
+
+from .measure import gradient_flow
+from .records import FlowComparison, GradientFlow, LayerChange, LayerFlow
+from .verdicts import compare
+
+__all__ = ["LayerFlow", "GradientFlow", "LayerChange", "FlowComparison", "gradient_flow", "compare"]
