@@ -4,8 +4,8 @@ from .analyze import ExistingShortcut, Layer
 from .api import apply, plan
 from .errors import ModelLoadError, PlanError, ResifyError, ResifyWarning, RewriteError, TraceError
 from .modules import DualGraphModule, Shortcut
-from .planner import Plan, Policy, Site, Skipped
 from .report import FlowComparison, GradientFlow, LayerFlow, compare, gradient_flow
+from .sites import Plan, Policy, Site, Skipped
 
 __version__ = "0.1.0"
 

@@ -17,8 +17,8 @@ from .errors import ResifyError
 from .formats import fmt_number, fmt_shape, fmt_times
 
 if TYPE_CHECKING:
-    from .planner import Plan
     from .report import FlowComparison, GradientFlow
+    from .sites import Plan
 
 __all__ = [
     "table",

@@ -21,7 +21,7 @@ from .constants import NAMESPACE
 from .errors import RewriteError
 from .modules import GATE_PARAMETERS, DualGraphModule, Shortcut
 from .ops import data_input, layer_weight
-from .planner import Plan, Site
+from .sites import Dense, Plan, Projection, Site
 from .trace import TensorInfo, Traced
 
 __all__ = ["rewrite"]
@@ -53,20 +53,17 @@ def _container(gm: nn.Module, path: str, site: Site | None = None) -> nn.Module:
     return mod
 
 
-def _projection(site: Site, factory: dict) -> list[tuple[str, nn.Module]]:
+def _projection(form: Projection, factory: dict) -> list[tuple[str, nn.Module]]:
     """The shortcut's modules in the order they apply (the run-time pool is a graph op, not here)."""
-    cin, cout = site.channels
-    if site.channel_dim == -1:
+    cin, cout = form.channels
+    if form.op == "linear":
         return [("proj", nn.Linear(cin, cout, bias=True, **factory))]
-    if site.pool and cin == cout:
+    if form.op == "pool":
         return []
-    dims = len(site.in_shape) - 2
-    stride = site.stride or 1
-    mods: list[tuple[str, nn.Module]] = [
-        ("proj", _CONV[dims](cin, cout, kernel_size=1, stride=stride, bias=False, **factory))
-    ]
-    if site.norm:
-        mods.append(("norm", _BATCHNORM[site.norm](cout, **factory)))
+    conv = _CONV[form.dims](cin, cout, kernel_size=1, stride=form.stride or 1, bias=False, **factory)
+    mods: list[tuple[str, nn.Module]] = [("proj", conv)]
+    if form.norm:
+        mods.append(("norm", _BATCHNORM[form.norm](cout, **factory)))
     return mods
 
 
@@ -75,7 +72,7 @@ def _gate_parameter(site: Site, factory: dict) -> torch.Tensor:
     init = float(site.gate_init if site.gate_init is not None else 0.0)
     if site.gate == "rezero":
         return torch.full((1,), init, **factory)
-    channels = site.channels[1]
+    channels = site.out_shape[site.channel_dim]
     ones = (1,) * (len(site.out_shape) - 2) if site.channel_dim == 1 else ()
     return torch.full((channels, *ones), init, **factory)
 
@@ -96,12 +93,11 @@ def _site_factory(gm: nn.Module, nodes: dict[str, torch.fx.Node], site: Site) ->
 def _build_site(gm: nn.Module, nodes: dict[str, torch.fx.Node], site: Site) -> None:
     """Create the site's modules and parameters under ``resify.<site>`` (once, whatever the graphs)."""
     factory = _site_factory(gm, nodes, site)
-    if site.kind == "dense":
-        if site.consumer is None:
-            raise RewriteError(f"dense site '{site.name}' names no consumer layer; make the plan with resify.plan")
-        _replace_module(gm, site.consumer, _widened_layer(gm.get_submodule(site.consumer), site.extra_channels))
+    form = site.shortcut
+    if isinstance(form, Dense):
+        _replace_module(gm, form.consumer, _widened_layer(gm.get_submodule(form.consumer), form.extra_channels))
         return
-    modules = _projection(site, factory) if site.kind == "projection" else []
+    modules = _projection(form, factory) if isinstance(form, Projection) else []
     if not modules and not site.preserve_output and site.gate is None:
         return  # an identity or a parameter-free pool: nothing to hold
     holder = _container(gm, f"{NAMESPACE}.{site.name}", site)
@@ -141,14 +137,17 @@ def _insert_site(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx
         return n
 
     dims = len(site.in_shape) - 2
+    form = site.shortcut
+    pool = isinstance(form, Projection) and form.pool
+    pool_last = isinstance(form, Projection) and form.pool_last
     with graph.inserting_before(exit.next):
         shortcut = entry
-        if site.pool and not site.pool_last:
+        if pool and not pool_last:
             shortcut = made(_pool_to(graph, shortcut, exit, dims))
         for attr in ("proj", "norm"):
             if holder is not None and attr in holder._modules:
                 shortcut = made(graph.call_module(f"{prefix}.{attr}", (shortcut,)))
-        if site.pool and site.pool_last:
+        if pool and pool_last:
             shortcut = made(_pool_to(graph, shortcut, exit, dims))
         if site.preserve_output:
             shortcut = made(graph.call_function(operator.mul, (shortcut, made(graph.get_attr(f"{prefix}.beta"), None))))
@@ -211,7 +210,7 @@ def _insert_dense(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.f
     new: set[torch.fx.Node] = set()
     shortcut = entry
     with graph.inserting_before(exit.next):
-        if site.pool:
+        if isinstance(site.shortcut, Dense) and site.shortcut.pool:
             shortcut = _pool_to(graph, entry, exit, len(site.in_shape) - 2)
             new.update(shortcut.all_input_nodes)
             new.add(shortcut)

@@ -55,15 +55,15 @@ def test_dense_keeps_outputs_and_every_new_path_trains(case):
     moved = [n for n, p in converted.named_parameters() if not torch.equal(p, before[n])]
     assert len(moved) >= 0.8 * len(before), (len(moved), len(before))
     for site in plan.sites:
-        w = converted.get_submodule(site.consumer).weight
-        new_cols = w[:, : site.extra_channels]
-        assert new_cols.abs().sum() > 0, f"{site.consumer}'s new inputs did not train"
+        w = converted.get_submodule(site.shortcut.consumer).weight
+        new_cols = w[:, : site.shortcut.extra_channels]
+        assert new_cols.abs().sum() > 0, f"{site.shortcut.consumer}'s new inputs did not train"
 
 
 def test_dense_plan_shows_consumer_growth_and_skips_with_reasons():
     plan = resify.plan(ImprovedResidualNetwork([128, 64, 32, 16, 8, 1], False), torch.randn(2, 128), shortcut="dense")
     # DenseNet-style: each consumer receives every earlier feature map
-    assert [(s.consumer, s.extra_channels) for s in plan.sites] == [
+    assert [(s.shortcut.consumer, s.shortcut.extra_channels) for s in plan.sites] == [
         ("layers.1.0", 128),
         ("layers.2.0", 192),
         ("layers.3.0", 224),
@@ -79,14 +79,14 @@ def test_dense_plan_shows_consumer_growth_and_skips_with_reasons():
         shortcut="dense",
         dense_max_growth=150,
     )
-    assert [s.extra_channels for s in bounded.sites] == [128, 32, 48]
+    assert [s.shortcut.extra_channels for s in bounded.sites] == [128, 32, 48]
     assert "more than dense_max_growth=150" in bounded.skipped[0].reason
 
 
 def test_dense_pools_the_shortcut_where_the_span_downsamples():
     plan = resify.plan(vgg_style_cnn(), torch.randn(2, 3, 32, 32), shortcut="dense")
     by_start = {s.start: s for s in plan.sites}
-    assert by_start["6"].pool and "avg-pooled to the output size" in by_start["6"].projection
+    assert by_start["6"].shortcut.pool and "avg-pooled to the output size" in by_start["6"].projection
     assert "'21' (Flatten)" in {s.start: s.reason for s in plan.skipped}["17"]
 
 

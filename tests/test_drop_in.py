@@ -63,7 +63,7 @@ def test_the_example_size_is_not_baked_into_pooled_shortcuts():
     torch.manual_seed(0)
     model = styles.mobilenet_v1_style().eval()
     converted = resify.apply(model, torch.randn(2, 3, 64, 64)).eval()
-    assert any(s.pool for s in converted.meta["resify_plan"].sites)
+    assert any(getattr(s.shortcut, "pool", False) for s in converted.meta["resify_plan"].sites)
     assert converted(torch.randn(2, 3, 96, 96)).shape == (2, 10)
 
 
@@ -73,7 +73,7 @@ def test_a_batch_of_one_that_the_original_trains_on_the_converted_model_trains_o
     converted = resify.apply(model, torch.randn(4, 3, 32, 32))
     head = next(s for s in converted.meta["resify_plan"].sites if s.start == "head.0")
     # the head normalises before it pools: so does its shortcut (BN on 16x16 maps, then the pool)
-    assert head.projection == "Conv2d(8, 32, 1) + BatchNorm2d + AvgPool2d(→out)" and head.pool_last
+    assert head.projection == "Conv2d(8, 32, 1) + BatchNorm2d + AvgPool2d(→out)" and head.shortcut.pool_last
     x = torch.randn(1, 3, 32, 32)
     model(x).sum().backward()  # the original trains on one sample ...
     out = converted(x)  # ... and so does the converted model

@@ -17,10 +17,107 @@ def test_plan_prints_a_table_and_converts_to_json():
     assert "layers.0.0" in text and "Linear(128, 64)" in text and "[10, 128] -> [10, 64]" in text
     assert "total: 5 shortcut(s) (5 projection)" in text
     d = json.loads(json.dumps(plan.to_dict()))
-    assert d["schema_version"] == 1
+    assert d["schema_version"] == 2
     assert [s["kind"] for s in d["sites"]] == ["projection"] * 5
     assert d["sites"][0]["in_shape"] == [10, 128] and d["sites"][0]["added_params"] == 128 * 64 + 64
+    assert d["sites"][0]["shortcut"] == {
+        "form": "projection",
+        "op": "linear",
+        "channels": [128, 64],
+        "dims": 0,
+        "stride": [],
+        "pool": False,
+        "pool_last": False,
+        "norm": None,
+    }
     assert d["policy"]["shortcut"] == "auto"
+    assert resify.Plan.from_dict(d) == plan
+
+
+# A plan of schema version 1 (resify 0.1.0 before Skipped.code and the typed shortcut), as its
+# to_dict wrote it for a conv -> BN -> ReLU -> max-pool stage and a head that is skipped.
+_PLAN_V1 = {
+    "schema_version": 1,
+    "model_class": "Sequential",
+    "tracer": "symbolic",
+    "policy": {
+        "shortcut": "auto",
+        "group": 1,
+        "include": [],
+        "exclude": [],
+        "gate": None,
+        "gate_init": None,
+        "leaf_modules": [],
+        "preserve_output": False,
+        "dense_max_growth": None,
+    },
+    "n_layers": 2,
+    "params_before": 1000,
+    "added_params": 112,
+    "sites": [
+        {
+            "kind": "projection",
+            "start": "0",
+            "end": "0",
+            "layers": ["0"],
+            "in_shape": [2, 3, 8, 8],
+            "out_shape": [2, 16, 4, 4],
+            "gate": None,
+            "gate_init": None,
+            "added_params": 80,
+            "projection": "BatchNorm2d",
+            "anchor": "_0",
+            "exit": "_3",
+            "name": "0",
+            "stride": [],
+            "pool": True,
+            "pool_last": True,
+            "norm": "BatchNorm2d",
+            "channels": [3, 16],
+            "channel_dim": 1,
+            "preserve_output": False,
+            "consumer": None,
+            "extra_channels": 0,
+        },
+        {
+            "kind": "projection",
+            "start": "4",
+            "end": "4",
+            "layers": ["4"],
+            "in_shape": [2, 16, 4, 4],
+            "out_shape": [2, 16, 2, 2],
+            "gate": None,
+            "gate_init": None,
+            "added_params": 0,
+            "projection": "AvgPool2d(→out)",
+            "anchor": "_4",
+            "exit": "_6",
+            "name": "4",
+            "stride": [],
+            "pool": True,
+            "pool_last": False,
+            "norm": None,
+            "channels": [16, 16],
+            "channel_dim": 1,
+            "preserve_output": False,
+            "consumer": None,
+            "extra_channels": 0,
+        },
+    ],
+    "skipped": [{"start": "8", "end": "8", "reason": "the span is linear (no activation, norm or pool): ..."}],
+    "existing": [],
+    "notes": [],
+}
+
+
+def test_a_plan_of_schema_version_1_is_still_read():
+    plan = resify.Plan.from_dict(_PLAN_V1)
+    assert [s.projection for s in plan.sites] == ["Conv2d(3, 16, 1) + BatchNorm2d + AvgPool2d(→out)", "AvgPool2d(→out)"]
+    assert [s.kind for s in plan.sites] == ["projection", "projection"]
+    assert plan.skipped[0].code == "unrecorded" and plan.skipped[0].reason.startswith("the span is linear")
+    assert plan.added_params == 80 and plan.to_dict()["schema_version"] == 2
+    with pytest.raises(resify.PlanError, match="schema_version 1 or 2, found 99"):
+        resify.Plan.from_dict({**_PLAN_V1, "schema_version": 99})
 
 
 def test_plan_is_frozen():
@@ -37,6 +134,7 @@ def test_group_spans_several_layers():
     plan3 = resify.plan(model, torch.randn(2, 16), group=4)
     assert [(s.start, s.end) for s in plan3.sites] == [("0", "6")]
     assert plan3.skipped[-1].reason == "only 2 layer(s) left for group=4"
+    assert plan3.skipped[-1].code == "group_remainder"
     x = torch.randn(3, 16)
     converted = resify.apply(model, x, group=2)
     ref = x
@@ -51,6 +149,7 @@ def test_include_and_exclude_patterns():
     plan = resify.plan(model, x, exclude=["2*"])
     assert "22" not in [s.start for s in plan.sites]
     assert any(s.start == "22" and "excluded by pattern '2*'" in s.reason for s in plan.skipped)
+    assert {s.code for s in plan.skipped} == {"excluded"}
     plan = resify.plan(model, x, include="1?")
     assert [s.start for s in plan.sites] == ["10", "13", "17"]
     assert any("not matched by include" in s.reason for s in plan.skipped)
@@ -61,6 +160,7 @@ def test_flatten_inside_a_group_is_a_rank_change():
     plan = resify.plan(model, torch.randn(2, 3, 8, 8), group=2)
     assert plan.sites == ()
     assert "rank change [2, 3, 8, 8] -> [2, 10]" in plan.skipped[0].reason
+    assert plan.skipped[0].code == "rank_change"
 
 
 def test_valid_convolution_gets_a_shortcut_pooled_to_the_branch_size_at_run_time():
@@ -112,7 +212,7 @@ def test_functional_layers_are_found():
     plan = converted.meta["resify_plan"]
     assert [(s.start, s.kind) for s in plan.sites] == [("w1", "identity")]
     # w2 is found too: a bare head that changes the shape, so it is skipped with the reason
-    assert [(s.start, s.reason.startswith("the span is linear")) for s in plan.skipped] == [("w2", True)]
+    assert [(s.start, s.code) for s in plan.skipped] == [("w2", "linear_span")]
     assert converted(x).shape == (2, 8)
 
 
