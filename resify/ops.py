@@ -6,7 +6,7 @@ Pure tables and predicates on fx nodes, shared by the analyze stage and the repo
 from __future__ import annotations
 
 import operator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.fx
@@ -28,16 +28,22 @@ __all__ = [
     "is_elementwise",
     "is_nonlinear",
     "reaches_output_unchanged",
-    "size_functions",
-    "Window",
-    "SAME",
+    "called_module",
+    "fetch",
+    "CAT_FUNCTIONS",
+    "SHAPE_KEEPING_ACTIVATION_MODULES",
+    "SHAPE_KEEPING_ACTIVATION_FUNCTIONS",
+    "ACTIVATION_METHODS",
+    "DROPOUT_MODULES",
+    "DROPOUT_FUNCTIONS",
 ]
 
 #: Parametric modules that make a layer (the seed's nn.Linear, and convolutions).
 LAYER_MODULES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LAYER_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
 
-_ACTIVATION_MODULES: tuple[type, ...] = (
+#: Activations that keep their input's shape (the shape rules read these too); with GLU, every one.
+SHAPE_KEEPING_ACTIVATION_MODULES: tuple[type, ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.GELU,
@@ -57,12 +63,12 @@ _ACTIVATION_MODULES: tuple[type, ...] = (
     nn.Softsign,
     nn.Tanhshrink,
     nn.LogSigmoid,
-    nn.GLU,
     nn.Threshold,
     nn.RReLU,
     nn.Hardshrink,
     nn.Softshrink,
 )
+_ACTIVATION_MODULES: tuple[type, ...] = (*SHAPE_KEEPING_ACTIVATION_MODULES, nn.GLU)
 _NORM_MODULES: tuple[type, ...] = (
     nn.modules.batchnorm._BatchNorm,
     nn.LayerNorm,
@@ -71,7 +77,7 @@ _NORM_MODULES: tuple[type, ...] = (
     nn.LocalResponseNorm,
     *([nn.RMSNorm] if hasattr(nn, "RMSNorm") else []),  # torch >= 2.4
 )
-_DROPOUT_MODULES: tuple[type, ...] = (nn.modules.dropout._DropoutNd, nn.Identity)
+DROPOUT_MODULES: tuple[type, ...] = (nn.modules.dropout._DropoutNd, nn.Identity)
 _POOL_MODULES: tuple[type, ...] = (
     nn.modules.pooling._MaxPoolNd,
     nn.modules.pooling._AvgPoolNd,
@@ -79,41 +85,43 @@ _POOL_MODULES: tuple[type, ...] = (
     nn.modules.pooling._AdaptiveMaxPoolNd,
     nn.modules.pooling._LPPoolNd,
 )
-_ACTIVATION_FUNCTIONS = {
-    F.relu,
-    F.relu_,
-    F.relu6,
-    F.gelu,
-    F.silu,
-    F.leaky_relu,
-    F.elu,
-    F.selu,
-    F.celu,
-    F.hardswish,
-    F.hardsigmoid,
-    F.hardtanh,
-    F.mish,
-    F.softplus,
-    F.sigmoid,
-    F.tanh,
-    torch.relu,
-    torch.relu_,
-    torch.sigmoid,
-    torch.tanh,
-    torch.selu,
-    F.glu,
-    F.threshold,
-    F.rrelu,
-    F.hardshrink,
-    F.softshrink,
-    F.logsigmoid,
-    F.tanhshrink,
-    F.softsign,
-    F.prelu,
-}
-_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+SHAPE_KEEPING_ACTIVATION_FUNCTIONS = frozenset(
+    {
+        F.relu,
+        F.relu_,
+        F.relu6,
+        F.gelu,
+        F.silu,
+        F.leaky_relu,
+        F.elu,
+        F.selu,
+        F.celu,
+        F.hardswish,
+        F.hardsigmoid,
+        F.hardtanh,
+        F.mish,
+        F.softplus,
+        F.sigmoid,
+        F.tanh,
+        torch.relu,
+        torch.relu_,
+        torch.sigmoid,
+        torch.tanh,
+        torch.selu,
+        F.threshold,
+        F.rrelu,
+        F.hardshrink,
+        F.softshrink,
+        F.logsigmoid,
+        F.tanhshrink,
+        F.softsign,
+        F.prelu,
+    }
+)
+_ACTIVATION_FUNCTIONS = SHAPE_KEEPING_ACTIVATION_FUNCTIONS | {F.glu}
+ACTIVATION_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"})
 _NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}
-_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
+DROPOUT_FUNCTIONS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout})
 _POOL_FUNCTIONS = {
     F.max_pool1d,
     F.max_pool2d,
@@ -129,10 +137,19 @@ _POOL_FUNCTIONS = {
     F.adaptive_max_pool3d,
 }
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 
 
-def _module(gm: nn.Module, n: torch.fx.Node) -> nn.Module | None:
+def fetch(root: nn.Module, target: str) -> Any:
+    """The attribute at a dotted ``target`` under ``root`` (a get_attr node's value); AttributeError if absent."""
+    obj: Any = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def called_module(gm: nn.Module, n: torch.fx.Node) -> nn.Module | None:
+    """The module a call_module node calls (None for other nodes)."""
     if n.op != "call_module":
         return None
     mod = gm
@@ -146,7 +163,7 @@ def _module(gm: nn.Module, n: torch.fx.Node) -> nn.Module | None:
 
 def is_layer_node(gm: nn.Module, n: torch.fx.Node) -> bool:
     """True for a parametric layer op: a Linear/ConvNd module, or F.linear/F.convNd on a parameter."""
-    m = _module(gm, n)
+    m = called_module(gm, n)
     if m is not None:
         return isinstance(m, LAYER_MODULES)
     if n.op == "call_function" and n.target in _LAYER_FUNCTIONS:
@@ -157,16 +174,13 @@ def is_layer_node(gm: nn.Module, n: torch.fx.Node) -> bool:
 
 def layer_weight(gm: nn.Module, n: torch.fx.Node) -> torch.Tensor:
     """The weight tensor of a layer node (module weight or the get_attr parameter)."""
-    m = _module(gm, n)
+    m = called_module(gm, n)
     if m is not None:
         if parametrize.is_parametrized(m, "weight"):  # a stored tensor (its device and dtype): computing
             return next(m.parametrizations.weight.parameters())  # the weight would step a spectral norm
         return m.weight  # type: ignore[return-value]
     w = n.args[1] if len(n.args) > 1 else n.kwargs["weight"]
-    obj: Any = gm
-    for atom in str(w.target).split("."):  # type: ignore[union-attr]
-        obj = getattr(obj, atom)
-    return obj
+    return fetch(gm, str(w.target))  # type: ignore[union-attr]
 
 
 def layer_name(n: torch.fx.Node) -> str:
@@ -180,7 +194,7 @@ def layer_name(n: torch.fx.Node) -> str:
 
 def layer_kind(gm: nn.Module, n: torch.fx.Node) -> str:
     """'Linear', 'Conv2d', … for a layer node (functional layers map to the module name)."""
-    m = _module(gm, n)
+    m = called_module(gm, n)
     if m is not None:
         return type(m).__name__
     return {"linear": "Linear", "conv1d": "Conv1d", "conv2d": "Conv2d", "conv3d": "Conv3d"}[
@@ -197,12 +211,12 @@ def data_input(n: torch.fx.Node) -> Any:
 
 def follower_role(gm: nn.Module, n: torch.fx.Node) -> str | None:
     """'activation', 'norm', 'dropout' or 'pool' when ``n`` may follow a layer inside it, else None."""
-    m = _module(gm, n)
+    m = called_module(gm, n)
     if m is not None:
         for role, types in (
             ("activation", _ACTIVATION_MODULES),
             ("norm", _NORM_MODULES),
-            ("dropout", _DROPOUT_MODULES),
+            ("dropout", DROPOUT_MODULES),
             ("pool", _POOL_MODULES),
         ):
             if isinstance(m, types):
@@ -212,12 +226,12 @@ def follower_role(gm: nn.Module, n: torch.fx.Node) -> str | None:
         for role, fns in (
             ("activation", _ACTIVATION_FUNCTIONS),
             ("norm", _NORM_FUNCTIONS),
-            ("dropout", _DROPOUT_FUNCTIONS),
+            ("dropout", DROPOUT_FUNCTIONS),
             ("pool", _POOL_FUNCTIONS),
         ):
             if n.target in fns:
                 return role
-    if n.op == "call_method" and n.target in _ACTIVATION_METHODS:
+    if n.op == "call_method" and n.target in ACTIVATION_METHODS:
         return "activation"
     return None
 
@@ -246,115 +260,13 @@ def merge_operands(n: torch.fx.Node) -> tuple[str, list[torch.fx.Node]] | None:
         and n.target in ("add", "add_", "__add__", "__iadd__")
     ):
         kind, ops = "add", list(n.args[:2])
-    elif n.op == "call_function" and n.target in _CAT_FUNCTIONS:
+    elif n.op == "call_function" and n.target in CAT_FUNCTIONS:
         seq = n.args[0] if n.args else n.kwargs.get("tensors", ())
         kind, ops = "concat", list(seq) if isinstance(seq, (list, tuple)) else []
     else:
         return None
     nodes = [o for o in ops if isinstance(o, torch.fx.Node)]
     return (kind, nodes) if len(nodes) >= 2 else None
-
-
-# ---------------------------------------------------------------------------------------------
-# spatial geometry: how an op maps an input size to an output size, from its hyperparameters
-
-
-class Window(NamedTuple):
-    """A sliding window over one spatial dim (a convolution's or a pool's): calling it maps an input
-    size to the output size by torch's formula, None where the op rejects that size. Hashable, so a
-    span's geometry is computed once per distinct sequence of windows."""
-
-    kernel: int
-    stride: int
-    padding: int
-    dilation: int
-    ceil: bool
-
-    def __call__(self, n: int) -> int | None:
-        span = n + 2 * self.padding - self.dilation * (self.kernel - 1) - 1
-        if span < 0:
-            return None
-        out = (-(-span // self.stride) if self.ceil else span // self.stride) + 1
-        if self.ceil and (out - 1) * self.stride >= n + self.padding:  # the last window starts inside
-            out -= 1
-        return out
-
-
-#: The window that keeps every size (element-wise ops, norms, a 'same'-padded convolution).
-SAME = Window(1, 1, 0, 1, False)
-_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_MAX_POOL_FUNCTIONS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
-_AVG_POOL_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
-
-
-def _per_dim(v: Any, dims: int) -> tuple[Any, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims
-
-
-def _window(k: int, s: int, p: int, d: int, ceil: bool) -> Window:
-    return Window(int(k), int(s), int(p), int(d), bool(ceil))
-
-
-def _arg(n: torch.fx.Node, i: int, name: str, default: Any) -> Any:
-    if len(n.args) > i:
-        return n.args[i]
-    return n.kwargs.get(name, default)
-
-
-def size_functions(gm: nn.Module, n: torch.fx.Node, dims: int) -> list[Window] | None:
-    """Per spatial dim, the function from input to output size of op ``n`` on [N, C, *spatial].
-
-    Element-wise ops, norms and dropout keep the size; convolutions and pools follow torch's
-    formula from their hyperparameters. None where the size does not follow from them (adaptive
-    pools, whose output size is fixed, and ops resify does not know).
-    """
-    m = _module(gm, n)
-    if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
-        if m.padding == "same":
-            return [SAME] * dims
-        pad = (0,) * dims if m.padding == "valid" else m.padding
-        return [_window(k, s, p, d, False) for k, s, p, d in zip(m.kernel_size, m.stride, pad, m.dilation)]
-    if isinstance(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)):
-        dil = _per_dim(getattr(m, "dilation", 1), dims)
-        stride = m.stride if m.stride is not None else m.kernel_size
-        return [
-            _window(k, s, p, d, bool(m.ceil_mode))
-            for k, s, p, d in zip(_per_dim(m.kernel_size, dims), _per_dim(stride, dims), _per_dim(m.padding, dims), dil)
-        ]
-    if isinstance(m, nn.modules.pooling._LPPoolNd):
-        stride = m.stride if m.stride is not None else m.kernel_size
-        return [
-            _window(k, s, 0, 1, bool(m.ceil_mode))
-            for k, s in zip(_per_dim(m.kernel_size, dims), _per_dim(stride, dims))
-        ]
-    if n.op == "call_function" and n.target in _CONV_FUNCTIONS:
-        w = _arg(n, 1, "weight", None)
-        info = w.meta.get("resify") if isinstance(w, torch.fx.Node) else None
-        padding = _arg(n, 4, "padding", 0)
-        if info is None or not isinstance(padding, (int, tuple, list, str)):
-            return None
-        if padding == "same":
-            return [SAME] * dims
-        pad = (0,) * dims if padding == "valid" else _per_dim(padding, dims)
-        stride, dilation = _per_dim(_arg(n, 3, "stride", 1), dims), _per_dim(_arg(n, 5, "dilation", 1), dims)
-        return [_window(k, s, p, d, False) for k, s, p, d in zip(info.shape[2:], stride, pad, dilation)]
-    if n.op == "call_function" and (n.target in _MAX_POOL_FUNCTIONS or n.target in _AVG_POOL_FUNCTIONS):
-        is_max = n.target in _MAX_POOL_FUNCTIONS
-        k = _arg(n, 1, "kernel_size", None)
-        s = _arg(n, 2, "stride", None) or k
-        p = _arg(n, 3, "padding", 0)
-        d = _arg(n, 4, "dilation", 1) if is_max else 1
-        ceil = _arg(n, 5 if is_max else 4, "ceil_mode", False)
-        values = (k, s, p, d, ceil)
-        if any(isinstance(v, torch.fx.Node) for v in values) or k is None:
-            return None
-        return [
-            _window(*a, bool(ceil))
-            for a in zip(_per_dim(k, dims), _per_dim(s, dims), _per_dim(p, dims), _per_dim(d, dims))
-        ]
-    if follower_role(gm, n) in ("activation", "norm", "dropout"):
-        return [SAME] * dims
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +329,7 @@ _SHAPE_METHODS = {
 
 def is_bounded_activation(gm: nn.Module, n: torch.fx.Node) -> bool:
     """True for an activation whose output lies in a range (Sigmoid, Tanh, Softmax, Hardtanh, …)."""
-    m = _module(gm, n)
+    m = called_module(gm, n)
     if m is not None:
         return isinstance(m, _BOUNDED_MODULES)
     if n.op == "call_function":
@@ -436,7 +348,7 @@ def reaches_output_unchanged(gm: nn.Module, n: torch.fx.Node) -> bool:
             seen.add(u)
             if u.op == "output":
                 return True
-            m = _module(gm, u)
+            m = called_module(gm, u)
             if (
                 isinstance(m, _SHAPE_MODULES)
                 or (u.op == "call_function" and u.target in _SHAPE_FUNCTIONS)

@@ -16,15 +16,13 @@ from dataclasses import replace
 from .analyze import Analysis, Layer
 from .errors import PlanError, ResifyWarning
 from .formats import fmt_shape
+from .geometry import SAME, Window, size_functions
 from .ops import (
-    SAME,
-    Window,
     data_input,
     describe,
     follower_role,
     is_bounded_activation,
     reaches_output_unchanged,
-    size_functions,
 )
 from .sites import Dense, Identity, Plan, Policy, Projection, ShortcutForm, Site, SkipCode, Skipped
 from .trace import TensorInfo

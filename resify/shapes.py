@@ -18,20 +18,21 @@ seconds (VGG-16: 2 ms instead of 450 ms); a 100-layer MLP costs a fraction of it
 from __future__ import annotations
 
 import contextlib
-import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.node import map_arg
 
 from .errors import TraceError
+from .ops import fetch
+from .shape_rules import function_rule, method_rule, module_rule
+from .state import state_kept
 
-__all__ = ["TensorInfo", "tensor_info", "record_shapes", "state_kept", "ShapeRecorder", "fetch", "node_keys"]
+__all__ = ["TensorInfo", "tensor_info", "record_shapes", "ShapeRecorder", "node_keys"]
 
 
 @dataclass(frozen=True)
@@ -103,234 +104,7 @@ def _rejection_message(root: nn.Module, n: torch.fx.Node, infos: list, e: Except
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. rules
-
-_SAME_SHAPE_MODULES: tuple[type, ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Mish,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Tanhshrink,
-    nn.LogSigmoid,
-    nn.Softmax,
-    nn.LogSoftmax,
-    nn.modules.dropout._DropoutNd,
-)
-_SAME_SHAPE_FUNCTIONS = {
-    F.relu,
-    F.relu6,
-    F.gelu,
-    F.silu,
-    F.leaky_relu,
-    F.elu,
-    F.selu,
-    F.celu,
-    F.hardswish,
-    F.hardsigmoid,
-    F.hardtanh,
-    F.mish,
-    F.softplus,
-    F.sigmoid,
-    F.tanh,
-    F.dropout,
-    torch.relu,
-    torch.sigmoid,
-    torch.tanh,
-    torch.selu,
-    torch.nn.functional.dropout2d,
-}
-_SAME_SHAPE_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
-_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
-
-
-def _meta_float(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and x.is_meta and x.dtype.is_floating_point
-
-
-def _like(x: torch.Tensor, shape: Any = None) -> torch.Tensor:
-    return torch.empty(x.shape if shape is None else shape, dtype=x.dtype, device="meta")
-
-
-def _weight_dtype_matches(m: nn.Module, x: torch.Tensor) -> bool:
-    return all(p.dtype == x.dtype for p in m._parameters.values() if p is not None)
-
-
-def _attention_rule(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Any:
-    names = (
-        "query",
-        "key",
-        "value",
-        "key_padding_mask",
-        "need_weights",
-        "attn_mask",
-        "average_attn_weights",
-        "is_causal",
-    )
-    bound = {**dict(zip(names, args)), **kwargs}
-    q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
-    if set(bound) - set(names) or bound.get("key_padding_mask") is not None or bound.get("attn_mask") is not None:
-        return None  # masks are checked against the shapes by the real op: let it
-    if not (_meta_float(q) and _meta_float(k) and _meta_float(v)) or not _weight_dtype_matches(m, q):
-        return None
-    batched = q.dim() == 3
-    if q.dim() not in (2, 3) or k.dim() != q.dim() or v.dim() != q.dim() or q.shape[-1] != m.embed_dim:
-        return None
-    if k.shape[-1] != m.kdim or v.shape[-1] != m.vdim or k.shape[:-1] != v.shape[:-1]:
-        return None
-    seq = 1 if batched and m.batch_first else 0
-    if batched and q.shape[1 - seq] != k.shape[1 - seq]:
-        return None  # batch sizes differ
-    if not bound.get("need_weights", True):
-        return _like(q), None
-    lead = (q.shape[1 - seq],) if batched else ()
-    heads = () if bound.get("average_attn_weights", True) else (m.num_heads,)
-    return _like(q), _like(q, (*lead, *heads, q.shape[seq], k.shape[seq]))
-
-
-def _module_rule(m: nn.Module, args: tuple, kwargs: dict) -> Any:
-    if isinstance(m, nn.MultiheadAttention):
-        return _attention_rule(m, args, kwargs)
-    if kwargs or len(args) != 1 or not _meta_float(args[0]) or not _weight_dtype_matches(m, args[0]):
-        return None
-    x = args[0]
-    t = type(m)
-    if t is nn.Identity:
-        return x
-    if isinstance(m, nn.Linear):
-        if x.dim() >= 1 and x.shape[-1] == m.in_features:
-            return _like(x, (*x.shape[:-1], m.out_features))
-        return None
-    if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
-        return _conv_rule(m, x)
-    if type(m) in _ADAPTIVE_POOLS and not getattr(m, "return_indices", False):
-        return _adaptive_pool_rule(x, m.output_size, _ADAPTIVE_POOLS[type(m)])
-    if isinstance(m, _SAME_SHAPE_MODULES):
-        return _like(x)
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        try:
-            m._check_input_dim(x)  # type: ignore[operator]
-        except ValueError:
-            return None
-        one_value = x.numel() // max(x.shape[1], 1) <= 1
-        if x.shape[1] != m.num_features or (m.training and one_value):
-            return None  # the real op raises: let it
-        return _like(x)
-    if isinstance(m, nn.LayerNorm):
-        ns = tuple(m.normalized_shape)
-        return _like(x) if tuple(x.shape[x.dim() - len(ns) :]) == ns and x.dim() >= len(ns) else None
-    if isinstance(m, nn.GroupNorm):
-        return _like(x) if x.dim() >= 2 and x.shape[1] == m.num_channels else None
-    return None
-
-
-def _conv_rule(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor | None:
-    n = len(m.kernel_size)
-    if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != m.in_channels:
-        return None
-    if m.padding == "same":
-        spatial = list(x.shape[-n:])
-    else:
-        pad = (0,) * n if m.padding == "valid" else m.padding
-        spatial = [
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, p, d, k, s in zip(x.shape[-n:], pad, m.dilation, m.kernel_size, m.stride)
-        ]
-        if any(o <= 0 for o in spatial):
-            return None
-    return _like(x, (*x.shape[: -n - 1], m.out_channels, *spatial))
-
-
-_ADAPTIVE_POOLS: dict[type, int] = {
-    nn.AdaptiveAvgPool1d: 1,
-    nn.AdaptiveAvgPool2d: 2,
-    nn.AdaptiveAvgPool3d: 3,
-    nn.AdaptiveMaxPool1d: 1,
-    nn.AdaptiveMaxPool2d: 2,
-    nn.AdaptiveMaxPool3d: 3,
-}
-_ADAPTIVE_POOL_FUNCTIONS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
-_CAT = {torch.cat, torch.concat, torch.concatenate}
-
-
-def _adaptive_pool_rule(x: torch.Tensor, output_size: Any, n: int) -> torch.Tensor | None:
-    if x.dim() not in (n + 1, n + 2) or any(s == 0 for s in x.shape[-n - 1 :]):
-        return None
-    size = (output_size,) * n if isinstance(output_size, int) else tuple(output_size)
-    if len(size) != n or any(o is not None and (not isinstance(o, int) or o < 0) for o in size):
-        return None
-    spatial = [x.shape[-n + i] if o is None else o for i, o in enumerate(size)]
-    return _like(x, (*x.shape[:-n], *spatial))
-
-
-def _cat_rule(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    if not args or len(args) + len(kwargs) > 2 or set(kwargs) - {"dim"}:
-        return None
-    tensors, dim = args[0], (args[1] if len(args) > 1 else kwargs.get("dim", 0))
-    if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int):
-        return None
-    first = tensors[0]
-    if not all(_meta_float(t) and t.dtype == first.dtype and t.dim() == first.dim() for t in tensors):
-        return None
-    if first.dim() == 0 or not -first.dim() <= dim < first.dim():
-        return None
-    dim %= first.dim()
-    if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1 :] != first.shape[dim + 1 :] for t in tensors):
-        return None
-    shape = list(first.shape)
-    shape[dim] = sum(t.shape[dim] for t in tensors)
-    return _like(first, shape)
-
-
-def _function_rule(fn: Callable, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    if fn in _CAT:
-        return _cat_rule(args, kwargs)
-    if fn in _ADAPTIVE_POOL_FUNCTIONS:
-        if len(args) == 2 and not kwargs and _meta_float(args[0]):
-            return _adaptive_pool_rule(args[0], args[1], _ADAPTIVE_POOL_FUNCTIONS[fn])
-        return None
-    if fn in _SAME_SHAPE_FUNCTIONS:
-        if (
-            args
-            and _meta_float(args[0])
-            and all(not isinstance(a, torch.Tensor) for a in (*args[1:], *kwargs.values()))
-        ):
-            return _like(args[0])
-        return None
-    if fn in _BINARY and len(args) == 2 and not kwargs:
-        a, b = args
-        if _meta_float(a) and _meta_float(b) and a.dtype == b.dtype:
-            if a.shape == b.shape:
-                return _like(a)
-            try:
-                return _like(a, torch.broadcast_shapes(a.shape, b.shape))
-            except RuntimeError:
-                return None
-        for t, s in ((a, b), (b, a)):
-            if _meta_float(t) and isinstance(s, (int, float)) and not isinstance(s, bool):
-                return _like(t)
-    return None
-
-
-def _method_rule(name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    if name in _SAME_SHAPE_METHODS and len(args) == 1 and not kwargs and _meta_float(args[0]):
-        return _like(args[0])
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. meta tensors
+# 2. meta tensors (step 1, the rules, is in shape_rules.py)
 
 
 def _to_meta(value: Any) -> Any:
@@ -353,14 +127,6 @@ def _on_meta(root: nn.Module) -> Iterator[None]:
     finally:
         for m, params, buffers in saved:
             m._parameters, m._buffers = params, buffers
-
-
-def fetch(root: nn.Module, target: str) -> Any:
-    """The attribute at a dotted ``target`` under ``root`` (a get_attr node's value)."""
-    obj: Any = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def node_keys(graph: torch.fx.Graph) -> dict[torch.fx.Node, tuple]:
@@ -437,16 +203,16 @@ def _propagate_on_meta(
             args, kwargs = map_arg(n.args, load), map_arg(n.kwargs, load)
             if op == "call_module":
                 module = modules[n.target]  # type: ignore[index]
-                value = _module_rule(module, args, kwargs)  # type: ignore[arg-type]
+                value = module_rule(module, args, kwargs)  # type: ignore[arg-type]
                 if value is None:
                     with _on_meta(module):  # only the modules the rules do not know get meta weights
                         value = module(*args, **kwargs)
             elif op == "call_function":
-                value = _function_rule(n.target, args, kwargs)  # type: ignore[arg-type]
+                value = function_rule(n.target, args, kwargs)  # type: ignore[arg-type]
                 if value is None:
                     value = n.target(*args, **kwargs)  # type: ignore[operator]
             else:  # call_method
-                value = _method_rule(n.target, args, kwargs)  # type: ignore[arg-type]
+                value = method_rule(n.target, args, kwargs)  # type: ignore[arg-type]
                 if value is None:
                     value = getattr(args[0], n.target)(*args[1:], **kwargs)  # type: ignore[arg-type]
         env[n] = value
@@ -470,21 +236,6 @@ def _record_on_meta(
 # 3. a real run
 
 
-@contextlib.contextmanager
-def state_kept(module: nn.Module) -> Iterator[None]:
-    """Run code on ``module`` without changing its buffers (BatchNorm statistics) or any RNG."""
-    saved = {name: b.clone() for name, b in module.named_buffers()}
-    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            yield
-    finally:
-        with torch.no_grad():
-            for name, b in module.named_buffers():
-                if name in saved and b.shape == saved[name].shape:
-                    b.copy_(saved[name])
-
-
 def record_shapes(
     root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...], known: dict[tuple, TensorInfo] | None = None
 ) -> str:
@@ -501,7 +252,7 @@ def record_shapes(
         return "meta"
     recorder = ShapeRecorder(root, graph=graph)
     try:
-        with state_kept(root):
+        with state_kept(root), torch.no_grad():
             recorder.run(*inputs)
     except TraceError as e:  # fx's Interpreter appends notes to the message: raise the clean line
         raise TraceError(recorder.message or str(e)) from e.__cause__

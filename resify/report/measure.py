@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ResifyError
 from ..formats import first_line
+from ..state import state_kept
 from ..trace import as_inputs, check_device, derive_example_input
 from .probe import Probe, Sink, combine, gate_parameters, is_added, l2_norm, layer_kind, layer_modules, stored_weight
 from .records import GradientFlow, LayerFlow
@@ -194,33 +195,12 @@ def _gate_anchors(model: nn.Module, gates: set[str], called: set[str]) -> dict[s
 
 @contextlib.contextmanager
 def _no_trace(model: nn.Module, inputs: tuple[Any, ...], seed: int) -> Iterator[None]:
-    """Run the measurement, then put back every gradient, buffer, mode and the random state."""
-    params = list({id(p): p for p in model.parameters()}.values())
-    grads = [p.grad for p in params]
-    buffers = [(b, b.clone()) for b in model.buffers()]
-    modes = [(m, m.training) for m in model.modules()]
-    devices = sorted(
-        {
-            t.device.index or 0
-            for t in [*params, *[b for b, _ in buffers], *inputs]
-            if isinstance(t, torch.Tensor) and t.device.type == "cuda"
-        }
-    )
-    try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            torch.default_generator.manual_seed(seed)
-            for d in devices:
-                torch.cuda.default_generators[d].manual_seed(seed)
-            yield
-    finally:
-        for p, g in zip(params, grads):
-            p.grad = g
-        with torch.no_grad():
-            for b, saved in buffers:
-                if b.shape == saved.shape:
-                    b.copy_(saved)
-        for m, training in modes:
-            m.training = training
+    """Run the measurement seeded, then put back every gradient, buffer, mode and the random state."""
+    with state_kept(model, inputs, grads=True, modes=True) as devices, torch.enable_grad():
+        torch.default_generator.manual_seed(seed)
+        for d in devices:
+            torch.cuda.default_generators[d].manual_seed(seed)
+        yield
 
 
 def _batch_inputs(inputs: tuple[Any, ...], batches: int, seed: int) -> Iterator[tuple[Any, ...]]:

@@ -1,0 +1,48 @@
+"""Run code on the user's model and leave no trace: the one save-and-restore that resify uses.
+
+The shape recorder's real run and the gradient-flow report both run the model; neither may change
+its buffers (BatchNorm statistics), the random state, and, for the report, its gradients and modes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["state_kept"]
+
+
+@contextlib.contextmanager
+def state_kept(
+    module: nn.Module, tensors: Iterable[Any] = (), *, grads: bool = False, modes: bool = False
+) -> Iterator[list[int]]:
+    """Run code on ``module``, then put back its buffers and the random state of the CPU and of every
+    CUDA device that its parameters, buffers or ``tensors`` use (yielded, for seeding); with ``grads``
+    its parameters' ``.grad`` too, with ``modes`` every submodule's ``training`` flag."""
+    params = list({id(p): p for p in module.parameters()}.values())
+    saved_grads = [p.grad for p in params] if grads else []
+    buffers = [(b, b.clone()) for b in module.buffers()]
+    saved_modes = [(m, m.training) for m in module.modules()] if modes else []
+    devices = sorted(
+        {
+            t.device.index or 0
+            for t in [*params, *[b for b, _ in buffers], *tensors]
+            if isinstance(t, torch.Tensor) and t.device.type == "cuda"
+        }
+    )
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield devices
+    finally:
+        for p, g in zip(params, saved_grads):
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+        for m, training in saved_modes:
+            m.training = training
