@@ -134,17 +134,18 @@ class Analysis:
         u = users[0]
         if u.op == "output":
             return "the span's output is the model's output: there is no layer to widen"
-        m = gm.get_submodule(u.target) if u.op == "call_module" else None
+        m = gm.get_submodule(str(u.target)) if u.op == "call_module" else None
         if isinstance(m, LAYER_MODULES) and data_input(u) is n:
             if isinstance(m, nn.Linear):
                 if channel_dim != -1:
                     return f"the consumer '{u.target}' is a Linear but the span has channels first"
                 return str(u.target), m.out_features
+            assert isinstance(m, nn.modules.conv._ConvNd)
             if m.groups != 1:
                 return f"the consumer '{u.target}' is a grouped convolution (groups={m.groups}); cannot widen it"
             if channel_dim != 1:
                 return f"the consumer '{u.target}' is a convolution but the span has channels last"
-            return str(u.target), m.out_channels * m.weight[0, 0].numel()
+            return str(u.target), m.out_channels * int(m.weight[0, 0].numel())
         return f"the span's output goes to {describe(gm, u)}, which resify cannot widen"
 
     def span_problem(self, entry: object, exit: torch.fx.Node) -> str | None:
@@ -311,7 +312,7 @@ def _weight(gm: torch.fx.GraphModule, n: torch.fx.Node, anchors: set) -> tuple[i
     act = 1 if follower_role(gm, n) == "activation" else 0
     params = 0
     if n.op == "call_module":
-        params = int(any(True for _ in gm.get_submodule(n.target).parameters()))
+        params = int(any(True for _ in gm.get_submodule(str(n.target)).parameters()))
     return 0, params, act
 
 
@@ -360,7 +361,9 @@ def _latest_common_ancestor(operands: list, stop: torch.fx.Node, order: dict) ->
 def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcut], dict[str, str], list]:
     anchors = {n for n in graph.nodes if is_layer_node(gm, n)}
     layer_by_anchor = {layer.anchor: layer for layer in layers}
-    existing, inside, merges = [], {}, []
+    existing: list[ExistingShortcut] = []
+    inside: dict[str, str] = {}
+    merges: list = []
     weight = functools.lru_cache(maxsize=None)(lambda n: _weight(gm, n, anchors))  # once per node
     not_a_bypass = lambda w: w[2] > 0 or w[0] > 1
     for m in graph.nodes:

@@ -72,7 +72,7 @@ def size_functions(gm: nn.Module, n: torch.fx.Node, dims: int) -> list[Window] |
     if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
         if m.padding == "same":
             return [SAME] * dims
-        pad = (0,) * dims if m.padding == "valid" else m.padding
+        pad: tuple[int, ...] = (0,) * dims if m.padding == "valid" else tuple(m.padding)  # type: ignore[arg-type]
         return [_window(k, s, p, d, False) for k, s, p, d in zip(m.kernel_size, m.stride, pad, m.dilation)]
     if isinstance(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)):
         dil = _per_dim(getattr(m, "dilation", 1), dims)

@@ -126,7 +126,9 @@ def _rebuild_dual(
     graphs = []
     for import_block, src in codes:
         forward = _forward_from_src(import_block + src, {})
-        graphs.append(_deserialize_graph_module(forward, dict(body)).graph)
+        graph = _deserialize_graph_module(forward, dict(body)).graph
+        assert isinstance(graph, torch.fx.Graph)
+        graphs.append(graph)
     root = _Body(body)
     root.training = training
     return DualGraphModule(root, graphs[0], graphs[1], class_name)

@@ -6,7 +6,8 @@ Pure tables and predicates on fx nodes, shared by the analyze stage and the repo
 from __future__ import annotations
 
 import operator
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, cast
 
 import torch
 import torch.fx
@@ -29,6 +30,7 @@ __all__ = [
     "is_nonlinear",
     "reaches_output_unchanged",
     "called_module",
+    "parametrized_originals",
     "fetch",
     "CAT_FUNCTIONS",
     "SHAPE_KEEPING_ACTIVATION_MODULES",
@@ -172,13 +174,21 @@ def is_layer_node(gm: nn.Module, n: torch.fx.Node) -> bool:
     return False
 
 
+def parametrized_originals(m: nn.Module, name: str = "weight") -> Iterator[nn.Parameter]:
+    """The stored tensors from which a parametrized module computes its ``name`` tensor."""
+    parametrizations = cast(nn.ModuleDict, m.parametrizations)
+    return parametrizations[name].parameters()
+
+
 def layer_weight(gm: nn.Module, n: torch.fx.Node) -> torch.Tensor:
     """The weight tensor of a layer node (module weight or the get_attr parameter)."""
     m = called_module(gm, n)
     if m is not None:
         if parametrize.is_parametrized(m, "weight"):  # a stored tensor (its device and dtype): computing
-            return next(m.parametrizations.weight.parameters())  # the weight would step a spectral norm
-        return m.weight  # type: ignore[return-value]
+            return next(parametrized_originals(m))  # the weight would step a spectral norm
+        weight = m.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
     w = n.args[1] if len(n.args) > 1 else n.kwargs["weight"]
     return fetch(gm, str(w.target))  # type: ignore[union-attr]
 
@@ -239,7 +249,7 @@ def follower_role(gm: nn.Module, n: torch.fx.Node) -> str | None:
 def describe(gm: nn.Module, n: torch.fx.Node) -> str:
     """A short human name for a node: "'21' (Flatten)", "'view' (Tensor.view)", "'add' (add)"."""
     if n.op == "call_module":
-        return f"'{n.target}' ({type(gm.get_submodule(n.target)).__name__})"
+        return f"'{n.target}' ({type(gm.get_submodule(str(n.target))).__name__})"
     if n.op == "call_method":
         return f"'{n.name}' (Tensor.{n.target})"
     if n.op == "call_function":
@@ -361,30 +371,11 @@ def reaches_output_unchanged(gm: nn.Module, n: torch.fx.Node) -> bool:
 # ---------------------------------------------------------------------------------------------
 # element-wise ops: an activation written as a Python function (x * sigmoid(x), a mish helper)
 
-_UNARY_FUNCTIONS = {
-    torch.sigmoid,
-    torch.tanh,
-    torch.exp,
-    torch.erf,
-    torch.log1p,
-    torch.abs,
-    torch.neg,
-    torch.sqrt,
-    torch.rsqrt,
-    torch.clamp,
-    torch.square,
-    torch.sin,
-    torch.cos,
-    F.softplus,
-    F.sigmoid,
-    F.tanh,
-    torch.pow,
-    torch.relu,
-    F.relu,
-    F.gelu,
-    F.silu,
-    F.elu,
-}
+# torch's math functions beside the activations (one table of those, above)
+_MATH_FUNCTIONS = {torch.exp, torch.erf, torch.log1p, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.clamp}
+_UNARY_FUNCTIONS = (
+    SHAPE_KEEPING_ACTIVATION_FUNCTIONS | _MATH_FUNCTIONS | {torch.square, torch.sin, torch.cos, torch.pow}
+)
 _ARITHMETIC = {
     operator.add,
     operator.sub,
@@ -397,29 +388,12 @@ _ARITHMETIC = {
     torch.mul,
     torch.div,
 }
-_ELEMENTWISE_METHODS = {
-    "sigmoid",
-    "tanh",
-    "exp",
-    "erf",
-    "abs",
-    "neg",
-    "sqrt",
-    "rsqrt",
-    "clamp",
-    "pow",
-    "square",
-    "mul",
-    "add",
-    "sub",
-    "div",
-    "relu",
-    "softplus",
-    "log1p",
-}
+_ARITHMETIC_METHODS = {"mul", "add", "sub", "div", "neg", "abs"}
+_MATH_METHODS = {"exp", "erf", "sqrt", "rsqrt", "clamp", "pow", "square", "softplus", "log1p"}
+_ELEMENTWISE_METHODS = ACTIVATION_METHODS | _MATH_METHODS | _ARITHMETIC_METHODS
 #: the ops that make such a chain nonlinear (a chain of adds and multiplies by constants is linear)
 _NONLINEAR = (_UNARY_FUNCTIONS - {torch.neg, torch.abs}) | {operator.pow}
-_NONLINEAR_METHODS = _ELEMENTWISE_METHODS - {"mul", "add", "sub", "div", "neg", "abs"}
+_NONLINEAR_METHODS = _ELEMENTWISE_METHODS - _ARITHMETIC_METHODS
 
 
 def is_elementwise(n: torch.fx.Node) -> bool:

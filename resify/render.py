@@ -190,8 +190,8 @@ def comparison_text(c: FlowComparison, width: int) -> str:
     # widen the 'before' columns so that each group label fits over its three columns
     mins = [0, 0, 0, 0, 0, 0, 0, 0]
     for k, label in enumerate(groups):
-        cols = [max(len(r[i]) for r in [header, *rows]) for i in range(2 + 3 * k, 5 + 3 * k)]
-        mins[2 + 3 * k] = max(cols[0], len(label) - cols[1] - cols[2] - 4)
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(2 + 3 * k, 5 + 3 * k)]
+        mins[2 + 3 * k] = max(widths[0], len(label) - widths[1] - widths[2] - 4)
     rendered = table(header, rows, width=width, shrink=0, right=[False, False] + [True] * 6, min_widths=mins)
     cols = rendered[1].split("  ")
     starts = [sum(len(x) + 2 for x in cols[:i]) for i in range(len(cols))]

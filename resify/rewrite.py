@@ -11,6 +11,7 @@ dtype of the layer it bridges. Original layers keep their qualified names.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx
@@ -60,7 +61,8 @@ def _projection(form: Projection, factory: dict) -> list[tuple[str, nn.Module]]:
         return [("proj", nn.Linear(cin, cout, bias=True, **factory))]
     if form.op == "pool":
         return []
-    conv = _CONV[form.dims](cin, cout, kernel_size=1, stride=form.stride or 1, bias=False, **factory)
+    stride: int | tuple[int, ...] = form.stride or 1
+    conv = _CONV[form.dims](cin, cout, kernel_size=1, stride=stride, bias=False, **factory)  # type: ignore[arg-type]
     mods: list[tuple[str, nn.Module]] = [("proj", conv)]
     if form.norm:
         mods.append(("norm", _BATCHNORM[form.norm](cout, **factory)))
@@ -176,6 +178,7 @@ def _replace_module(gm: nn.Module, path: str, new: nn.Module) -> None:
 @torch.no_grad()
 def _widened_layer(m: nn.Module, extra: int) -> nn.Module:
     """A copy of Linear/ConvNd ``m`` taking ``extra`` more inputs first, with zero weights for them."""
+    assert isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))  # the planner widens only these
     w = m.weight
     zeros = torch.zeros(w.shape[0], extra, *w.shape[2:], device=w.device, dtype=w.dtype)
     if isinstance(m, nn.Linear):
@@ -183,7 +186,7 @@ def _widened_layer(m: nn.Module, extra: int) -> nn.Module:
             m.in_features + extra, m.out_features, bias=m.bias is not None, device=w.device, dtype=w.dtype
         )
     else:
-        new = type(m)(
+        new = type(m)(  # type: ignore[call-arg]
             m.in_channels + extra,
             m.out_channels,
             m.kernel_size,
@@ -196,9 +199,11 @@ def _widened_layer(m: nn.Module, extra: int) -> nn.Module:
             device=w.device,
             dtype=w.dtype,
         )
-    new.weight.copy_(torch.cat([zeros, w], dim=1))
-    if m.bias is not None:
-        new.bias.copy_(m.bias)
+    new_weight, new_bias = new.weight, new.bias
+    assert isinstance(new_weight, torch.Tensor)
+    new_weight.copy_(torch.cat([zeros, w], dim=1))
+    if m.bias is not None and isinstance(new_bias, torch.Tensor):
+        new_bias.copy_(m.bias)
     return new
 
 
@@ -239,7 +244,7 @@ def _lazy_copy(t: torch.Tensor) -> torch.Tensor:
 
 def _own_tensors(root: nn.Module) -> None:
     """Give the private module tree its own parameters and buffers (tied weights stay tied)."""
-    memo: dict[int, torch.Tensor] = {}
+    memo: dict[int, Any] = {}  # id -> the copy (a Parameter for a parameter)
     with torch.no_grad():
         for m in root.modules():
             for key, p in m._parameters.items():

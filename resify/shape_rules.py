@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,10 @@ def _attention_rule(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Any:
     q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
     if set(bound) - set(names) or bound.get("key_padding_mask") is not None or bound.get("attn_mask") is not None:
         return None  # masks are checked against the shapes by the real op: let it
-    if not (_meta_float(q) and _meta_float(k) and _meta_float(v)) or not _weight_dtype_matches(m, q):
+    if not (_meta_float(q) and _meta_float(k) and _meta_float(v)):
+        return None
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+    if not _weight_dtype_matches(m, q):
         return None
     batched = q.dim() == 3
     if q.dim() not in (2, 3) or k.dim() != q.dim() or v.dim() != q.dim() or q.shape[-1] != m.embed_dim:
@@ -106,7 +109,7 @@ def module_rule(m: nn.Module, args: tuple, kwargs: dict) -> Any:
         return _like(x)
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         try:
-            m._check_input_dim(x)  # type: ignore[operator]
+            m._check_input_dim(x)
         except ValueError:
             return None
         one_value = x.numel() // max(x.shape[1], 1) <= 1
@@ -128,7 +131,7 @@ def _conv_rule(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor | No
     if m.padding == "same":
         spatial = list(x.shape[-n:])
     else:
-        pad = (0,) * n if m.padding == "valid" else m.padding
+        pad = cast(tuple[int, ...], (0,) * n if m.padding == "valid" else m.padding)
         spatial = [
             (size + 2 * p - d * (k - 1) - 1) // s + 1
             for size, p, d, k, s in zip(x.shape[-n:], pad, m.dilation, m.kernel_size, m.stride)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.fx.node import map_arg
 
 from .errors import TraceError
+from .formats import first_line
 from .ops import fetch
 from .shape_rules import function_rule, method_rule, module_rule
 from .state import state_kept
@@ -85,20 +86,20 @@ _DTYPE_WORDS = (
 
 
 def _rejection_message(root: nn.Module, n: torch.fx.Node, infos: list, e: Exception) -> str:
-    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if n.op == "call_module":
-        what = f"layer '{n.target}' ({type(root.get_submodule(n.target)).__name__})"
+        what = f"layer '{n.target}' ({type(root.get_submodule(str(n.target))).__name__})"
     else:
         what = f"operation '{n.name}' ({n.format_node()})"
-    if any(w in first_line for w in _DTYPE_WORDS):  # the dtype, not the shape, is what it rejects
+    message = first_line(e)
+    if any(w in message for w in _DTYPE_WORDS):  # the dtype, not the shape, is what it rejects
         shown = ", ".join(str(i.dtype).replace("torch.", "") for i in infos) or "its input"
         return (
-            f"{what} rejected input of dtype {shown}: {first_line}; pass an example_input of the dtype the "
+            f"{what} rejected input of dtype {shown}: {message}; pass an example_input of the dtype the "
             "model expects (token ids: torch.long; CLI: --dtype int64)"
         )
     shown = ", ".join(str(list(i.shape)) for i in infos) or "its input"
     return (
-        f"{what} rejected input of shape {shown}: {first_line}; "
+        f"{what} rejected input of shape {shown}: {message}; "
         "pass an example_input with the shape the model expects (CLI: --input-shape)"
     )
 
@@ -196,25 +197,25 @@ def _propagate_on_meta(
             else:
                 raise TypeError(f"no input for '{n.target}'")
         elif op == "get_attr":  # parameters, buffers and the tracer's tensor constants
-            value = _to_meta(fetch(root, n.target))  # type: ignore[arg-type]
+            value = _to_meta(fetch(root, str(n.target)))
         elif op == "output":
             value = map_arg(n.args[0], load)
         else:
             args, kwargs = map_arg(n.args, load), map_arg(n.kwargs, load)
             if op == "call_module":
-                module = modules[n.target]  # type: ignore[index]
-                value = module_rule(module, args, kwargs)  # type: ignore[arg-type]
+                module = modules[str(n.target)]
+                value = module_rule(module, args, kwargs)
                 if value is None:
                     with _on_meta(module):  # only the modules the rules do not know get meta weights
                         value = module(*args, **kwargs)
             elif op == "call_function":
-                value = function_rule(n.target, args, kwargs)  # type: ignore[arg-type]
+                value = function_rule(n.target, args, kwargs)
                 if value is None:
-                    value = n.target(*args, **kwargs)  # type: ignore[operator]
+                    value = n.target(*args, **kwargs)
             else:  # call_method
-                value = method_rule(n.target, args, kwargs)  # type: ignore[arg-type]
+                value = method_rule(n.target, args, kwargs)
                 if value is None:
-                    value = getattr(args[0], n.target)(*args[1:], **kwargs)  # type: ignore[arg-type]
+                    value = getattr(args[0], n.target)(*args[1:], **kwargs)
         env[n] = value
         n.meta["resify"] = tensor_info(value)
 

@@ -66,7 +66,7 @@ def gradient_flow(
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise ResifyError(f"batches must be a positive integer, found {batches!r}")
     inputs = as_inputs(example_input) if example_input is not None else derive_example_input(model)
-    if not any(isinstance(t, torch.Tensor) for t in inputs):
+    if inputs is None or not any(isinstance(t, torch.Tensor) for t in inputs):
         raise ResifyError("example_input holds no tensor; pass e.g. example_input=torch.randn(8, 3, 32, 32)")
     check_device(model, inputs)
     modules = layer_modules(model)
@@ -85,7 +85,11 @@ def gradient_flow(
             else ("mse to target" if target.is_floating_point() or target.is_complex() else "cross-entropy to target")
         )
     )
-    weights = {name: stored_weight(m) for name, m in modules.items()}
+    weights: dict[str, torch.Tensor] = {}
+    for name, m in modules.items():
+        stored = stored_weight(m)
+        assert stored is not None  # layer_modules keeps the modules that have one
+        weights[name] = stored
     weights.update(gates)
     sink = Sink()
     probe = Probe(modules, weights, model, sink)

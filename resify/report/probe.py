@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from ..constants import NAMESPACE
 from ..modules import Shortcut
+from ..ops import parametrized_originals
 
 __all__ = [
     "Probe",
@@ -42,7 +43,7 @@ def stored_weight(m: nn.Module) -> torch.Tensor | None:
     (a parametrization, old-style ``weight_norm``/``spectral_norm``) the tensor it is computed from."""
     w = m._parameters.get("weight")
     if w is None and parametrize.is_parametrized(m, "weight"):
-        w = max(m.parametrizations.weight.parameters(), key=lambda p: (p.dim(), p.numel()), default=None)
+        w = max(parametrized_originals(m), key=lambda p: (p.dim(), p.numel()), default=None)
     if w is None:
         w = m._parameters.get("weight_orig", m._parameters.get("weight_v"))
     if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.is_floating_point():
@@ -80,7 +81,7 @@ class Sink:
         self.items: list[tuple[tuple, torch.Tensor | float]] = []
 
     def add(self, key: tuple, value: torch.Tensor | float) -> None:
-        if type(value) is not float and value.device.type == "cpu":  # type: ignore[union-attr]
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
             value = value.item()  # no sync to avoid on the CPU, and fewer tensors to stack
         self.items.append((key, value))
 
@@ -189,7 +190,9 @@ class Probe:
         self._weight_names: dict[int, list[str]] = {}
         for name, w in weights.items():
             self._weight_names.setdefault(id(w), []).append(name)
-        self._params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
+        self._params: list[torch.Tensor] = [
+            p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad
+        ]
         for w in weights.values():
             if w.requires_grad and all(w is not p for p in self._params):
                 self._params.append(w)

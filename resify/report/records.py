@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import render
 from ..constants import (
@@ -137,7 +137,7 @@ class GradientFlow:
             recommendation=d["recommendation"],
             first_to_last=_pnum(d["first_to_last"]),
             loss=d["loss"],
-            loss_value=_pnum(d["loss_value"]),
+            loss_value=float(d["loss_value"]),
             batches=int(d["batches"]),
             seed=int(d["seed"]),
         )
@@ -314,4 +314,4 @@ def _check_schema(d: Mapping[str, Any], kind: str) -> None:
 def _verdict(value: Any) -> Verdict:
     if value not in VERDICTS:
         raise ResifyError(f"expected a verdict among {', '.join(VERDICTS)}, found {value!r}; re-create the report")
-    return value  # type: ignore[no-any-return]
+    return cast(Verdict, value)

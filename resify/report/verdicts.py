@@ -46,6 +46,7 @@ def judge(records: tuple[LayerFlow, ...], **fields: Any) -> GradientFlow:
         x for r in records for x in (r.mean_abs_grad, r.grad_norm, r.input_grad_norm, r.activation_rms) if x is not None
     ]
     flows = [r.flow for r in records if r.flow is not None and r.kind != "Gate"]
+    verdict: Verdict
     where = f"from '{own[0].name}' to '{own[-1].name}'" if own else ""
     if any(not math.isfinite(x) for x in figures):
         bad = next(
