@@ -1,29 +1,42 @@
 """The command line: ``resify inspect`` and ``resify convert``, a thin click shell over the library.
 
-Every ResifyError becomes a one-line message and exit status 1 (2 for usage errors); a traceback
-only with ``--debug``.
+Every ResifyError becomes a one-line message and exit status 1 (2 for usage errors, checked here
+before the library is called); anything else is a bug in resify and shows its traceback. A
+traceback for ResifyError too with ``--debug`` (before or after the subcommand).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
+import os
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn, ParamSpec, TextIO, TypeVar
 
 import click
 import torch
 
-from . import __version__
-from .api import apply
+from . import __version__, api
+from .constants import GATES, SHORTCUTS
 from .errors import ModelLoadError, ResifyError, ResifyWarning
-from .loading import DTYPES, LoadedModel, load_model, parse_input_kwarg, parse_input_shape
+from .loading import DTYPES, MODEL_SPEC_FORMS, LoadedModel, load_model, parse_input_kwarg, parse_input_shape
 
 __all__ = ["main", "cli"]
 
 INSPECT_SCHEMA_VERSION = 1
+
+F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: --gate's choices: the library's GATES, with None ("no gate") spelt "none".
+_GATE_CHOICES = ["none" if gate is None else gate for gate in GATES]
+_DEBUG = "resify.debug"  # key in click's ctx.meta, which a group and its subcommand share
 
 
 class _Failure(click.ClickException):
@@ -38,10 +51,41 @@ class _BadInput(click.ClickException):
     exit_code = 2
 
 
-def _policy_options(f: Callable) -> Callable:
+def _with_model_spec_help(f: F) -> F:
+    """Append what a MODEL_SPEC may be (from loading.MODEL_SPEC_FORMS) to a command's help."""
+    width = max(map(len, MODEL_SPEC_FORMS))
+    forms = "\n".join(
+        textwrap.fill(meaning, 76, initial_indent=f"{form:<{width}}  ", subsequent_indent=" " * (width + 2))
+        for form, meaning in MODEL_SPEC_FORMS.items()
+    )
+    f.__doc__ = (
+        f"{(f.__doc__ or '').rstrip()}\n\nMODEL_SPEC is one of:\n\n\b\n{forms}\n\n"
+        "Loading a file runs its Python code, as `python model.py` would."
+    )
+    return f
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[_DEBUG] = True
+
+
+def _debug_option(f: F) -> F:
+    """--debug, accepted before the subcommand (on the group) and after it (on each command)."""
+    return click.option(
+        "--debug", is_flag=True, expose_value=False, callback=_set_debug, help="Show tracebacks of resify's errors."
+    )(f)
+
+
+def _policy_options(f: F) -> F:
     """The policy keywords of resify.apply as flags (shared by inspect and convert)."""
     options = [
-        click.option("--input-shape", metavar="N,C,H,W", help="Example input shape, e.g. 8,3,32,32."),
+        click.option(
+            "--input-shape",
+            metavar="SHAPE",
+            help="Example input shape, comma-separated, e.g. 8,3,32,32 or 4,128 (default: the file's "
+            "example_input, or one derived from the first layer).",
+        ),
         click.option(
             "--dtype",
             type=click.Choice(list(DTYPES)),
@@ -59,10 +103,11 @@ def _policy_options(f: Callable) -> Callable:
         ),
         click.option(
             "--shortcut",
-            type=click.Choice(["auto", "identity", "dense"]),
+            type=click.Choice(list(SHORTCUTS)),
             default="auto",
             show_default=True,
-            help="auto: identity or projection; identity: only where shapes match.",
+            help="auto: identity or projection; identity: only where shapes match; "
+            "dense: concatenate, widening the next layer.",
         ),
         click.option("--group", type=click.IntRange(min=1), default=1, show_default=True, help="Layers per shortcut."),
         click.option("--include", multiple=True, metavar="GLOB", help="Only layers whose name matches (repeatable)."),
@@ -71,18 +116,23 @@ def _policy_options(f: Callable) -> Callable:
         ),
         click.option(
             "--gate",
-            type=click.Choice(["none", "rezero", "layerscale"]),
+            type=click.Choice(_GATE_CHOICES),
             default="none",
             show_default=True,
             help="Scale each layer branch by a learnable gate.",
         ),
-        click.option("--gate-init", type=float, default=None, help="Initial gate value (rezero 0, layerscale 1e-4)."),
+        click.option(
+            "--gate-init",
+            type=float,
+            default=None,
+            help="Initial gate value (rezero 0, layerscale 1e-4); needs --gate.",
+        ),
         click.option("--preserve-output", is_flag=True, help="Start every shortcut at β=0: outputs unchanged."),
         click.option(
             "--dense-max-growth",
             type=click.IntRange(min=1),
             default=None,
-            help="Dense: at most this many channels/features added per widened layer.",
+            help="Dense: at most this many channels/features added per widened layer; needs --shortcut dense.",
         ),
         click.option(
             "--leaf",
@@ -97,7 +147,43 @@ def _policy_options(f: Callable) -> Callable:
     return f
 
 
+def _contradiction(opts: dict[str, Any]) -> str | None:
+    """What is wrong with a combination of policy flags, worded in flags (None if nothing is).
+
+    The CLI's copy of Policy.from_kwargs' cross-field rules, so that the user reads about the flags
+    they typed (and exit status 2) rather than about the library's keywords.
+    """
+    gate, shortcut, gate_init = opts["gate"], opts["shortcut"], opts["gate_init"]
+    if gate_init is not None and gate == "none":
+        return (
+            f"--gate-init needs --gate: found --gate-init {gate_init} without a gate; "
+            "add --gate rezero or --gate layerscale, or drop --gate-init"
+        )
+    if gate_init is not None and not math.isfinite(gate_init):
+        return f"--gate-init expects a finite number; found {gate_init}"
+    if gate != "none" and shortcut == "dense":
+        return (
+            f"--gate does not combine with --shortcut dense: found --gate {gate} (a dense shortcut keeps the "
+            "layer's output whole); drop --gate, or choose --shortcut auto or identity"
+        )
+    if opts["dense_max_growth"] is not None and shortcut != "dense":
+        return (
+            f"--dense-max-growth needs --shortcut dense: found --shortcut {shortcut}; "
+            "add --shortcut dense or drop --dense-max-growth"
+        )
+    if opts["preserve_output"] and gate_init is not None and gate_init != 1.0:
+        return (
+            f"--preserve-output needs the gate to start at 1: found --gate-init {gate_init}; "
+            "drop --gate-init (or pass --gate-init 1)"
+        )
+    return None
+
+
 def _policy(opts: dict[str, Any]) -> dict[str, Any]:
+    """The policy keywords for resify.apply; a contradictory set of flags is a click UsageError."""
+    problem = _contradiction(opts)
+    if problem is not None:
+        raise click.UsageError(problem, ctx=click.get_current_context())
     policy: dict[str, Any] = {
         "shortcut": opts["shortcut"],
         "group": opts["group"],
@@ -115,19 +201,34 @@ def _policy(opts: dict[str, Any]) -> dict[str, Any]:
     return policy
 
 
-def _boundary(f: Callable) -> Callable:
+def _stdout_gone() -> NoReturn:
+    """The reader of stdout went away (``resify inspect … | head -1``): stop quietly, exit status 1.
+
+    As the Python docs advise (signal.SIGPIPE notes), stdout is pointed at devnull first, so that
+    the flush at exit does not raise BrokenPipeError a second time.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (CliRunner): nothing to redirect
+        pass
+    sys.exit(1)
+
+
+def _boundary(f: Callable[P, R]) -> Callable[P, R]:
     """Turn resify's errors into one-line click errors (tracebacks only with --debug)."""
 
     @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = click.get_current_context().find_root().params.get("debug", False)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("always", ResifyWarning)
                 warnings.showwarning = _show_warning
                 return f(*args, **kwargs)
-        except (ResifyError, TypeError, OSError) as e:
-            if debug:
+        except BrokenPipeError:
+            _stdout_gone()
+        except ResifyError as e:
+            if click.get_current_context().meta.get(_DEBUG, False):
                 raise
             if isinstance(e, ModelLoadError):
                 raise _BadInput(str(e)) from e
@@ -136,7 +237,14 @@ def _boundary(f: Callable) -> Callable:
     return wrapper
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
@@ -149,6 +257,20 @@ def _load(spec: str, opts: dict[str, Any]) -> tuple[LoadedModel, Any, dict[str, 
     kwargs = dict(loaded.example_kwargs or {})
     kwargs.update(parse_input_kwarg(text) for text in opts["input_kwargs"])
     return loaded, example, kwargs
+
+
+def _writing(what: str, path: str | Path, write: Callable[[], Any]) -> Any:
+    """Run ``write``; an OSError there is about the user's output path, so it becomes a ResifyError."""
+    try:
+        return write()
+    except OSError as e:
+        raise ResifyError(f"cannot write {what} to '{path}': {e.strerror or e}; choose a writable path") from e
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _model_info(loaded: LoadedModel, converted: torch.fx.GraphModule) -> dict[str, Any]:
@@ -180,32 +302,40 @@ def _flow(loaded: LoadedModel, converted: torch.fx.GraphModule, batches: int) ->
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="resify")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def cli(debug: bool) -> None:
-    """Add residual shortcuts to a PyTorch model and show the gradient flow before and after.
-
-    MODEL_SPEC is path/to/model.py, path/to/model.py:NAME or torchvision:NAME. Loading a file runs
-    its Python code, as `python model.py` would.
-    """
+@_debug_option
+@_with_model_spec_help
+def cli() -> None:
+    """Add residual shortcuts to a PyTorch model and show the gradient flow before and after."""
 
 
 @cli.command()
 @click.argument("model_spec")
 @_policy_options
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "markdown", "json"]),
+    default="text",
+    show_default=True,
+    help=f"text for a terminal, markdown for an issue or a pull request, json (schema_version "
+    f"{INSPECT_SCHEMA_VERSION}) for a script.",
+)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the before/after figure (.png/.svg).")
 @click.option("--batches", type=click.IntRange(min=1), default=1, show_default=True, help="Batches for the report.")
 @click.option("--no-report", is_flag=True, help="Skip the gradient-flow report.")
+@_debug_option
 @_boundary
+@_with_model_spec_help
 def inspect(model_spec: str, fmt: str, plot_path: str | None, batches: int, no_report: bool, **opts: Any) -> None:
     """A dry run: what resify sees, what it would do, and the gradient flow before and after."""
+    policy = _policy(opts)
     loaded, example, kwargs = _load(model_spec, opts)
-    converted = apply(loaded.model, example, example_kwargs=kwargs, **_policy(opts))
+    converted = api.apply(loaded.model, example, example_kwargs=kwargs, **policy)
     plan = converted.meta["resify_plan"]
     info = _model_info(loaded, converted)
     flow = None if no_report else _flow(loaded, converted, batches)
     if plot_path and flow is not None:
-        flow.plot(plot_path)
+        _writing("the plot", plot_path, lambda: flow.plot(plot_path))
     if fmt == "json":
         doc = {
             "schema_version": INSPECT_SCHEMA_VERSION,
@@ -236,13 +366,16 @@ def inspect(model_spec: str, fmt: str, plot_path: str | None, batches: int, no_r
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @_policy_options
 @click.option("--batches", type=click.IntRange(min=1), default=1, show_default=True, help="Batches for the report.")
+@_debug_option
 @_boundary
+@_with_model_spec_help
 def convert(model_spec: str, out: str, force: bool, batches: int, **opts: Any) -> None:
     """Write the converted model to OUT: model.py, weights.pt, plan.json, report.json."""
     from .export import load_line, save
 
+    policy = _policy(opts)
     loaded, example, kwargs = _load(model_spec, opts)
-    converted = apply(loaded.model, example, example_kwargs=kwargs, **_policy(opts))
+    converted = api.apply(loaded.model, example, example_kwargs=kwargs, **policy)
     plan = converted.meta["resify_plan"]
     flow = _flow(loaded, converted, batches)
     inputs = converted.meta["resify_example_inputs"]
@@ -256,17 +389,23 @@ def convert(model_spec: str, out: str, force: bool, batches: int, **opts: Any) -
         if isinstance(a, torch.Tensor) and not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
             raise ResifyError("the written model does not reproduce the converted one; please report this")
 
+    def write() -> None:
+        folder = save(
+            converted,
+            out,
+            force=force,
+            check=same_outputs,
+            extra_json={
+                "plan.json": plan.to_dict(),
+                "report.json": json.loads(flow.to_json()),
+            },
+        )
+        # save() builds the folder with tempfile.mkdtemp (mode 0700) and renames it: give it the
+        # mode a folder made by mkdir would have
+        folder.chmod(0o777 & ~_umask())
+
     plan_training = converted.training
-    save(
-        converted,
-        out,
-        force=force,
-        check=same_outputs,
-        extra_json={
-            "plan.json": plan.to_dict(),
-            "report.json": json.loads(flow.to_json()),
-        },
-    )
+    _writing("the converted model", out, write)
     click.echo(plan.summary())
     click.echo(f"wrote {out}/model.py, weights.pt, plan.json, report.json; load it with:")
     click.echo(load_line(out))
@@ -274,8 +413,14 @@ def convert(model_spec: str, out: str, force: bool, batches: int, **opts: Any) -
 
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="resify")
+    try:
+        try:
+            cli(prog_name="resify")
+        finally:
+            sys.stdout.flush()  # output still buffered goes now, while a closed pipe can be handled
+    except BrokenPipeError:
+        _stdout_gone()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

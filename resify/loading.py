@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -18,11 +19,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from .constants import image_size
 from .errors import ModelLoadError
 
-__all__ = ["LoadedModel", "load_model", "parse_input_shape", "parse_input_kwarg", "BUILDER_NAMES", "DTYPES"]
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "parse_input_shape",
+    "parse_input_kwarg",
+    "BUILDER_NAMES",
+    "DTYPES",
+    "MODEL_SPEC_FORMS",
+]
 
 BUILDER_NAMES = ("build_model", "get_model", "make_model")
+#: Each form of a MODEL_SPEC and what it loads (the CLI's help lists them).
+MODEL_SPEC_FORMS = {
+    "path/to/model.py": "the file's one model: a module-level nn.Module with parameters, or a function named "
+    f"{', '.join(BUILDER_NAMES[:-1])} or {BUILDER_NAMES[-1]} that returns one",
+    "path/to/model.py:NAME": "the nn.Module named NAME in the file, or the function NAME returning one",
+    "torchvision:NAME": "a torchvision model, untrained, e.g. torchvision:resnet18",
+}
 #: The example input's dtype names (CLI --dtype); integer ones give token ids 0 or 1 (valid for any vocabulary).
 DTYPES = {
     "float32": torch.float32,
@@ -50,9 +67,35 @@ class LoadedModel:
 
 
 def parse_input_shape(text: str | None, dtype: str = "float32") -> torch.Tensor | None:
-    """'8,3,32,32' → a random tensor of that shape (seeded), or None when no shape is given."""
+    """'8,3,32,32' → a random tensor of that shape (seeded), or None when no shape is given.
+
+    Any rank works ('4,128', '2,3,8,8,8'); integer dtypes give token ids 0 or 1.
+
+    Raises:
+        ModelLoadError: the shape is not positive integers separated by commas, or ``dtype`` is
+            not one of :data:`DTYPES`.
+    """
     if not text:
         return None
+    return _random_input(text, dtype)
+
+
+def parse_input_kwarg(text: str) -> tuple[str, torch.Tensor]:
+    """'attention_mask=2,16:int64' → ('attention_mask', a tensor of that shape and dtype).
+
+    Raises:
+        ModelLoadError: ``text`` is not NAME=SHAPE[:DTYPE], or its shape or dtype is invalid.
+    """
+    name, sep, rest = text.partition("=")
+    shape, _, dtype = rest.partition(":")
+    if not sep or not name.strip().isidentifier() or not shape:
+        raise ModelLoadError(
+            f"--input-kwarg expects NAME=SHAPE[:DTYPE], like attention_mask=2,16:int64; found {text!r}"
+        )
+    return name.strip(), _random_input(shape, dtype or "float32")
+
+
+def _random_input(text: str, dtype: str) -> torch.Tensor:
     try:
         shape = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
     except ValueError:
@@ -69,21 +112,39 @@ def parse_input_shape(text: str | None, dtype: str = "float32") -> torch.Tensor 
     return torch.randint(0, 2, shape, generator=generator).to(DTYPES[dtype])
 
 
-def parse_input_kwarg(text: str) -> tuple[str, torch.Tensor]:
-    """'attention_mask=2,16:int64' → ('attention_mask', a tensor of that shape and dtype)."""
-    name, sep, rest = text.partition("=")
-    shape, _, dtype = rest.partition(":")
-    if not sep or not name.strip().isidentifier() or not shape:
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file resify can read; an unreadable one is the user's to fix, not a crash."""
+    try:
+        if not path.is_file():
+            return False
+        with path.open("rb"):
+            return True
+    except OSError as e:
         raise ModelLoadError(
-            f"--input-kwarg expects NAME=SHAPE[:DTYPE], like attention_mask=2,16:int64; found {text!r}"
-        )
-    tensor = parse_input_shape(shape, dtype or "float32")
-    assert tensor is not None
-    return name.strip(), tensor
+            f"cannot read model file '{path}': {e.strerror or e}; check the path and its permissions"
+        ) from e
+
+
+def _where(e: BaseException, path: Path) -> str:
+    """':LINE' of the last frame of ``e``'s traceback that is in ``path`` ('' if none is)."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    return f":{frames[-1].lineno}" if frames else ""
+
+
+def _call(fn: Callable[[], Any], label: str, path: Path) -> Any:
+    """Call a function of the user's file; whatever it raises is the user's error, told in one line."""
+    try:
+        return fn()
+    except Exception as e:
+        where = _where(e, path)
+        raise ModelLoadError(
+            f"{path}:{label}() failed{f' at {path}{where}' if where else ''} with {type(e).__name__}: {e}; "
+            f"resify calls it with no arguments, as `{label}()`"
+        ) from e
 
 
 def _import_file(path: Path) -> ModuleType:
-    if not path.is_file():
+    if not _is_file(path):
         raise ModelLoadError(f"model file '{path}' not found; give a path to a .py file, or torchvision:NAME")
     name = f"resify_user_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -97,10 +158,8 @@ def _import_file(path: Path) -> ModuleType:
     except SyntaxError as e:
         raise ModelLoadError(f"syntax error in {path}:{e.lineno}: {e.msg}; fix the file and try again") from e
     except Exception as e:
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
-        where = f":{frames[-1].lineno}" if frames else ""
         raise ModelLoadError(
-            f"running {path}{where} failed with {type(e).__name__}: {e}; the file must import cleanly "
+            f"running {path}{_where(e, path)} failed with {type(e).__name__}: {e}; the file must import cleanly "
             f"(resify runs it as `python {path.name}` would)"
         ) from e
     finally:
@@ -108,44 +167,42 @@ def _import_file(path: Path) -> ModuleType:
     return module
 
 
-def _resolve(obj: Any, label: str) -> nn.Module:
+def _resolve(obj: Any, path: Path, name: str) -> nn.Module:
+    label = f"{path}:{name}"
     if isinstance(obj, nn.Module):
         return obj
     if callable(obj):
-        try:
-            obj = obj()
-        except TypeError as e:
-            raise ModelLoadError(f"{label} must take no arguments, but calling it failed: {e}") from e
+        obj = _call(obj, name, path)
         if isinstance(obj, nn.Module):
             return obj
         raise ModelLoadError(f"{label}() returned a {type(obj).__name__}, not an nn.Module")
     raise ModelLoadError(f"{label} is a {type(obj).__name__}, not an nn.Module or a function returning one")
 
 
-def _example_from(module: ModuleType) -> Any:
+def _example_from(module: ModuleType, path: Path) -> Any:
     value = getattr(module, "example_input", None)
     if value is None:
         return None
     if callable(value) and not isinstance(value, torch.Tensor):
-        value = value()
+        value = _call(value, "example_input", path)
     if isinstance(value, torch.Tensor) or (
         isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value)
     ):
         return value
     raise ModelLoadError(
-        f"example_input in {module.__file__} must be a tensor, a tuple of tensors or a function returning one; "
+        f"example_input in {path} must be a tensor, a tuple of tensors or a function returning one; "
         f"found {type(value).__name__}"
     )
 
 
-def _example_kwargs_from(module: ModuleType) -> dict[str, Any] | None:
+def _example_kwargs_from(module: ModuleType, path: Path) -> dict[str, Any] | None:
     value = getattr(module, "example_kwargs", None)
     if callable(value):
-        value = value()
+        value = _call(value, "example_kwargs", path)
     if value is None or (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
         return value
     raise ModelLoadError(
-        f"example_kwargs in {module.__file__} must be a dict of inputs by name or a function "
+        f"example_kwargs in {path} must be a dict of inputs by name or a function "
         f"returning one; found {type(value).__name__}"
     )
 
@@ -169,33 +226,37 @@ def _torchvision(name: str) -> LoadedModel:
         close = [n for n in known if name.split("_")[0] in n][:5]
         raise ModelLoadError(f"torchvision has no model {name!r}; try one of {', '.join(close or known[:5])}")
     model = torchvision.models.get_model(name, weights=None)
-    size = 299 if name.startswith("inception") else 224
+    size = image_size(name)
     return LoadedModel(
         model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)), f"torchvision:{name}"
     )
 
 
 def load_model(spec: str) -> LoadedModel:
-    """Load ``path.py``, ``path.py:NAME`` or ``torchvision:NAME``.
+    """Load a model from a MODEL_SPEC: ``path.py``, ``path.py:NAME`` or ``torchvision:NAME``.
+
+    Loading a file runs its Python code; it may also define ``example_input`` and
+    ``example_kwargs`` (values, or functions returning them).
 
     Raises:
-        ModelLoadError: missing file, import failure, no or several candidates, NAME not a module.
+        ModelLoadError: missing or unreadable file, import failure, a function of the file that
+            fails, no or several candidates, NAME not a module.
     """
     if spec.startswith("torchvision:"):
         return _torchvision(spec.split(":", 1)[1])
-    path_text, _, name = spec.partition(":") if not Path(spec).is_file() else (spec, "", "")
+    path_text, _, name = spec.partition(":") if not _is_file(Path(spec)) else (spec, "", "")
     path = Path(path_text)
     module = _import_file(path)
-    example = _example_from(module)
-    kwargs = _example_kwargs_from(module)
+    example = _example_from(module, path)
+    kwargs = _example_kwargs_from(module, path)
     if name:
         if not hasattr(module, name):
             raise ModelLoadError(f"{path} has no attribute {name!r}; check the name after ':'")
-        return LoadedModel(_resolve(getattr(module, name), f"{path}:{name}"), example, f"{path}:{name}", kwargs)
+        return LoadedModel(_resolve(getattr(module, name), path, name), example, f"{path}:{name}", kwargs)
     candidates = _candidates(module)
     if len(candidates) == 1:
         key = candidates[0]
-        return LoadedModel(_resolve(getattr(module, key), f"{path}:{key}"), example, f"{path}:{key}", kwargs)
+        return LoadedModel(_resolve(getattr(module, key), path, key), example, f"{path}:{key}", kwargs)
     if not candidates:
         raise ModelLoadError(
             f"{path} defines no module-level nn.Module instance with parameters and no function named "

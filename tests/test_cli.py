@@ -1,6 +1,8 @@
 """The command line, with click's CliRunner and a fresh interpreter for the converted model."""
 
+import itertools
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +13,10 @@ import torch
 from click.testing import CliRunner
 
 import resify
+import resify.api
 from resify.cli import cli
+from resify.constants import GATES, PLAN_SCHEMA_VERSION, SHORTCUTS
+from resify.loading import DTYPES, MODEL_SPEC_FORMS
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = str(ROOT / "examples" / "seed_mlp.py")
@@ -86,7 +91,7 @@ def test_convert_then_load_in_a_fresh_interpreter(tmp_path, spec, extra):
     code, out = run("convert", spec, "-o", out_dir, *extra)
     assert code == 0, out
     assert sorted(p.name for p in out_dir.iterdir()) == ["model.py", "plan.json", "report.json", "weights.pt"]
-    assert json.loads((out_dir / "plan.json").read_text())["schema_version"] == 1
+    assert json.loads((out_dir / "plan.json").read_text())["schema_version"] == PLAN_SCHEMA_VERSION
     assert "headline" in json.loads((out_dir / "report.json").read_text())
     line = out.strip().splitlines()[-1]
     assert line.startswith("import runpy; model = runpy.run_path(")
@@ -188,6 +193,174 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.exit_code != 0 and isinstance(result.exception, resify.TraceError)
 
 
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_debug_works_after_the_subcommand_too(tmp_path, command):
+    args = [command, SEED, "--input-shape", "10,99"] + (["-o", str(tmp_path / "out")] if command == "convert" else [])
+    result = CliRunner().invoke(cli, [*args, "--debug"])
+    assert result.exit_code == 1 and isinstance(result.exception, resify.TraceError)
+    assert "Error:" not in result.output
+    result = CliRunner().invoke(cli, args)  # without it: one line, no exception object escapes
+    assert result.exit_code == 1 and "Error: layer 'layers.0.0' (Linear) rejected input" in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_a_bug_inside_resify_is_not_swallowed(monkeypatch):
+    """Only ResifyError is the user's to fix; any other exception is a bug and keeps its traceback."""
+    bug = TypeError("unsupported operand type(s) for +: 'NoneType' and 'int'")
+
+    def broken_apply(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(resify.api, "apply", broken_apply)
+    result = CliRunner().invoke(cli, ["inspect", SEED, "--no-report"])
+    assert result.exit_code == 1 and result.exception is bug
+    assert "Error:" not in result.output
+
+
+def _choices(command, name):
+    (param,) = [p for p in cli.commands[command].params if p.name == name]
+    return list(param.type.choices)
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_choice_lists_come_from_the_library(command):
+    assert _choices(command, "shortcut") == list(SHORTCUTS)
+    assert _choices(command, "gate") == ["none" if g is None else g for g in GATES]
+    assert _choices(command, "dtype") == list(DTYPES)
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_help_explains_model_spec_and_input_shape(command):
+    code, out = run(command, "--help")
+    assert code == 0, out
+    for form in MODEL_SPEC_FORMS:
+        assert form in out, (form, out)
+    assert "Loading a file runs its Python code" in out
+    assert "--input-shape SHAPE" in out and "8,3,32,32 or 4,128" in out and "N,C,H,W" not in out
+    assert "--debug" in out
+    if command == "inspect":
+        assert "--format [text|markdown|json]" in out and "markdown for an issue" in out
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--gate-init", "0.5"], "--gate-init needs --gate: found --gate-init 0.5 without a gate"),
+        (["--gate", "rezero", "--gate-init", "nan"], "--gate-init expects a finite number; found nan"),
+        (["--gate", "rezero", "--shortcut", "dense"], "--gate does not combine with --shortcut dense"),
+        (["--dense-max-growth", "4"], "--dense-max-growth needs --shortcut dense: found --shortcut auto"),
+        (
+            ["--dense-max-growth", "4", "--shortcut", "identity"],
+            "--dense-max-growth needs --shortcut dense: found --shortcut identity",
+        ),
+        (
+            ["--gate", "layerscale", "--gate-init", "0.1", "--preserve-output"],
+            "--preserve-output needs the gate to start at 1: found --gate-init 0.1",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_contradictory_flags_are_usage_errors(tmp_path, command, flags, message):
+    """Checked before the model is loaded: the missing model file is not what the user is told about."""
+    out_args = ["-o", str(tmp_path / "out")] if command == "convert" else []
+    code, out = run(command, tmp_path / "missing.py", *out_args, *flags)
+    assert code == 2, out
+    assert f"Error: {message}" in out and "Usage: " in out and "not found" not in out, out
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_flag_check_agrees_with_the_library(tmp_path):
+    """The CLI words Policy.from_kwargs' cross-field rules in flags: both must reject the same sets."""
+    missing = tmp_path / "missing.py"
+    grid = itertools.product(
+        ["none", "rezero"], ["auto", "dense"], [None, 1.0, 0.5, float("inf")], [False, True], [None, 4]
+    )
+    for gate, shortcut, gate_init, preserve, growth in grid:
+        flags = ["--gate", gate, "--shortcut", shortcut]
+        policy: dict = {"gate": None if gate == "none" else gate, "shortcut": shortcut}
+        if gate_init is not None:
+            flags += ["--gate-init", str(gate_init)]
+            policy["gate_init"] = gate_init
+        if preserve:
+            flags.append("--preserve-output")
+            policy["preserve_output"] = True
+        if growth is not None:
+            flags += ["--dense-max-growth", str(growth)]
+            policy["dense_max_growth"] = growth
+        try:
+            resify.Policy.from_kwargs(**policy)
+            library_accepts = True
+        except resify.PlanError:
+            library_accepts = False
+        code, out = run("inspect", missing, *flags)
+        assert code == 2, (flags, out)
+        # accepted flags get as far as loading the (missing) model; rejected ones stop at the check
+        assert ("not found" in out) == library_accepts and ("Usage: " in out) != library_accepts, (flags, out)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--gate", "rezero", "--gate-init", "0.5"],
+        ["--gate", "layerscale", "--gate-init", "1", "--preserve-output"],
+        ["--gate", "rezero", "--preserve-output"],
+        ["--shortcut", "dense", "--dense-max-growth", "4"],
+    ],
+)
+def test_consistent_flags_pass_the_check(flags):
+    code, out = run("inspect", SEED, "--no-report", *flags)
+    assert code == 0, out
+    assert "total:" in out
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`resify inspect … | head -1`: no 'Broken pipe' error, no 'Exception ignored' at exit."""
+    model_file = _write(
+        tmp_path,
+        "deep.py",
+        """
+        import torch.nn as nn
+        model = nn.Sequential(*[m for _ in range(300) for m in (nn.Linear(8, 8), nn.ReLU())])
+    """,
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": ""}  # buffered stdout, as in a user's shell
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resify", "inspect", model_file, "--no-report", "--format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # about 200 kB are still to come: more than a pipe holds
+    _, err = proc.communicate(timeout=300)
+    assert first == "{\n"
+    assert "Broken pipe" not in err and "Exception ignored" not in err and "Traceback" not in err, err
+    assert err == "" and proc.returncode == 1, (proc.returncode, err)
+
+
+def test_convert_output_folder_has_the_umask_mode(tmp_path):
+    out_dir = tmp_path / "converted"
+    old = os.umask(0o027)
+    try:
+        code, out = run("convert", SEED, "-o", out_dir)
+    finally:
+        os.umask(old)
+    assert code == 0, out
+    assert out_dir.stat().st_mode & 0o777 == 0o777 & ~0o027 == 0o750
+
+
+def test_writing_the_plot_where_it_cannot_go_is_one_line(tmp_path):
+    a_file = _write(tmp_path, "a_file.txt", "not a folder")
+    code, out = run("inspect", SEED, "--plot", Path(a_file) / "flow.png")
+    assert code == 1, out
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "cannot write the plot to" in errors[0] and "choose a writable path" in errors[0]
+
+
 def test_export_names_settings_a_repr_leaves_out():
     from resify.export import _constructor
 
@@ -215,7 +388,7 @@ def test_export_round_trip_keeps_pooled_shortcuts_exact_on_odd_sizes(tmp_path):
     ).eval()
     x = torch.randn(2, 3, 7, 7)
     converted = resify.apply(model, x).eval()
-    assert any(s.pool for s in converted.meta["resify_plan"].sites)
+    assert any(getattr(s.shortcut, "pool", False) for s in converted.meta["resify_plan"].sites)
     save(converted, tmp_path / "m")
     loaded = load(tmp_path / "m").eval()
     torch.testing.assert_close(loaded(x), converted(x), rtol=0, atol=0)
