@@ -267,12 +267,6 @@ def _writing(what: str, path: str | Path, write: Callable[[], Any]) -> Any:
         raise ResifyError(f"cannot write {what} to '{path}': {e.strerror or e}; choose a writable path") from e
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _model_info(loaded: LoadedModel, converted: torch.fx.GraphModule) -> dict[str, Any]:
     plan = converted.meta["resify_plan"]
     return {
@@ -390,7 +384,7 @@ def convert(model_spec: str, out: str, force: bool, batches: int, **opts: Any) -
             raise ResifyError("the written model does not reproduce the converted one; please report this")
 
     def write() -> None:
-        folder = save(
+        save(
             converted,
             out,
             force=force,
@@ -400,9 +394,6 @@ def convert(model_spec: str, out: str, force: bool, batches: int, **opts: Any) -
                 "report.json": json.loads(flow.to_json()),
             },
         )
-        # save() builds the folder with tempfile.mkdtemp (mode 0700) and renames it: give it the
-        # mode a folder made by mkdir would have
-        folder.chmod(0o777 & ~_umask())
 
     plan_training = converted.training
     _writing("the converted model", out, write)

@@ -252,6 +252,12 @@ def save(
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+        # mkdtemp makes it 0700; the folder gets the mode mkdir would give it (read from a probe
+        # folder: os.umask can only be read by setting it, which races with other threads)
+        probe = tmp / ".mode"
+        probe.mkdir()
+        tmp.chmod(probe.stat().st_mode & 0o777)
+        probe.rmdir()
     except OSError as e:
         raise ResifyError(f"cannot write to '{parent}': {e.strerror}; choose a writable output folder") from e
     try:
