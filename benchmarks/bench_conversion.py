@@ -12,10 +12,10 @@ N-layer MLP.
 
 Run from the repository root::
 
-    python benchmarks/bench_conversion.py                   # MLPs + the whole zoo (about 10 min)
-    python benchmarks/bench_conversion.py --skip-big        # without the four >250M-parameter models
-    python benchmarks/bench_conversion.py --models resnet50 vit_b_16 --depths 10 100
-    python benchmarks/bench_conversion.py --no-zoo --profile 10000
+    python -m benchmarks.bench_conversion                   # MLPs + the whole zoo (about 10 min)
+    python -m benchmarks.bench_conversion --skip-big        # without the four >250M-parameter models
+    python -m benchmarks.bench_conversion --models resnet50 vit_b_16 --depths 10 100
+    python -m benchmarks.bench_conversion --no-zoo --profile 10000
 
 It prints plain tables and writes ``benchmarks/results/conversion.md``.
 """
@@ -41,14 +41,12 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import SeedMLP, machine, table
-
 import resify
+from benchmarks.common import SeedMLP, machine, table
 from resify import rewrite as rewrite_stage
 from resify.analyze import analyze
-from resify.planner import Policy, make_plan, reconcile_modes
+from resify.constants import image_size
+from resify.planner import make_plan, reconcile_modes
 from resify.rewrite import rewrite
 from resify.trace import trace
 
@@ -150,10 +148,10 @@ def stage_times(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         box["other_analysis"] = analyze(other)
     out["analyze"] = time.perf_counter() - t
     t = time.perf_counter()
-    box["plan"] = make_plan(box["analysis"], Policy.from_kwargs(), params_before=0)
+    box["plan"] = make_plan(box["analysis"], resify.Policy.from_kwargs(), params_before=0)
     if other is not None:
         box["plan"] = reconcile_modes(
-            box["plan"], make_plan(box["other_analysis"], Policy.from_kwargs()), box["traced"].training
+            box["plan"], make_plan(box["other_analysis"], resify.Policy.from_kwargs()), box["traced"].training
         )
     out["plan"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -183,8 +181,7 @@ def _zoo_model(name: str) -> tuple[nn.Module, torch.Tensor]:
         torch.manual_seed(0)
         model = torchvision.models.get_model(name, weights=None)
     model.eval()
-    side = 299 if name == "inception_v3" else 224
-    return model, torch.randn(1, 3, side, side)
+    return model, torch.randn(1, 3, image_size(name), image_size(name))
 
 
 def profile_mlp(depth: int, top: int = 30) -> str:
@@ -230,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     md = [
         "# Conversion speed: resify.apply vs torch.fx.symbolic_trace",
         "",
-        "Command: `" + f"python benchmarks/bench_conversion.py {' '.join(sys.argv[1:])}".rstrip() + "`  ",
+        "Command: `" + f"python -m benchmarks.bench_conversion {' '.join(sys.argv[1:])}".rstrip() + "`  ",
         f"Machine: {machine()}",
         "",
         "Times are medians of alternating runs in one process (garbage collected before each). "

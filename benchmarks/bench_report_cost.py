@@ -1,7 +1,9 @@
 """What the gradient-flow report costs: resify.gradient_flow against one plain forward+backward.
 
-    .venv/bin/python benchmarks/bench_report_cost.py               # all models, 7 repetitions, 1 thread
-    .venv/bin/python benchmarks/bench_report_cost.py --reps 15 --threads 2 mlp vgg
+Run from the repository root::
+
+    python -m benchmarks.bench_report_cost                 # all models, 7 repetitions, 1 thread (about 30 s)
+    python -m benchmarks.bench_report_cost --reps 15 --threads 2 mlp vgg --no-write
 
 The baseline is what a training step does: zero the gradients, forward, MSE to zeros, backward.
 The report does the same once (batches=1) plus its hooks, norms and the restoring of gradients,
@@ -9,27 +11,31 @@ buffers, modes and random state. Runs alternate between the two; the table gives
 ratio (target: at most 1.5×), and the extra time per layer. Part of that extra is fixed (hooks
 and bookkeeping in Python, ~0.1 ms per layer on one CPU thread), part grows with the tensors
 (norms of activations and gradients), so a network of tiny layers (the seed's) shows it most.
+
+It prints a plain table and writes ``benchmarks/results/report-cost.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-from reference import vgg_style_cnn  # noqa: E402
+import resify
+from benchmarks.common import machine, table
+from tests.reference import ImprovedResidualNetwork, vgg_style_cnn
 
-import resify  # noqa: E402
+__all__ = ["MODELS", "measure", "main"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = ("model", "layers", "fwd+bwd ms", "report ms", "ratio", "extra µs/layer", "setup")
 
 
 def mlp(depth: int = 20, width: int = 256) -> nn.Module:
@@ -46,8 +52,6 @@ def resnet50() -> nn.Module:
 
 
 def seed_network() -> nn.Module:
-    from reference import ImprovedResidualNetwork
-
     return ImprovedResidualNetwork([128, 64, 32, 16, 8, 1], False)
 
 
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="*", help=f"some of {', '.join(MODELS)} (default: all)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steady on a shared machine)")
+    parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "report-cost.md"))
+    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
@@ -95,15 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     args.models = args.models or list(MODELS)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, CPU, {args.threads} thread(s), {args.reps} repetitions, medians")
+    what = machine()
+    print(f"{what}; {args.reps} repetitions, medians")
     header = (
         f"{'model':<9} {'layers':>6} {'fwd+bwd ms':>10} {'report ms':>10} {'ratio':>6} {'extra µs/layer':>14}  setup"
     )
     print(header)
     print("-" * len(header))
+    rows = []
     met = []
     for name in args.models:
-        factory, make_input, what = MODELS[name]
+        factory, make_input, setup = MODELS[name]
         model, x = factory(), make_input()
         layers = len(resify.gradient_flow(model, x).layers)
         plain, report = measure(model, x, args.reps)
@@ -111,11 +119,40 @@ def main(argv: list[str] | None = None) -> int:
         if ratio <= 1.5:
             met.append(name)
         per_layer = (report - plain) / layers * 1e6
-        print(
-            f"{name:<9} {layers:>6} {plain * 1e3:>10.1f} {report * 1e3:>10.1f} {ratio:>5.2f}× "
-            f"{per_layer:>14.0f}  {what}"
+        rows.append(
+            (name, layers, f"{plain * 1e3:.1f}", f"{report * 1e3:.1f}", f"{ratio:.2f}×", f"{per_layer:.0f}", setup)
         )
-    print(f"target ≤ 1.5×: met by {', '.join(met) or 'none'}")
+        print(
+            f"{name:<9} {layers:>6} {plain * 1e3:>10.1f} {report * 1e3:>10.1f} {ratio:>5.2f}× {per_layer:>14.0f}  {setup}",
+            flush=True,
+        )
+    verdict = f"target ≤ 1.5×: met by {', '.join(met) or 'none'}"
+    print(verdict)
+    if args.no_write:
+        return 0
+    command = "python -m benchmarks.bench_report_cost" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv)
+    )
+    md = [
+        "# Cost of the gradient-flow report: resify.gradient_flow vs one plain forward+backward",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {what}",
+        "",
+        "*fwd+bwd*: zero the gradients, forward, MSE to zeros, backward. *report*: `resify.gradient_flow(model, x)` "
+        "(batches=1: the same forward and backward, plus its hooks, norms and the restoring of gradients, buffers, "
+        f"modes and random state). The two alternate after one warm-up of each; {args.reps} repetitions, medians. "
+        "*ratio* = report / fwd+bwd (target ≤ 1.5×); *extra µs/layer* = (report − fwd+bwd) / layers.",
+        "",
+        table(HEADER, rows, True),
+        "",
+        verdict,
+        "",
+    ]
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    with open(args.results, "w") as f:
+        f.write("\n".join(md))
+    print(f"\nwrote {os.path.relpath(args.results, ROOT)}")
     return 0
 
 

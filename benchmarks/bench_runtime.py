@@ -17,9 +17,9 @@ the bytes of the distinct tensors autograd saves for backward (``saved_tensors_h
 
 Run from the repository root::
 
-    python benchmarks/bench_runtime.py                  # eager + compile, MLP + CNN (about 5 min on CPU)
-    python benchmarks/bench_runtime.py --no-compile --reps 20
-    python benchmarks/bench_runtime.py --device cuda    # on a GPU machine
+    python -m benchmarks.bench_runtime                  # eager + compile, MLP + CNN (about 5 min on CPU)
+    python -m benchmarks.bench_runtime --no-compile --reps 20
+    python -m benchmarks.bench_runtime --device cuda    # on a GPU machine
 
 It prints a plain table and writes ``benchmarks/results/runtime.md`` (``runtime-cuda.md`` on CUDA).
 """
@@ -40,11 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import SeedMLP, VGGNet, copy_shortcut_weights, machine, table
-
 import resify
+from benchmarks.common import SeedMLP, VGGNet, copy_shortcut_weights, machine, table
 
 __all__ = ["Pair", "Measure", "make_mlp_pair", "make_cnn_pair", "time_steps", "peak_bytes", "saved_bytes", "main"]
 
@@ -350,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "# Runtime cost: resify.apply(plain) vs the hand-written residual network",
         "",
         "Command: `"
-        + f"python benchmarks/bench_runtime.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+        + f"python -m benchmarks.bench_runtime {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
         + "`  ",
         f"Machine: {what}",
         "",

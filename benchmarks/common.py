@@ -4,8 +4,8 @@ The networks follow the seed guide's ``ImprovedResidualNetwork``: one class with
 ``use_shortcut`` switch. ``use_shortcut=False`` gives the plain network that resify converts;
 ``use_shortcut=True`` gives the hand-written residual equivalent (``x = layer(x) + identity``,
 with a learned projection wherever the shape changes), which is what ``resify.apply`` with
-``gate=None`` should reproduce. The scripts import this module as ``common`` (run them from the
-repository root or from ``benchmarks/``; each puts its own folder on ``sys.path``).
+``gate=None`` should reproduce. The scripts import this module as ``benchmarks.common``: run them
+from the repository root as ``python -m benchmarks.<name>``.
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ def copy_shortcut_weights(converted: torch.fx.GraphModule, hand: nn.Module) -> N
         present = [
             m
             for m in ("pool", "proj", "norm")
-            if (m == "pool" and site.pool) or any(k[len(src) :].startswith(m + ".") for k in keys)
+            if (m == "pool" and getattr(site.shortcut, "pool", False))
+            or any(k[len(src) :].startswith(m + ".") for k in keys)
         ]
         for key in keys:
             sub = key[len(src) :]  # "proj.weight", "norm.running_mean", …

@@ -21,9 +21,9 @@ whole training set.
 
 Run from the repository root::
 
-    python benchmarks/efficacy_digits.py                 # the full sweep (about 25 min on 1 CPU thread; 45 with --big)
-    python benchmarks/efficacy_digits.py --quick         # depth 8 and 32, 1 seed, 5 epochs (about 1 min)
-    python benchmarks/efficacy_digits.py --big --only-big   # just the 1,000-layer row
+    python -m benchmarks.efficacy_digits                 # the full sweep (about 25 min on 1 CPU thread; 45 with --big)
+    python -m benchmarks.efficacy_digits --quick         # depth 8 and 32, 1 seed, 5 epochs (about 1 min)
+    python -m benchmarks.efficacy_digits --big --only-big   # just the 1,000-layer row
 
 It prints plain tables, writes ``benchmarks/results/efficacy.md`` (and ``efficacy.json``) and the
 figure ``docs/efficacy_depth.png``.
@@ -45,11 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import ACTIVATIONS, SeedMLP, VGGNet, machine, mlp_sizes, table
-
 import resify
+from benchmarks.common import ACTIVATIONS, SeedMLP, VGGNet, machine, mlp_sizes, table
 
 __all__ = [
     "Digits",
@@ -638,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
         runs = [Run(**r) for r in saved["runs"]]
         if args.rejudge:
             runs = rejudge(runs)
-            rejudged = "python benchmarks/efficacy_digits.py --rejudge"
+            rejudged = "python -m benchmarks.efficacy_digits --rejudge"
             saved["commands"] = [c for c in saved["commands"] if c != rejudged] + [rejudged]
         _write(runs, args, saved["commands"], saved["machine"], saved["seconds"], json_path)
         return runs
@@ -684,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
                 plain_grad = r.first_grad if v == "plain" else plain_grad
                 log(Run(**{**asdict(r), "model": "mlp-big"}))
     seconds = time.perf_counter() - start
-    commands = ["python benchmarks/efficacy_digits.py " + " ".join(sys.argv[1:] if argv is None else argv)]
+    commands = ["python -m benchmarks.efficacy_digits " + " ".join(sys.argv[1:] if argv is None else argv)]
     if args.only_big and not args.no_write and os.path.exists(json_path):
         with open(json_path) as f:  # keep the sweep and CNN rows of the last full run
             saved = json.load(f)

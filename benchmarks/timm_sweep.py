@@ -1,9 +1,9 @@
 """Sweep resify over timm's models: converted and checked, refused with a reason, or failing.
 
-    .venv/bin/python benchmarks/timm_sweep.py                         # every 13th of sorted(timm.list_models())
-    .venv/bin/python benchmarks/timm_sweep.py --every 13 --limit 5    # the first five of those
-    .venv/bin/python benchmarks/timm_sweep.py resnet18 vit_tiny_patch16_224 --out /tmp/timm.md
-    .venv/bin/python benchmarks/timm_sweep.py some_model --in-process --traceback   # debug one model
+    .venv/bin/python -m benchmarks.timm_sweep                         # every 13th of sorted(timm.list_models())
+    .venv/bin/python -m benchmarks.timm_sweep --every 13 --limit 5    # the first five of those
+    .venv/bin/python -m benchmarks.timm_sweep resnet18 vit_tiny_patch16_224 --out /tmp/timm.md
+    .venv/bin/python -m benchmarks.timm_sweep some_model --in-process --traceback   # debug one model
 
 Each model is built by ``timm.create_model(name, pretrained=False)`` after ``torch.manual_seed(0)``,
 in eval mode, and given a random input of its default size (``model.default_cfg['input_size']``)
@@ -42,12 +42,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import machine
-from zoo_sizes import _commit, _first_line, _md, _quiet, _relative_diff, _shapes
-
 import resify
+from benchmarks.common import machine
+from benchmarks.zoo_sizes import _commit, _first_line, _md, _quiet, _relative_diff, _shapes
 
 __all__ = ["check_timm", "select_models"]
 
@@ -469,7 +466,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(2)
     names = select_models(args.models, args.every, args.limit)
-    command = "python benchmarks/timm_sweep.py" + "".join(f" {a}" for a in sys.argv[1:])
+    command = "python -m benchmarks.timm_sweep" + "".join(f" {a}" for a in sys.argv[1:])
     header = (
         f"`{command}` — {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} — commit {_commit()}"
         f" — torch {torch.__version__}, timm {timm.__version__}"

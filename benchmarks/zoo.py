@@ -1,9 +1,9 @@
 """Sweep resify over every torchvision classification model (weights=None): one row per model.
 
-    .venv/bin/python benchmarks/zoo.py                    # the whole zoo
-    .venv/bin/python benchmarks/zoo.py resnet18 vgg11      # some models
-    .venv/bin/python benchmarks/zoo.py --preserve-output   # also check outputs are unchanged
-    python benchmarks/zoo.py --device cuda --preserve-output   # the same with the models on a GPU
+    .venv/bin/python -m benchmarks.zoo                    # the whole zoo
+    .venv/bin/python -m benchmarks.zoo resnet18 vgg11      # some models
+    .venv/bin/python -m benchmarks.zoo --preserve-output   # also check outputs are unchanged
+    python -m benchmarks.zoo --device cuda --preserve-output   # the same with the models on a GPU
 
 Each model is either converted (same output shape, backward reaches every parameter that the
 original's backward reaches, and every added one; every parameter and buffer lies on the model's
@@ -18,16 +18,11 @@ import gc
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import resify
-
-
-def input_size(name: str) -> int:
-    return 299 if name.startswith("inception") else 224
+from resify.constants import image_size
 
 
 def shape_mismatches(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, list[str]]:
@@ -51,7 +46,7 @@ def check_model(name: str, preserve_output: bool = False, device: str = "cpu", *
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval().to(device)
-    x = torch.randn(1, 3, input_size(name), input_size(name)).to(device)
+    x = torch.randn(1, 3, image_size(name), image_size(name)).to(device)
     row = {"model": name, "params": sum(p.numel() for p in model.parameters())}
     t0 = time.perf_counter()
     try:

@@ -1,11 +1,11 @@
 """Is the converted model a drop-in replacement at input sizes other than the example's? The torchvision zoo.
 
-    .venv/bin/python benchmarks/zoo_sizes.py                   # the whole zoo (~80 models)
-    .venv/bin/python benchmarks/zoo_sizes.py resnet18 vgg11     # some models
-    .venv/bin/python benchmarks/zoo_sizes.py --out /tmp/sizes.md
+    .venv/bin/python -m benchmarks.zoo_sizes                   # the whole zoo (~80 models)
+    .venv/bin/python -m benchmarks.zoo_sizes resnet18 vgg11     # some models
+    .venv/bin/python -m benchmarks.zoo_sizes --out /tmp/sizes.md
 
 Each torchvision classification model (weights=None, torch.manual_seed(0) before it is built, eval
-mode) is converted at its usual size (zoo.input_size: 299 for inception, else 224) with batch 2,
+mode) is converted at its usual size (``resify.constants.image_size``: 299 for inception, else 224) with batch 2,
 twice: the default policy (``resify.apply(model, x)``) and ``preserve_output=True``; a ResifyError
 means refused, with its reason. Then, in eval mode under torch.no_grad(), the original and both
 converted models run on fresh random inputs of four geometries: the usual size with batch 2 (the
@@ -42,12 +42,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import machine
-from zoo import input_size
-
 import resify
+from benchmarks.common import machine
+from resify.constants import image_size
 
 __all__ = ["check_sizes", "LABELS", "POLICIES"]
 
@@ -191,7 +188,7 @@ def check_sizes(name: str) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, weights=None).eval()
     row["params"] = sum(p.numel() for p in model.parameters())
-    usual = input_size(name)
+    usual = image_size(name)
     x = torch.randn(2, 3, usual, usual)
     converted: dict[str, torch.nn.Module] = {}
     for policy, kwargs in POLICIES.items():
@@ -359,7 +356,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(2)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
-    command = "python benchmarks/zoo_sizes.py" + "".join(f" {a}" for a in sys.argv[1:])
+    command = "python -m benchmarks.zoo_sizes" + "".join(f" {a}" for a in sys.argv[1:])
     print(
         f"{len(names)} models; torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"{torch.get_num_threads()} threads",

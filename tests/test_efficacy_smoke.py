@@ -4,16 +4,11 @@ Runs benchmarks/efficacy_digits.py's own functions (one seed, a 32-layer GELU ML
 a few seconds); asserts accuracy, not time.
 """
 
-import os
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("sklearn")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-
-import efficacy_digits as bench
+from benchmarks import efficacy_digits as bench
 
 
 @pytest.fixture(scope="module")

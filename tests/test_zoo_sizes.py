@@ -4,14 +4,10 @@
 preserve_output, its outputs), at 160×160 and 256×256 batch 1 and at batch 3, and take a training
 step at batch 1 and 2."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
 torchvision = pytest.importorskip("torchvision")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from zoo_sizes import LABELS, check_sizes  # noqa: E402
+from benchmarks.zoo_sizes import LABELS, check_sizes  # noqa: E402
 
 # each a few seconds on 2 cores; between them: plain convolutions and an adaptive average pool that
 # upsamples at 160 (alexnet), strided blocks with 1×1-conv downsampling (resnet18), fire modules'
