@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,24 +12,45 @@ import torch.fx
 from torch import nn
 
 from .analyze import analyze
-from .planner import Plan, Policy, make_plan, reconcile_modes
+from .planner import make_plan, reconcile_modes
 from .rewrite import rewrite
+from .sites import Plan, Policy
 from .trace import Traced, trace
 
 __all__ = ["apply", "plan"]
 
 
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """Graph surgery allocates many small objects that are all still alive: the cyclic collector
-    only burns time (a third of a 10,000-layer apply), so it is paused and then restored."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+class _GcPause:
+    """Pauses the cyclic garbage collector while any conversion runs, in any thread.
+
+    Graph surgery allocates many small objects that are all still alive: the collector only burns
+    time (a third of a 10,000-layer apply). ``gc.disable`` is process-wide, so the pauses of
+    concurrent conversions are counted: the first one in turns the collector off, the last one out
+    turns it back on, and only if it was on when the first one came in.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._was_enabled = False
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._was_enabled:
+                    gc.enable()
+
+
+_no_gc = _GcPause()
 
 
 def _prepare(
@@ -50,15 +72,64 @@ def plan(
     """Say what ``apply`` would do to ``model``, and why, without changing anything.
 
     Args:
-        model: any ``nn.Module`` (never modified).
-        example_input: a tensor or tuple of tensors; derived when the first layer is an nn.Linear.
+        model: any ``nn.Module`` (never modified: not a weight, not ``.training``, not a hook).
+        example_input: a tensor or tuple of tensors, one per positional input of ``forward``;
+            when omitted and the first layer is an ``nn.Linear``, ``torch.randn(2, in_features)``
+            on the model's device. It must be on the device of the model's parameters.
         example_kwargs: inputs given by name (``{"attention_mask": mask}``); every other optional
-            argument of ``forward`` is traced at its default and stays optional.
-        **policy: ``shortcut`` ('auto' | 'identity'), ``group``, ``include``, ``exclude``,
-            ``gate`` (None | 'rezero' | 'layerscale'), ``gate_init``, ``leaf_modules``.
+            argument of ``forward`` is traced at its default and stays optional (passing another
+            value to the converted model raises, it is never silently ignored).
+        **policy: the keywords of :class:`~resify.Policy`:
+
+            * ``shortcut``: ``'auto'`` (default; identity where the span keeps its shape, else a
+              learned projection: an ``nn.Linear``, or a 1×1 conv with the span's stride, with a
+              BatchNorm where the span has one, and an average pool where the span pools),
+              ``'identity'`` (only where shapes match; other spans are skipped) or ``'dense'``
+              (DenseNet-style ``cat([x, F(x)])``; the layer that consumes it is widened, its new
+              weights starting at zero, so the model still computes the original function).
+            * ``group``: layers per shortcut, an int ≥ 1 (default 1).
+            * ``include`` / ``exclude``: glob patterns (a string or a list) on the layers'
+              qualified module names, e.g. ``exclude="classifier.*"``; an ``include`` that matches
+              no layer raises PlanError.
+            * ``gate``: ``None`` (default: exactly ``x + F(x)``), ``'rezero'`` (``x + α·F(x)``, one
+              learnable scalar per site) or ``'layerscale'`` (a learnable γ per channel); the gate
+              scales the layer branch, never the shortcut. Not with ``shortcut='dense'``.
+            * ``gate_init``: the gate's initial value (default 0 for rezero, 1e-4 for layerscale);
+              only with a ``gate``.
+            * ``preserve_output``: ``True`` multiplies every shortcut by a learnable β that starts
+              at 0 (and starts the gate at 1), so the converted model computes exactly what
+              ``model`` does until training moves β (default ``False``).
+            * ``dense_max_growth``: with ``shortcut='dense'``, at most this many channels or
+              features added to one widened layer (default: no bound).
+            * ``leaf_modules``: module types or glob patterns on qualified names that the tracer
+              keeps whole instead of tracing through (e.g. code it cannot follow).
+
+            There is no keyword to pick the tracer: symbolic tracing is tried first and the
+            concrete tracer (specialised on the example input, with a ResifyWarning) is the
+            fallback; ``Plan.tracer`` says which one was used.
 
     Returns:
-        A frozen :class:`~resify.planner.Plan`: ``sites``, ``skipped`` (with reasons), ``existing``.
+        A frozen :class:`~resify.Plan`: ``sites`` (the shortcuts to add), ``skipped`` (candidate
+        spans left out, each with a ``code`` and a ``reason``), ``existing`` (shortcuts the model
+        already has) and ``tracer``; ``print(plan)`` shows it as a table.
+
+    Raises:
+        TraceError: the model could not be traced, or it rejected the example input.
+        PlanError: an unknown keyword or an invalid value (the message lists what is allowed).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import resify
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> x = torch.randn(3, 4)
+    >>> p = resify.plan(model, x)
+    >>> [(s.start, s.kind, s.added_params) for s in p.sites], [s.start for s in p.skipped], p.tracer
+    ([('0', 'projection', 40), ('2', 'identity', 0)], ['4'], 'symbolic')
+    >>> [(s.start, s.kind) for s in resify.plan(model, x, shortcut="identity").sites]
+    [('2', 'identity')]
+    >>> [(s.start, s.gate, s.gate_init) for s in resify.plan(model, x, gate="rezero", exclude="0").sites]
+    [('2', 'rezero', 0.0)]
     """
     with _no_gc():
         return _prepare(model, example_input, example_kwargs, policy)[1]
@@ -69,9 +140,34 @@ def apply(
 ) -> torch.fx.GraphModule:
     """Return a new GraphModule: ``model`` with residual shortcuts added (``model`` is not changed).
 
-    Takes the same arguments as :func:`plan`; the plan that was carried out is in
-    ``result.meta["resify_plan"]`` and the example input used (given or derived) in
-    ``result.meta["resify_example_inputs"]`` (and ``["resify_example_kwargs"]``).
+    Takes the same arguments as :func:`plan` (``example_input``, ``example_kwargs`` and the policy
+    keywords ``shortcut``, ``group``, ``include``, ``exclude``, ``gate``, ``gate_init``,
+    ``preserve_output``, ``dense_max_growth``, ``leaf_modules``; see there), and raises what it
+    raises. The plan that was carried out is in ``result.meta["resify_plan"]`` and the example
+    input used (given or derived) in ``result.meta["resify_example_inputs"]`` (and
+    ``["resify_example_kwargs"]``). New modules and parameters live under ``result.resify``; the
+    result's weights are its own (copied when either side is first written).
+
+    Returns:
+        A ``torch.fx.GraphModule`` (a :class:`~resify.DualGraphModule` where ``forward`` reads
+        ``self.training`` and the two modes trace to different graphs), in ``model``'s mode.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import resify
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> x = torch.randn(3, 4)
+    >>> converted = resify.apply(model, x)
+    >>> [s.start for s in converted.meta["resify_plan"].sites], tuple(converted(x).shape)
+    (['0', '2'], (3, 2))
+    >>> identity = resify.apply(model, x, shortcut="identity")  # one shortcut, around layer '2'
+    >>> h = torch.relu(model[0](x))
+    >>> torch.allclose(identity(x), model[4](torch.relu(model[2](h)) + h))
+    True
+    >>> kept = resify.apply(model, x, preserve_output=True)  # shortcuts start at β = 0
+    >>> torch.allclose(kept(x), model(x))
+    True
     """
     with _no_gc():
         traced, the_plan = _prepare(model, example_input, example_kwargs, policy)

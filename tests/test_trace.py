@@ -1,5 +1,7 @@
 """The trace stage: tracers, shapes, derived inputs, and the errors a user can cause."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn as nn
@@ -274,103 +276,6 @@ def test_the_copy_is_made_on_first_write_not_during_conversion():
     with torch.no_grad():
         model[0].weight.fill_(3.0)  # the user's side is written first
     assert not torch.equal(converted.get_submodule("0").weight, model[0].weight)
-
-
-@pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize(
-    "call",
-    [
-        dict(need_weights=False),
-        dict(),
-        dict(average_attn_weights=False),
-        dict(unbatched=True),
-        dict(kv_len=5),
-        dict(kdim=6),
-    ],
-)
-def test_attention_shape_rule_agrees_with_the_real_layer(batch_first, call):
-    from resify.shapes import _module_rule, _to_meta
-
-    call = dict(call)
-    unbatched, kv_len, kdim = call.pop("unbatched", False), call.pop("kv_len", 7), call.pop("kdim", None)
-    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kdim, vdim=kdim)
-    q = torch.randn(7, 8) if unbatched else (torch.randn(3, 7, 8) if batch_first else torch.randn(7, 3, 8))
-    kv_shape = list(q.shape)
-    kv_shape[-2 if (unbatched or batch_first) else 0] = kv_len
-    kv_shape[-1] = kdim or 8
-    k = torch.randn(kv_shape)
-    real = mha(q, k, k, **call)
-    rule = _module_rule(mha, (_to_meta(q), _to_meta(k), _to_meta(k)), call)
-    assert rule is not None
-    for r, m in zip(real, rule):
-        assert (r is None and m is None) or tuple(r.shape) == tuple(m.shape)
-
-
-@pytest.mark.parametrize(
-    "layer, x",
-    [
-        (nn.Conv2d(3, 5, 3, stride=2, padding=1), torch.randn(2, 3, 9, 9)),
-        (nn.Conv2d(3, 5, (3, 1), stride=(2, 1), dilation=(2, 1), padding="valid"), torch.randn(2, 3, 11, 6)),
-        (nn.Conv1d(4, 6, 5, padding="same", padding_mode="reflect"), torch.randn(4, 16)),
-        (nn.Conv3d(2, 3, 2, stride=2), torch.randn(1, 2, 5, 6, 7)),
-        (nn.BatchNorm1d(6), torch.randn(4, 6, 3)),
-        (nn.LayerNorm([4, 5]), torch.randn(3, 4, 5)),
-        (nn.Linear(5, 2), torch.randn(5)),
-    ],
-)
-def test_layer_shape_rules_agree_with_the_real_layers(layer, x):
-    from resify.shapes import _module_rule, _to_meta
-
-    rule = _module_rule(layer, (_to_meta(x),), {})
-    assert rule is not None and rule.shape == layer(x).shape and rule.dtype == x.dtype
-
-
-@pytest.mark.parametrize(
-    "layer, x",
-    [
-        (nn.Conv2d(3, 5, 3), torch.randn(2, 4, 9, 9)),  # wrong channels
-        (nn.Conv2d(3, 5, 5), torch.randn(2, 3, 3, 3)),  # kernel larger than the input
-        (nn.Linear(5, 2), torch.randn(3, 4)),
-        (nn.BatchNorm2d(6), torch.randn(4, 6, 3)),  # 3-D input to a 2-D norm
-        (nn.BatchNorm1d(6).train(), torch.randn(1, 6)),  # one value per channel in training
-        (nn.LayerNorm(5), torch.randn(3, 4)),
-    ],
-)
-def test_shape_rules_leave_inputs_the_real_layer_rejects_to_the_real_layer(layer, x):
-    from resify.shapes import _module_rule, _to_meta
-
-    assert _module_rule(layer, (_to_meta(x),), {}) is None
-    with pytest.raises((RuntimeError, ValueError)):
-        layer(x)
-
-
-@pytest.mark.parametrize(
-    "fn, args, kwargs",
-    [
-        (torch.cat, ([torch.randn(2, 3, 4), torch.randn(2, 5, 4)], 1), {}),
-        (torch.cat, ([torch.randn(2, 3), torch.randn(1, 3)],), {}),
-        (torch.cat, ([torch.randn(2, 3, 4), torch.randn(2, 3, 1)],), {"dim": -1}),
-        (torch.nn.functional.adaptive_avg_pool2d, (torch.randn(2, 3, 7, 9), (1, None)), {}),
-        (torch.nn.functional.adaptive_avg_pool1d, (torch.randn(3, 8), 2), {}),
-        (nn.AdaptiveAvgPool2d(1), (torch.randn(2, 3, 5, 5),), {}),
-        (nn.AdaptiveMaxPool3d((2, None, 1)), (torch.randn(2, 3, 5, 6, 4),), {}),
-    ],
-)
-def test_pool_and_cat_shape_rules_agree_with_the_real_ops(fn, args, kwargs):
-    from resify.shapes import _function_rule, _module_rule, _to_meta
-
-    meta_args = tuple([_to_meta(t) for t in a] if isinstance(a, list) else _to_meta(a) for a in args)
-    rule = (_module_rule if isinstance(fn, nn.Module) else _function_rule)(fn, meta_args, kwargs)
-    assert rule is not None and rule.shape == fn(*args, **kwargs).shape
-
-
-def test_cat_rule_leaves_mismatched_operands_to_the_real_op():
-    from resify.shapes import _function_rule, _to_meta
-
-    a, b = torch.randn(2, 3, 4), torch.randn(2, 5, 5)
-    assert _function_rule(torch.cat, ([_to_meta(a), _to_meta(b)], 1), {}) is None
-    with pytest.raises(RuntimeError):
-        torch.cat([a, b], 1)
 
 
 def test_meta_pass_uses_the_forwards_defaults_for_inputs_not_given():
@@ -657,3 +562,54 @@ def test_a_module_registered_under_two_names_stays_one_module_with_the_users_nam
     assert set(model.state_dict()) <= set(converted.state_dict())  # both names of the shared one too
     assert converted.get_submodule("enc") is converted.get_submodule("blocks.0.0")
     torch.testing.assert_close(converted(x), model(x))
+
+
+class Stepping(nn.Module):
+    """Calls ``step()`` from forward, that is, in the middle of being traced."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.step = step
+
+    def forward(self, x):
+        self.step()
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_two_threads_tracing_at_once_each_record_their_own_graph():
+    """torch.fx patches nn.Module.__call__ process-wide while it traces: a trace that ends while
+    another is under way would leave the other recording with the patch gone."""
+    first_inside, second_inside, first_done = threading.Event(), threading.Event(), threading.Event()
+    results, errors = {}, []
+
+    def first():  # lingers in its trace, giving the second one the chance to start its own
+        first_inside.set()
+        second_inside.wait(1.0)  # never set while the first traces, where traces run one at a time
+
+    def second():  # goes on recording only once the first trace is over
+        second_inside.set()
+        assert first_done.wait(30.0)
+
+    def run(name, step, done):
+        try:
+            model = Stepping(step)
+            results[name] = (model, trace(model, torch.randn(2, 4)))
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            done.set()
+
+    one = threading.Thread(target=run, args=("first", first, first_done))
+    two = threading.Thread(target=run, args=("second", second, threading.Event()))
+    one.start()
+    assert first_inside.wait(30.0)
+    two.start()
+    one.join(30.0)
+    two.join(30.0)
+    assert errors == [] and sorted(results) == ["first", "second"]
+    x = torch.randn(3, 4)
+    for name, (model, traced) in results.items():
+        called = [str(n.target) for n in traced.graph.nodes if n.op == "call_module"]
+        assert called == ["a", "b"], name
+        torch.testing.assert_close(torch.fx.GraphModule(traced.root, traced.graph)(x), model(x))
