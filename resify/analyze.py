@@ -185,7 +185,7 @@ class Analysis:
 
     def _first_outside_input(self, entry: torch.fx.Node, exit: torch.fx.Node) -> str:
         region = set(self._region(entry, exit))
-        for n in sorted(region, key=self._order.__getitem__):
+        for n in sorted(region - {entry}, key=self._order.__getitem__):  # (the entry's own inputs do not join)
             for a in n.all_input_nodes:
                 if a not in region and a in self._order:
                     return f"'{a.name}' into '{n.name}'"

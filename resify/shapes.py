@@ -18,7 +18,7 @@ seconds (VGG-16: 2 ms instead of 450 ms); a 100-layer MLP costs a fraction of it
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,11 +130,14 @@ def _on_meta(root: nn.Module) -> Iterator[None]:
             m._parameters, m._buffers = params, buffers
 
 
-def node_keys(graph: torch.fx.Graph) -> dict[torch.fx.Node, tuple]:
+def node_keys(graph: torch.fx.Graph, interned: dict[tuple, int]) -> dict[torch.fx.Node, tuple]:
     """A key per node that is equal for two nodes (of two graphs) computing the same value: the op,
-    its target, its constant arguments and the keys of its input nodes (a Merkle hash of the graph)."""
+    its target, its constant arguments and the keys of its input nodes (a Merkle hash of the graph).
+
+    An input node is named in the key by its key's number in ``interned`` (keys stay flat, hashing
+    cheap), so the keys of two graphs compare only when both were made with the same ``interned``.
+    """
     keys: dict[torch.fx.Node, tuple] = {}
-    interned: dict[tuple, int] = {}  # each distinct key gets a number: keys stay flat, hashing cheap
     placeholders = 0
     for n in graph.nodes:
         if n.op == "placeholder":
@@ -164,24 +167,23 @@ def _hashable(value: Any) -> Any:
 
 
 def _propagate_on_meta(
-    root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...], known: dict[tuple, TensorInfo] | None = None
+    root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...], known: Mapping[torch.fx.Node, TensorInfo] | None
 ) -> None:
     """Walk the graph once, the rules taking the common ops first and meta tensors the rest.
 
     A lean loop rather than a ``torch.fx.Interpreter``: its per-node bookkeeping costs more than
-    the rules. Any exception means "ask a real run" (the caller's business). ``known`` maps node
-    keys (:func:`node_keys`) of another graph of the same model to their shapes: a node that
-    computes what one of those computed takes its shape without being run (the other mode's graph,
-    which differs from the first in a few nodes).
+    the rules. Any exception means "ask a real run" (the caller's business). ``known`` maps nodes
+    of this graph to their shapes, found by the caller in another graph of the same model (equal
+    :func:`node_keys`): those take the shape without being run (the other mode's graph, which
+    differs from the first in a few nodes).
     """
     modules = dict(root.named_modules(remove_duplicate=False))
     env: dict[torch.fx.Node, Any] = {}
     load = env.__getitem__
     pending = list(map(_to_meta, inputs))
-    keys = node_keys(graph) if known else {}
     for n in graph.nodes:
         op = n.op
-        info = known.get(keys[n]) if known and op not in ("placeholder", "output") else None
+        info = known.get(n) if known and op not in ("placeholder", "output") else None
         if info is not None:
             env[n] = torch.empty(info.shape, dtype=info.dtype, device="meta")
             n.meta["resify"] = info
@@ -221,7 +223,10 @@ def _propagate_on_meta(
 
 
 def _record_on_meta(
-    root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...], known: dict[tuple, TensorInfo] | None = None
+    root: nn.Module,
+    graph: torch.fx.Graph,
+    inputs: tuple[Any, ...],
+    known: Mapping[torch.fx.Node, TensorInfo] | None = None,
 ) -> bool:
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -238,10 +243,14 @@ def _record_on_meta(
 
 
 def record_shapes(
-    root: nn.Module, graph: torch.fx.Graph, inputs: tuple[Any, ...], known: dict[tuple, TensorInfo] | None = None
+    root: nn.Module,
+    graph: torch.fx.Graph,
+    inputs: tuple[Any, ...],
+    known: Mapping[torch.fx.Node, TensorInfo] | None = None,
 ) -> str:
     """Write ``node.meta["resify"]`` on every node of ``graph`` (a graph of ``root``); ``known``:
-    shapes by node key from another graph of the model on the same inputs (see ``_propagate_on_meta``).
+    shapes of some of its nodes, taken from another graph of the model on the same inputs (see
+    ``_propagate_on_meta``).
 
     Returns:
         ``"meta"`` when rules and meta tensors sufficed, ``"run"`` when the model ran for real.

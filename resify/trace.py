@@ -381,11 +381,13 @@ def _traced_with_shapes(
         with state_kept(private):
             graph = _traced(ctracer, private, call)
         ctracer.record_shapes(graph)
-    first_keys, keys = node_keys(first), node_keys(graph)
+    interned: dict[tuple, int] = {}  # one numbering for both graphs: their keys compare
+    first_keys, keys = node_keys(first, interned), node_keys(graph, interned)
     if list(first_keys.values()) == list(keys.values()):
         return None  # the same graph: forward's reads of self.training changed nothing
     if tracer_used == "symbolic":
-        known = {k: n.meta["resify"] for n, k in first_keys.items() if n.meta.get("resify") is not None}
+        shapes = {k: n.meta["resify"] for n, k in first_keys.items() if n.meta.get("resify") is not None}
+        known = {n: shapes[k] for n, k in keys.items() if k in shapes}
         record_shapes(private, graph, call.values, known if same_inputs else None)
     return graph
 

@@ -117,11 +117,6 @@ def test_which_spans_are_single_entry_single_exit(net, first, last, problem):
     assert _span(net, first, last) == problem
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_first_outside_input names the span's own input's producer ('b1_bn1' into 'relu_1'), not the "
-    "value that joins inside the span (the block's input 'relu' into 'add')",
-)
 def test_the_value_that_joins_a_span_is_named(net):
     assert _span(net, "b1.conv2", "fc") == (
         "another value ('relu' into 'add') joins the span between its input and output: not single-entry single-exit"
