@@ -21,6 +21,8 @@ from torch import nn
 from torch.fx.graph_module import _copy_attr, _deserialize_graph_module, _format_import_block, _forward_from_src
 from torch.package import sys_importer
 
+from .ops import fetch
+
 __all__ = ["Shortcut", "DualGraphModule", "GATE_PARAMETERS"]
 
 #: The parameter a gate kind adds to a Shortcut.
@@ -111,11 +113,10 @@ class _Body(nn.Module):
 
 
 def _has(module: nn.Module, target: str) -> bool:
-    obj: Any = module
-    for atom in target.split("."):
-        if not hasattr(obj, atom):
-            return False
-        obj = getattr(obj, atom)
+    try:
+        fetch(module, target)
+    except AttributeError:
+        return False
     return True
 
 

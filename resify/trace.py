@@ -319,7 +319,7 @@ def trace(
         tracer_used, shapes_from = "concrete", "run"
         ctracer = ConcreteTracer(call.values, leaves)
         try:
-            with state_kept(private):
+            with state_kept(private), torch.no_grad():
                 reads.clear()
                 graph = _traced(ctracer, private, call, reads)
         except TraceError:
@@ -378,7 +378,7 @@ def _traced_with_shapes(
         graph = _traced(LeafTracer(leaves), private, call)
     else:
         ctracer = ConcreteTracer(call.values, leaves)
-        with state_kept(private):
+        with state_kept(private), torch.no_grad():
             graph = _traced(ctracer, private, call)
         ctracer.record_shapes(graph)
     interned: dict[tuple, int] = {}  # one numbering for both graphs: their keys compare

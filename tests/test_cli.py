@@ -362,10 +362,14 @@ def test_writing_the_plot_where_it_cannot_go_is_one_line(tmp_path):
 
 
 def test_export_names_settings_a_repr_leaves_out():
-    from resify.export import _constructor
+    """AvgPool2d's repr leaves out ceil_mode: the written source must still set it."""
+    from resify.export import render_source
 
-    expr = _constructor(torch.nn.AvgPool2d(2, ceil_mode=True), "p")
-    assert "ceil_mode=True" in expr and eval(expr, {"nn": torch.nn}).ceil_mode
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.AvgPool2d(2, ceil_mode=True)
+    )
+    source = render_source(resify.apply(model, torch.randn(1, 3, 7, 7)))
+    assert "ceil_mode=True" in source
 
 
 def test_export_round_trip_keeps_pooled_shortcuts_exact_on_odd_sizes(tmp_path):
