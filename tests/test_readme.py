@@ -254,3 +254,12 @@ def test_the_module_table_lists_every_module_of_the_package() -> None:
 )
 def test_matches(shown: str, actual: str, expected: bool) -> None:
     assert matches(shown, actual) is expected
+
+
+def test_the_skip_code_table_lists_exactly_the_codes_the_planner_uses() -> None:
+    from resify.sites import SKIP_CODES
+
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("| `code` | the candidate was skipped because |") :].split("\n\n", 1)[0]
+    rows = table.splitlines()[2:]  # below the header and its rule
+    assert [re.match(r"\| `(\w+)` \|", row).group(1) for row in rows] == list(SKIP_CODES)
