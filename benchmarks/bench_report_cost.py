@@ -74,16 +74,18 @@ def report_step(model: nn.Module, x: torch.Tensor) -> None:
     resify.gradient_flow(model, x)
 
 
-def measure(model: nn.Module, x: torch.Tensor, reps: int) -> tuple[float, float]:
-    """Median seconds of (plain step, report), alternating, after one warm-up of each."""
+def measure(
+    model: nn.Module, x: torch.Tensor, reps: int, clock: Callable[[], float] = time.perf_counter
+) -> tuple[float, float]:
+    """Median seconds of (plain step, report), alternating, after one warm-up of each, on ``clock``."""
     plain_step(model, x)
     report_step(model, x)
     plain, report = [], []
     for _ in range(reps):
         for fn, out in ((plain_step, plain), (report_step, report)):
-            t = time.perf_counter()
+            t = clock()
             fn(model, x)
-            out.append(time.perf_counter() - t)
+            out.append(clock() - t)
     return statistics.median(plain), statistics.median(report)
 
 
@@ -92,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="*", help=f"some of {', '.join(MODELS)} (default: all)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steady on a shared machine)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: time.perf_counter (default); cpu: the process's CPU time, steadier where other processes share the cores",
+    )
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "report-cost.md"))
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     what = machine()
-    print(f"{what}; {args.reps} repetitions, medians")
+    print(f"{what}; {args.reps} repetitions, medians of {args.clock} time")
     header = (
         f"{'model':<9} {'layers':>6} {'fwd+bwd ms':>10} {'report ms':>10} {'ratio':>6} {'extra µs/layer':>14}  setup"
     )
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         factory, make_input, setup = MODELS[name]
         model, x = factory(), make_input()
         layers = len(resify.gradient_flow(model, x).layers)
-        plain, report = measure(model, x, args.reps)
+        plain, report = measure(model, x, args.reps, time.process_time if args.clock == "cpu" else time.perf_counter)
         ratio = report / plain
         if ratio <= 1.5:
             met.append(name)
@@ -141,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "*fwd+bwd*: zero the gradients, forward, MSE to zeros, backward. *report*: `resify.gradient_flow(model, x)` "
         "(batches=1: the same forward and backward, plus its hooks, norms and the restoring of gradients, buffers, "
-        f"modes and random state). The two alternate after one warm-up of each; {args.reps} repetitions, medians. "
+        f"modes and random state). The two alternate after one warm-up of each; {args.reps} repetitions, medians "
+        f"of the {'process CPU' if args.clock == 'cpu' else 'wall-clock'} time. "
         "*ratio* = report / fwd+bwd (target ≤ 1.5×); *extra µs/layer* = (report − fwd+bwd) / layers.",
         "",
         table(HEADER, rows, True),

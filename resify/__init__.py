@@ -4,8 +4,10 @@ from .analyze import ExistingShortcut, Layer
 from .api import apply, plan
 from .errors import ModelLoadError, PlanError, ResifyError, ResifyWarning, RewriteError, TraceError
 from .modules import DualGraphModule, Shortcut
+from .policy import Policy
 from .report import FlowComparison, GradientFlow, LayerFlow, compare, gradient_flow
-from .sites import Plan, Policy, Site, Skipped
+from .sites import Plan, Site, Skipped
+from .watch import watch
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,7 @@ __all__ = [
     "ResifyWarning",
     "gradient_flow",
     "compare",
+    "watch",
     "GradientFlow",
     "FlowComparison",
     "LayerFlow",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +23,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .constants import NAMESPACE
 from .ops import (
-    LAYER_MODULES,
+    TUPLE_LAYER_MODULES,
+    WIDENABLE_MODULES,
+    called_module,
     data_input,
     describe,
     follower_role,
@@ -135,7 +138,7 @@ class Analysis:
         if u.op == "output":
             return "the span's output is the model's output: there is no layer to widen"
         m = gm.get_submodule(str(u.target)) if u.op == "call_module" else None
-        if isinstance(m, LAYER_MODULES) and data_input(u) is n:
+        if isinstance(m, WIDENABLE_MODULES) and data_input(u) is n:
             if isinstance(m, nn.Linear):
                 if channel_dim != -1:
                     return f"the consumer '{u.target}' is a Linear but the span has channels first"
@@ -245,6 +248,13 @@ def _find_layers(traced: Traced) -> list[Layer]:
         if not is_layer_node(gm, n) or layer_name(n).startswith(NAMESPACE + "."):
             continue  # resify's own projections are shortcuts, not layers
         cur, roles, chain = n, [], [n.name]
+        if isinstance(called_module(gm, n), TUPLE_LAYER_MODULES):
+            first = [u for u in n.users if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0]
+            if len(first) != 1:
+                continue  # the output tuple is used whole (or not at all): no single value to bridge
+            cur = first[0]  # out, state = lstm(x): the layer's value is `out`
+            roles.append("select")
+            chain.append(cur.name)
         while True:
             if len(cur.users) == 1:
                 (u,) = cur.users

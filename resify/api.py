@@ -13,8 +13,9 @@ from torch import nn
 
 from .analyze import analyze
 from .planner import make_plan, reconcile_modes
+from .policy import Policy
 from .rewrite import rewrite
-from .sites import Plan, Policy
+from .sites import Plan
 from .trace import Traced, trace
 
 __all__ = ["apply", "plan"]
@@ -103,6 +104,14 @@ def plan(
               features added to one widened layer (default: no bound).
             * ``leaf_modules``: module types or glob patterns on qualified names that the tracer
               keeps whole instead of tracing through (e.g. code it cannot follow).
+            * ``projection``: where shapes change, ``'auto'`` (default: a learned 1×1, grouped
+              beside grouped convolutions, parameter-free past the two limits below), ``'conv'``
+              (learned only; a span past a limit is skipped) or ``'pad'`` (parameter-free: the
+              channels zero-padded or sliced, ResNet's option A).
+            * ``max_added``: the learned projections' budget, a share of the model's parameters
+              (default 0.1; at least 65,536 parameters); ``None`` for no budget.
+            * ``projection_cost``: the largest learned projection, a multiple of the parameters of
+              the span it bridges (default 1.0); ``None`` for no limit.
 
             There is no keyword to pick the tracer: symbolic tracing is tried first and the
             concrete tracer (specialised on the example input, with a ResifyWarning) is the
@@ -142,7 +151,8 @@ def apply(
 
     Takes the same arguments as :func:`plan` (``example_input``, ``example_kwargs`` and the policy
     keywords ``shortcut``, ``group``, ``include``, ``exclude``, ``gate``, ``gate_init``,
-    ``preserve_output``, ``dense_max_growth``, ``leaf_modules``; see there), and raises what it
+    ``preserve_output``, ``dense_max_growth``, ``leaf_modules``, ``projection``, ``max_added``,
+    ``projection_cost``; see there), and raises what it
     raises. The plan that was carried out is in ``result.meta["resify_plan"]`` and the example
     input used (given or derived) in ``result.meta["resify_example_inputs"]`` (and
     ``["resify_example_kwargs"]``). New modules and parameters live under ``result.resify``; the

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 import textwrap
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn, ParamSpec, TextIO, TypeVar
 
@@ -22,9 +22,10 @@ import click
 import torch
 
 from . import __version__, api
-from .constants import GATES, SHORTCUTS
+from .cli_flags import policy_from_flags, policy_options
 from .errors import ModelLoadError, ResifyError, ResifyWarning
-from .loading import DTYPES, MODEL_SPEC_FORMS, LoadedModel, load_model, parse_input_kwarg, parse_input_shape
+from .loading import MODEL_SPEC_FORMS, LoadedModel, load_model, parse_input_kwarg, parse_input_shape
+from .sites import Plan
 
 __all__ = ["main", "cli"]
 
@@ -35,7 +36,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 #: --gate's choices: the library's GATES, with None ("no gate") spelt "none".
-_GATE_CHOICES = ["none" if gate is None else gate for gate in GATES]
 _DEBUG = "resify.debug"  # key in click's ctx.meta, which a group and its subcommand share
 
 
@@ -77,128 +77,12 @@ def _debug_option(f: F) -> F:
     )(f)
 
 
-def _policy_options(f: F) -> F:
-    """The policy keywords of resify.apply as flags (shared by inspect and convert)."""
-    options = [
-        click.option(
-            "--input-shape",
-            metavar="SHAPE",
-            help="Example input shape, comma-separated, e.g. 8,3,32,32 or 4,128 (default: the file's "
-            "example_input, or one derived from the first layer).",
-        ),
-        click.option(
-            "--dtype",
-            type=click.Choice(list(DTYPES)),
-            default="float32",
-            show_default=True,
-            help="dtype of the example input (integer ones: token ids 0 or 1).",
-        ),
-        click.option(
-            "--input-kwarg",
-            "input_kwargs",
-            multiple=True,
-            metavar="NAME=SHAPE[:DTYPE]",
-            help="An input passed by name, e.g. attention_mask=2,16:int64 (repeatable); "
-            "every other optional argument stays at its default.",
-        ),
-        click.option(
-            "--shortcut",
-            type=click.Choice(list(SHORTCUTS)),
-            default="auto",
-            show_default=True,
-            help="auto: identity or projection; identity: only where shapes match; "
-            "dense: concatenate, widening the next layer.",
-        ),
-        click.option("--group", type=click.IntRange(min=1), default=1, show_default=True, help="Layers per shortcut."),
-        click.option("--include", multiple=True, metavar="GLOB", help="Only layers whose name matches (repeatable)."),
-        click.option(
-            "--exclude", multiple=True, metavar="GLOB", help="Leave out layers whose name matches (repeatable)."
-        ),
-        click.option(
-            "--gate",
-            type=click.Choice(_GATE_CHOICES),
-            default="none",
-            show_default=True,
-            help="Scale each layer branch by a learnable gate.",
-        ),
-        click.option(
-            "--gate-init",
-            type=float,
-            default=None,
-            help="Initial gate value (rezero 0, layerscale 1e-4); needs --gate.",
-        ),
-        click.option("--preserve-output", is_flag=True, help="Start every shortcut at β=0: outputs unchanged."),
-        click.option(
-            "--dense-max-growth",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Dense: at most this many channels/features added per widened layer; needs --shortcut dense.",
-        ),
-        click.option(
-            "--leaf",
-            "leaf_modules",
-            multiple=True,
-            metavar="GLOB",
-            help="Module names to keep whole while tracing (repeatable).",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _contradiction(opts: dict[str, Any]) -> str | None:
-    """What is wrong with a combination of policy flags, worded in flags (None if nothing is).
-
-    The CLI's copy of Policy.from_kwargs' cross-field rules, so that the user reads about the flags
-    they typed (and exit status 2) rather than about the library's keywords.
-    """
-    gate, shortcut, gate_init = opts["gate"], opts["shortcut"], opts["gate_init"]
-    if gate_init is not None and gate == "none":
-        return (
-            f"--gate-init needs --gate: found --gate-init {gate_init} without a gate; "
-            "add --gate rezero or --gate layerscale, or drop --gate-init"
-        )
-    if gate_init is not None and not math.isfinite(gate_init):
-        return f"--gate-init expects a finite number; found {gate_init}"
-    if gate != "none" and shortcut == "dense":
-        return (
-            f"--gate does not combine with --shortcut dense: found --gate {gate} (a dense shortcut keeps the "
-            "layer's output whole); drop --gate, or choose --shortcut auto or identity"
-        )
-    if opts["dense_max_growth"] is not None and shortcut != "dense":
-        return (
-            f"--dense-max-growth needs --shortcut dense: found --shortcut {shortcut}; "
-            "add --shortcut dense or drop --dense-max-growth"
-        )
-    if opts["preserve_output"] and gate_init is not None and gate_init != 1.0:
-        return (
-            f"--preserve-output needs the gate to start at 1: found --gate-init {gate_init}; "
-            "drop --gate-init (or pass --gate-init 1)"
-        )
-    return None
-
-
-def _policy(opts: dict[str, Any]) -> dict[str, Any]:
-    """The policy keywords for resify.apply; a contradictory set of flags is a click UsageError."""
-    problem = _contradiction(opts)
-    if problem is not None:
-        raise click.UsageError(problem, ctx=click.get_current_context())
-    policy: dict[str, Any] = {
-        "shortcut": opts["shortcut"],
-        "group": opts["group"],
-        "include": opts["include"],
-        "exclude": opts["exclude"],
-        "gate": None if opts["gate"] == "none" else opts["gate"],
-        "leaf_modules": opts["leaf_modules"],
-    }
-    if opts["gate_init"] is not None:
-        policy["gate_init"] = opts["gate_init"]
-    if opts["preserve_output"]:
-        policy["preserve_output"] = True
-    if opts["dense_max_growth"] is not None:
-        policy["dense_max_growth"] = opts["dense_max_growth"]
-    return policy
+def _optional(reason: str, plan: Plan) -> str:
+    growth = 100 * plan.added_params / plan.params_before if plan.params_before else 0.0
+    return (
+        f"the original's gradient flow is already healthy ({reason}): shortcuts are optional here; this plan "
+        f"would add {len(plan.sites)} shortcut(s) and {plan.added_params:,} parameters (+{growth:.2f}%)"
+    )
 
 
 def _stdout_gone() -> NoReturn:
@@ -304,7 +188,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("model_spec")
-@_policy_options
+@policy_options
 @click.option(
     "--format",
     "fmt",
@@ -315,21 +199,36 @@ def cli() -> None:
     f"{INSPECT_SCHEMA_VERSION}) for a script.",
 )
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write the before/after figure (.png/.svg).")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False),
+    help="Write one self-contained page: the model, its architecture diagram, the plan and the gradient flow.",
+)
 @click.option("--batches", type=click.IntRange(min=1), default=1, show_default=True, help="Batches for the report.")
 @click.option("--no-report", is_flag=True, help="Skip the gradient-flow report.")
 @_debug_option
 @_boundary
 @_with_model_spec_help
-def inspect(model_spec: str, fmt: str, plot_path: str | None, batches: int, no_report: bool, **opts: Any) -> None:
+def inspect(
+    model_spec: str, fmt: str, plot_path: str | None, html_path: str | None, batches: int, no_report: bool, **opts: Any
+) -> None:
     """A dry run: what resify sees, what it would do, and the gradient flow before and after."""
-    policy = _policy(opts)
+    policy = policy_from_flags(opts)
     loaded, example, kwargs = _load(model_spec, opts)
     converted = api.apply(loaded.model, example, example_kwargs=kwargs, **policy)
     plan = converted.meta["resify_plan"]
     info = _model_info(loaded, converted)
     flow = None if no_report else _flow(loaded, converted, batches)
+    if flow is not None and flow.before.verdict == "healthy" and plan.sites:
+        plan = replace(plan, notes=(*plan.notes, _optional(flow.before.reason, plan)))
     if plot_path and flow is not None:
         _writing("the plot", plot_path, lambda: flow.plot(plot_path))
+    if html_path:
+        from .html import report_page
+
+        page = report_page({**info, "resify_version": __version__}, plan, flow)
+        _writing("the page", html_path, lambda: Path(html_path).write_text(page, encoding="utf-8"))
     if fmt == "json":
         doc = {
             "schema_version": INSPECT_SCHEMA_VERSION,
@@ -350,15 +249,17 @@ def inspect(model_spec: str, fmt: str, plot_path: str | None, batches: int, no_r
     if flow is not None:
         click.echo("")
         click.echo(flow.to_markdown() if md else flow.to_text())
-    if plot_path and flow is not None:
-        click.echo(f"\nplot written to {plot_path}")
+    written = [f"plot written to {plot_path}"] if plot_path and flow is not None else []
+    written += [f"page written to {html_path}"] if html_path else []
+    if written:
+        click.echo("\n" + "\n".join(written))
 
 
 @cli.command()
 @click.argument("model_spec")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
-@_policy_options
+@policy_options
 @click.option("--batches", type=click.IntRange(min=1), default=1, show_default=True, help="Batches for the report.")
 @_debug_option
 @_boundary
@@ -367,7 +268,7 @@ def convert(model_spec: str, out: str, force: bool, batches: int, **opts: Any) -
     """Write the converted model to OUT: model.py, weights.pt, plan.json, report.json."""
     from .export import load_line, save
 
-    policy = _policy(opts)
+    policy = policy_from_flags(opts)
     loaded, example, kwargs = _load(model_spec, opts)
     converted = api.apply(loaded.model, example, example_kwargs=kwargs, **policy)
     plan = converted.meta["resify_plan"]

@@ -12,6 +12,11 @@ __all__ = [
     "ShortcutChoice",
     "GateChoice",
     "TracerChoice",
+    "ProjectionChoice",
+    "PROJECTIONS",
+    "MAX_ADDED",
+    "MIN_BUDGET",
+    "PROJECTION_COST",
     "Verdict",
     "SiteKind",
     "SHORTCUTS",
@@ -35,6 +40,9 @@ NAMESPACE = "resify"
 ShortcutChoice = Literal["auto", "identity", "dense"]
 GateChoice = Literal["rezero", "layerscale"]
 TracerChoice = Literal["symbolic", "concrete"]
+#: "auto": a learned 1×1 projection, grouped like the span's convolution; "conv": a dense one;
+#: "pad": parameter-free (channels zero-padded or sliced, the size strided or pooled)
+ProjectionChoice = Literal["auto", "conv", "pad"]
 Verdict = Literal["healthy", "vanishing", "exploding"]
 SiteKind = Literal["identity", "projection", "dense"]
 
@@ -42,11 +50,21 @@ SHORTCUTS: tuple[ShortcutChoice, ...] = get_args(ShortcutChoice)
 #: None is "no gate".
 GATES: tuple[GateChoice | None, ...] = (None, *get_args(GateChoice))
 TRACERS: tuple[TracerChoice, ...] = get_args(TracerChoice)
+PROJECTIONS: tuple[ProjectionChoice, ...] = get_args(ProjectionChoice)
 VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
 
 #: 2 added Skipped.code and Site.shortcut; version 1 documents still load.
 PLAN_SCHEMA_VERSION = 2
 REPORT_SCHEMA_VERSION = 1
+
+#: The default budget: learned projections may add this share of the model's parameters (ResNet-50's
+#: own projections are about 6% of its parameters) ...
+MAX_ADDED = 0.1
+#: ... or this many parameters, whichever is more: a small model's projections cost little in
+#: absolute terms (the seed guide's 5-layer network keeps all of its 11,009).
+MIN_BUDGET = 65_536
+#: A learned projection may cost at most this multiple of the parameters of the span it bridges.
+PROJECTION_COST = 1.0
 
 #: flow(first) / flow(last) below this is 'vanishing'.
 VANISHING_RATIO = 1e-2

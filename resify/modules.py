@@ -96,12 +96,14 @@ class DualGraphModule(torch.fx.GraphModule):
         body = copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "_code"}, memo)
         root = _Body(body)
         res = DualGraphModule(root, body["train_graph"], body["eval_graph"], type(self).__name__)
+        res._modules = body["_modules"]
         res.meta = body.get("meta", {})
         memo[id(self)] = res
         return res
 
     def __copy__(self) -> DualGraphModule:
         res = DualGraphModule(self, self.train_graph, self.eval_graph, type(self).__name__)
+        res._modules = dict(self._modules)
         res.meta = self.meta
         return res
 
@@ -132,4 +134,8 @@ def _rebuild_dual(
         graphs.append(graph)
     root = _Body(body)
     root.training = training
-    return DualGraphModule(root, graphs[0], graphs[1], class_name)
+    res = DualGraphModule(root, graphs[0], graphs[1], class_name)
+    # fx rebuilds the tree from the graphs' targets with plain, train-mode containers: keep the
+    # pickled tree itself (its Shortcut holders, its modes), whose leaves the graphs already call
+    res._modules = body["_modules"]
+    return res

@@ -17,6 +17,9 @@ from torch.nn.utils import parametrize
 
 __all__ = [
     "LAYER_MODULES",
+    "WIDENABLE_MODULES",
+    "TUPLE_LAYER_MODULES",
+    "UPSAMPLE_FUNCTIONS",
     "is_layer_node",
     "layer_name",
     "layer_kind",
@@ -25,11 +28,11 @@ __all__ = [
     "follower_role",
     "merge_operands",
     "describe",
-    "is_bounded_activation",
     "is_elementwise",
     "is_nonlinear",
-    "reaches_output_unchanged",
     "called_module",
+    "stored_weight",
+    "module_kind",
     "parametrized_originals",
     "fetch",
     "CAT_FUNCTIONS",
@@ -41,7 +44,18 @@ __all__ = [
 ]
 
 #: Parametric modules that make a layer (the seed's nn.Linear, and convolutions).
-LAYER_MODULES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Layers whose weights a dense shortcut can widen (the consumer of a concatenation).
+WIDENABLE_MODULES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Layers that return a tuple whose first item is the layer's output (the sequence, the attention
+#: output); the rest (hidden states, attention weights) is left alone.
+TUPLE_LAYER_MODULES: tuple[type, ...] = (nn.RNNBase, nn.MultiheadAttention)
+LAYER_MODULES: tuple[type, ...] = (
+    *WIDENABLE_MODULES,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    *TUPLE_LAYER_MODULES,
+)
 _LAYER_FUNCTIONS = {F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d"}
 
 #: Activations that keep their input's shape (the shape rules read these too); with GLU, every one.
@@ -138,6 +152,9 @@ _POOL_FUNCTIONS = {
     F.adaptive_max_pool2d,
     F.adaptive_max_pool3d,
 }
+#: Upsampling: a follower of a layer (a decoder's conv → upsample), resampled like a pool.
+_UPSAMPLE_MODULES: tuple[type, ...] = (nn.Upsample,)
+UPSAMPLE_FUNCTIONS = frozenset({F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear})
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 
@@ -180,14 +197,36 @@ def parametrized_originals(m: nn.Module, name: str = "weight") -> Iterator[nn.Pa
     return parametrizations[name].parameters()
 
 
+#: Where a layer keeps its (first) weight: most layers, recurrent layers, attention, and an
+#: old-style weight_norm / spectral_norm layer's stored tensor.
+_WEIGHT_NAMES = ("weight", "weight_ih_l0", "in_proj_weight", "q_proj_weight", "weight_orig", "weight_v")
+
+
+def stored_weight(m: nn.Module) -> torch.Tensor | None:
+    """The parameter that holds a module's weight, if it has one of two or more dimensions: ``weight``,
+    a recurrent layer's ``weight_ih_l0``, attention's ``in_proj_weight``; where the weight is computed
+    (a parametrization, old-style ``weight_norm``/``spectral_norm``) the tensor it is computed from.
+
+    >>> [tuple(stored_weight(m).shape) for m in (nn.Linear(3, 2), nn.LSTM(3, 4), nn.Embedding(5, 2))]
+    [(2, 3), (16, 3), (5, 2)]
+    """
+    w: torch.Tensor | None = None
+    if parametrize.is_parametrized(m, "weight"):
+        w = max(parametrized_originals(m), key=lambda p: (p.dim(), p.numel()), default=None)
+    else:
+        w = next((p for p in map(m._parameters.get, _WEIGHT_NAMES) if p is not None), None)
+    if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.is_floating_point():
+        return w
+    return None
+
+
 def layer_weight(gm: nn.Module, n: torch.fx.Node) -> torch.Tensor:
     """The weight tensor of a layer node (module weight or the get_attr parameter)."""
     m = called_module(gm, n)
     if m is not None:
-        if parametrize.is_parametrized(m, "weight"):  # a stored tensor (its device and dtype): computing
-            return next(parametrized_originals(m))  # the weight would step a spectral norm
-        weight = m.weight
-        assert isinstance(weight, torch.Tensor)
+        # a stored tensor (its device and dtype): computing a parametrized weight would step a spectral norm
+        weight = stored_weight(m)
+        assert weight is not None, f"{type(m).__name__} has none of {_WEIGHT_NAMES}"
         return weight
     w = n.args[1] if len(n.args) > 1 else n.kwargs["weight"]
     return fetch(gm, str(w.target))  # type: ignore[union-attr]
@@ -202,11 +241,17 @@ def layer_name(n: torch.fx.Node) -> str:
     return target.rsplit(".", 1)[0] if "." in target else target
 
 
+def module_kind(m: nn.Module) -> str:
+    """A module's class name; a parametrized one's original ('Linear' for a weight_norm Linear)."""
+    cls = type(m)
+    return cls.__bases__[0].__name__ if parametrize.is_parametrized(m) and cls.__bases__ else cls.__name__
+
+
 def layer_kind(gm: nn.Module, n: torch.fx.Node) -> str:
     """'Linear', 'Conv2d', … for a layer node (functional layers map to the module name)."""
     m = called_module(gm, n)
     if m is not None:
-        return type(m).__name__
+        return module_kind(m)
     return {"linear": "Linear", "conv1d": "Conv1d", "conv2d": "Conv2d", "conv3d": "Conv3d"}[
         _LAYER_FUNCTIONS[n.target]  # type: ignore[index]
     ]
@@ -227,7 +272,7 @@ def follower_role(gm: nn.Module, n: torch.fx.Node) -> str | None:
             ("activation", _ACTIVATION_MODULES),
             ("norm", _NORM_MODULES),
             ("dropout", DROPOUT_MODULES),
-            ("pool", _POOL_MODULES),
+            ("pool", (*_POOL_MODULES, *_UPSAMPLE_MODULES)),
         ):
             if isinstance(m, types):
                 return role
@@ -237,7 +282,7 @@ def follower_role(gm: nn.Module, n: torch.fx.Node) -> str | None:
             ("activation", _ACTIVATION_FUNCTIONS),
             ("norm", _NORM_FUNCTIONS),
             ("dropout", DROPOUT_FUNCTIONS),
-            ("pool", _POOL_FUNCTIONS),
+            ("pool", _POOL_FUNCTIONS | UPSAMPLE_FUNCTIONS),
         ):
             if n.target in fns:
                 return role
@@ -280,95 +325,6 @@ def merge_operands(n: torch.fx.Node) -> tuple[str, list[torch.fx.Node]] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# bounded outputs: a shortcut across these would take the model's output out of its range
-
-_BOUNDED_MODULES: tuple[type, ...] = (
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardtanh,
-    nn.Hardsigmoid,
-    nn.Softsign,
-    nn.LogSigmoid,
-    nn.Softmax,
-    nn.LogSoftmax,
-    nn.Softmax2d,
-    nn.Softmin,  # nn.ReLU6 is a Hardtanh
-)
-_BOUNDED_FUNCTIONS = {
-    F.sigmoid,
-    torch.sigmoid,
-    F.tanh,
-    torch.tanh,
-    F.hardtanh,
-    F.relu6,
-    F.hardsigmoid,
-    F.softsign,
-    F.logsigmoid,
-    F.softmax,
-    F.log_softmax,
-    F.softmin,
-    torch.softmax,
-    torch.log_softmax,
-}
-_BOUNDED_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_", "softmax", "log_softmax"}
-_SHAPE_MODULES: tuple[type, ...] = (nn.Flatten, nn.Unflatten, nn.Identity)
-_SHAPE_FUNCTIONS = {
-    torch.flatten,
-    torch.reshape,
-    torch.squeeze,
-    torch.unsqueeze,
-    torch.permute,
-    torch.transpose,
-    operator.getitem,
-}
-_SHAPE_METHODS = {
-    "view",
-    "reshape",
-    "flatten",
-    "squeeze",
-    "unsqueeze",
-    "permute",
-    "transpose",
-    "contiguous",
-    "view_as",
-    "reshape_as",
-    "unflatten",
-    "movedim",
-}
-
-
-def is_bounded_activation(gm: nn.Module, n: torch.fx.Node) -> bool:
-    """True for an activation whose output lies in a range (Sigmoid, Tanh, Softmax, Hardtanh, …)."""
-    m = called_module(gm, n)
-    if m is not None:
-        return isinstance(m, _BOUNDED_MODULES)
-    if n.op == "call_function":
-        return n.target in _BOUNDED_FUNCTIONS
-    return n.op == "call_method" and n.target in _BOUNDED_METHODS
-
-
-def reaches_output_unchanged(gm: nn.Module, n: torch.fx.Node) -> bool:
-    """True when ``n``'s value goes to the graph's output through nothing but shape ops."""
-    todo, seen = [n], set()
-    while todo:
-        cur = todo.pop()
-        for u in cur.users:
-            if u in seen:
-                continue
-            seen.add(u)
-            if u.op == "output":
-                return True
-            m = called_module(gm, u)
-            if (
-                isinstance(m, _SHAPE_MODULES)
-                or (u.op == "call_function" and u.target in _SHAPE_FUNCTIONS)
-                or (u.op == "call_method" and u.target in _SHAPE_METHODS)
-            ):
-                todo.append(u)
-    return False
-
-
-# ---------------------------------------------------------------------------------------------
 # element-wise ops: an activation written as a Python function (x * sigmoid(x), a mish helper)
 
 # torch's math functions beside the activations (one table of those, above)
@@ -404,12 +360,16 @@ def is_elementwise(n: torch.fx.Node) -> bool:
     return n.op == "call_method" and n.target in _ELEMENTWISE_METHODS
 
 
+_PRODUCTS = {operator.mul, operator.truediv, torch.mul, torch.div}
+
+
 def is_nonlinear(n: torch.fx.Node) -> bool:
+    """True for an element-wise op that makes a chain nonlinear: an activation, a math function, or
+    a product of two computed values (x * sigmoid(x)); sums and scalings (x + y, 2 * x) are linear."""
     if n.op == "call_function":
-        if n.target in _ARITHMETIC and n.target is not operator.pow:
-            # x * y where both come from the layer (x * sigmoid(x)) is nonlinear; x * 2 is not
+        if n.target in _PRODUCTS:
             return sum(isinstance(a, torch.fx.Node) for a in n.args) > 1
-        return n.target in _NONLINEAR
+        return n.target in _NONLINEAR  # (x ** 2 among them; sums and negations are not)
     if n.op == "call_method":
         if n.target in ("mul", "div"):
             return sum(isinstance(a, torch.fx.Node) for a in n.args) > 1

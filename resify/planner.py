@@ -8,23 +8,22 @@ changes the model; ``rewrite`` executes the Plan.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from .analyze import Analysis, Layer
+from .bounds import is_bounded_activation, reaches_output_unchanged
+from .budget import span_groups, within_budget, within_cost
 from .errors import PlanError, ResifyWarning
 from .formats import fmt_shape
-from .geometry import SAME, Window, size_functions
+from .geometry import before_trailing_pool, norm_sees, span_geometry, span_norm
 from .ops import (
     data_input,
     describe,
-    follower_role,
-    is_bounded_activation,
-    reaches_output_unchanged,
 )
-from .sites import Dense, Identity, Plan, Policy, Projection, ShortcutForm, Site, SkipCode, Skipped
+from .policy import Policy
+from .sites import Dense, Identity, Plan, Projection, ShortcutForm, Site, SkipCode, Skipped
 from .trace import TensorInfo
 
 __all__ = ["make_plan", "reconcile_modes"]
@@ -40,87 +39,6 @@ def _pattern_reason(name: str, policy: Policy) -> tuple[SkipCode, str] | None:
             return "excluded", f"excluded by pattern {p!r}"
     if policy.include and not any(fnmatch.fnmatchcase(name, p) for p in policy.include):
         return "excluded", f"not matched by include={list(policy.include)!r}"
-    return None
-
-
-#: Input sizes on which a span's geometry is compared with its shortcut's (every size the span
-#: accepts up to this bound: the formulas are periodic in the stride, so this covers all sizes).
-_PROBE_SIZES = range(1, 257)
-
-
-def _geometry(layers: Sequence[Layer], analysis: Analysis, dims: int) -> tuple[str, tuple[int, ...]]:
-    """How a conv span's spatial size follows its input's, from its ops' hyperparameters.
-
-    ``("same", ())``: every size is kept; ``("stride", S)``: out = ceil(in / S) on every size the span
-    accepts, what a 1×1 conv of stride S gives; ``("match", ())``: anything else (a pool, whose
-    windows the shortcut averages over; an adaptive pool; a valid convolution), where the shortcut
-    is average-pooled to the branch's own output size at run time.
-    """
-    nodes = [analysis.node(name) for layer in layers for name in layer.nodes]
-    found = _size_rule(nodes, analysis, dims)
-    if found is None:
-        return "match", ()
-    strides, pooled = found
-    if all(s == 1 for s in strides):
-        return "same", ()
-    return ("match", ()) if pooled else ("stride", tuple(strides))
-
-
-def _size_rule(nodes: Sequence, analysis: Analysis, dims: int) -> tuple[list[int], bool] | None:
-    """Per spatial dim the stride S with out = ceil(in / S) for every size the ops accept, and whether
-    one of them pools; None where the ops' sizes follow no such rule (or cannot be told)."""
-    per_dim: list[list[Window]] = [[] for _ in range(dims)]
-    pooled = False
-    for n in nodes:
-        fns = size_functions(analysis.module, n, dims)
-        if fns is None:
-            return None
-        pooled = pooled or follower_role(analysis.module, n) == "pool"
-        for d, fn in enumerate(fns):
-            if fn != SAME:
-                per_dim[d].append(fn)
-    strides = [_stride_of(tuple(windows)) for windows in per_dim]
-    if any(s is None for s in strides):
-        return None
-    return strides, pooled  # type: ignore[return-value]
-
-
-@functools.lru_cache(maxsize=4096)
-def _stride_of(windows: tuple[Window, ...]) -> int | None:
-    """S with ceil(in / S) == the windows' output for every input size they accept, or None."""
-    if not windows:
-        return 1
-    sizes = {}
-    for size in _PROBE_SIZES:
-        out: int | None = size
-        for window in windows:
-            out = window(out) if out is not None and out >= 1 else None
-        if out is not None and out >= 1:
-            sizes[size] = out
-    if not sizes:
-        return None
-    top = max(sizes)
-    stride = max(1, round(top / sizes[top]))
-    if any(-(-i // stride) != o for i, o in sizes.items()):
-        return None
-    return stride
-
-
-def _norm_sees(layers: Sequence[Layer], analysis: Analysis, dims: int) -> str | None:
-    """Which size the span's first norm sees at every input size: "input", "output" or None.
-
-    A BatchNorm on the shortcut goes where it sees that same size, so that it accepts every batch
-    the span's own does (one sample of 1×1 maps is refused in training).
-    """
-    nodes = [analysis.node(name) for layer in layers for name in layer.nodes]
-    first = next((i for i, n in enumerate(nodes) if follower_role(analysis.module, n) == "norm"), None)
-    if first is None:
-        return None
-    before, after = _size_rule(nodes[:first], analysis, dims), _size_rule(nodes[first:], analysis, dims)
-    if before is not None and all(s == 1 for s in before[0]):
-        return "input"
-    if after is not None and all(s == 1 for s in after[0]):
-        return "output"
     return None
 
 
@@ -145,27 +63,34 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     src: TensorInfo | None = first.in_info
     dst: TensorInfo | None = last.out_info
     if src is None or dst is None:
+        if first.kind in ("LSTM", "GRU", "RNN"):
+            return skip(
+                "no_shape",
+                "the recurrent layer's input or output is not a tensor (a PackedSequence): a shortcut "
+                "cannot add packed sequences; pad them around the layer (pad_packed_sequence) to get one",
+            )
         return skip("no_shape", "no tensor shape was recorded for the span's input or output")
     if not src.is_float or not dst.is_float:
         return skip("not_float", f"non-float input ({src.dtype}); shortcuts need floating-point tensors")
     if src.dtype != dst.dtype:
         return skip("not_float", f"dtype changes across the span ({src.dtype} -> {dst.dtype})")
-    channel_dim = -1 if first.kind == "Linear" else 1
+    # [N, C, *spatial] for convolutions (transposed too); features last for Linear, recurrent, attention
+    channel_dim = 1 if first.kind.startswith("Conv") else -1
 
-    def site(shortcut: ShortcutForm, added: int) -> Site:
+    def site(shortcut: ShortcutForm, added: int, exit: str = last.output, out_shape: tuple = dst.shape) -> Site:
         return Site(
             start=first.name,
             end=last.name,
             layers=tuple(layer.name for layer in layers),
             in_shape=src.shape,
-            out_shape=dst.shape,
+            out_shape=out_shape,
             shortcut=shortcut,
             gate=policy.gate,
             gate_init=policy.effective_gate_init,
             added_params=added,
             preserve_output=policy.preserve_output and not isinstance(shortcut, Dense),
             anchor=first.anchor,
-            exit=last.output,
+            exit=exit,
             name=name,
             channel_dim=channel_dim,
         )
@@ -177,11 +102,14 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     gate_params = {None: 0, "rezero": 1, "layerscale": out_c}[policy.gate] + int(policy.preserve_output)
     dims = int(first.kind[-2]) if first.kind.startswith("Conv") else 0  # "Conv2d" -> 2
     conv_geometry = dims and len(src.shape) == dims + 2 and len(dst.shape) == dims + 2
-    geometry, stride = _geometry(layers, analysis, dims) if conv_geometry else ("same", ())
+    geometry, stride = span_geometry(layers, analysis, dims) if conv_geometry else ("same", ())
     change = f"{fmt_shape(src.shape)} -> {fmt_shape(dst.shape)}"
     if src.shape == dst.shape and geometry == "same":
         return site(Identity(), gate_params)
     if policy.shortcut == "identity":
+        cut = before_trailing_pool(layers, analysis, src, dims) if src.shape != dst.shape else None
+        if cut is not None:  # conv → norm → act → max-pool: the identity goes around all but the pool
+            return site(Identity(), gate_params, exit=cut, out_shape=src.shape)
         if src.shape == dst.shape:
             return skip(
                 "identity_needs_same_shape",
@@ -204,43 +132,45 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
             "linear_span",
             "the span is linear (no activation, norm or pool): a projection would add one more linear map",
         )
-    if first.kind == "Linear":
+    form: Projection
+    if channel_dim == -1:
         if src.shape[:-1] != dst.shape[:-1]:
             return skip(
                 "unsupported_shape",
                 f"unsupported shape change {change}: a Linear projection changes the last dimension only",
             )
-        cin, cout = src.shape[-1], dst.shape[-1]
-        return site(Projection("linear", (cin, cout)), cin * cout + cout + gate_params)
-    if not conv_geometry or src.shape[0] != dst.shape[0]:
-        return skip("unsupported_shape", f"unsupported shape change {change} for a {first.kind} span")
-    cin, cout = src.shape[1], dst.shape[1]
-    sees = _norm_sees(layers, analysis, dims)
-    if geometry != "match":  # the size follows a stride (1 or more): a 1×1 projection with that stride
-        # a norm sees the projection's output size: the span's must see the span's output size
-        # (or its input's, where the span keeps the size)
-        norm = _span_norm(layers, analysis, dims) if sees == "output" or (not stride and sees) else None
-        added = cin * cout + (2 * cout if norm else 0) + gate_params
-        return site(Projection("conv", (cin, cout), dims, stride=stride, norm=norm), added)
-    # Where the span pools (a max-pool ending a VGG stage, a global average pool) or its size does not
-    # follow a stride, the shortcut averages its input to the branch's output size at run time; where
-    # the channels do not change either, that pooling is the whole shortcut, without parameters.
-    if cin == cout:
-        return site(Projection("pool", (cin, cout), dims, pool=True), gate_params)
-    # A norm on the projection sees what the span's norm sees: the input's size (conv → norm → pool:
-    # the head of an EfficientNet normalises 7×7 maps, then pools them to 1×1, and trains on a batch
-    # of one) or the output's (pool → conv → norm); where it sees neither, the projection has none.
-    norm = _span_norm(layers, analysis, dims) if sees else None
-    added = cin * cout + (2 * cout if norm else 0) + gate_params
-    return site(Projection("conv", (cin, cout), dims, pool=True, pool_last=sees == "input", norm=norm), added)
-
-
-def _span_norm(layers: Sequence[Layer], analysis: Analysis, dims: int) -> str | None:
-    """The BatchNorm type a conv projection gets: one where the span has a batch norm."""
-    return next(
-        (f"BatchNorm{dims}d" for layer in layers for r in layer.roles if r == "norm" and analysis.has_batchnorm(layer)),
-        None,
-    )
+        form = Projection("linear", (src.shape[-1], dst.shape[-1]))
+    else:
+        if not conv_geometry or src.shape[0] != dst.shape[0]:
+            return skip("unsupported_shape", f"unsupported shape change {change} for a {first.kind} span")
+        cin, cout = src.shape[1], dst.shape[1]
+        sees = norm_sees(layers, analysis, dims)
+        # a decoder's span (transposed convolution, upsampling) grows the map: the shortcut is
+        # upsampled to the branch's size (nearest), as a pooled one is averaged down to it
+        up = all(o >= i for i, o in zip(src.shape[2:], dst.shape[2:])) and src.shape[2:] != dst.shape[2:]
+        if geometry != "match":  # the size follows a stride (1 or more): a 1×1 projection with that stride
+            # a norm sees the projection's output size: the span's must see the span's output size
+            # (or its input's, where the span keeps the size)
+            norm = span_norm(layers, analysis, dims) if sees == "output" or (not stride and sees) else None
+            form = Projection("conv", (cin, cout), dims, stride=stride, norm=norm)
+        elif cin == cout:
+            # Where the span pools (a max-pool ending a VGG stage, a global average pool) or its size
+            # does not follow a stride, the shortcut averages its input to the branch's output size at
+            # run time; where the channels do not change either, that pooling is the whole shortcut.
+            return site(Projection("pool", (cin, cout), dims, pool=True, upsample=up), gate_params)
+        else:
+            # A norm on the projection sees what the span's norm sees: the input's size (conv → norm →
+            # pool: the head of an EfficientNet normalises 7×7 maps, then pools them to 1×1, and trains
+            # on a batch of one) or the output's (pool → conv → norm); where it sees neither, none.
+            norm = span_norm(layers, analysis, dims) if sees else None
+            form = Projection("conv", (cin, cout), dims, pool=True, pool_last=sees == "input", norm=norm, upsample=up)
+    if policy.projection == "pad":  # ResNet's option A: no parameters
+        return site(replace(form, op="pad", norm=None, pool_last=False), gate_params)
+    if policy.projection == "auto" and form.op == "conv":
+        groups = span_groups(layers, analysis)
+        if groups > 1 and form.channels[0] % groups == 0 and form.channels[1] % groups == 0:
+            form = replace(form, groups=groups)  # beside a grouped or depthwise convolution
+    return site(form, form.params + gate_params)
 
 
 def _dense_form(
@@ -269,7 +199,7 @@ def _dense_form(
     else:
         if src.shape[0] != dst.shape[0]:
             return skip("unsupported_shape", f"unsupported shape change {change}")
-        pool = _geometry(layers, analysis, len(src.shape) - 2)[0] != "same"
+        pool = span_geometry(layers, analysis, len(src.shape) - 2)[0] != "same"
     found = analysis.dense_consumer(analysis.node(exit), cd)
     if isinstance(found, str):
         return skip("no_consumer", found)
@@ -282,6 +212,43 @@ def _dense_form(
             f"dense_max_growth={policy.dense_max_growth}",
         )
     return Dense(consumer, extra, pool), extra * consumer_params_per_channel
+
+
+#: How many layers a span may hold where one layer alone gives no identity (group=1).
+_WIDEST_SPAN = 4
+
+
+def _wider_span(
+    run: list[Layer], i: int, found: Site | Skipped, analysis: Analysis, policy: Policy, name: str
+) -> tuple[list[Layer], Site] | None:
+    """A span of 2 to 4 layers from ``run[i]`` that an expert would bridge instead of the one layer:
+    an identity around layers that give back their input's shape (a Transformer's feed-forward
+    expand → contract, a bottleneck), or, where one layer alone is not single-entry single-exit, the
+    first span that is (an attention block's q, k, v and output projections). Only spans whose
+    layers keep the input's grid (every dim but the channels) qualify: never an encoder → decoder."""
+    if policy.shortcut == "dense" or (isinstance(found, Site) and found.kind == "identity"):
+        return None
+    tangled = isinstance(found, Skipped) and found.code == "not_single_entry_exit"
+    if not tangled and not (isinstance(found, Site) and found.kind == "projection"):
+        return None
+    for j in range(i + 2, min(i + _WIDEST_SPAN, len(run)) + 1):
+        group = run[i:j]
+        if not _keeps_grid(group):
+            return None
+        site = _site_for(group, analysis, policy, name)
+        if isinstance(site, Site) and (site.kind == "identity" or tangled):
+            return group, site
+    return None
+
+
+def _keeps_grid(layers: Sequence[Layer]) -> bool:
+    """Every layer's output has the span input's shape but for the channel (feature) dim."""
+    src = layers[0].in_info
+    if src is None:
+        return False
+    cd = 1 if layers[0].kind.startswith("Conv") else -1
+    grid = lambda shape: tuple(d for k, d in enumerate(shape) if k != cd % max(len(shape), 1))
+    return all(layer.out_info is not None and grid(layer.out_info.shape) == grid(src.shape) for layer in layers)
 
 
 def _site_name(layers: Sequence[Layer], taken: set[str]) -> str:
@@ -332,6 +299,7 @@ def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0) -> Pla
         else:
             runs[-1].append(layer)
     taken = set(analysis.taken_names())
+    notes: list[str] = []
     sites: list[Site] = []
     carry: dict[str, int] = {}  # dense: consumer layer name -> features its input already gained
     for run in runs:
@@ -348,24 +316,38 @@ def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0) -> Pla
                     )
                 )
                 break
-            found = _site_for(group, analysis, policy, _site_name(group, taken), carry.pop(group[0].name, 0))
+            name = _site_name(group, taken)
+            found = _site_for(group, analysis, policy, name, carry.pop(group[0].name, 0))
+            wider = _wider_span(run, i, found, analysis, policy, name) if policy.group == 1 else None
+            if wider is not None:
+                group, found = wider
+            if isinstance(found, Site):
+                found, note = within_cost(found, group, analysis, policy)
+                notes += [note] if note else []
             if isinstance(found, Site):
                 sites.append(found)
                 if isinstance(found.shortcut, Dense):
                     carry[found.shortcut.consumer] = found.shortcut.extra_channels
-                i += policy.group
+                i += len(group)
             else:
                 skipped.append(found)
                 i += 1  # slide: a group may still start at the next layer
+    sites, over, budget_notes = within_budget(sites, policy, params_before)
+    notes += budget_notes
+    if over:
+        order = {layer.name: i for i, layer in enumerate(analysis.layers)}
+        skipped = sorted([*skipped, *over], key=lambda k: order.get(k.start, len(order)))
     return Plan(
         model_class=analysis.traced.model_class,
         tracer=analysis.traced.tracer,
         policy=policy,
         n_layers=len(analysis.layers),
+        layers=tuple(layer.name for layer in analysis.layers),
         params_before=params_before,
         sites=tuple(sites),
         skipped=tuple(skipped),
         existing=tuple(analysis.existing),
+        notes=tuple(notes),
     )
 
 

@@ -112,7 +112,15 @@ def flow_text(flow: GradientFlow, width: int) -> str:
         for r in flow.layers
     ]
     right = [True, False, False, True, True, True, True, True, False]
-    lines = [*_header(flow, width), "", *table(header, rows, width=width, shrink=1, right=right)]
+    # narrower than the full table: leave out the figures the verdict does not rest on, least used first
+    for drop in (None, 7, 5, 4):
+        if drop is not None:
+            header, right = header[:drop] + header[drop + 1 :], right[:drop] + right[drop + 1 :]
+            rows = [r[:drop] + r[drop + 1 :] for r in rows]
+        body = table(header, rows, width=width, shrink=1, right=right)
+        if max(map(len, body)) <= width:
+            break
+    lines = [*_header(flow, width), "", *body]
     if any(r.added for r in flow.layers):
         lines.append("+ added by resify")
     return "\n".join(lines)
@@ -425,6 +433,8 @@ def plan_text(plan: Plan, width: int = 100) -> str:
         lines += ["", f"skipped ({len(plan.skipped)}):"]
         for s in plan.skipped:
             lines.append(_clip(f"  {_span_label(s.start, s.end)}: {s.reason}", width))
+    for note in plan.notes:
+        lines += ["", *textwrap.wrap("note: " + note, width, subsequent_indent="  ")]
     lines += ["", *textwrap.wrap("total: " + plan.summary(), width, subsequent_indent="  ")]
     return "\n".join(lines)
 

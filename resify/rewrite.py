@@ -11,6 +11,7 @@ dtype of the layer it bridges. Original layers keep their qualified names.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,10 +60,10 @@ def _projection(form: Projection, factory: dict) -> list[tuple[str, nn.Module]]:
     cin, cout = form.channels
     if form.op == "linear":
         return [("proj", nn.Linear(cin, cout, bias=True, **factory))]
-    if form.op == "pool":
+    if form.op in ("pool", "pad"):
         return []
     stride: int | tuple[int, ...] = form.stride or 1
-    conv = _CONV[form.dims](cin, cout, kernel_size=1, stride=stride, bias=False, **factory)  # type: ignore[arg-type]
+    conv = _CONV[form.dims](cin, cout, 1, stride=stride, groups=form.groups, bias=False, **factory)  # type: ignore[arg-type]
     mods: list[tuple[str, nn.Module]] = [("proj", conv)]
     if form.norm:
         mods.append(("norm", _BATCHNORM[form.norm](cout, **factory)))
@@ -112,11 +113,15 @@ def _build_site(gm: nn.Module, nodes: dict[str, torch.fx.Node], site: Site) -> N
         holder.register_parameter(GATE_PARAMETERS[site.gate], nn.Parameter(_gate_parameter(site, factory)))
 
 
-def _pool_to(graph: torch.fx.Graph, x: torch.fx.Node, like: torch.fx.Node, dims: int) -> torch.fx.Node:
-    """Nodes that average-pool ``x`` to ``like``'s spatial size, read at run time."""
+def _pool_to(
+    graph: torch.fx.Graph, x: torch.fx.Node, like: torch.fx.Node, dims: int, up: bool = False
+) -> torch.fx.Node:
+    """Nodes that average-pool (``up``: upsample, nearest) ``x`` to ``like``'s spatial size, read at run time."""
     sizes = [graph.call_method("size", (like, d)) for d in range(2, 2 + dims)]
     for n in sizes:
         n.meta["resify"] = None
+    if up:
+        return graph.call_function(F.interpolate, (x,), {"size": sizes, "mode": "nearest"})
     return graph.call_function(_ADAPTIVE_AVG_POOL[dims], (x, sizes))
 
 
@@ -142,15 +147,18 @@ def _insert_site(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx
     form = site.shortcut
     pool = isinstance(form, Projection) and form.pool
     pool_last = isinstance(form, Projection) and form.pool_last
+    up = isinstance(form, Projection) and form.upsample
     with graph.inserting_before(exit.next):
         shortcut = entry
         if pool and not pool_last:
-            shortcut = made(_pool_to(graph, shortcut, exit, dims))
+            shortcut = made(_pool_to(graph, shortcut, exit, dims, up))
         for attr in ("proj", "norm"):
             if holder is not None and attr in holder._modules:
                 shortcut = made(graph.call_module(f"{prefix}.{attr}", (shortcut,)))
         if pool and pool_last:
-            shortcut = made(_pool_to(graph, shortcut, exit, dims))
+            shortcut = made(_pool_to(graph, shortcut, exit, dims, up))
+        if isinstance(form, Projection) and form.op == "pad":
+            shortcut = _padded(graph, shortcut, form, site.channel_dim, made)
         if site.preserve_output:
             shortcut = made(graph.call_function(operator.mul, (shortcut, made(graph.get_attr(f"{prefix}.beta"), None))))
         branch = exit
@@ -159,6 +167,22 @@ def _insert_site(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx
             branch = made(graph.call_function(operator.mul, (exit, scale)))
         out = made(graph.call_function(operator.add, (branch, shortcut)))
     exit.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new)
+
+
+def _padded(
+    graph: torch.fx.Graph, x: torch.fx.Node, form: Projection, channel_dim: int, made: Callable
+) -> torch.fx.Node:
+    """Nodes for a parameter-free projection: the size strided, the channels zero-padded or sliced."""
+    if form.stride and any(s > 1 for s in form.stride):  # a 1×1 conv of stride s keeps every s-th position
+        index = (slice(None), slice(None), *(slice(None, None, s) for s in form.stride))
+        x = made(graph.call_function(operator.getitem, (x, index)), None)
+    cin, cout = form.channels
+    if cout > cin:
+        zeros = [0, 0] * (form.dims if channel_dim == 1 else 0) + [0, cout - cin]  # (last dim first)
+        x = made(graph.call_function(F.pad, (x, zeros)))
+    elif cout < cin:
+        x = made(graph.call_method("narrow", (x, channel_dim, 0, cout)))
+    return x
 
 
 def _submodule_or_none(gm: nn.Module, path: str) -> nn.Module | None:

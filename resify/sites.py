@@ -9,14 +9,19 @@ round-trip through ``to_dict`` / ``Plan.from_dict`` (schema versions 1 and 2 are
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
 from .analyze import ExistingShortcut
-from .constants import GATES, PLAN_SCHEMA_VERSION, SHORTCUTS, GateChoice, ShortcutChoice, SiteKind, TracerChoice
+from .constants import (
+    PLAN_SCHEMA_VERSION,
+    GateChoice,
+    SiteKind,
+    TracerChoice,
+)
 from .errors import PlanError
+from .policy import Policy
 
 __all__ = [
     "Policy",
@@ -30,84 +35,6 @@ __all__ = [
     "Skipped",
     "Plan",
 ]
-
-_DEFAULT_GATE_INIT = {None: None, "rezero": 0.0, "layerscale": 1e-4}
-
-
-@dataclass(frozen=True)
-class Policy:
-    """How to add shortcuts; the keywords of ``resify.apply`` and ``resify.plan``."""
-
-    shortcut: ShortcutChoice = "auto"
-    group: int = 1
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    gate: GateChoice | None = None
-    gate_init: float | None = None
-    leaf_modules: tuple = ()
-    preserve_output: bool = False
-    dense_max_growth: int | None = None
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> Policy:
-        """Validate policy keywords; unknown names or values raise PlanError saying what is allowed."""
-        names = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise PlanError(
-                f"unknown policy keyword(s) {', '.join(unknown)}; expected some of {', '.join(sorted(names))}"
-            )
-        for key in ("include", "exclude", "leaf_modules"):
-            value = kwargs.get(key)
-            if value is None:
-                kwargs.pop(key, None)
-            elif isinstance(value, (str, type)):
-                kwargs[key] = (value,)
-            else:
-                kwargs[key] = tuple(value)
-        policy = cls(**kwargs)
-        if policy.shortcut not in SHORTCUTS:
-            raise PlanError(f"shortcut must be one of {', '.join(map(repr, SHORTCUTS))}, found {policy.shortcut!r}")
-        if policy.shortcut == "dense" and policy.gate is not None:
-            raise PlanError(
-                f"gate={policy.gate!r} does not combine with shortcut='dense': a dense shortcut keeps the layer's "
-                "output whole (the widened layer's new weights start at zero); drop the gate"
-            )
-        if policy.dense_max_growth is not None and (
-            policy.shortcut != "dense" or not isinstance(policy.dense_max_growth, int) or policy.dense_max_growth < 1
-        ):
-            raise PlanError(
-                f"dense_max_growth must be a positive integer used with shortcut='dense', found "
-                f"{policy.dense_max_growth!r} with shortcut={policy.shortcut!r}"
-            )
-        if policy.preserve_output and policy.gate_init is not None and policy.gate_init != 1.0:
-            raise PlanError(
-                f"preserve_output=True keeps outputs unchanged only with the gate at 1, found gate_init={policy.gate_init}; "
-                "leave gate_init out"
-            )
-        if policy.gate not in GATES:
-            raise PlanError(f"gate must be one of {', '.join(map(repr, GATES))}, found {policy.gate!r}")
-        if not isinstance(policy.group, int) or isinstance(policy.group, bool) or policy.group < 1:
-            raise PlanError(f"group must be a positive integer (layers per shortcut), found {policy.group!r}")
-        if policy.gate_init is not None and policy.gate is None:
-            raise PlanError("gate_init was given without a gate; pass gate='rezero' or gate='layerscale' too")
-        if policy.gate_init is not None and not math.isfinite(float(policy.gate_init)):
-            raise PlanError(f"gate_init must be a finite number, found {policy.gate_init!r}")
-        return policy
-
-    @property
-    def effective_gate_init(self) -> float | None:
-        if self.gate_init is not None:
-            return self.gate_init
-        if self.preserve_output and self.gate is not None:
-            return 1.0  # the branch must start whole for the output to be unchanged
-        return _DEFAULT_GATE_INIT[self.gate]
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["leaf_modules"] = [x if isinstance(x, str) else x.__name__ for x in self.leaf_modules]
-        d["include"], d["exclude"] = list(self.include), list(self.exclude)
-        return d
 
 
 @dataclass(frozen=True)
@@ -123,18 +50,32 @@ class Identity:
 class Projection:
     """The shortcut maps the span's input to the branch's shape.
 
-    ``op`` is ``"linear"`` (a Linear on the last dimension), ``"conv"`` (a 1×1 ConvNd of ``stride``,
-    then ``norm`` if set) or ``"pool"`` (no parameters: the channels hold). ``pool``: the input is
-    average-pooled to the branch's output size, read at run time (``pool_last``: after the conv).
+    ``op`` is ``"linear"`` (a Linear on the last dimension), ``"conv"`` (a 1×1 ConvNd of ``stride``
+    and ``groups``, then ``norm`` if set), ``"pool"`` (no parameters: the channels hold) or ``"pad"``
+    (no parameters: the channels zero-padded or sliced to the branch's, the size strided by
+    ``stride``, as in ResNet's option A). ``pool``: the input is average-pooled to the branch's output
+    size, read at run time (``pool_last``: after the conv).
     """
 
-    op: Literal["linear", "conv", "pool"]
+    op: Literal["linear", "conv", "pool", "pad"]
     channels: tuple[int, int]  # (in, out) channels or features
     dims: int = 0  # spatial dimensions of a conv projection
     stride: tuple[int, ...] = ()
     pool: bool = False
     pool_last: bool = False
     norm: str | None = None  # "BatchNorm2d", …: the norm that follows a conv projection
+    groups: int = 1  # a conv projection's groups (beside a grouped or depthwise convolution)
+    upsample: bool = False  # ``pool`` resamples up (nearest): the branch grows the map (a decoder)
+
+    @property
+    def params(self) -> int:
+        """The parameters the shortcut adds (its gate and β not counted)."""
+        cin, cout = self.channels
+        if self.op == "linear":
+            return cin * cout + cout
+        if self.op == "conv":
+            return cin * cout // self.groups + (2 * cout if self.norm else 0)
+        return 0
 
     @property
     def label(self) -> str:
@@ -142,12 +83,19 @@ class Projection:
         cin, cout = self.channels
         if self.op == "linear":
             return f"Linear({cin}, {cout})"
-        pool = f"AvgPool{self.dims}d(→out)"
+        pool = "Upsample(→out, nearest)" if self.upsample else f"AvgPool{self.dims}d(→out)"
         if self.op == "pool":
             return pool
         shown = ""
         if self.stride:
             shown = f", stride={self.stride[0] if len(set(self.stride)) == 1 else self.stride}"
+        if self.op == "pad":
+            where = "features" if self.dims == 0 else "channels"
+            steps = [f"{'zero-pad' if cout > cin else 'slice'} {where} {cin}→{cout}"] if cin != cout else []
+            steps += [f"stride {shown.removeprefix(', stride=')}"] if shown else []
+            steps += [pool] if self.pool else []
+            return ", ".join(steps) or "identity"
+        shown += f", groups={self.groups}" if self.groups > 1 else ""
         conv = f"Conv{self.dims}d({cin}, {cout}, 1{shown})" + (f" + {self.norm}" if self.norm else "")
         if not self.pool:
             return conv
@@ -291,6 +239,8 @@ SkipCode = Literal[
     "no_consumer",  # dense: the span's output has no layer that can be widened
     "dense_growth",  # dense: more than dense_max_growth channels
     "mode_differs",  # the span differs between train and eval mode
+    "projection_cost",  # a learned projection would cost more than projection_cost × the span's parameters
+    "over_budget",  # the max_added budget was spent on sites of more value per parameter
     "unrecorded",  # read from a schema-1 plan, which had no codes
 ]
 SKIP_CODES: tuple[SkipCode, ...] = get_args(SkipCode)
@@ -328,6 +278,7 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     #: where forward reads ``self.training``: the same sites, found in the other mode's graph
     other_mode_sites: tuple[Site, ...] | None = field(default=None, repr=False)
+    layers: tuple[str, ...] = field(default=(), repr=False)  # every layer's name, in forward order (the diagram's)
 
     @property
     def added_params(self) -> int:
@@ -352,6 +303,9 @@ class Plan:
             "skipped": [s.to_dict() for s in self.skipped],
             "existing": [e.to_dict() for e in self.existing],
             "notes": list(self.notes),
+            # where forward reads self.training: the same sites in the other mode's graph (its node names)
+            "other_mode_sites": None if self.other_mode_sites is None else [s.to_dict() for s in self.other_mode_sites],
+            "layers": list(self.layers),
         }
 
     def summary(self) -> str:
@@ -367,6 +321,15 @@ class Plan:
         from .render import plan_text  # the renderer imports these records' module for typing only
 
         return plan_text(self)
+
+    def to_html(self, page: bool = True) -> str:
+        """The plan with its architecture diagram: a self-contained HTML page, or a notebook fragment."""
+        from .html import plan_html  # html imports these records for typing only
+
+        return plan_html(self, page=page)
+
+    def _repr_html_(self) -> str:
+        return self.to_html(page=False)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
@@ -389,4 +352,8 @@ class Plan:
             skipped=tuple(Skipped.from_dict(s) for s in d["skipped"]),
             existing=tuple(ExistingShortcut(**{**e, "layers": tuple(e["layers"])}) for e in d["existing"]),
             notes=tuple(d.get("notes", ())),
+            other_mode_sites=None
+            if d.get("other_mode_sites") is None
+            else tuple(Site.from_dict(s) for s in d["other_mode_sites"]),
+            layers=tuple(d.get("layers", ())),
         )

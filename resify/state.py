@@ -20,28 +20,32 @@ __all__ = ["state_kept"]
 def state_kept(
     module: nn.Module, tensors: Iterable[Any] = (), *, grads: bool = False, modes: bool = False
 ) -> Iterator[list[int]]:
-    """Run code on ``module``, then put back its buffers and the random state of the CPU and of every
-    CUDA device that its parameters, buffers or ``tensors`` use (yielded, for seeding); with ``grads``
-    its parameters' ``.grad`` too, with ``modes`` every submodule's ``training`` flag."""
+    """Run code on ``module``, then put back its buffers (objects and values) and the random state of
+    the CPU and of every CUDA device that its parameters, buffers or ``tensors`` use (yielded, for
+    seeding). With ``grads``, the parameters' ``.grad`` are set aside (None inside, so that a backward
+    cannot add into them in place) and put back; with ``modes``, every submodule's ``training`` flag."""
     params = list({id(p): p for p in module.parameters()}.values())
     saved_grads = [p.grad for p in params] if grads else []
-    buffers = [(b, b.clone()) for b in module.buffers()]
+    buffers = [(m, name, b, b.clone()) for m in module.modules() for name, b in m._buffers.items() if b is not None]
     saved_modes = [(m, m.training) for m in module.modules()] if modes else []
     devices = sorted(
         {
             t.device.index or 0
-            for t in [*params, *[b for b, _ in buffers], *tensors]
+            for t in [*params, *[b for *_, b, _ in buffers], *tensors]
             if isinstance(t, torch.Tensor) and t.device.type == "cuda"
         }
     )
     try:
+        for p in params if grads else ():
+            p.grad = None
         with torch.random.fork_rng(devices=devices):
             yield devices
     finally:
         for p, g in zip(params, saved_grads):
             p.grad = g
         with torch.no_grad():
-            for b, saved in buffers:
+            for m, name, b, saved in buffers:
+                m._buffers[name] = b  # the object itself, where the code put another in its place
                 if b.shape == saved.shape:
                     b.copy_(saved)
         for m, training in saved_modes:

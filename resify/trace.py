@@ -28,6 +28,7 @@ from .constants import TracerChoice
 from .copying import own_containers, structural_copy
 from .errors import ResifyWarning, TraceError
 from .formats import first_line
+from .inputs import as_inputs, check_device, derive_example_input
 from .shapes import TensorInfo, node_keys, record_shapes
 from .state import state_kept
 from .tracers import (
@@ -42,7 +43,7 @@ from .tracers import (
     user_frame,
 )
 
-__all__ = ["TensorInfo", "Traced", "trace", "as_inputs", "check_device", "derive_example_input", "LeafSpec"]
+__all__ = ["TensorInfo", "Traced", "trace", "LeafSpec"]
 
 
 @dataclass
@@ -72,72 +73,6 @@ class Traced:
         if self.other_graph is None:
             return None
         return replace(self, graph=self.other_graph, training=not self.training, other_graph=None)
-
-
-def as_inputs(example_input: Any) -> tuple[Any, ...] | None:
-    """Normalise ``example_input`` (a tensor, a tuple/list of tensors, or None) to a tuple."""
-    if example_input is None:
-        return None
-    if isinstance(example_input, torch.Tensor):
-        return (example_input,)
-    if isinstance(example_input, (tuple, list)):
-        return tuple(example_input)
-    raise TraceError(
-        f"example_input must be a tensor or a tuple of tensors, found {type(example_input).__name__}; "
-        "pass e.g. example_input=torch.randn(8, 3, 32, 32)"
-    )
-
-
-def _first_parameter(model: nn.Module) -> torch.Tensor | None:
-    return next(iter(model.parameters()), None)
-
-
-def check_device(model: nn.Module, inputs: tuple[Any, ...]) -> None:
-    """Refuse input tensors on another device than the model's first parameter (or buffer).
-
-    A model on the meta device accepts inputs anywhere: only shapes are read from it.
-
-    Raises:
-        TraceError: names both devices and the ``.to(...)`` call that fixes it.
-    """
-    first = _first_parameter(model)
-    if first is None:
-        first = next(iter(model.buffers()), None)
-    if first is None or first.device.type == "meta":
-        return
-    for i, t in enumerate(inputs):
-        if isinstance(t, torch.Tensor) and t.device != first.device:
-            where = "example_input" if len(inputs) == 1 else f"example_input[{i}]"
-            raise TraceError(
-                f"{where} is on {t.device} but {type(model).__name__}'s parameters are on {first.device}; "
-                f"move it there first: {where}.to('{first.device}')"
-            )
-
-
-def derive_example_input(model: nn.Module, first_layer: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
-    """Build an example input when the model's first layer fixes its shape (nn.Linear → (2, in_features)).
-
-    Raises:
-        TraceError: the first layer does not fix the input shape; the message suggests one.
-    """
-    if first_layer is None:
-        first_layer = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
-    param = _first_parameter(model)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
-    if isinstance(first_layer, nn.Linear):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, first_layer.in_features, generator=g, dtype=dtype)
-        return (x.to(device),)
-    hint = "example_input=torch.randn(...)"
-    if isinstance(first_layer, nn.modules.conv._ConvNd):
-        spatial = ", ".join(["32"] * (first_layer.weight.dim() - 2))
-        hint = f"example_input=torch.randn(2, {first_layer.in_channels}, {spatial})"
-    found = type(first_layer).__name__ if first_layer is not None else "no layer with parameters"
-    raise TraceError(
-        f"no example_input given and the first layer ({found}) does not fix the input shape; "
-        f"pass one, e.g. {hint} (CLI: --input-shape)"
-    )
 
 
 _P = inspect.Parameter
@@ -331,6 +266,12 @@ def trace(
                     f"{name}'s forward raised {type(e).__name__}{user_frame(e)} on the example input {shapes}: "
                     f"{first_line(e)}; pass an example_input that it accepts"
                 ) from e
+            if _packs_sequences(model):
+                raise TraceError(
+                    f"could not trace {name}: its forward packs sequences (pack_padded_sequence/pack_sequence), "
+                    "which torch.fx cannot follow; pack them before calling the model and pass the PackedSequence "
+                    "as the example input, or keep the module that packs whole with leaf_modules=[...]"
+                ) from e
             raise TraceError(
                 f"could not trace {name}: symbolic tracing failed{where}{module_hint}: "
                 f"{first_line(symbolic_error)}; tracing on the example input {shapes} failed{user_frame(e)}"
@@ -434,3 +375,13 @@ def _other_mode_graph(
 def _first_called_module(root: nn.Module, graph: torch.fx.Graph) -> nn.Module | None:
     called = (root.get_submodule(str(n.target)) for n in graph.nodes if n.op == "call_module")
     return next((m for m in called if any(True for _ in m.parameters())), None)
+
+
+def _packs_sequences(model: nn.Module) -> bool:
+    """Whether a forward in the model's tree calls one of torch's sequence-packing functions."""
+    names = ("pack_padded_sequence", "pack_sequence")
+    for m in model.modules():
+        code = getattr(type(m).forward, "__code__", None)
+        if code is not None and any(name in code.co_names for name in names):
+            return True
+    return False

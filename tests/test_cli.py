@@ -518,3 +518,78 @@ def test_export_keeps_a_module_registered_under_two_names(tmp_path):
     loaded = load(tmp_path / "m")  # a strict load_state_dict: every alias key has its module
     torch.testing.assert_close(loaded(x), converted(x))
     assert loaded.get_submodule("enc") is loaded.get_submodule("blocks.0.0")
+
+
+_SHALLOW = """
+import torch
+from torch import nn
+
+model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+example_input = torch.randn(8, 16)
+"""
+
+
+def test_cost_flags_reach_the_plan_and_a_healthy_original_is_told_shortcuts_are_optional(tmp_path):
+    path = tmp_path / "shallow.py"
+    path.write_text(_SHALLOW)
+    code, out = run("inspect", path)
+    assert code == 0, out
+    assert "Linear(16, 32)" in out and "verdict healthy → healthy" in out
+    assert "shortcuts are optional here; this plan would add 2 shortcut(s) and 544 parameters (+31.41%)" in " ".join(
+        out.split()
+    )
+    code, out = run("inspect", path, "--projection", "pad", "--no-report")
+    assert code == 0 and "zero-pad features 16→32" in out and "+0 parameters" in out
+    assert "optional" not in out  # no report, no verdict: nothing to say
+    code, out = run("inspect", path, "--projection", "conv", "--projection-cost", "0.5", "--no-report")
+    assert code == 0 and "0: a Linear(16, 32) projection of 544 parameters, more than 0.5× the span's own 544" in out
+    assert "total: 1 shortcut(s) (1 identity); 2 skipped" in out
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "inf"])
+def test_a_bad_budget_is_a_usage_error(value):
+    code, out = run("inspect", SEED, "--max-added", value)
+    assert code == 2 and "expected a non-negative number or 'none'" in out and value in out
+
+
+def test_max_added_none_lifts_the_budget():
+    code, out = run("inspect", SEED, "--max-added", "none", "--no-report", "--format", "json")
+    assert code == 0 and json.loads(out)["plan"]["policy"]["max_added"] is None
+
+
+def test_inspect_html_writes_one_self_contained_page(tmp_path):
+    page = tmp_path / "report.html"
+    code, out = run("inspect", SEED, "--html", page)
+    assert code == 0, out
+    assert out.rstrip().endswith(f"page written to {page}") and "\n\npage written to" in out
+    html = page.read_text(encoding="utf-8")
+    assert html.startswith("<!DOCTYPE html>") and "<script" not in html and "src=" not in html and "href=" not in html
+    for part in ("ImprovedResidualNetwork", "examples/seed_mlp.py:model", 'id="architecture"', 'id="plan"'):
+        assert part in html
+    assert html.count('class="arc site projection"') == 5 and "Linear(128, 64)" in html
+    # the gradient flow before and after, with the figures the text prints
+    assert 'id="gradient-flow"' in html and "first layer: 83× more gradient; verdict vanishing → healthy" in html
+    assert '<td>layers.0.0</td><td>Linear</td><td class="n">1.20e-05</td><td class="n">9.95e-04</td>' in html
+
+
+def test_inspect_html_with_plot_json_or_no_report(tmp_path):
+    page, png = tmp_path / "r.html", tmp_path / "flow.png"
+    code, out = run("inspect", SEED, "--html", page, "--plot", png)
+    assert code == 0 and out.rstrip().endswith(f"plot written to {png}\npage written to {page}"), out
+    code, out = run("inspect", SEED, "--html", page, "--format", "json")  # stdout stays one JSON document
+    assert code == 0 and json.loads(out)["plan"]["layers"] == [f"layers.{i}.0" for i in range(5)]
+    code, out = run("inspect", SEED, "--html", page, "--no-report")
+    assert code == 0 and 'id="gradient-flow"' not in page.read_text() and 'id="plan"' in page.read_text()
+
+
+def test_writing_the_page_where_it_cannot_go_is_one_line(tmp_path):
+    a_file = _write(tmp_path, "a_file.txt", "not a folder")
+    code, out = run("inspect", SEED, "--html", Path(a_file) / "report.html", "--no-report")
+    assert code == 1 and "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "cannot write the page to" in errors[0] and "choose a writable path" in errors[0]
+
+
+def test_help_lists_the_html_option():
+    code, out = run("inspect", "--help")
+    assert code == 0 and "--html" in out and "self-contained page" in " ".join(out.split())

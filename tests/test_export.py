@@ -126,3 +126,108 @@ def test_a_failed_export_leaves_nothing_behind(converted, tmp_path):
     with pytest.raises(ValueError, match="the check failed"):
         save(converted, tmp_path / "checked", check=refuse)
     assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary folder
+
+
+def _ruff_findings(path) -> str:
+    """What ruff says about a written file (pyflakes, statements, whitespace); '' when it is clean."""
+    pytest.importorskip("ruff")
+    import subprocess
+    import sys
+
+    rules = "F,E7,E9,W"  # unused imports and names, semicolons, syntax, trailing whitespace
+    done = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--isolated", "--select", rules, "--output-format", "concise", path],
+        capture_output=True,
+        text=True,
+    )
+    return "" if done.returncode == 0 else done.stdout + done.stderr
+
+
+def test_the_written_source_reads_like_hand_written_pytorch(tmp_path):
+    """Attributes and indexes instead of getattr, no `;  x = None`, only the imports it uses, and a
+    comment where each shortcut starts; ruff finds nothing in it."""
+    from reference import ImprovedResidualNetwork
+
+    torch.manual_seed(0)
+    model = ImprovedResidualNetwork([16, 8, 8, 4], False)
+    converted = resify.apply(model, torch.randn(3, 16), gate="rezero")
+    folder = save(converted, tmp_path / "m")
+    source = (folder / "model.py").read_text()
+    assert "getattr(" not in source and ";" not in source and "= None" not in source
+    assert "self.layers[0][0](x)" in source and "self.resify.layers_0_0.alpha" in source
+    assert [line for line in source.splitlines() if line.startswith(("import ", "from "))] == [
+        "from pathlib import Path",
+        "import torch",
+        "from torch import nn",
+    ]
+    comments = [line.strip() for line in source.splitlines() if line.strip().startswith("# resify")]
+    assert comments == [
+        "# resify shortcut 'layers_0_0' (projection: Linear(16, 8), gate rezero) around layers.0.0",
+        "# resify shortcut 'layers_1_0' (identity, gate rezero) around layers.1.0",
+        "# resify shortcut 'layers_2_0' (projection: Linear(8, 4), gate rezero) around layers.2.0",
+    ]
+    # each comment stands right before the first line of its shortcut (the gate is read there)
+    lines = [line.strip() for line in source.splitlines()]
+    after = [lines[lines.index(c) + 1] for c in comments]
+    assert after[1] == "resify_layers_1_0_alpha = self.resify.layers_1_0.alpha"
+    assert _ruff_findings(folder / "model.py") == ""
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(load(folder)(x), converted(x), rtol=0, atol=0)
+
+
+def test_a_sequential_is_written_as_a_module_dict_whose_layers_keep_their_names(converted, tmp_path):
+    source = render_source(converted)
+    assert "class ResifiedModel(nn.ModuleDict):" in source and 'self["0"](input_1)' in source
+    assert 'self.resify["0"].gamma' in source and "getattr(" not in source
+    loaded = load(save(converted, tmp_path / "m"))
+    assert [name for name, _ in loaded.named_children()] == [name for name, _ in converted.named_children()]
+    assert "(resify): ModuleDict(" in repr(loaded) and "(3): Conv2d(8, 16" in repr(loaded)  # names, not positions
+    assert _ruff_findings(tmp_path / "m" / "model.py") == ""
+
+
+def test_each_forward_of_a_model_that_reads_the_mode_marks_its_shortcuts():
+    converted = resify.apply(ReadsMode().train(), torch.randn(2, 4))
+    source = render_source(converted)
+    train, evaluate = source.split("def _forward_train(")[1].split("def _forward_eval(")
+    for body in (train, evaluate):
+        marked = [line.strip() for line in body.splitlines() if line.strip().startswith("# resify")]
+        assert marked == [
+            "# resify shortcut 'fc1' (identity) around fc1",
+            "# resify shortcut 'fc2' (identity) around fc2",
+        ]
+
+
+class Keyed(nn.Module):
+    """Children whose names no attribute can reach and that a ModuleDict's methods would shadow."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_module("keys", nn.Linear(4, 4))
+        self.add_module("0", nn.Linear(4, 4))
+
+    def forward(self, x):
+        return torch.relu(getattr(self, "0")(torch.relu(self.keys(x))))
+
+
+def test_names_no_attribute_reaches_still_round_trip(tmp_path):
+    torch.manual_seed(0)
+    converted = resify.apply(nn.Sequential(Keyed()), torch.randn(2, 4))
+    source = render_source(converted)
+    assert 'getattr(self["0"], "0")' in source and 'self["0"].keys(' in source
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(load(save(converted, tmp_path / "m"))(x), converted(x), rtol=0, atol=0)
+
+
+def test_the_check_before_the_rename_runs_the_new_source(converted, tmp_path):
+    from pathlib import Path
+
+    seen = []
+
+    def check(reloaded):
+        written = Path(type(reloaded).forward.__code__.co_filename)  # the temporary folder's model.py
+        seen.append((written.parent.name, written.read_text()))
+
+    save(converted, tmp_path / "m", check=check)
+    ((folder, source),) = seen
+    assert folder.startswith(".m.") and source == (tmp_path / "m" / "model.py").read_text()
+    assert "# resify shortcut '0'" in source and "getattr(" not in source

@@ -58,11 +58,11 @@ CASES = {
     "MaxPool1d k4 s3 p2 d2": (nn.MaxPool1d(4, 3, 2, dilation=2), 1, 1),
     "MaxPool2d per-dim": (nn.MaxPool2d((3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1)), 1, 2),
     "MaxPool2d k3 s2 p1 ceil": (nn.MaxPool2d(3, 2, 1, ceil_mode=True), 1, 2),
-    "MaxPool2d k5 s3 p2 d2 ceil": (nn.MaxPool2d(5, 3, 2, dilation=2, ceil_mode=True), 1, 2),
+    "MaxPool2d k5 s3 p2 ceil": (nn.MaxPool2d(5, 3, 2, ceil_mode=True), 1, 2),
     "MaxPool3d k2 (stride = kernel)": (nn.MaxPool3d(2), 1, 3),
     "AvgPool1d k4 s3 p2 ceil": (nn.AvgPool1d(4, 3, 2, ceil_mode=True), 1, 1),
     "AvgPool2d per-dim": (nn.AvgPool2d((2, 3), stride=(2, 2), padding=(1, 1)), 1, 2),
-    "AvgPool3d k3 s2 p1 ceil": (nn.AvgPool3d(3, 2, 1, ceil_mode=True), 1, 3),
+    "AvgPool3d k3 s2 ceil": (nn.AvgPool3d(3, 2, ceil_mode=True), 1, 3),
     "LPPool2d k3 s2": (nn.LPPool2d(2, 3, stride=2), 1, 2),
     "LPPool1d k2 (stride = kernel)": (nn.LPPool1d(2, 2), 1, 1),
     "F.conv2d positional": (
@@ -76,7 +76,7 @@ CASES = {
         1,
     ),
     "F.conv3d valid": (Functional(lambda x, w: F.conv3d(x, w, padding="valid"), (2, 1, 2, 3, 1)), 1, 3),
-    "F.conv2d same": (Functional(lambda x, w: F.conv2d(x, w, padding="same"), (3, 2, 4, 3)), 2, 2),
+    "F.conv2d same": (Functional(lambda x, w: F.conv2d(x, w, padding="same"), (3, 2, 5, 3)), 2, 2),
     "F.max_pool2d positional ceil": (Functional(lambda x, w: F.max_pool2d(x, 3, 2, 1, 1, True)), 1, 2),
     "F.max_pool1d keywords dilated": (
         Functional(lambda x, w: F.max_pool1d(x, kernel_size=4, stride=3, dilation=2)),
@@ -113,24 +113,23 @@ def test_windows_hold_the_ops_hyperparameters(model, channels, dims, windows):
     assert _windows(model, channels, dims) == [Window(*w, c) for w, c in zip(windows, ceil)]
 
 
-@pytest.mark.parametrize(
-    "model,channels,dims",
-    [
-        (nn.Conv2d(2, 3, 3, padding="same"), 2, 2),
-        (Functional(lambda x, w: F.conv1d(x, w, padding="same"), (3, 2, 4)), 2, 1),
-        (nn.ReLU(), 2, 2),
-        (nn.GELU(), 2, 1),
-        (Functional(lambda x, w: F.silu(x)), 2, 2),
-        (Functional(lambda x, w: x.sigmoid()), 2, 3),
-        (nn.BatchNorm2d(2), 2, 2),
-        (nn.GroupNorm(1, 2), 2, 3),
-        (nn.InstanceNorm1d(2), 2, 1),
-        (Functional(lambda x, w: F.batch_norm(x, None, None, training=True)), 2, 2),
-        (nn.Dropout2d(0.5), 2, 2),
-        (Functional(lambda x, w: F.dropout(x, 0.5)), 2, 1),
-    ],
-    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else None,
-)
+SIZE_KEEPING = {
+    "Conv2d same": (nn.Conv2d(2, 3, 3, padding="same"), 2, 2),
+    "F.conv1d same": (Functional(lambda x, w: F.conv1d(x, w, padding="same"), (3, 2, 5)), 2, 1),
+    "ReLU": (nn.ReLU(), 2, 2),
+    "GELU": (nn.GELU(), 2, 1),
+    "F.silu": (Functional(lambda x, w: F.silu(x)), 2, 2),
+    "Tensor.sigmoid": (Functional(lambda x, w: x.sigmoid()), 2, 3),
+    "BatchNorm2d": (nn.BatchNorm2d(2), 2, 2),
+    "GroupNorm": (nn.GroupNorm(1, 2), 2, 3),
+    "InstanceNorm1d": (nn.InstanceNorm1d(2), 2, 1),
+    "F.batch_norm": (Functional(lambda x, w: F.batch_norm(x, None, None, training=True)), 2, 2),
+    "Dropout2d": (nn.Dropout2d(0.5), 2, 2),
+    "F.dropout": (Functional(lambda x, w: F.dropout(x, 0.5)), 2, 1),
+}
+
+
+@pytest.mark.parametrize("model,channels,dims", SIZE_KEEPING.values(), ids=SIZE_KEEPING.keys())
 def test_size_keeping_ops_give_SAME_in_every_dim(model, channels, dims):
     assert _windows(model, channels, dims) == [SAME] * dims
 
@@ -147,7 +146,16 @@ def test_size_keeping_ops_give_SAME_in_every_dim(model, channels, dims):
         (Functional(lambda x, w: F.pad(x, (1, 1))), 2, 1),
         (nn.Flatten(), 2, 2),
     ],
-    ids=["AdaptiveAvgPool2d", "AdaptiveMaxPool1d", "F.adaptive_avg_pool3d", "ConvTranspose2d", "Upsample", "F.interpolate", "F.pad", "Flatten"],
+    ids=[
+        "AdaptiveAvgPool2d",
+        "AdaptiveMaxPool1d",
+        "F.adaptive_avg_pool3d",
+        "ConvTranspose2d",
+        "Upsample",
+        "F.interpolate",
+        "F.pad",
+        "Flatten",
+    ],
 )
 def test_adaptive_pools_and_unknown_ops_give_None(model, channels, dims):
     assert _windows(model, channels, dims) is None
@@ -162,7 +170,7 @@ def test_a_functional_conv_without_a_recorded_weight_shape_gives_None():
 
 
 def test_SAME_is_the_identity_window():
-    assert SAME == Window(kernel=1, stride=1, padding=0, dilation=1, ceil=False)
+    assert Window(kernel=1, stride=1, padding=0, dilation=1, ceil=False) == SAME
     assert [SAME(n) for n in SIZES] == list(SIZES)
     assert len({SAME, Window(1, 1, 0, 1, False), Window(3, 1, 1, 1, False)}) == 2  # hashable, by value
 
@@ -187,32 +195,30 @@ def _pool_size(fn, n):
         return None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Window returns None when the padded input is shorter than one window, but a ceil_mode pool "
-    "still gives one output there (torch's ceil formula), e.g. MaxPool2d(2, ceil_mode=True) on a 1×1 input",
-)
 @pytest.mark.parametrize(
     "window,fn",
     [
         (Window(2, 2, 0, 1, True), lambda x: F.max_pool1d(x, 2, ceil_mode=True)),
         (Window(3, 3, 0, 1, True), lambda x: F.avg_pool1d(x, 3, 3, ceil_mode=True)),
         (Window(3, 2, 0, 2, True), lambda x: F.max_pool1d(x, 3, 2, 0, 2, ceil_mode=True)),
+        (Window(5, 3, 2, 2, True), lambda x: F.max_pool1d(x, 5, 3, 2, 2, ceil_mode=True)),
     ],
-    ids=["max_pool1d k2", "avg_pool1d k3 s3", "max_pool1d k3 s2 d2"],
+    ids=["max_pool1d k2", "avg_pool1d k3 s3", "max_pool1d k3 s2 d2", "max_pool1d k5 s3 p2 d2"],
 )
 def test_ceil_mode_windows_on_inputs_shorter_than_the_window(window, fn):
     assert {n: window(n) for n in SIZES} == {n: _pool_size(fn, n) for n in SIZES}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="size_functions documents that element-wise ops keep the size, but an activation written as "
-    "arithmetic (x * torch.sigmoid(x)) gives None, so the planner averages the shortcut at run time "
-    "where F.silu gives a strided 1x1 projection",
-)
 def test_an_activation_written_as_arithmetic_keeps_the_size():
     model = Functional(lambda x, w: x * torch.sigmoid(x))
     traced = trace(model, torch.randn(1, 2, SAFE, SAFE))
     mul = next(n for n in traced.graph.nodes if n.op == "call_function" and n.name.startswith("mul"))
     assert size_functions(traced.root, mul, 2) == [SAME, SAME]
+
+
+def test_a_padded_AvgPool3d_on_inputs_smaller_than_its_kernel():
+    pool = nn.AvgPool3d(3, 2, 1)
+    assert _windows(pool, 1, 3) == [Window(3, 2, 1, 1, False, min_size=3)] * 3
+    windows = _windows(pool, 1, 3)
+    got = {(d, n): windows[d](n) for d in range(3) for n in range(1, 6)}
+    assert got == {(d, n): _torch_size(pool, 1, 3, d, n) for d in range(3) for n in range(1, 6)}

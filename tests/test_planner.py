@@ -29,6 +29,8 @@ def test_plan_prints_a_table_and_converts_to_json():
         "pool": False,
         "pool_last": False,
         "norm": None,
+        "groups": 1,
+        "upsample": False,
     }
     assert d["policy"]["shortcut"] == "auto"
     assert resify.Plan.from_dict(d) == plan

@@ -420,7 +420,9 @@ class _Attention(nn.Module):
 def test_a_layer_whose_weight_its_parent_uses_comes_last_and_is_not_the_reference():
     torch.manual_seed(0)
     flow = resify.gradient_flow(_Attention(), torch.randn(2, 5, 8))
-    assert [r.name for r in flow.layers] == ["emb", "head", "attn.out_proj"]  # out_proj is never called
+    # attention is a layer (its in_proj_weight); out_proj is never called: it comes last
+    assert [r.name for r in flow.layers] == ["emb", "attn", "head", "attn.out_proj"]
+    assert flow.layer("attn").kind == "MultiheadAttention" and flow.layer("attn").shape == (48, 16)
     out_proj = flow.layer("attn.out_proj")
     assert out_proj.mean_abs_grad > 0 and out_proj.input_grad_norm is None
     assert flow.first_to_last == pytest.approx(flow.layer("emb").input_grad_norm / flow.layer("head").input_grad_norm)

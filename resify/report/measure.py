@@ -1,13 +1,15 @@
 """``gradient_flow``: one forward and backward per batch, measured without a trace left behind.
 
 It derives or checks the input, runs the batches under a ``probe.Probe``, puts back every
-gradient, buffer, mode and the random state, orders the records and hands them to
-``verdicts.judge``.
+gradient, buffer, mode and the random state, and hands the figures to ``build_flow``, which
+orders the records and has ``verdicts.judge`` judge them. ``resify.watch`` builds each step it
+records with the same ``build_flow``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -18,13 +20,14 @@ from torch import nn
 
 from ..errors import ResifyError
 from ..formats import first_line
+from ..inputs import as_inputs, check_device, derive_example_input
 from ..state import state_kept
-from ..trace import as_inputs, check_device, derive_example_input
-from .probe import Probe, Sink, combine, gate_parameters, is_added, l2_norm, layer_kind, layer_modules, stored_weight
+from .figures import Sink, combine
+from .probe import Probe, as_leaf, find_layers, is_added, layer_kind, measuring
 from .records import GradientFlow, LayerFlow
 from .verdicts import judge
 
-__all__ = ["gradient_flow"]
+__all__ = ["gradient_flow", "build_flow"]
 
 
 def gradient_flow(
@@ -69,13 +72,7 @@ def gradient_flow(
     if inputs is None or not any(isinstance(t, torch.Tensor) for t in inputs):
         raise ResifyError("example_input holds no tensor; pass e.g. example_input=torch.randn(8, 3, 32, 32)")
     check_device(model, inputs)
-    modules = layer_modules(model)
-    gates = gate_parameters(model)
-    if not modules and not gates:
-        raise ResifyError(
-            f"{type(model).__name__} has no parametric layer (a module with a weight of 2 or more "
-            "dimensions, such as nn.Linear or nn.Conv2d); nothing to report"
-        )
+    modules, gates, weights = find_layers(model)
     loss_name = (
         "loss_fn"
         if loss_fn is not None
@@ -85,12 +82,6 @@ def gradient_flow(
             else ("mse to target" if target.is_floating_point() or target.is_complex() else "cross-entropy to target")
         )
     )
-    weights: dict[str, torch.Tensor] = {}
-    for name, m in modules.items():
-        stored = stored_weight(m)
-        assert stored is not None  # layer_modules keeps the modules that have one
-        weights[name] = stored
-    weights.update(gates)
     sink = Sink()
     probe = Probe(modules, weights, model, sink)
     with _no_trace(model, inputs, seed):
@@ -108,12 +99,34 @@ def gradient_flow(
                 loss.backward()
             sink.add(("loss",), loss.detach())
             probe.batch += 1
-        with torch.no_grad():
-            for name, w in weights.items():
-                sink.add(("weight", name), l2_norm(w))
+        probe.add_weight_norms()
         figures = combine(sink.resolve(), batches)
+    flow = build_flow(model, modules, gates, weights, probe.called, figures, loss=loss_name, batches=batches, seed=seed)
+    if all(r.flow is None for r in flow.layers):
+        raise ResifyError(
+            f"no gradient reached any layer of {type(model).__name__}; check that the loss depends on "
+            "the output and that the parameters have requires_grad=True"
+        )
+    return flow
+
+
+def build_flow(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    gates: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    called: Mapping[str, int],
+    figures: Mapping[str, Any],
+    **fields: Any,
+) -> GradientFlow:
+    """One ``LayerFlow`` per layer and gate a probe saw, in forward order, judged by ``verdicts.judge``.
+
+    ``figures`` is what ``probe.combine`` made of the sink (with "loss", the mean loss, or NaN
+    where the loss was not seen); ``fields`` are the report's other fields (``loss``, ``batches``,
+    ``seed``).
+    """
     got_grad = {name for name, fig in figures.items() if isinstance(fig, dict) and "mean_abs" in fig}
-    order = _order(model, modules, gates, probe.called, got_grad)
+    order = _order(model, modules, gates, called, got_grad)
     records = []
     for depth, name in enumerate(order):
         fig = figures.get(name, {})
@@ -132,19 +145,7 @@ def gradient_flow(
                 activation_rms=fig.get("rms"),
             )
         )
-    if all(r.flow is None for r in records):
-        raise ResifyError(
-            f"no gradient reached any layer of {type(model).__name__}; check that the loss depends on "
-            "the output and that the parameters have requires_grad=True"
-        )
-    return judge(
-        tuple(records),
-        model_class=type(model).__name__,
-        loss=loss_name,
-        loss_value=figures["loss"],
-        batches=batches,
-        seed=seed,
-    )
+    return judge(tuple(records), model_class=type(model).__name__, loss_value=figures.get("loss", math.nan), **fields)
 
 
 def _order(
@@ -199,8 +200,9 @@ def _gate_anchors(model: nn.Module, gates: set[str], called: set[str]) -> dict[s
 
 @contextlib.contextmanager
 def _no_trace(model: nn.Module, inputs: tuple[Any, ...], seed: int) -> Iterator[None]:
-    """Run the measurement seeded, then put back every gradient, buffer, mode and the random state."""
-    with state_kept(model, inputs, grads=True, modes=True) as devices, torch.enable_grad():
+    """Run the measurement seeded, then put back every gradient, buffer, mode and the random state
+    (marked as measuring: a ``resify.watch`` on the model does not count this pass as a step)."""
+    with state_kept(model, inputs, grads=True, modes=True) as devices, torch.enable_grad(), measuring():
         torch.default_generator.manual_seed(seed)
         for d in devices:
             torch.cuda.default_generators[d].manual_seed(seed)
@@ -210,12 +212,7 @@ def _no_trace(model: nn.Module, inputs: tuple[Any, ...], seed: int) -> Iterator[
 def _batch_inputs(inputs: tuple[Any, ...], batches: int, seed: int) -> Iterator[tuple[Any, ...]]:
     """The example (detached, floating tensors requiring grad), then random batches of its shapes."""
     gen = torch.Generator().manual_seed(seed)
-
-    def prepare(t: Any) -> Any:
-        if isinstance(t, torch.Tensor):
-            t = t.detach()
-            return t.requires_grad_() if t.is_floating_point() else t
-        return t
+    prepare = as_leaf
 
     def draw(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):

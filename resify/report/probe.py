@@ -1,30 +1,35 @@
 """The hooks that measure gradient flow: which modules are layers, and what one backward records.
 
-``Probe`` puts forward hooks on the layers and post-accumulate hooks on the parameters, and
-writes every figure into a ``Sink`` that reads them back to the host at once; ``combine`` turns
-the sink into per-layer means. ``measure.gradient_flow`` drives one probe per call.
+``Probe`` puts forward hooks on the layers and gradient hooks on their weights, and writes every
+figure (computed by ``figures``) into a ``figures.Sink``. Two drivers share it, so they take the same figures the same way:
+``measure.gradient_flow`` attaches one probe per call (it reads each gradient when it is complete
+and drops it), ``resify.watch`` attaches one for every N-th backward of a training loop (it reads
+each weight's gradient of that backward as it arrives and leaves it to the optimizer).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Iterator, Mapping
+import functools
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
+from .. import ops
 from ..constants import NAMESPACE
+from ..errors import ResifyError
 from ..modules import Shortcut
-from ..ops import parametrized_originals
+from .figures import BATCH_NUMEL, Sink, figures_of, l2_norm, stacked_figures
 
 __all__ = [
     "Probe",
-    "Sink",
-    "combine",
-    "l2_norm",
+    "find_layers",
+    "as_leaf",
+    "measuring",
+    "is_measuring",
     "first_tensor",
     "is_added",
     "stored_weight",
@@ -34,32 +39,76 @@ __all__ = [
 ]
 
 
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def measuring() -> Iterator[None]:
+    """Mark this thread as inside ``gradient_flow``: a watch on the same model does not count its pass."""
+    before = getattr(_state, "measuring", False)
+    _state.measuring = True
+    try:
+        yield
+    finally:
+        _state.measuring = before
+
+
+def is_measuring() -> bool:
+    return getattr(_state, "measuring", False)
+
+
 def is_added(name: str) -> bool:
     return NAMESPACE in name.split(".")
 
 
 def stored_weight(m: nn.Module) -> torch.Tensor | None:
-    """The parameter that holds a module's weight: ``weight`` itself, or where the weight is computed
-    (a parametrization, old-style ``weight_norm``/``spectral_norm``) the tensor it is computed from."""
-    w = m._parameters.get("weight")
-    if w is None and parametrize.is_parametrized(m, "weight"):
-        w = max(parametrized_originals(m), key=lambda p: (p.dim(), p.numel()), default=None)
-    if w is None:
-        w = m._parameters.get("weight_orig", m._parameters.get("weight_v"))
-    if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.is_floating_point():
-        return w
-    return None
+    """The parameter that holds a module's weight (see ``resify.ops.stored_weight``)."""
+    return ops.stored_weight(m)
 
 
 def layer_kind(m: nn.Module) -> str:
     """The layer's class name ("Linear" for a parametrized Linear too)."""
-    cls = type(m)
-    return cls.__bases__[0].__name__ if parametrize.is_parametrized(m) and cls.__bases__ else cls.__name__
+    return ops.module_kind(m)
 
 
 def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules with a weight of two or more dimensions (stored or parametrized), by qualified name."""
     return {name: m for name, m in model.named_modules() if stored_weight(m) is not None}
+
+
+def find_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What a probe measures: the layers, resify's gates, and the tensor whose gradient each is read from.
+
+    Returns:
+        ``(layers, gates, weights)``: layer name -> module; gate name -> parameter; layer or gate
+        name -> its stored weight (the gate itself for a gate).
+
+    Raises:
+        ResifyError: the model has no parametric layer and no gate.
+    """
+    weights: dict[str, torch.Tensor] = {}
+    layers: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        w = stored_weight(m)
+        if w is not None:
+            layers[name], weights[name] = m, w
+    gates = gate_parameters(model)
+    if not layers and not gates:
+        raise ResifyError(
+            f"{type(model).__name__} has no parametric layer (a module with a weight of 2 or more "
+            "dimensions, such as nn.Linear or nn.Conv2d); nothing to report"
+        )
+    weights.update(gates)
+    return layers, gates, weights
+
+
+def as_leaf(t: Any) -> Any:
+    """A tensor as a new leaf of the graph, requiring grad where it is floating point, so that the
+    gradient arriving at the first layer's input is measured too; anything else as it is."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach()
+        return t.requires_grad_() if t.is_floating_point() else t
+    return t
 
 
 def gate_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -72,90 +121,6 @@ def gate_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
             if p is not None:
                 found[f"{mname}.{pname}"] = p
     return found
-
-
-class Sink:
-    """Measured scalars under keys; read back to the host all at once (one copy per device)."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[tuple, torch.Tensor | float]] = []
-
-    def add(self, key: tuple, value: torch.Tensor | float) -> None:
-        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
-            value = value.item()  # no sync to avoid on the CPU, and fewer tensors to stack
-        self.items.append((key, value))
-
-    def resolve(self) -> list[tuple[tuple, float]]:
-        floats: list[float] = [v if isinstance(v, float) else math.nan for _, v in self.items]
-        by_device: dict[torch.device, list[int]] = {}
-        for i, (_, v) in enumerate(self.items):
-            if isinstance(v, torch.Tensor):
-                by_device.setdefault(v.device, []).append(i)
-        for idx in by_device.values():
-            values = torch.stack([self.items[i][1].double() for i in idx]).tolist()  # type: ignore[union-attr]
-            for i, v in zip(idx, values):
-                floats[i] = v
-        return [(k, f) for (k, _), f in zip(self.items, floats)]
-
-
-def combine(items: list[tuple[tuple, float]], batches: int) -> dict:
-    """name -> {figure: mean over batches}, and "loss" -> the mean loss.
-
-    Keys of ``items``: ("loss",); ("weight", name) the weight's norm; ("mean_abs" | "grad_norm",
-    name, batch); ("input", name, batch) the norm of the gradient at one input tensor (a layer
-    called several times has several: root of the summed squares); ("act", name, batch, numel)
-    the norm of one output (RMS over all the layer's outputs).
-    """
-    out: dict = {}
-    losses: list[float] = []
-    per_batch: dict[tuple[str, str, int], list[float]] = {}
-    act: dict[tuple[str, int], list[float]] = {}
-    for key, v in items:
-        kind = key[0]
-        if kind == "loss":
-            losses.append(v)
-        elif kind == "weight":
-            out.setdefault(key[1], {})["weight"] = v
-        elif kind in ("mean_abs", "grad_norm"):
-            per_batch.setdefault((key[1], kind, key[2]), []).append(v)
-        elif kind == "input":
-            per_batch.setdefault((key[1], "input", key[2]), []).append(v * v)
-        elif kind == "act":
-            acc = act.setdefault((key[1], key[2]), [0.0, 0.0])
-            acc[0] += v * v
-            acc[1] += key[3]
-    for (name, b), (ss, count) in act.items():
-        per_batch[(name, "rms", b)] = [ss / count]
-    collected: dict[tuple[str, str], list[float]] = {}
-    for (name, kind, _), vs in per_batch.items():
-        if kind == "input":
-            vs = [math.sqrt(sum(vs))]
-        elif kind == "rms":
-            vs = [math.sqrt(vs[0])]
-        collected.setdefault((name, kind), []).extend(vs)
-    for (name, kind), vs in collected.items():
-        # input gradients: mean over all batches (a batch where none arrived counts as zero)
-        denominator = batches if kind == "input" else len(vs)
-        out.setdefault(name, {})[kind] = sum(vs) / denominator
-    out["loss"] = sum(losses) / len(losses)
-    return out
-
-
-def l2_norm(t: torch.Tensor, nonzero: bool = True) -> torch.Tensor | float:
-    """The L2 norm, without overflow or underflow, and without a host sync on accelerators.
-
-    A float32 sum of squares overflows past a norm of ~1e19 (exploding networks) and underflows
-    to 0 below ~1e-19 per element (vanishing ones). On the CPU the norm is taken in the tensor's
-    dtype, returned as a float, and redone in float64 only when it comes out 0 or inf (a float64
-    norm is ~10× slower there; ``nonzero=False`` says a 0 is known to be true). On accelerators
-    it is a float64 tensor, widened inside the one reduction.
-    """
-    if t.device.type != "cpu":
-        return torch.linalg.vector_norm(t, dtype=torch.float64)
-    v = torch.linalg.vector_norm(t).item()
-    if t.dtype != torch.float64 and (math.isinf(v) or (v == 0 and nonzero)):
-        v = torch.linalg.vector_norm(t, dtype=torch.float64).item()
-    return v
 
 
 def first_tensor(args: Any) -> torch.Tensor | None:
@@ -175,44 +140,136 @@ class Probe:
     """The hooks that measure one forward and backward.
 
     Forward hooks on the layers record the call order and output norms and put a gradient hook
-    on each layer's input tensor. A post-accumulate hook on every parameter reads the weight
-    gradient (mean |grad|, norm) the moment it is complete and then drops it, so the report holds
-    one gradient at a time beside the user's own (which ``_no_trace`` keeps aside).
+    on each layer's input tensor. Weight gradients are read by one of two kinds of hook:
+
+    - ``keep_grads=False`` (``gradient_flow``): a post-accumulate hook on every parameter reads
+      the weight gradient (mean |grad|, norm) the moment it is complete and then drops it, so the
+      report holds one gradient at a time beside the user's own (which it has put aside).
+    - ``keep_grads=True`` (``watch``): a hook on each weight reads the gradient of this backward as
+      it arrives, before it is added to ``.grad``, and changes nothing: the optimizer gets it as
+      it would have. The figure is the same where ``.grad`` was empty; under gradient
+      accumulation it is this backward's share, and under DDP this rank's, before the all-reduce.
+      Small gradients are put aside and measured together by ``finish``, at the end of the backward.
+
+    A probe can be attached again after ``detach`` (a watch reuses one for every step it records),
+    and it keeps what a step allocates small: its hooks and keys are made once, so that a step
+    leaves little for the garbage collector.
     """
 
     def __init__(
-        self, layers: Mapping[str, nn.Module], weights: Mapping[str, torch.Tensor], model: nn.Module, sink: Sink
+        self,
+        layers: Mapping[str, nn.Module],
+        weights: Mapping[str, torch.Tensor],
+        model: nn.Module,
+        sink: Sink | None = None,
+        *,
+        keep_grads: bool = False,
     ) -> None:
         self.layers = layers
-        self.sink = sink
+        self.weights = weights
+        self.sink = sink if sink is not None else Sink()
         self.batch = 0
+        self.keep_grads = keep_grads
         self.called: dict[str, int] = {}  # name -> index of first call
-        self._weight_names: dict[int, list[str]] = {}
+        self._weight_names: dict[int, tuple[str, ...]] = {}
         for name, w in weights.items():
-            self._weight_names.setdefault(id(w), []).append(name)
-        self._params: list[torch.Tensor] = [
-            p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad
+            self._weight_names[id(w)] = (*self._weight_names.get(id(w), ()), name)
+        unique = {id(w): w for w in weights.values() if w.requires_grad}
+        if keep_grads:
+            self._params: list[torch.Tensor] = list(unique.values())
+        else:
+            self._params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
+            self._params += [w for i, w in unique.items() if all(w is not p for p in self._params)]
+        self._forward_hooks = {name: self._forward_hook(name) for name in layers}
+        self._param_hooks = [
+            self._arriving_hook(self._weight_names[id(p)]) if keep_grads else self._weight_hook for p in self._params
         ]
-        for w in weights.values():
-            if w.requires_grad and all(w is not p for p in self._params):
-                self._params.append(w)
-        self._tensors: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        self._keys: dict[tuple, tuple] = {}
+        self._on_input = self._input_grad  # one bound method for every input hook
+        self._tensors: dict[int, tuple[torch.Tensor, str]] = {}  # id -> (input tensor, the first layer taking it)
+        self._also: dict[str, list[str]] = {}  # that layer -> every layer taking the same tensor
         self._handles: list[Any] = []
+        # put aside until finish() (keep_grads): tensors, the names each is measured for, and whether it is
+        # a weight's gradient (mean |grad| and norm) or an input's (norm)
+        self._later: list[torch.Tensor] = []
+        self._later_names: list[Sequence[str]] = []
+        self._later_weight: list[bool] = []
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
-        handles = self._handles
         try:
-            for name, m in self.layers.items():
-                handles.append(m.register_forward_hook(self._forward_hook(name), with_kwargs=True))
-            for p in self._params:
-                handles.append(p.register_post_accumulate_grad_hook(self._weight_hook))
+            self.attach()
             yield
         finally:
-            for h in handles:
-                h.remove()
-            handles.clear()
-            self._tensors.clear()
+            self.detach()
+
+    def attach(self, sink: Sink | None = None) -> None:
+        """Put the hooks on (the layers' forward hooks and the weights' gradient hooks); with ``sink``,
+        start a new record into it (``called`` starts again too)."""
+        if sink is not None:
+            self.sink, self.called = sink, {}
+        handles = self._handles
+        for name, m in self.layers.items():
+            handles.append(m.register_forward_hook(self._forward_hooks[name], with_kwargs=True))
+        for p, hook in zip(self._params, self._param_hooks):
+            if self.keep_grads:
+                handles.append(p.register_hook(hook))
+            else:
+                handles.append(p.register_post_accumulate_grad_hook(hook))
+
+    def detach(self) -> None:
+        """Take every hook off again (those put on input tensors during the forward too)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._tensors.clear()
+        self._also = {}  # (a new one: the hooks put aside may still hold lists of the old)
+
+    def add_weight_norms(self) -> None:
+        """The norm of each weight, for ``grad_to_weight`` (small weights of one size in one reduction)."""
+        with torch.no_grad():
+            names = list(self.weights)
+            self._measure([self.weights[n] for n in names], [(n,) for n in names], "weight")
+
+    def finish(self) -> None:
+        """Measure what the hooks put aside (``keep_grads``: the small gradients of this backward)."""
+        tensors, names, weight = self._later, self._later_names, self._later_weight
+        self._later, self._later_names, self._later_weight = [], [], []
+        with torch.no_grad():
+            for kind in ("input", "grad"):
+                pick = [i for i, w in enumerate(weight) if w == (kind == "grad")]
+                self._measure([tensors[i] for i in pick], [names[i] for i in pick], kind)
+
+    def _key(self, *key: Any) -> tuple:
+        """One key object per key, kept: the records of a step allocate no new ones."""
+        return self._keys.setdefault(key, key)
+
+    def _measure(self, tensors: list[torch.Tensor], names: Sequence[Sequence[str]], kind: str) -> None:
+        """Add the figures of each tensor under each of its names: its norm (``kind`` "weight" or
+        "input"), or for "grad" its mean |x| and its norm.
+
+        Tensors of up to ``BATCH_NUMEL`` elements are stacked with the others of their size,
+        device and dtype and reduced together: the same figures as one at a time (to the last bit
+        on one CPU thread), for a fraction of the calls.
+        """
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tensors):
+            size = t.numel()
+            groups.setdefault((t.device, t.dtype, size) if 0 < size <= BATCH_NUMEL else (i,), []).append(i)
+        grads = kind == "grad"
+        add, key, batch = self.sink.add, self._key, self.batch
+        for idx in groups.values():
+            group = [tensors[i] for i in idx]
+            figures = stacked_figures(group, grads) if len(group) > 1 else [figures_of(group[0], grads)]
+            for i, (mean_abs, norm) in zip(idx, figures):
+                for n in names[i]:
+                    if grads:
+                        add(key("mean_abs", n, batch), mean_abs)
+                        add(key("grad_norm", n, batch), norm)
+                    elif kind == "weight":
+                        add(key("weight", n), norm)
+                    else:
+                        add(key("input", n, batch), norm)
 
     def _forward_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -220,18 +277,19 @@ class Probe:
                 self.called[name] = len(self.called)
             out = output if isinstance(output, torch.Tensor) else first_tensor(output)
             if out is not None and out.is_floating_point() and out.numel():
-                self.sink.add(("act", name, self.batch, out.numel()), l2_norm(out.detach()))
+                # at once: a later in-place op (ReLU(inplace=True)) would change what a kept tensor holds
+                self.sink.add(self._key("act", name, self.batch, out.numel()), l2_norm(out.detach()))
             x = args[0] if args and isinstance(args[0], torch.Tensor) else first_tensor((args, kwargs))
             if x is None or not x.requires_grad:
                 return
-            entry = self._tensors.get(id(x))
-            if entry is not None and entry[0] is x:
-                if name not in entry[1]:
-                    entry[1].append(name)
+            first = self._tensors.get(id(x))
+            if first is not None and first[0] is x:  # a tensor that an earlier layer also takes
+                also = self._also.setdefault(first[1], [first[1]])
+                if name not in also:
+                    also.append(name)
                 return
-            names = [name]
-            self._tensors[id(x)] = (x, names)  # the reference keeps the id from being reused
-            self._handles.append(x.register_hook(self._grad_hook(names, self.batch)))
+            self._tensors[id(x)] = (x, name)  # the reference keeps the id from being reused
+            self._handles.append(x.register_hook(functools.partial(self._on_input, name, self.batch)))
 
         return hook
 
@@ -239,19 +297,28 @@ class Probe:
         g = p.grad
         names = self._weight_names.get(id(p))
         if g is not None and names:  # (backward runs without grad mode: nothing here is recorded)
-            mean_abs: torch.Tensor | float = g.abs().mean()  # the expression of the seed's print_gradients
-            if g.device.type == "cpu":
-                mean_abs = mean_abs.item()  # type: ignore[union-attr]
-            norm = l2_norm(g, nonzero=not isinstance(mean_abs, float) or mean_abs != 0)
-            for n in names:
-                self.sink.add(("mean_abs", n, self.batch), mean_abs)
-                self.sink.add(("grad_norm", n, self.batch), norm)
+            self._measure([g], [names], "grad")
         p.grad = None
 
-    def _grad_hook(self, names: list[str], batch: int) -> Callable:
+    def _arriving_hook(self, names: tuple[str, ...]) -> Callable:
         def hook(grad: torch.Tensor) -> None:
-            norm = l2_norm(grad.detach())
-            for n in names:
-                self.sink.add(("input", n, batch), norm)
+            if grad.numel() <= BATCH_NUMEL:  # kept until finish(): the clone that costs autograd is small
+                self._later.append(grad.detach())
+                self._later_names.append(names)
+                self._later_weight.append(True)
+            else:
+                self._measure([grad.detach()], [names], "grad")
 
         return hook
+
+    def _input_grad(self, name: str, batch: int, grad: torch.Tensor) -> None:
+        """The gradient arriving at the input of ``name`` (and of the layers that take the same tensor)."""
+        names = self._also.get(name, (name,))
+        if self.keep_grads and grad.numel() <= BATCH_NUMEL:
+            self._later.append(grad.detach())
+            self._later_names.append(names)
+            self._later_weight.append(False)
+            return
+        norm = l2_norm(grad.detach())
+        for n in names:
+            self.sink.add(self._key("input", n, batch), norm)

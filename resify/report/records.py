@@ -164,6 +164,15 @@ class GradientFlow:
         """Draw the flow against depth (log scale, bands shaded) into a .png or .svg file."""
         return render.plot_flows([("", self)], path, title=f"{self.model_class}: {self.summary()}")
 
+    def to_html(self, page: bool = True) -> str:
+        """The verdict, the chart (inline SVG) and every figure: a self-contained HTML page, or a notebook fragment."""
+        from ..html import flow_html  # html imports these records for typing only
+
+        return flow_html(self, page=page)
+
+    def _repr_html_(self) -> str:
+        return self.to_html(page=False)
+
     def __str__(self) -> str:
         return self.to_text()
 
@@ -259,6 +268,15 @@ class FlowComparison:
         return render.plot_flows(
             [("before", self.before), ("after", self.after)], path, title=f"{self.before.model_class}: {self.headline}"
         )
+
+    def to_html(self, page: bool = True) -> str:
+        """Headline, verdicts, chart (inline SVG) and before/after per layer: an HTML page, or a notebook fragment."""
+        from ..html import comparison_html  # html imports these records for typing only
+
+        return comparison_html(self, page=page)
+
+    def _repr_html_(self) -> str:
+        return self.to_html(page=False)
 
     def __str__(self) -> str:
         return self.to_text()

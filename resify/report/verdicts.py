@@ -47,7 +47,18 @@ def judge(records: tuple[LayerFlow, ...], **fields: Any) -> GradientFlow:
     ]
     flows = [r.flow for r in records if r.flow is not None and r.kind != "Gate"]
     verdict: Verdict
+    # a first layer that takes integers (an embedding of token ids) has no input gradient: its weight
+    # gradient, against the last layer's, says whether the gradient reaches it
+    entry = next((r for r in records if not r.added and r.kind != "Gate" and r.flow is not None), None)
+    token_layer = entry if entry is not None and own and entry.input_grad_norm is None else None
+    head = own[-1].grad_norm if own else None
+    weight_ratio = token_layer.grad_norm / head if token_layer and token_layer.grad_norm is not None and head else None
     where = f"from '{own[0].name}' to '{own[-1].name}'" if own else ""
+    if token_layer is not None and weight_ratio is not None:
+        where += (
+            f"; '{token_layer.name}' before it (integer input) gets {fmt_number(weight_ratio)} of the last "
+            "layer's weight gradient"
+        )
     if any(not math.isfinite(x) for x in figures):
         bad = next(
             r.name
@@ -68,6 +79,11 @@ def judge(records: tuple[LayerFlow, ...], **fields: Any) -> GradientFlow:
         verdict, reason = (
             "vanishing",
             f"input gradient first/last = {fmt_number(ratio)} (< {VANISHING_RATIO:g}) {where}",
+        )
+    elif weight_ratio is not None and token_layer is not None and weight_ratio < VANISHING_RATIO:
+        verdict, reason = (
+            "vanishing",
+            f"input gradient first/last = {fmt_number(ratio)} {where} (< {VANISHING_RATIO:g})",
         )
     else:
         shown = fmt_number(ratio) if ratio is not None else "n/a"

@@ -1,0 +1,159 @@
+"""The figures themselves: norms and mean |grad| of tensors, and the sink that collects them.
+
+A leaf of the report: ``probe`` calls these from its hooks, ``measure`` and ``resify.watch`` turn
+a sink into per-layer figures with ``combine``. One tensor's figures (``figures_of``) and many
+small ones' at once (``stacked_figures``) are the same arithmetic, so a watched step and
+``gradient_flow`` agree.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from typing import Any
+
+import torch
+
+__all__ = ["Sink", "combine", "l2_norm", "figures_of", "stacked_figures", "BATCH_NUMEL"]
+
+#: tensors of at most this many elements are measured stacked with the others of their size (one
+#: reduction for many small layers, where each call costs more than its arithmetic); larger ones one
+#: at a time, where stacking would only copy them. ``probe.Probe`` with ``keep_grads`` also holds
+#: such small gradients until the end of the backward (``Probe.finish``); larger ones at once.
+BATCH_NUMEL = 1 << 12
+
+
+class Sink:
+    """Measured scalars under keys; read back to the host all at once (one copy per device).
+
+    On the CPU a figure is a float at once (no sync to avoid, and fewer tensors to stack); on an
+    accelerator it stays a 0-dim tensor until ``pack`` stacks them (no host sync) and ``resolve``
+    copies them back. A packed sink is compact: its keys in one tuple, its floats in an array
+    (a watch keeps one per recorded step, and the garbage collector has little to walk).
+    """
+
+    def __init__(self) -> None:
+        self.keys: tuple[tuple, ...] = ()
+        self._keys: list[tuple] = []
+        self._items: list[torch.Tensor | float] = []
+        self._values = array("d")
+        self._packed: list[tuple[list[int], torch.Tensor]] = []
+
+    def add(self, key: tuple, value: torch.Tensor | float) -> None:
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+            value = value.item()
+        self._keys.append(key)
+        self._items.append(value)
+
+    def pack(self, keys_like: tuple[tuple, ...] = ()) -> None:
+        """Stack the figures still on a device into one float64 tensor per device (no host sync), and
+        keep the keys as one tuple (``keys_like`` itself where equal: the steps of a watch share it)."""
+        offset = len(self.keys)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, v in enumerate(self._items):
+            if isinstance(v, torch.Tensor):
+                by_device.setdefault(v.device, []).append(i)
+        for idx in by_device.values():
+            stacked = torch.stack([self._items[i].double() for i in idx])  # type: ignore[union-attr]
+            self._packed.append(([offset + i for i in idx], stacked))
+        keys = self.keys + tuple(self._keys)
+        self.keys = keys_like if keys == keys_like else keys
+        self._values.extend(v if isinstance(v, float) else math.nan for v in self._items)
+        self._keys, self._items = [], []
+
+    def resolve(self) -> list[tuple[tuple, float]]:
+        self.pack()
+        floats = self._values.tolist()
+        for idx, stacked in self._packed:
+            for i, v in zip(idx, stacked.tolist()):
+                floats[i] = v
+        return list(zip(self.keys, floats))
+
+
+def combine(items: list[tuple[tuple, float]], batches: int) -> dict:
+    """name -> {figure: mean over batches}, and "loss" -> the mean loss.
+
+    Keys of ``items``: ("loss",); ("weight", name) the weight's norm; ("mean_abs" | "grad_norm",
+    name, batch); ("input", name, batch) the norm of the gradient at one input tensor (a layer
+    called several times has several: root of the summed squares); ("act", name, batch, numel)
+    the norm of one output (RMS over all the layer's outputs).
+    """
+    out: dict = {}
+    losses: list[float] = []
+    per_batch: dict[tuple[str, str, int], list[float]] = {}
+    act: dict[tuple[str, int], list[float]] = {}
+    for key, v in items:
+        kind = key[0]
+        if kind == "loss":
+            losses.append(v)
+        elif kind == "weight":
+            out.setdefault(key[1], {})["weight"] = v
+        elif kind in ("mean_abs", "grad_norm"):
+            per_batch.setdefault((key[1], kind, key[2]), []).append(v)
+        elif kind == "input":
+            per_batch.setdefault((key[1], "input", key[2]), []).append(v * v)
+        elif kind == "act":
+            acc = act.setdefault((key[1], key[2]), [0.0, 0.0])
+            acc[0] += v * v
+            acc[1] += key[3]
+    for (name, b), (ss, count) in act.items():
+        per_batch[(name, "rms", b)] = [ss / count]
+    collected: dict[tuple[str, str], list[float]] = {}
+    for (name, kind, _), vs in per_batch.items():
+        if kind == "input":
+            vs = [math.sqrt(sum(vs))]
+        elif kind == "rms":
+            vs = [math.sqrt(vs[0])]
+        collected.setdefault((name, kind), []).extend(vs)
+    for (name, kind), vs in collected.items():
+        # input gradients: mean over all batches (a batch where none arrived counts as zero)
+        denominator = batches if kind == "input" else len(vs)
+        out.setdefault(name, {})[kind] = sum(vs) / denominator
+    if losses:  # (a watched training step: the loss is the user's, not seen)
+        out["loss"] = sum(losses) / len(losses)
+    return out
+
+
+def l2_norm(t: torch.Tensor, nonzero: bool = True) -> torch.Tensor | float:
+    """The L2 norm, without overflow or underflow, and without a host sync on accelerators.
+
+    A float32 sum of squares overflows past a norm of ~1e19 (exploding networks) and underflows
+    to 0 below ~1e-19 per element (vanishing ones). On the CPU the norm is taken in the tensor's
+    dtype, returned as a float, and redone in float64 only when it comes out 0 or inf (a float64
+    norm is ~10× slower there; ``nonzero=False`` says a 0 is known to be true). On accelerators
+    it is a float64 tensor, widened inside the one reduction.
+    """
+    if t.device.type != "cpu":
+        return torch.linalg.vector_norm(t, dtype=torch.float64)
+    v = torch.linalg.vector_norm(t).item()
+    if t.dtype != torch.float64 and (math.isinf(v) or (v == 0 and nonzero)):
+        v = torch.linalg.vector_norm(t, dtype=torch.float64).item()
+    return v
+
+
+def figures_of(t: torch.Tensor, grads: bool) -> tuple[Any, torch.Tensor | float]:
+    """(mean |t| or None, ‖t‖) of one tensor: mean |grad| is the seed's print_gradients expression."""
+    if not grads:
+        return None, l2_norm(t)
+    mean_abs: torch.Tensor | float = t.abs().mean()
+    if t.device.type == "cpu":
+        mean_abs = mean_abs.item()  # type: ignore[union-attr]
+    return mean_abs, l2_norm(t, nonzero=not isinstance(mean_abs, float) or mean_abs != 0)
+
+
+def stacked_figures(tensors: list[torch.Tensor], grads: bool) -> list[tuple[Any, Any]]:
+    """``figures_of`` of several tensors of one size, device and dtype, in one reduction each."""
+    stacked = torch.stack([t.reshape(-1) for t in tensors])
+    means: list[Any] = [None] * len(tensors)
+    if stacked.device.type != "cpu":  # as l2_norm: float64 inside the reduction, no host sync
+        norms: list[Any] = list(torch.linalg.vector_norm(stacked, dim=1, dtype=torch.float64))
+        if grads:
+            means = list(stacked.abs().mean(dim=1))
+        return list(zip(means, norms))
+    norms = torch.linalg.vector_norm(stacked, dim=1).tolist()
+    if grads:
+        means = stacked.abs().mean(dim=1).tolist()
+    for i, (v, m) in enumerate(zip(norms, means)):
+        if math.isinf(v) or (v == 0 and m != 0):  # as l2_norm: again in float64 (overflow, underflow)
+            norms[i] = l2_norm(tensors[i], nonzero=m != 0)
+    return list(zip(means, norms))

@@ -1,0 +1,386 @@
+"""How results print (resify/render.py): the table layout exactly, every line within the width asked for,
+the numbers in the text written by resify.formats from the records' own fields, Markdown tables with
+one column count each, and plots written as real PNG and SVG files."""
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from reference import ImprovedResidualNetwork
+
+import resify
+from resify.errors import ResifyError
+from resify.formats import fmt_number, fmt_shape, fmt_times
+from resify.render import (
+    comparison_markdown,
+    comparison_text,
+    flow_markdown,
+    flow_text,
+    plan_text,
+    plot_flows,
+    table,
+)
+
+# ---------------------------------------------------------------------------------------------
+# table: exact layouts
+
+HEADER = ["name", "kind", "value"]
+ROWS = [["layers.0.0", "Linear", "1.00e-02"], ["a", "Conv2d", "12"]]
+
+LAYOUTS = {
+    "fits": (
+        dict(header=HEADER, rows=ROWS, width=100, shrink=0, right=[False, False, True]),
+        [
+            "name        kind       value",
+            "----------  ------  --------",
+            "layers.0.0  Linear  1.00e-02",
+            "a           Conv2d        12",
+        ],
+    ),
+    "right-justified first column, left last": (
+        dict(header=HEADER, rows=ROWS, width=100, shrink=0, right=[True, False, False]),
+        [
+            "      name  kind    value",
+            "----------  ------  --------",
+            "layers.0.0  Linear  1.00e-02",
+            "         a  Conv2d  12",
+        ],
+    ),
+    "the shrink column cut at its start": (
+        dict(header=HEADER, rows=ROWS, width=25, shrink=0, right=[False, False, True]),
+        [
+            "name     kind       value",
+            "-------  ------  --------",
+            "…rs.0.0  Linear  1.00e-02",
+            "a        Conv2d        12",
+        ],
+    ),
+    "the last shrink column stops at its header": (
+        dict(header=HEADER, rows=ROWS, width=10, shrink=0, right=[False, False, True]),
+        [
+            "name  kind       value",
+            "----  ------  --------",
+            "…0.0  Linear  1.00e-02",
+            "a     Conv2d        12",
+        ],
+    ),
+    "two shrink columns, the first down to 20, the second cut at its end": (
+        dict(
+            header=["layer", "kind", "n"],
+            rows=[["encoder.blocks.11.attention.qkv", "VeryLongModuleClassName", "1"]],
+            width=40,
+            shrink=(0, 1),
+            right=[False, False, True],
+            cut_end=(1,),
+        ),
+        [
+            "layer                 kind             n",
+            "--------------------  ---------------  -",
+            "…ks.11.attention.qkv  VeryLongModule…  1",
+        ],
+    ),
+    "an added name keeps its mark": (
+        dict(
+            header=["layer", "n"],
+            rows=[["+resify.layers_0_0.proj", "7"], ["layers.0.0", "10"]],
+            width=16,
+            shrink=0,
+            right=[False, True],
+        ),
+        [
+            "layer          n",
+            "------------  --",
+            "+…s_0_0.proj   7",
+            "layers.0.0    10",
+        ],
+    ),
+    "min_widths widen a column": (
+        dict(header=["a", "b"], rows=[["x", "1"]], width=80, shrink=0, right=[False, True], min_widths=[0, 5]),
+        [
+            "a      b",
+            "-  -----",
+            "x      1",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("kwargs,lines", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_table_layout(kwargs, lines):
+    assert table(**kwargs) == lines
+
+
+# ---------------------------------------------------------------------------------------------
+# real plans and reports: the seed network before and after resify.apply
+
+
+@pytest.fixture(scope="module")
+def seed():
+    torch.manual_seed(0)
+    model = ImprovedResidualNetwork([128, 64, 32, 16, 8, 1], False)
+    x = torch.randn(10, 128)
+    converted = resify.apply(model, x)
+    before, after = resify.gradient_flow(model, x), resify.gradient_flow(converted, x)
+    return {
+        "plan": resify.plan(model, x),
+        "before": before,
+        "after": after,
+        "comparison": resify.compare(before, after),
+    }
+
+
+@pytest.fixture(scope="module")
+def vanishing():
+    """A deep sigmoid MLP: a 'vanishing' verdict with a recommendation line in the header."""
+    torch.manual_seed(0)
+    layers = [m for _ in range(12) for m in (nn.Linear(16, 16), nn.Sigmoid())]
+    return resify.gradient_flow(nn.Sequential(*layers, nn.Linear(16, 1)), torch.randn(8, 16))
+
+
+def _wide(reason):
+    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
+
+
+_COMPARISON_TOO_WIDE = _wide("comparison_text's rows are 65 characters at width 60")
+
+WIDTHS = [
+    ("plan", 60, ()),
+    ("plan", 80, ()),
+    ("plan", 100, ()),
+    ("before", 60, ()),
+    ("before", 80, ()),
+    ("before", 100, ()),
+    ("after", 60, ()),
+    ("after", 80, ()),
+    ("after", 100, ()),
+    ("vanishing", 60, ()),
+    ("vanishing", 80, ()),
+    ("vanishing", 100, ()),
+    ("comparison", 60, _COMPARISON_TOO_WIDE),
+    ("comparison", 80, ()),
+    ("comparison", 100, ()),
+]
+
+
+def _text(record, width):
+    if isinstance(record, resify.Plan):
+        return plan_text(record, width)
+    if isinstance(record, resify.GradientFlow):
+        return flow_text(record, width)
+    return comparison_text(record, width)
+
+
+@pytest.mark.parametrize("which,width", [pytest.param(w, n, marks=m, id=f"{w}-{n}") for w, n, m in WIDTHS])
+def test_every_line_fits_the_width(request, seed, which, width):
+    record = request.getfixturevalue("vanishing") if which == "vanishing" else seed[which]
+    lines = _text(record, width).splitlines()
+    assert len(lines) > 5
+    assert [line for line in lines if len(line) > width] == []
+
+
+def _rows(text, header_start):
+    """The cells of the table whose header line starts with ``header_start``: lines after its dashes."""
+    lines = text.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(header_start))
+    assert set(lines[i + 1].replace(" ", "")) == {"-"}
+    rows = []
+    for line in lines[i + 2 :]:
+        if not line.strip() or set(line.replace(" ", "")) == {"-"} or line.startswith("+ added"):
+            break
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    return rows
+
+
+def _unwrapped(text):
+    return text.replace("\n  ", " ")
+
+
+@pytest.mark.parametrize("which", ["before", "after"])
+def test_flow_text_writes_each_records_numbers(seed, which):
+    flow = seed[which]
+    text = flow_text(flow, 100)
+    rows = _rows(text, "#  layer")
+    assert [
+        [
+            str(r.depth),
+            ("+" if r.added else "") + r.name,
+            r.kind,
+            *map(fmt_number, (r.mean_abs_grad, r.grad_norm, r.grad_to_weight, r.input_grad_norm, r.activation_rms)),
+            r.verdict,
+        ]
+        for r in flow.layers
+    ] == rows
+    assert f"loss mse to zeros = {fmt_number(flow.loss_value)}, 1 batch" in _unwrapped(text)
+    assert f"verdict: {flow.verdict}, {flow.reason}" in _unwrapped(text)
+    assert text.endswith("+ added by resify") == any(r.added for r in flow.layers)
+
+
+def test_the_flow_tables_have_every_layer_of_the_model(seed):
+    """Independent of the renderer: the seed's five Linear layers, and after apply a projection per layer."""
+    names = ["layers.0.0", "layers.1.0", "layers.2.0", "layers.3.0", "layers.4.0"]
+    assert [row[1] for row in _rows(flow_text(seed["before"], 100), "#  layer")] == names
+    after = [row[1] for row in _rows(flow_text(seed["after"], 100), "#  layer")]
+    assert after == [n for name in names for n in (name, f"+resify.{name.replace('.', '_')}.proj")]
+
+
+def test_comparison_text_writes_each_changes_numbers(seed):
+    c = seed["comparison"]
+    text = comparison_text(c, 100)
+    assert text.splitlines()[:2] == [
+        "gradient flow: ImprovedResidualNetwork → ImprovedResidualNetwork",
+        c.headline,
+    ]
+    assert _rows(text, "layer       kind") == [
+        [
+            ch.name,
+            ch.after.kind,
+            fmt_number(ch.before.mean_abs_grad),
+            fmt_number(ch.after.mean_abs_grad),
+            fmt_times(ch.ratio),
+            fmt_number(ch.before.input_grad_norm),
+            fmt_number(ch.after.input_grad_norm),
+            fmt_times(ch.input_ratio),
+        ]
+        for ch in c.layers
+    ]
+    added = text[text.index(f"added by resify ({len(c.added)}):") :]
+    assert _rows(added, "layer ") == [
+        [r.name, r.kind, fmt_number(r.mean_abs_grad), fmt_number(r.grad_norm), fmt_number(r.input_grad_norm)]
+        for r in c.added
+    ]
+    assert len(c.added) == 5
+
+
+def test_comparison_text_centres_each_group_label_over_its_columns(seed):
+    lines = comparison_text(seed["comparison"], 100).splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("layer "))
+    group, header = lines[i - 1], lines[i]
+    for label, first in (("mean |grad| of weight", 2), ("‖input grad‖", 5)):
+        starts = [m.start() for m in re.finditer(r"\S+", lines[i + 1])]  # the dashes of each column
+        ends = [m.end() for m in re.finditer(r"\S+", lines[i + 1])]
+        lo, hi = starts[first], ends[first + 2]
+        at = group.index(label)
+        assert lo <= at and at + len(label) <= hi
+        assert abs((at - lo) - (hi - at - len(label))) <= 1
+    assert header.split() == ["layer", "kind", "before", "after", "×", "before", "after", "×"]
+
+
+def test_plan_text_writes_each_sites_numbers(seed):
+    plan = seed["plan"]
+    text = plan_text(plan, 100)
+    rows = _rows(text, "span")
+    assert rows == [
+        [
+            s.start,
+            f"{fmt_shape(s.in_shape)} -> {fmt_shape(s.out_shape)}",
+            s.projection,
+            "-",
+            f"{s.added_params:,}",
+        ]
+        for s in plan.sites
+    ]
+    # Linear(n, m) adds n·m + m: written with thousands separators
+    assert [r[4] for r in rows] == ["8,256", "2,080", "528", "136", "9"]
+    assert [r[2] for r in rows] == [
+        "Linear(128, 64)",
+        "Linear(64, 32)",
+        "Linear(32, 16)",
+        "Linear(16, 8)",
+        "Linear(8, 1)",
+    ]
+    assert (
+        text.splitlines()[0] == "resify plan for ImprovedResidualNetwork (symbolic trace, 5 layers, 11,009 parameters)"
+    )
+    assert text.splitlines()[-1] == "total: " + plan.summary()
+
+
+def test_a_narrow_plan_cuts_the_shortcut_label_at_its_end(seed):
+    rows = _rows(plan_text(seed["plan"], 50), "span")
+    assert [r[2] for r in rows] == ["Linear(…", "Linear(…", "Linear(…", "Linear(…", "Linear(…"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _tables(md):
+    """Blocks of consecutive '|' lines, each row as its cells (escaped pipes kept inside a cell)."""
+    blocks, cur = [], []
+    for line in [*md.splitlines(), ""]:
+        if line.startswith("|"):
+            cur.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+        elif cur:
+            blocks.append(cur)
+            cur = []
+    return blocks
+
+
+@pytest.mark.parametrize(
+    "which,columns",
+    [("before", [9]), ("after", [9]), ("comparison", [8, 5]), ("vanishing", [9])],
+)
+def test_markdown_tables_have_one_column_count(request, seed, which, columns):
+    record = request.getfixturevalue("vanishing") if which == "vanishing" else seed[which]
+    md = comparison_markdown(record) if which == "comparison" else flow_markdown(record)
+    tables = _tables(md)
+    assert [len(t[0]) for t in tables] == columns
+    for t in tables:
+        assert {len(row) for row in t} == {len(t[0])}
+        assert all(re.fullmatch(r":?-{3}:?", cell) for cell in t[1])
+
+
+def test_flow_markdown_writes_each_records_numbers(seed):
+    flow = seed["after"]
+    (rows,) = _tables(flow_markdown(flow))
+    assert rows[2:] == [
+        [
+            str(r.depth),
+            f"`{r.name}`" + (" *added*" if r.added else ""),
+            r.kind,
+            *map(fmt_number, (r.mean_abs_grad, r.grad_norm, r.grad_to_weight, r.input_grad_norm, r.activation_rms)),
+            r.verdict,
+        ]
+        for r in flow.layers
+    ]
+
+
+def test_comparison_markdown_writes_each_changes_numbers(seed):
+    c = seed["comparison"]
+    changes, added = _tables(comparison_markdown(c))
+    assert changes[2:] == [
+        [
+            f"`{ch.name}`",
+            ch.after.kind,
+            fmt_number(ch.before.mean_abs_grad),
+            fmt_number(ch.after.mean_abs_grad),
+            fmt_times(ch.ratio),
+            fmt_number(ch.before.input_grad_norm),
+            fmt_number(ch.after.input_grad_norm),
+            fmt_times(ch.input_ratio),
+        ]
+        for ch in c.layers
+    ]
+    assert [row[0] for row in added[2:]] == [f"`{r.name}`" for r in c.added]
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+@pytest.mark.parametrize("suffix,magic", [("png", b"\x89PNG\r\n\x1a\n"), ("svg", b"<?xml")])
+def test_plot_flows_writes_the_file(seed, tmp_path, suffix, magic):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "sub" / f"flow.{suffix}"
+    flows = [("before", seed["before"]), ("after", seed["after"])]
+    assert plot_flows(flows, str(path), "seed: before and after") == path
+    data = path.read_bytes()
+    assert data.startswith(magic) and len(data) > 5000
+    if suffix == "svg":
+        assert b"<svg" in data
+
+
+def test_plot_flows_refuses_other_formats(seed, tmp_path):
+    with pytest.raises(ResifyError, match=r"plot\(\) writes \.png or \.svg files, found 'flow\.pdf'; pass e\.g\."):
+        plot_flows([("", seed["after"])], tmp_path / "flow.pdf", "x")
+    assert not (tmp_path / "flow.pdf").exists()
