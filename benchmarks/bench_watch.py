@@ -11,20 +11,30 @@ records a step: 100 layers and 99 gates) and the 21-conv VGG-style CNN with Batc
 ``resify.apply``. Each variant (no watch; ``resify.watch(model, every=N)`` for N = 1, 10, 100)
 trains its own copy of the model, with its watch open throughout, in blocks of ``--steps``
 training steps (forward, loss, zero_grad, backward, optimizer step); the blocks alternate between
-the variants, and the table gives the median block time per step and its ratio to the unwatched
-loop (targets: ≤ 1.05× at every=10, ≤ 1.01× at every=100). Times are the process's CPU time
-(``time.process_time``: on a shared machine, far steadier than the wall clock, which is shown
-beside it); with one torch thread the two agree on an idle machine. The extra time of a recorded step
-is the every=1 figure minus the unwatched one; the every=10 and every=100 overheads are also
-predicted from it (the record cost ÷ N), which is steadier than measuring a 1% difference.
+the variants. Times are the process's CPU time (``time.process_time``: on a shared machine
+steadier than the wall clock, which is shown beside it; with one torch thread the two agree on an
+idle machine).
 
-It prints a plain table and writes ``benchmarks/results/watch.md``.
+Two estimates of the overhead at every=N:
+
+- *measured*: the median block time per step ÷ the unwatched one, minus 1 (targets: ≤ 5% at
+  every=10, ≤ 1% at every=100). A difference of a few tenths of a percent is within the noise.
+- *predicted*: (the cost of a step between records + the cost of one recorded step ÷ N) ÷ the
+  unwatched step. A recorded step's cost is the median recorded step minus the median unrecorded
+  one of the same run (interleaved, so the machine's noise is common to both); the cost between
+  records (two module hooks and one tensor hook a step, whatever the model) is measured on a
+  one-layer model, where it is all the difference.
+
+Before each timed block a full garbage collection runs (untimed), so that a collection one
+variant's objects called for does not land in another's block; the pauses within each variant's
+blocks are added up. It prints plain tables and writes ``benchmarks/results/watch.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import statistics
 import sys
@@ -43,7 +53,8 @@ __all__ = ["LOOPS", "EVERY", "measure", "main"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVERY = (1, 10, 100)
-HEADER = ("loop", "variant", "CPU ms/step", "ratio", "overhead", "predicted", "wall ms/step", "wall ratio", "setup")
+HEADER = ("loop", "variant", "CPU ms/step", "ratio", "overhead", "wall ms/step", "wall ratio", "GC pauses s", "setup")
+COST_HEADER = ("loop", "one record", "between records", "predicted every=10", "predicted every=100")
 
 
 def _mlp(data: digits.Digits) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
@@ -62,7 +73,7 @@ LOOPS: dict[str, tuple[Callable, str]] = {
 
 
 class _Run:
-    """One variant: its own copy of the model, its optimizer, its watch (None: unwatched)."""
+    """One variant: its own copy of the model, its optimizer, its watch (None: unwatched), its times."""
 
     def __init__(self, model: nn.Module, every: int | None, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.model = copy.deepcopy(model)
@@ -70,40 +81,88 @@ class _Run:
         self.watch = None if every is None else resify.watch(self.model, every=every)
         self.batches = batches
         self.i = 0
+        self.blocks: list[tuple[float, float]] = []  # (wall, CPU) seconds per step of each timed block
+        self.steps: list[tuple[bool, float]] = []  # (recorded, CPU seconds) of each timed step
+        self.gc_seconds = 0.0  # the garbage collector's pauses during this variant's timed blocks
 
-    def block(self, steps: int) -> tuple[float, float]:
-        """(wall, CPU) seconds for ``steps`` training steps."""
+    def block(self, steps: int, keep: bool = True) -> None:
         t, c = time.perf_counter(), time.process_time()
         for _ in range(steps):
             x, y = self.batches[self.i % len(self.batches)]
             self.i += 1
+            w = self.watch
+            recorded = w is not None and w.steps_seen % w.every == 0
+            s = time.process_time()
             loss = F.cross_entropy(self.model(x), y)
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
-        return time.perf_counter() - t, time.process_time() - c
+            if keep:
+                self.steps.append((recorded, time.process_time() - s))
+        if keep:
+            self.blocks.append(((time.perf_counter() - t) / steps, (time.process_time() - c) / steps))
+
+    def median(self, recorded: bool) -> float:
+        return statistics.median(t for r, t in self.steps if r == recorded)
 
 
-def measure(model: nn.Module, batches: list, reps: int, steps: int) -> dict[int | None, tuple[float, float]]:
-    """Median (wall, CPU) seconds per step for each variant (None: no watch), blocks alternating, after one
-    warm-up each."""
+class _GCClock:
+    """Adds the garbage collector's pauses to the run being timed (a ``gc.callbacks`` entry)."""
+
+    def __init__(self) -> None:
+        self.run: _Run | None = None
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.process_time()
+        elif self.run is not None:
+            self.run.gc_seconds += time.process_time() - self._start
+
+
+def measure(model: nn.Module, batches: list, reps: int, steps: int) -> dict[int | None, _Run]:
+    """Every variant (None: no watch) after one warm-up block, then ``reps`` blocks of each, alternating."""
     runs = {every: _Run(model, every, batches) for every in (None, *EVERY)}
     for run in runs.values():
-        run.block(steps)
-    times: dict[int | None, list[tuple[float, float]]] = {every: [] for every in runs}
-    for rep in range(reps):
-        order = list(runs)
-        order = order[rep % len(order) :] + order[: rep % len(order)]  # rotate who goes first
-        for every in order:
-            wall, cpu = runs[every].block(steps)
-            times[every].append((wall / steps, cpu / steps))
+        run.block(steps, keep=False)
+    clock = _GCClock()
+    gc.callbacks.append(clock)
+    try:
+        for rep in range(reps):
+            order = list(runs)
+            order = order[rep % len(order) :] + order[: rep % len(order)]  # rotate who goes first
+            for every in order:
+                clock.run = None
+                gc.collect()  # (untimed) a full collection that another variant's objects called for lands here
+                clock.run = runs[every]
+                runs[every].block(steps)
+    finally:
+        gc.callbacks.remove(clock)
     for run in runs.values():
         if run.watch is not None:
             run.watch.close()
             assert run.watch.history.records, "the watch recorded nothing"
-    return {
-        every: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts)) for every, ts in times.items()
-    }
+    return runs
+
+
+def hook_cost(reps: int = 15, steps: int = 300) -> float:
+    """CPU seconds a watch adds to a step between records: measured on a one-layer model, where the
+    hooks are all the difference (alternating blocks, medians)."""
+    torch.manual_seed(0)
+    plain = nn.Linear(8, 8)
+    watched = copy.deepcopy(plain)
+    x = torch.randn(4, 8)
+    w = resify.watch(watched, every=10**9)
+    watched(x).sum().backward()  # step 0, the one record; none after it
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(reps):
+        for on, m in ((False, plain), (True, watched)):
+            c = time.process_time()
+            for _ in range(steps):
+                m(x).sum().backward()
+            times[on].append((time.process_time() - c) / steps)
+    w.close()
+    return statistics.median(times[True]) - statistics.median(times[False])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,65 +182,81 @@ def main(argv: list[str] | None = None) -> int:
     data = digits.load_data()
     what = machine()
     print(f"{what}; {args.reps} repetitions of {args.steps}-step blocks, medians")
-    rows = []
+    rows, costs = [], []
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
+    between = hook_cost()
+    print(f"between records: {between * 1e6:.1f} µs a step (the watch's hooks on a one-layer model)")
     for name in args.loops:
         build, setup = LOOPS[name]
         torch.manual_seed(0)
         model, to_input = build(data)
         x = to_input(data.x_train)
-        g = torch.Generator().manual_seed(0)
-        perm = torch.randperm(len(x), generator=g)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
         batches = [(x[idx], data.y_train[idx]) for idx in perm.split(64) if len(idx) == 64]
-        medians = measure(model, batches, args.reps, args.steps)
-        (wbase, base) = medians[None]
-        record = medians[1][1] - base  # the extra CPU time of one recorded step
-        rows.append((name, "no watch", f"{base * 1e3:.2f}", "1.000×", "-", "-", f"{wbase * 1e3:.2f}", "1.000×", setup))
-        for every in EVERY:
-            wall, t = medians[every]
-            predicted = "-" if every == 1 else f"{record / every / base:+.1%}"
+        runs = measure(model, batches, args.reps, args.steps)
+        wbase = statistics.median(w for w, _ in runs[None].blocks)
+        base = statistics.median(c for _, c in runs[None].blocks)
+        for every, run in runs.items():
+            wall = statistics.median(w for w, _ in run.blocks)
+            cpu = statistics.median(c for _, c in run.blocks)
+            label = "no watch" if every is None else f"every={every}"
             rows.append(
                 (
                     name,
-                    f"every={every}",
-                    f"{t * 1e3:.2f}",
-                    f"{t / base:.3f}×",
-                    f"{t / base - 1:+.1%}",
-                    predicted,
+                    label,
+                    f"{cpu * 1e3:.2f}",
+                    f"{cpu / base:.3f}×",
+                    "-" if every is None else f"{cpu / base - 1:+.1%}",
                     f"{wall * 1e3:.2f}",
                     f"{wall / wbase:.3f}×",
-                    "",
+                    f"{run.gc_seconds:.2f}",
+                    setup if every is None else "",
                 )
             )
-        rows.append((name, "one record", f"{record * 1e3:.2f}", f"{record / base:.2f} steps", "", "", "", "", ""))
-        print(table(HEADER, rows[-len(EVERY) - 2 :]), flush=True)
+        unwatched = runs[None].median(False)
+        record = runs[10].median(True) - runs[10].median(False)
+        costs.append(
+            (
+                name,
+                f"{record * 1e3:.2f} ms ({record / unwatched:.2f} steps)",
+                f"{between * 1e6:+.0f} µs ({between / unwatched:+.1%})",
+                f"{(between + record / 10) / unwatched:+.1%}",
+                f"{(between + record / 100) / unwatched:+.1%}",
+            )
+        )
+        print(table(HEADER, rows[-len(runs) :]), flush=True)
+        print(table(COST_HEADER, costs[-1:]), flush=True)
     seconds = time.perf_counter() - started
     load = f"load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     print(f"{seconds:.0f} s; {load}")
     if args.no_write:
         return 0
     command = "python -m benchmarks.bench_watch" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    shared = max(load_before, os.getloadavg()[0]) > 1.5
     md = [
         "# Cost of resify.watch: training-step time with and without it",
         "",
         f"Command: `{command}` ({seconds:.0f} s)  ",
         f"Machine: {what}; {load}"
-        + (
-            " (other processes shared the cores: the measured overheads are noisy)"
-            if max(load_before, os.getloadavg()[0]) > 1.5
-            else ""
-        ),
+        + (" (other processes shared the two cores: the measured overheads are noisy)" if shared else ""),
         "",
         "Each variant trains its own copy of the model with its watch open throughout, in blocks of "
         f"{args.steps} training steps (forward, cross-entropy, zero_grad, backward, Adam step) that alternate "
-        f"between the variants (the first of each after one warm-up block); {args.reps} repetitions, medians of "
-        "the block time per step. *overhead* = ratio − 1, measured (targets: ≤ 5% at every=10, ≤ 1% at "
-        "every=100); *predicted* = the extra time of one recorded step (every=1 − no watch, the *one record* row) "
-        "÷ N ÷ the unwatched step, a steadier estimate of the same thing where the measured difference is within "
-        "the noise.",
+        f"between the variants, after one warm-up block each; {args.reps} repetitions. *CPU ms/step*: the median "
+        "block's CPU time per step; *overhead*: its ratio to the unwatched loop − 1 (targets: ≤ 5% at every=10, "
+        "≤ 1% at every=100); *GC pauses*: the garbage collector's pauses during the variant's blocks (a full "
+        "collection runs, untimed, before each block).",
         "",
         table(HEADER, rows, True),
+        "",
+        "From per-step times: *one record* = the median recorded step − the median unrecorded step of the "
+        "every=10 run (interleaved, so the noise is common to both); *between records* = what the watch's hooks "
+        "add to a step between records, measured on a one-layer model (alternating 300-step blocks, 15 "
+        "repetitions, medians), where they are all the difference; *predicted* = (between + one record ÷ N) ÷ "
+        "the unwatched step.",
+        "",
+        table(COST_HEADER, costs, True),
         "",
     ]
     os.makedirs(os.path.dirname(args.results), exist_ok=True)

@@ -44,6 +44,16 @@ def relative_flows(history: FlowHistory) -> tuple[list[str], list[list[float | N
     return list(names), [rows[n] for n in names]
 
 
+def _level(v: float | None, lo: float, hi: float) -> float:
+    """A ratio's place on the colour scale: log10, 0 at ``lo`` (underflow), not finite at ``hi``
+    (the exploding end: a NaN gradient is no measurement of nothing), None as NaN (drawn grey)."""
+    if v is None:
+        return math.nan
+    if not math.isfinite(v):
+        return hi
+    return lo if v <= 0 else math.log10(v)
+
+
 def _edges(steps: Sequence[int]) -> list[float]:
     """Cell edges around each step (halfway to its neighbours)."""
     if len(steps) == 1:
@@ -87,14 +97,16 @@ def plot_histories(histories: Sequence[FlowHistory], path: str | Path, title: st
         top, band = axes[0][col], axes[1][col]
         steps = list(h.steps)
         x = _edges(steps)
-        values = np.array([[np.nan if v is None else (lo if v <= 0 else np.log10(v)) for v in row] for row in rows])
+        values = np.array([[_level(v, lo, hi) for v in row] for row in rows])
         mesh = top.pcolormesh(x, np.arange(len(names) + 1), np.ma.masked_invalid(values), cmap=cmap, norm=norm)
         top.set_ylim(len(names), 0)  # the input side at the top
-        top.set_title(f"{h.label}: {h.model_class}, {len(names)} layers", fontsize=9, loc="left")
+        name = h.label if h.label == h.model_class else f"{h.label}: {h.model_class}"
+        top.set_title(f"{name}, {len(names)} layers", fontsize=9, loc="left")
+        named = len(names) <= 12  # few enough to name each row
+        if named:
+            top.set_yticks(np.arange(len(names)) + 0.5, [f"'{n}'" for n in names], fontsize=7)
         if col == 0:
-            top.set_ylabel("layer (0 = input side)")
-        if len(names) <= 12:
-            top.set_yticks(np.arange(len(names)) + 0.5, names, fontsize=7)
+            top.set_ylabel("layer (input side at the top)" if named else "layer position (0: the input side)")
         codes = [np.nan if r.overflow else float(VERDICTS.index(r.verdict)) for r in h.records]
         vmap = colors.ListedColormap([_VERDICT_COLOURS[v] for v in VERDICTS]).with_extremes(bad="#ffffff")
         band.pcolormesh(x, [0, 1], np.ma.masked_invalid([codes]), cmap=vmap, vmin=-0.5, vmax=len(VERDICTS) - 0.5)

@@ -215,17 +215,27 @@ class Watch:
                 "nothing was recorded; do its layers run in compiled code (torch.compile)? watch the uncompiled model",
             )
             return
+        try:
+            self._raw.append(self._keep(step, probe))
+        except Exception as e:  # a failing record must not fail the user's backward
+            self._warn_once(
+                "failed",
+                f"resify.watch could not record step {step} ({type(e).__name__}: {e}); training goes on without it",
+            )
+
+    def _keep(self, step: int, probe: Probe) -> _Raw:
+        """The step's figures, measured and packed (compactly: the keys shared with the step before)."""
         probe.finish()
         probe.add_weight_norms()
         last = self._raw[-1] if self._raw else None
-        probe.sink.pack(last.sink.keys if last else ())  # compact, and sharing the keys of the last step
+        probe.sink.pack(last.sink.keys if last else ())
         called = last.called if last is not None and last.called == probe.called else probe.called
         gates: array | torch.Tensor = array("d")
         if self.gates:
             with torch.no_grad():
                 flat = torch.cat([g.detach().reshape(-1) for g in self.gates.values()])
             gates = array("d", flat.tolist()) if flat.device.type == "cpu" else flat.clone()
-        self._raw.append(_Raw(step, called, probe.sink, self._scale, gates))
+        return _Raw(step, called, probe.sink, self._scale, gates)
 
     # -- building the records
 

@@ -194,6 +194,9 @@ def test_close_removes_every_hook_and_training_is_unchanged():
                 F.cross_entropy(m(x), y).backward()
                 opt.step()
     assert _hooks(model) == before
+    assert all(p._backward_hooks is None for p in model.parameters())  # not even an empty dict autograd would call
+    resify.gradient_flow(model, x)  # the report's own hooks (post-accumulate) leave none either
+    assert all(getattr(p, "_post_accumulate_grad_hooks", None) is None for p in model.parameters())
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.equal(p, q), name
         assert torch.equal(p.grad, q.grad), name

@@ -45,6 +45,11 @@ class Sink:
         self._keys.append(key)
         self._items.append(value)
 
+    def extend(self, keys: list[tuple], values: list[Any]) -> None:
+        """Many figures at once: floats, or 0-dim tensors on an accelerator (no CPU tensor)."""
+        self._keys += keys
+        self._items += values
+
     def pack(self, keys_like: tuple[tuple, ...] = ()) -> None:
         """Stack the figures still on a device into one float64 tensor per device (no host sync), and
         keep the keys as one tuple (``keys_like`` itself where equal: the steps of a watch share it)."""
@@ -142,8 +147,8 @@ def figures_of(t: torch.Tensor, grads: bool) -> tuple[Any, torch.Tensor | float]
 
 
 def stacked_figures(tensors: list[torch.Tensor], grads: bool) -> list[tuple[Any, Any]]:
-    """``figures_of`` of several tensors of one size, device and dtype, in one reduction each."""
-    stacked = torch.stack([t.reshape(-1) for t in tensors])
+    """``figures_of`` of several tensors of one shape, device and dtype, in one reduction each."""
+    stacked = torch.stack(tensors).reshape(len(tensors), -1)
     means: list[Any] = [None] * len(tensors)
     if stacked.device.type != "cpu":  # as l2_norm: float64 inside the reduction, no host sync
         norms: list[Any] = list(torch.linalg.vector_norm(stacked, dim=1, dtype=torch.float64))
@@ -153,7 +158,10 @@ def stacked_figures(tensors: list[torch.Tensor], grads: bool) -> list[tuple[Any,
     norms = torch.linalg.vector_norm(stacked, dim=1).tolist()
     if grads:
         means = stacked.abs().mean(dim=1).tolist()
-    for i, (v, m) in enumerate(zip(norms, means)):
-        if math.isinf(v) or (v == 0 and m != 0):  # as l2_norm: again in float64 (overflow, underflow)
-            norms[i] = l2_norm(tensors[i], nonzero=m != 0)
+    # as l2_norm: again in float64 where the norm overflowed, or underflowed to 0 (a true 0 has mean 0)
+    again = [i for i, (v, m) in enumerate(zip(norms, means)) if math.isinf(v) or (v == 0 and m != 0)]
+    if again:
+        redone = torch.linalg.vector_norm(stacked[again], dim=1, dtype=torch.float64).tolist()
+        for i, v in zip(again, redone):
+            norms[i] = v
     return list(zip(means, norms))

@@ -185,6 +185,8 @@ class Probe:
             self._arriving_hook(self._weight_names[id(p)]) if keep_grads else self._weight_hook for p in self._params
         ]
         self._keys: dict[tuple, tuple] = {}
+        self._hook_dict = "_backward_hooks" if keep_grads else "_post_accumulate_grad_hooks"
+        self._bare: list[torch.Tensor] = []  # parameters that had no hook dict before attach()
         self._on_input = self._input_grad  # one bound method for every input hook
         self._tensors: dict[int, tuple[torch.Tensor, str]] = {}  # id -> (input tensor, the first layer taking it)
         self._also: dict[str, list[str]] = {}  # that layer -> every layer taking the same tensor
@@ -208,7 +210,9 @@ class Probe:
         start a new record into it (``called`` starts again too)."""
         if sink is not None:
             self.sink, self.called = sink, {}
+            self._later, self._later_names, self._later_weight = [], [], []
         handles = self._handles
+        self._bare = [p for p in self._params if getattr(p, self._hook_dict, None) is None]
         for name, m in self.layers.items():
             handles.append(m.register_forward_hook(self._forward_hooks[name], with_kwargs=True))
         for p, hook in zip(self._params, self._param_hooks):
@@ -223,6 +227,10 @@ class Probe:
             h.remove()
         self._handles.clear()
         self._tensors.clear()
+        for p in self._bare:  # no empty hook dict left behind: autograd would call into it at every backward
+            if not getattr(p, self._hook_dict, None):
+                setattr(p, self._hook_dict, None)
+        self._bare = []
         self._also = {}  # (a new one: the hooks put aside may still hold lists of the old)
 
     def add_weight_norms(self) -> None:
@@ -248,28 +256,31 @@ class Probe:
         """Add the figures of each tensor under each of its names: its norm (``kind`` "weight" or
         "input"), or for "grad" its mean |x| and its norm.
 
-        Tensors of up to ``BATCH_NUMEL`` elements are stacked with the others of their size,
+        Tensors of up to ``BATCH_NUMEL`` elements are stacked with the others of their shape,
         device and dtype and reduced together: the same figures as one at a time (to the last bit
         on one CPU thread), for a fraction of the calls.
         """
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[Any, list[int]] = {}
         for i, t in enumerate(tensors):
-            size = t.numel()
-            groups.setdefault((t.device, t.dtype, size) if 0 < size <= BATCH_NUMEL else (i,), []).append(i)
-        grads = kind == "grad"
-        add, key, batch = self.sink.add, self._key, self.batch
+            small = 0 < t.numel() <= BATCH_NUMEL
+            groups.setdefault((t.device, t.dtype, t.shape) if small else i, []).append(i)
+        grads, batch, cache = kind == "grad", self.batch, self._keys
+        keys: list[tuple] = []
+        values: list[Any] = []
         for idx in groups.values():
             group = [tensors[i] for i in idx]
             figures = stacked_figures(group, grads) if len(group) > 1 else [figures_of(group[0], grads)]
             for i, (mean_abs, norm) in zip(idx, figures):
                 for n in names[i]:
                     if grads:
-                        add(key("mean_abs", n, batch), mean_abs)
-                        add(key("grad_norm", n, batch), norm)
-                    elif kind == "weight":
-                        add(key("weight", n), norm)
+                        k1, k2 = ("mean_abs", n, batch), ("grad_norm", n, batch)
+                        keys += (cache.setdefault(k1, k1), cache.setdefault(k2, k2))
+                        values += (mean_abs, norm)
                     else:
-                        add(key("input", n, batch), norm)
+                        k = ("weight", n) if kind == "weight" else ("input", n, batch)
+                        keys.append(cache.setdefault(k, k))
+                        values.append(norm)
+        self.sink.extend(keys, values)
 
     def _forward_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
