@@ -20,13 +20,13 @@ Each as ``plain`` (``use_shortcut=False``), ``resify`` (``resify.apply(plain, x)
 uses). Before training, each configuration checks that resify planned exactly those shortcuts and
 that ``resify.apply(plain)``, with the hand-written net's weights, computes the hand-written net's
 outputs and gradients. At initialisation it records ``resify.gradient_flow``'s verdict and the
-first-layer gradient gain ``resify.compare(flow(plain), flow(variant)).first_layer_ratio``; after
-training, the spread of the head's input over the test set (a net that maps every input to the
-same representation has none).
+first-layer gradient gain ``resify.compare(flow(plain), flow(variant)).first_layer_ratio``; at
+initialisation and after training, the spread of the head's input over the test set (a net that
+maps every input to the same representation has none).
 
 Run from the repository root::
 
-    python -m benchmarks.efficacy_sequences            # the full sweep (about 20 min on 1 CPU thread)
+    python -m benchmarks.efficacy_sequences            # the full sweep (13–16 min on 1 CPU thread)
     python -m benchmarks.efficacy_sequences --quick    # LSTM 16, Transformer 12, seed 0, 3 epochs; writes nothing
 
 It prints plain tables and writes ``benchmarks/results/efficacy-sequences.md`` (and ``.json``).
@@ -163,7 +163,8 @@ class SeqRun:
     first_grad: float  # mean |grad| of the first layer's weight ('inp') at init, on the training set
     grad_ratio: float | None  # compare(flow(plain), flow(variant)).first_layer_ratio (None for plain)
     verdict: str  # resify.gradient_flow's verdict at init
-    spread: float  # after training: the head input's std over the test set ÷ its rms
+    spread_init: float  # at init: the head input's std over the test set ÷ its rms (see head_spread)
+    spread: float  # the same after training
     seconds: float
     diverged: bool
 
@@ -238,6 +239,9 @@ def check_equivalence(model: str, depth: int, data: Digits, seed: int = 0) -> Eq
     output_diff = (outs[0] - outs[1]).abs().max().item()
     if set(grads[0]) != set(grads[1]):
         raise SystemExit(f"{model} depth {depth}: parameters differ: {sorted(set(grads[0]) ^ set(grads[1]))}")
+    unreached = sorted(n for g in grads for n, t in g.items() if t is None)
+    if unreached:
+        raise SystemExit(f"{model} depth {depth}: no gradient reaches {unreached}")
     grad_diff = max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0])
     if not output_diff <= TOLERANCE or not grad_diff <= TOLERANCE:
         raise SystemExit(
@@ -279,6 +283,7 @@ def run_one(
     flow = resify.gradient_flow(net, xtr, target=data.y_train)
     ratio = None if variant == "plain" or plain_flow is None else resify.compare(plain_flow, flow).first_layer_ratio
     first = flow.layer("inp").mean_abs_grad or 0.0
+    spread_init = head_spread(net, xte)
     t = time.perf_counter()
     diverged = train(net, xtr, data.y_train, epochs, seed)
     seconds = time.perf_counter() - t
@@ -292,6 +297,7 @@ def run_one(
         first,
         ratio,
         flow.verdict,
+        spread_init,
         head_spread(net, xte),
         seconds,
         diverged,
@@ -348,28 +354,33 @@ def grad_table(runs: Sequence[SeqRun], markdown: bool = False) -> str:
             rs = _group(runs, model=model, depth=depth, variant=v)
             row.append(f"{_geo([r.grad_ratio for r in rs])} ({'/'.join(sorted({r.verdict for r in rs})) or '-'})")
         rows.append(row)
-    header = ["model", "depth", "plain: first-layer mean |grad|", "plain: verdict"]
+    header = ["model", "depth", "plain: first layer's mean abs grad", "plain: verdict"]
     return table(header + [f"{_LABEL[v]}: gain (verdict)" for v in VARIANTS[1:]], rows, markdown)
 
 
 def spread_table(runs: Sequence[SeqRun], markdown: bool = False) -> str:
-    """After training: the spread of the head's input over the test set, mean over seeds."""
+    """The spread of the head's input over the test set at init → after training, mean over seeds."""
     rows = []
     for model, depth in _configs(runs):
         row: list[object] = [_TITLE[model], depth]
         for v in VARIANTS:
             rs = _group(runs, model=model, depth=depth, variant=v)
-            row.append(f"{statistics.fmean(r.spread for r in rs):.2g}" if rs else "-")
+            if not rs:
+                row.append("-")
+                continue
+            before, after = statistics.fmean(r.spread_init for r in rs), statistics.fmean(r.spread for r in rs)
+            row.append(f"{before:.2g} → {after:.2g}")
         rows.append(row)
     return table(["model", "depth", *[_LABEL[v] for v in VARIANTS]], rows, markdown)
 
 
 def equivalence_table(checks: Sequence[Equivalence], markdown: bool = False) -> str:
     rows = [
-        [_TITLE[c.model], c.depth, f"{c.sites} identity", f"{c.output_diff:.2g}", f"{c.grad_diff:.2g}"]
-        for c in checks
+        [_TITLE[c.model], c.depth, f"{c.sites} identity", f"{c.output_diff:.2g}", f"{c.grad_diff:.2g}"] for c in checks
     ]
-    return table(["model", "depth", "resify's shortcuts", "max |Δ logits|", "max |Δ grad|"], rows, markdown)
+    return table(
+        ["model", "depth", "resify's shortcuts", "largest Δ of a logit", "largest Δ of a gradient"], rows, markdown
+    )
 
 
 def _n_seeds(runs: Sequence[SeqRun]) -> int:
@@ -434,12 +445,12 @@ def write_markdown(
         "",
         grad_table(runs, markdown=True),
         "",
-        "## What the trained networks compute",
+        "## Do the networks tell their inputs apart?",
         "",
-        "After training: the head's input (the last step's features for the LSTM, the mean over the "
-        "steps for the Transformer) over the 450 test sequences, its per-feature standard deviation "
-        "over the samples divided by its root mean square, mean over seeds. Near 0, the network maps "
-        "every input to the same representation and predicts one class.",
+        "The head's input (the last step's features for the LSTM, the mean over the steps for the "
+        "Transformer) over the 450 test sequences: its per-feature standard deviation over the samples "
+        "divided by its root mean square, at initialisation → after training, mean over seeds. Near 0, "
+        "the network maps every input to the same representation and predicts one class.",
         "",
         spread_table(runs, markdown=True),
         "",
@@ -499,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> list[SeqRun]:
                     gain = "" if r.grad_ratio is None else f" gain x{r.grad_ratio:.3g}"
                     print(
                         f"  {model:11s} depth {depth:3d} {v:14s} seed {seed}: {100 * r.accuracy:5.1f}% "
-                        f"({r.verdict}{gain}; spread {r.spread:.2g}) ({r.seconds:.1f} s)"
+                        f"({r.verdict}{gain}; spread {r.spread_init:.2g} -> {r.spread:.2g}) ({r.seconds:.1f} s)"
                         f"{' DIVERGED' if r.diverged else ''}",
                         flush=True,
                     )
@@ -511,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> list[SeqRun]:
     print("Test accuracy % (mean ± std over seeds)\n\n" + accuracy_table(runs))
     print("\nresify.apply(plain) against the hand-written net, same weights\n\n" + equivalence_table(checks))
     print("\nFirst-layer gradient gain at init, variant / plain (verdict)\n\n" + grad_table(runs))
-    print("\nSpread of the head's input over the test set, after training\n\n" + spread_table(runs))
+    print("\nSpread of the head's input over the test set, at init -> after training\n\n" + spread_table(runs))
     if not args.no_write:
         os.makedirs(os.path.dirname(args.results), exist_ok=True)
         write_markdown(runs, checks, args.results, [command.strip()], machine(), seconds)

@@ -1,6 +1,6 @@
 """The sequence efficacy benchmark's smallest configuration: resify makes deep recurrent and attention stacks train.
 
-Runs benchmarks/efficacy_sequences.py's own functions (one seed, 3 epochs, a few seconds each);
+Runs benchmarks/efficacy_sequences.py's own functions (one seed, 2–3 epochs, a few seconds each);
 asserts accuracy and equality, not time.
 """
 
@@ -37,11 +37,12 @@ def test_the_check_fails_when_the_shortcuts_are_not_the_hand_written_ones(data, 
         bench.check_equivalence("transformer", 1, data)
 
 
-@pytest.mark.parametrize(("model", "depth", "floor"), [("lstm", 16, 0.8), ("transformer", 12, 0.5)])
-def test_converted_deep_stack_trains_where_the_plain_one_does_not(data, model, depth, floor):
+# measured on seed 0: LSTM 10.0% → 94.2% after 3 epochs, Transformer 10.0% → 65.6% after 2
+@pytest.mark.parametrize(("model", "depth", "epochs", "floor"), [("lstm", 16, 3, 0.8), ("transformer", 12, 2, 0.45)])
+def test_converted_deep_stack_trains_where_the_plain_one_does_not(data, model, depth, epochs, floor):
     torch.set_num_threads(1)
-    plain, flow = bench.run_one(model, depth, "plain", seed=0, epochs=3, data=data)
-    converted, _ = bench.run_one(model, depth, "resify", seed=0, epochs=3, data=data, plain_flow=flow)
+    plain, flow = bench.run_one(model, depth, "plain", seed=0, epochs=epochs, data=data)
+    converted, _ = bench.run_one(model, depth, "resify", seed=0, epochs=epochs, data=data, plain_flow=flow)
     assert plain.accuracy < 0.2  # chance is 0.1
     assert plain.spread < 1e-2  # every input mapped to the same representation
     assert converted.accuracy > floor
