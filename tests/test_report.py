@@ -417,11 +417,11 @@ class _Attention(nn.Module):
         return self.head(a)
 
 
-def test_a_layer_whose_weight_its_parent_uses_comes_last_and_is_not_the_reference():
+def test_a_layer_whose_weight_its_parent_uses_follows_it_and_is_not_the_reference():
     torch.manual_seed(0)
     flow = resify.gradient_flow(_Attention(), torch.randn(2, 5, 8))
-    # attention is a layer (its in_proj_weight); out_proj is never called: it comes last
-    assert [r.name for r in flow.layers] == ["emb", "attn", "head", "attn.out_proj"]
+    # attention is a layer (its in_proj_weight); out_proj is never called: it comes right after it
+    assert [r.name for r in flow.layers] == ["emb", "attn", "attn.out_proj", "head"]
     assert flow.layer("attn").kind == "MultiheadAttention" and flow.layer("attn").shape == (48, 16)
     out_proj = flow.layer("attn.out_proj")
     assert out_proj.mean_abs_grad > 0 and out_proj.input_grad_norm is None

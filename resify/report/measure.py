@@ -159,8 +159,9 @@ def _order(
 
     Gates are placed by the position of their get_attr node in the graph of the GraphModule that
     holds them. A layer that was never called but whose weight received a gradient (used by its
-    parent, as nn.MultiheadAttention uses out_proj.weight) comes after every called layer; one
-    with neither is left out.
+    parent, as nn.MultiheadAttention uses out_proj.weight) comes right after the nearest called
+    module that contains it, or after every called layer where none does; one with neither is left
+    out.
     """
     inf = float("inf")
     keys: dict[str, tuple] = {}
@@ -168,7 +169,8 @@ def _order(
         if name in called:
             keys[name] = (called[name], 0, 0)
         elif name in got_grad:
-            keys[name] = (inf, 0, i)
+            owner = next((p for p in _ancestors(name) if p in called), None)
+            keys[name] = (called[owner], 1, i) if owner is not None else (inf, 0, i)
     gate_anchor = _gate_anchors(model, set(gates), set(called))
     for k, name in enumerate(gates):
         anchor = gate_anchor.get(name, ...)
@@ -177,6 +179,12 @@ def _order(
         else:
             keys[name] = (called[anchor] if anchor is not None else -1, 2, k)
     return sorted(keys, key=keys.__getitem__)
+
+
+def _ancestors(name: str) -> list[str]:
+    """'a.b.c' -> ['a.b', 'a'], nearest first."""
+    parts = name.split(".")
+    return [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
 
 
 def _gate_anchors(model: nn.Module, gates: set[str], called: set[str]) -> dict[str, str | None]:
