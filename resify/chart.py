@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from .constants import EXPLODING_RATIO, VANISHING_RATIO
 from .formats import fmt_number
-from .render import _plot_series  # the figure's series: one definition for the PNG and the SVG
+from .render import plot_series  # the figure's series: one definition for the PNG and the SVG
 
 if TYPE_CHECKING:
     from .report import GradientFlow
@@ -47,7 +47,7 @@ def flow_chart_svg(flows: Sequence[tuple[str, GradientFlow]], *, width: int = 64
             if not r.added and r.kind != "Gate" and r.name not in names:
                 names.append(r.name)
     xpos = {n: i for i, n in enumerate(names)}
-    series = [(label, flow, _plot_series(flow, xpos)[0]) for label, flow in flows]
+    series = [(label, flow, plot_series(flow, xpos)[0]) for label, flow in flows]
     values = [v for *_, rel in series for _, v in rel if v and math.isfinite(v)]
     lo_k = math.floor(math.log10(min([VANISHING_RATIO / 10, *values]))) - 1
     hi_k = math.ceil(math.log10(max([EXPLODING_RATIO * 10, *values]))) + 1

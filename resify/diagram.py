@@ -21,7 +21,7 @@ from html import escape
 from typing import TYPE_CHECKING
 
 from .formats import fmt_shape
-from .render import _span_label as _span  # "first … last", as the text tables write a span
+from .render import span_label as _span  # "first … last", as the text tables write a span
 
 if TYPE_CHECKING:
     from .analyze import ExistingShortcut

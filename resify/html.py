@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .chart import flow_chart_svg
 from .diagram import COLOURS, KIND_NAMES, architecture_svg, site_category
 from .formats import fmt_number, fmt_shape, fmt_times
-from .render import _span_label
+from .render import added_figures, change_figures, flow_figures, site_cells, span_label
 
 if TYPE_CHECKING:
     from .report import FlowComparison, GradientFlow
@@ -103,27 +103,17 @@ def _verdict(v: str) -> str:
 def _plan_tables(plan: Plan) -> str:
     parts = [f"<p><b>total:</b> {_t(plan.summary())}</p>"]
     if plan.sites:
-        rows = [
-            [
-                _span_label(s.start, s.end),
-                f"{fmt_shape(s.in_shape)} -> {fmt_shape(s.out_shape)}",
-                s.kind if s.projection is None else s.projection,
-                s.gate or "-",
-                f"{s.added_params:,}",
-                site_category(s),
-            ]
-            for s in plan.sites
-        ]
+        rows = [[*site_cells(s), site_category(s)] for s in plan.sites]
         table = _table(["span", "shape", "shortcut", "gate", "+params", "drawn as"], rows, numeric=(4,))
         parts.append(_folded(f"{len(rows)} shortcut(s) to add", f'<div class="sites">{table}</div>', len(rows)))
     else:
         parts.append("<p>no shortcut will be added</p>")
     if plan.skipped:
-        rows = [[_span_label(s.start, s.end), s.code, s.reason] for s in plan.skipped]
+        rows = [[span_label(s.start, s.end), s.code, s.reason] for s in plan.skipped]
         table = _table(["span", "code", "reason"], rows, wrap=(2,))
         parts.append(_folded(f"skipped ({len(rows)})", f'<div class="skipped">{table}</div>', len(rows)))
     if plan.existing:
-        rows = [[e.kind, e.node, _span_label(e.start, e.end), e.bypass] for e in plan.existing]
+        rows = [[e.kind, e.node, span_label(e.start, e.end), e.bypass] for e in plan.existing]
         table = _table(["kind", "at", "around", "bypass"], rows)
         parts.append(_folded(f"existing shortcuts ({len(rows)})", f'<div class="existing">{table}</div>', len(rows)))
     else:
@@ -164,20 +154,7 @@ def plan_html(plan: Plan, *, page: bool = True) -> str:
 
 
 def _flow_table(flow: GradientFlow) -> str:
-    rows = [
-        [
-            str(r.depth),
-            ("+" if r.added else "") + r.name,
-            r.kind,
-            fmt_number(r.mean_abs_grad),
-            fmt_number(r.grad_norm),
-            fmt_number(r.grad_to_weight),
-            fmt_number(r.input_grad_norm),
-            fmt_number(r.activation_rms),
-            r.verdict,
-        ]
-        for r in flow.layers
-    ]
+    rows = [[str(r.depth), ("+" if r.added else "") + r.name, r.kind, *flow_figures(r), r.verdict] for r in flow.layers]
     header = ["#", "layer", "kind", "mean|grad|", "‖grad‖", "‖g‖/‖w‖", "‖input grad‖", "act rms", "verdict"]
     table = _table(header, rows, numeric=(0, 3, 4, 5, 6, 7))
     return _folded(f"{len(rows)} layer(s); + marks those resify added", f'<div class="flow">{table}</div>', len(rows))
@@ -217,27 +194,12 @@ def _comparison_body(c: FlowComparison) -> str:
         + "</p>",
         flow_chart_svg([("before", c.before), ("after", c.after)]),
     ]
-    rows = [
-        [
-            ch.name,
-            ch.after.kind,
-            fmt_number(ch.before.mean_abs_grad),
-            fmt_number(ch.after.mean_abs_grad),
-            fmt_times(ch.ratio),
-            fmt_number(ch.before.input_grad_norm),
-            fmt_number(ch.after.input_grad_norm),
-            fmt_times(ch.input_ratio),
-        ]
-        for ch in c.layers
-    ]
+    rows = [[ch.name, ch.after.kind, *change_figures(ch)] for ch in c.layers]
     header = ["layer", "kind", "mean |grad| before", "after", "×", "‖input grad‖ before", "after", "×"]
     table = _table(header, rows, numeric=range(2, 8))
     lines.append(_folded(f"{len(rows)} layer(s), before and after", f'<div class="layers">{table}</div>', len(rows)))
     if c.added:
-        rows = [
-            [r.name, r.kind, fmt_number(r.mean_abs_grad), fmt_number(r.grad_norm), fmt_number(r.input_grad_norm)]
-            for r in c.added
-        ]
+        rows = [[r.name, r.kind, *added_figures(r)] for r in c.added]
         table = _table(["layer", "kind", "mean|grad|", "‖grad‖", "‖input grad‖"], rows, numeric=(2, 3, 4))
         lines.append(_folded(f"added by resify ({len(rows)})", f'<div class="added">{table}</div>', len(rows)))
     if c.removed:

@@ -17,10 +17,16 @@ from .errors import ResifyError
 from .formats import fmt_number, fmt_shape, fmt_times
 
 if TYPE_CHECKING:
-    from .report import FlowComparison, GradientFlow
-    from .sites import Plan
+    from .report import FlowComparison, GradientFlow, LayerChange, LayerFlow
+    from .sites import Plan, Site
 
 __all__ = [
+    "flow_figures",
+    "change_figures",
+    "added_figures",
+    "site_cells",
+    "span_label",
+    "plot_series",
     "table",
     "plan_text",
     "flow_text",
@@ -29,6 +35,42 @@ __all__ = [
     "comparison_markdown",
     "plot_flows",
 ]
+
+
+def flow_figures(r: LayerFlow) -> list[str]:
+    """One layer's figures as every table shows them: mean |grad|, ‖grad‖, ‖g‖/‖w‖, ‖input grad‖, act rms."""
+    return [
+        fmt_number(x) for x in (r.mean_abs_grad, r.grad_norm, r.grad_to_weight, r.input_grad_norm, r.activation_rms)
+    ]
+
+
+def change_figures(ch: LayerChange) -> list[str]:
+    """One layer before and after: mean |grad| before, after, ×; ‖input grad‖ before, after, ×."""
+    b, a = ch.before, ch.after
+    return [
+        fmt_number(b.mean_abs_grad),
+        fmt_number(a.mean_abs_grad),
+        fmt_times(ch.ratio),
+        fmt_number(b.input_grad_norm),
+        fmt_number(a.input_grad_norm),
+        fmt_times(ch.input_ratio),
+    ]
+
+
+def added_figures(r: LayerFlow) -> list[str]:
+    """A layer resify added, in a comparison: mean |grad|, ‖grad‖, ‖input grad‖."""
+    return [fmt_number(x) for x in (r.mean_abs_grad, r.grad_norm, r.input_grad_norm)]
+
+
+def site_cells(s: Site) -> list[str]:
+    """One site as the plan tables show it: span, shapes, shortcut, gate, added parameters."""
+    return [
+        span_label(s.start, s.end),
+        f"{fmt_shape(s.in_shape)} -> {fmt_shape(s.out_shape)}",
+        s.kind if s.projection is None else s.projection,
+        s.gate or "-",
+        f"{s.added_params:,}",
+    ]
 
 
 def _kind(kind: str, width: int = 14) -> str:
@@ -98,17 +140,7 @@ def _header(flow: GradientFlow, width: int) -> list[str]:
 def flow_text(flow: GradientFlow, width: int) -> str:
     header = ["#", "layer", "kind", "mean|grad|", "‖grad‖", "‖g‖/‖w‖", "‖input grad‖", "act rms", "verdict"]
     rows = [
-        [
-            str(r.depth),
-            ("+" if r.added else "") + r.name,
-            _kind(r.kind),
-            fmt_number(r.mean_abs_grad),
-            fmt_number(r.grad_norm),
-            fmt_number(r.grad_to_weight),
-            fmt_number(r.input_grad_norm),
-            fmt_number(r.activation_rms),
-            r.verdict,
-        ]
+        [str(r.depth), ("+" if r.added else "") + r.name, _kind(r.kind), *flow_figures(r), r.verdict]
         for r in flow.layers
     ]
     right = [True, False, False, True, True, True, True, True, False]
@@ -158,21 +190,7 @@ def flow_markdown(flow: GradientFlow) -> str:
     lines.append("|" + "---:|" + ":---|" * 2 + "---:|" * 5 + ":---|")
     for r in flow.layers:
         name = f"`{r.name}`" + (" *added*" if r.added else "")
-        lines.append(
-            _md_row(
-                [
-                    str(r.depth),
-                    name,
-                    r.kind,
-                    fmt_number(r.mean_abs_grad),
-                    fmt_number(r.grad_norm),
-                    fmt_number(r.grad_to_weight),
-                    fmt_number(r.input_grad_norm),
-                    fmt_number(r.activation_rms),
-                    r.verdict,
-                ]
-            )
-        )
+        lines.append(_md_row([str(r.depth), name, r.kind, *flow_figures(r), r.verdict]))
     return "\n".join(lines)
 
 
@@ -181,19 +199,7 @@ def comparison_text(c: FlowComparison, width: int) -> str:
     for tag, flow in (("before", c.before), ("after", c.after)):
         lines += textwrap.wrap(f"{tag}: {flow.summary()}", width, subsequent_indent="  ")
     header = ["layer", "kind", "before", "after", "×", "before", "after", "×"]
-    rows = [
-        [
-            ch.name,
-            _kind(ch.after.kind),
-            fmt_number(ch.before.mean_abs_grad),
-            fmt_number(ch.after.mean_abs_grad),
-            fmt_times(ch.ratio),
-            fmt_number(ch.before.input_grad_norm),
-            fmt_number(ch.after.input_grad_norm),
-            fmt_times(ch.input_ratio),
-        ]
-        for ch in c.layers
-    ]
+    rows = [[ch.name, _kind(ch.after.kind), *change_figures(ch)] for ch in c.layers]
     groups = ("mean |grad| of weight", "‖input grad‖")
     # widen the 'before' columns so that each group label fits over its three columns
     mins = [0, 0, 0, 0, 0, 0, 0, 0]
@@ -208,10 +214,7 @@ def comparison_text(c: FlowComparison, width: int) -> str:
     lines += ["", group.rstrip(), *rendered]
     if c.added:
         lines += ["", f"added by resify ({len(c.added)}):"]
-        rows = [
-            [r.name, _kind(r.kind), fmt_number(r.mean_abs_grad), fmt_number(r.grad_norm), fmt_number(r.input_grad_norm)]
-            for r in c.added
-        ]
+        rows = [[r.name, _kind(r.kind), *added_figures(r)] for r in c.added]
         lines += table(
             ["layer", "kind", "mean|grad|", "‖grad‖", "‖input grad‖"],
             rows,
@@ -239,20 +242,7 @@ def comparison_markdown(c: FlowComparison) -> str:
         "|:---|:---|" + "---:|" * 6,
     ]
     for ch in c.layers:
-        lines.append(
-            _md_row(
-                [
-                    f"`{ch.name}`",
-                    ch.after.kind,
-                    fmt_number(ch.before.mean_abs_grad),
-                    fmt_number(ch.after.mean_abs_grad),
-                    fmt_times(ch.ratio),
-                    fmt_number(ch.before.input_grad_norm),
-                    fmt_number(ch.after.input_grad_norm),
-                    fmt_times(ch.input_ratio),
-                ]
-            )
-        )
+        lines.append(_md_row([f"`{ch.name}`", ch.after.kind, *change_figures(ch)]))
     if c.added:
         lines += [
             "",
@@ -262,17 +252,7 @@ def comparison_markdown(c: FlowComparison) -> str:
             "|:---|:---|---:|---:|---:|",
         ]
         for r in c.added:
-            lines.append(
-                _md_row(
-                    [
-                        f"`{r.name}`",
-                        r.kind,
-                        fmt_number(r.mean_abs_grad),
-                        fmt_number(r.grad_norm),
-                        fmt_number(r.input_grad_norm),
-                    ]
-                )
-            )
+            lines.append(_md_row([f"`{r.name}`", r.kind, *added_figures(r)]))
     if c.removed:
         lines += ["", "Only before: " + ", ".join(f"`{n}`" for n in c.removed)]
     return "\n".join(lines)
@@ -299,7 +279,7 @@ def plot_flows(flows: Sequence[tuple[str, GradientFlow]], path: str | Path, titl
             if not r.added and r.kind != "Gate" and r.name not in names:
                 names.append(r.name)
     xpos = {n: i for i, n in enumerate(names)}
-    series = [(label, flow, *_plot_series(flow, xpos)) for label, flow in flows]
+    series = [(label, flow, *plot_series(flow, xpos)) for label, flow in flows]
     rel_values = [v for s in series for _, v in s[2] + s[4] if v and math.isfinite(v)]
     grad_values = [v for s in series for _, v in s[3] if v and math.isfinite(v)]
     lo = min([VANISHING_RATIO / 10, *rel_values]) / 10
@@ -372,7 +352,7 @@ def plot_flows(flows: Sequence[tuple[str, GradientFlow]], path: str | Path, titl
     return path
 
 
-def _plot_series(flow: GradientFlow, xpos: Mapping[str, int]) -> tuple[list, list, list]:
+def plot_series(flow: GradientFlow, xpos: Mapping[str, int]) -> tuple[list, list, list]:
     """(x, flow ÷ last flow) and (x, mean |grad|) for the own layers; (x, flow ÷ last) for projections."""
     own = [r for r in flow.layers if not r.added and r.kind != "Gate"]
     last = next((r.flow for r in reversed(own) if r.flow), None)
@@ -387,7 +367,7 @@ def _plot_series(flow: GradientFlow, xpos: Mapping[str, int]) -> tuple[list, lis
     return rel, grads, added
 
 
-def _span_label(start: str, end: str) -> str:
+def span_label(start: str, end: str) -> str:
     return start if start == end else f"{start} … {end}"
 
 
@@ -402,20 +382,11 @@ def plan_text(plan: Plan, width: int = 100) -> str:
     if plan.existing:
         lines += ["", f"existing shortcuts ({len(plan.existing)}):"]
         for e in plan.existing:
-            lines.append(_clip(f"  {e.kind} at {e.node} over {_span_label(e.start, e.end)} ({e.bypass})", width))
+            lines.append(_clip(f"  {e.kind} at {e.node} over {span_label(e.start, e.end)} ({e.bypass})", width))
     else:
         lines += ["", "existing shortcuts: none"]
     if plan.sites:
-        rows = [
-            [
-                _span_label(s.start, s.end),
-                f"{fmt_shape(s.in_shape)} -> {fmt_shape(s.out_shape)}",
-                s.kind if s.projection is None else s.projection,
-                s.gate or "-",
-                f"{s.added_params:,}",
-            ]
-            for s in plan.sites
-        ]
+        rows = [site_cells(s) for s in plan.sites]
         lines += [
             "",
             *table(
@@ -432,7 +403,7 @@ def plan_text(plan: Plan, width: int = 100) -> str:
     if plan.skipped:
         lines += ["", f"skipped ({len(plan.skipped)}):"]
         for s in plan.skipped:
-            lines.append(_clip(f"  {_span_label(s.start, s.end)}: {s.reason}", width))
+            lines.append(_clip(f"  {span_label(s.start, s.end)}: {s.reason}", width))
     for note in plan.notes:
         lines += ["", *textwrap.wrap("note: " + note, width, subsequent_indent="  ")]
     lines += ["", *textwrap.wrap("total: " + plan.summary(), width, subsequent_indent="  ")]
