@@ -55,7 +55,7 @@ def _parameter_free(site: Site) -> Site:
     """The site with ResNet's option A in place of its learned projection (channels padded or sliced)."""
     form = site.shortcut
     assert isinstance(form, Projection)
-    pad = replace(form, op="pad", norm=None, pool_last=False, groups=1)
+    pad = form.parameter_free()
     return replace(site, shortcut=pad, added_params=site.added_params - form.params)
 
 

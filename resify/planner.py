@@ -165,7 +165,7 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
             norm = span_norm(layers, analysis, dims) if sees else None
             form = Projection("conv", (cin, cout), dims, pool=True, pool_last=sees == "input", norm=norm, upsample=up)
     if policy.projection == "pad":  # ResNet's option A: no parameters
-        return site(replace(form, op="pad", norm=None, pool_last=False), gate_params)
+        return site(form.parameter_free(), gate_params)
     if policy.projection == "auto" and form.op == "conv":
         groups = span_groups(layers, analysis)
         if groups > 1 and form.channels[0] % groups == 0 and form.channels[1] % groups == 0:

@@ -10,7 +10,7 @@ round-trip through ``to_dict`` / ``Plan.from_dict`` (schema versions 1 and 2 are
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
 from .analyze import ExistingShortcut
@@ -66,6 +66,10 @@ class Projection:
     norm: str | None = None  # "BatchNorm2d", …: the norm that follows a conv projection
     groups: int = 1  # a conv projection's groups (beside a grouped or depthwise convolution)
     upsample: bool = False  # ``pool`` resamples up (nearest): the branch grows the map (a decoder)
+
+    def parameter_free(self) -> Projection:
+        """The same change of shape without parameters: ResNet's option A (pad or slice, stride, pool)."""
+        return replace(self, op="pad", norm=None, pool_last=False, groups=1)
 
     @property
     def params(self) -> int:

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import ops
 from ..constants import NAMESPACE
 from ..errors import ResifyError
 from ..modules import Shortcut
+from ..ops import module_kind as layer_kind
+from ..ops import stored_weight
 from .figures import BATCH_NUMEL, Sink, figures_of, l2_norm, stacked_figures
 
 __all__ = [
@@ -59,16 +60,6 @@ def is_measuring() -> bool:
 
 def is_added(name: str) -> bool:
     return NAMESPACE in name.split(".")
-
-
-def stored_weight(m: nn.Module) -> torch.Tensor | None:
-    """The parameter that holds a module's weight (see ``resify.ops.stored_weight``)."""
-    return ops.stored_weight(m)
-
-
-def layer_kind(m: nn.Module) -> str:
-    """The layer's class name ("Linear" for a parametrized Linear too)."""
-    return ops.module_kind(m)
 
 
 def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
