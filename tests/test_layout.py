@@ -6,7 +6,9 @@ from pathlib import Path
 
 import networkx as nx
 
-PACKAGE = Path(__file__).resolve().parents[1] / "resify"
+import resify
+
+PACKAGE = Path(resify.__file__).resolve().parent  # the package under test: installed or in the work tree
 LEAVES = {"resify.constants", "resify.formats", "resify.errors"}
 MAX_LINES = 450
 

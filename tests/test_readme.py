@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+import resify
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 #: seconds one block or command may take (each takes a few; the slowest, Hugging Face, about 10)
@@ -225,9 +227,10 @@ def test_the_module_table_lists_every_module_of_the_package() -> None:
     for folder in re.findall(r"`(resify/\w+)/`", table):  # a package: its modules named in the row
         row = next(line for line in table.splitlines() if f"`{folder}/`" in line)
         named |= {f"{folder}/{name}" for name in re.findall(r"`(\w+\.py)`", row)}
+    package = Path(resify.__file__).resolve().parent  # the package under test: installed or in the work tree
     files = {
-        p.relative_to(ROOT).as_posix()
-        for p in (ROOT / "resify").rglob("*.py")
+        "resify/" + p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
         if p.name not in ("__init__.py", "__main__.py")
     }
     assert sorted(files - named) == [], "modules the README's table does not list"
