@@ -2,7 +2,9 @@
 
 from .analyze import ExistingShortcut, Layer
 from .api import apply, plan
+from .checkpoint import load, remove, save
 from .errors import ModelLoadError, PlanError, ResifyError, ResifyWarning, RewriteError, TraceError
+from .install import applied_plan
 from .modules import DualGraphModule, Shortcut
 from .policy import Policy
 from .report import FlowComparison, GradientFlow, LayerFlow, compare, gradient_flow
@@ -15,6 +17,10 @@ __all__ = [
     "__version__",
     "apply",
     "plan",
+    "applied_plan",
+    "save",
+    "load",
+    "remove",
     "Plan",
     "Policy",
     "Site",

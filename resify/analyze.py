@@ -245,7 +245,7 @@ def _find_layers(traced: Traced) -> list[Layer]:
     gm = traced.root
     layers = []
     for n in traced.graph.nodes:
-        if not is_layer_node(gm, n) or layer_name(n).startswith(NAMESPACE + "."):
+        if not is_layer_node(gm, n) or NAMESPACE in layer_name(n).split("."):
             continue  # resify's own projections are shortcuts, not layers
         cur, roles, chain = n, [], [n.name]
         if isinstance(called_module(gm, n), TUPLE_LAYER_MODULES):
@@ -407,7 +407,7 @@ def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcu
         names = [
             layer_by_anchor[n.name].name if n.name in layer_by_anchor else str(n.target)
             for n in branch
-            if not str(n.target).startswith(NAMESPACE + ".")
+            if NAMESPACE not in str(n.target).split(".")
         ] or [m.name]
         inner = tuple(layer_by_anchor[n.name].name for n in members if n.name in layer_by_anchor)
         for name in inner:

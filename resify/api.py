@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-import torch.fx
 from torch import nn
 
 from .analyze import analyze
-from .planner import make_plan, reconcile_modes
+from .checkpoint import read_plan
+from .errors import PlanError, RewriteError
+from .inputs import as_inputs
+from .install import install
+from .owners import merge, place, settle
+from .planner import check_patterns, make_plan, reconcile_modes
 from .policy import Policy
 from .rewrite import rewrite
 from .sites import Plan
 from .trace import Traced, trace
+from .units import trace_units
 
-__all__ = ["apply", "plan"]
+__all__ = ["apply", "plan", "converted", "Converted"]
 
 
 class _GcPause:
@@ -53,18 +60,53 @@ class _GcPause:
 
 _no_gc = _GcPause()
 
+M = TypeVar("M", bound=nn.Module)
+
+
+@dataclass
+class _Prepared:
+    plan: Plan
+    policy: Policy
+    inputs: tuple[Any, ...]  # given or derived
+    kwargs: dict[str, Any]
+    root: Traced | None  # the whole model's trace, where its forward traced
+
 
 def _prepare(
-    model: nn.Module, example_input: Any, example_kwargs: dict[str, Any] | None, policy: dict[str, Any]
-) -> tuple[Traced, Plan]:
+    model: nn.Module,
+    example_input: Any,
+    example_kwargs: dict[str, Any] | None,
+    policy: dict[str, Any],
+    *,
+    named: bool = True,
+) -> _Prepared:
+    """Trace the model (whole, or the modules inside it that trace), analyse and plan each unit.
+
+    ``named``: name each site under its owner (the result keeps the user's modules); otherwise
+    names unique in the whole model (one GraphModule)."""
     pol = Policy.from_kwargs(**policy)
-    traced = trace(model, example_input, example_kwargs=example_kwargs, leaf_modules=pol.leaf_modules)
+    inputs = as_inputs(example_input)
+    kwargs = dict(example_kwargs or {})
+    units, whole = trace_units(model, inputs, kwargs, pol.leaf_modules)
     params = sum(p.numel() for p in model.parameters())
-    the_plan = make_plan(analyze(traced), pol, params_before=params)
-    other = traced.other_mode()
-    if other is not None:  # forward reads self.training: plan both graphs, keep what they share
-        the_plan = reconcile_modes(the_plan, make_plan(analyze(other), pol, params_before=params), traced.training)
-    return traced, the_plan
+    parts = []
+    for unit in units:
+        analysis = analyze(unit.traced)
+        part = make_plan(analysis, pol, params_before=params, prefix=unit.path)
+        other = unit.traced.other_mode()
+        if other is not None:  # forward reads self.training: plan both graphs, keep what they share
+            theirs = make_plan(analyze(other), pol, params_before=params, prefix=unit.path)
+            part = reconcile_modes(part, theirs, unit.traced.training)
+        parts.append(place(part, analysis, unit.path))
+    the_plan = merge(type(model).__name__, parts, whole, pol, params)
+    if whole:
+        check_patterns(the_plan.layers, pol)
+    if named:
+        the_plan = settle(the_plan, model)
+    root = units[0].traced if units[0].path == "" else None
+    given = root.example_inputs if root is not None else inputs
+    assert given is not None  # units below the root exist only where the example input was given
+    return _Prepared(the_plan, pol, tuple(given), kwargs, root)
 
 
 def plan(
@@ -141,19 +183,25 @@ def plan(
     [('2', 'rezero', 0.0)]
     """
     with _no_gc():
-        return _prepare(model, example_input, example_kwargs, policy)[1]
+        return _prepare(model, example_input, example_kwargs, policy).plan
 
 
 def apply(
-    model: nn.Module, example_input: Any = None, *, example_kwargs: dict[str, Any] | None = None, **policy: Any
-) -> torch.fx.GraphModule:
+    model: M,
+    example_input: Any = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    graph_module: bool = False,
+    plan: Plan | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    **policy: Any,
+) -> M:
     """Return a new GraphModule: ``model`` with residual shortcuts added (``model`` is not changed).
 
     Takes the same arguments as :func:`plan` (``example_input``, ``example_kwargs`` and the policy
     keywords ``shortcut``, ``group``, ``include``, ``exclude``, ``gate``, ``gate_init``,
     ``preserve_output``, ``dense_max_growth``, ``leaf_modules``, ``projection``, ``max_added``,
     ``projection_cost``; see there), and raises what it
-    raises. The plan that was carried out is in ``result.meta["resify_plan"]`` and the example
+    raises. The plan that was carried out is in ``resify.applied_plan(result)`` and the example
     input used (given or derived) in ``result.meta["resify_example_inputs"]`` (and
     ``["resify_example_kwargs"]``). New modules and parameters live under ``result.resify``; the
     result's weights are its own (copied when either side is first written).
@@ -169,7 +217,7 @@ def apply(
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> x = torch.randn(3, 4)
     >>> converted = resify.apply(model, x)
-    >>> [s.start for s in converted.meta["resify_plan"].sites], tuple(converted(x).shape)
+    >>> [s.start for s in resify.applied_plan(converted).sites], tuple(converted(x).shape)
     (['0', '2'], (3, 2))
     >>> identity = resify.apply(model, x, shortcut="identity")  # one shortcut, around layer '2'
     >>> h = torch.relu(model[0](x))
@@ -179,9 +227,77 @@ def apply(
     >>> torch.allclose(kept(x), model(x))
     True
     """
+    done = converted(model, example_input, example_kwargs, graph_module=graph_module, plan=plan, **policy)
+    return done.model  # type: ignore[return-value]
+
+
+def _reapplied(
+    model: nn.Module,
+    example_input: Any,
+    example_kwargs: dict[str, Any] | None,
+    plan: Plan | Mapping[str, Any] | str | os.PathLike[str],
+    graph_module: bool,
+    policy: dict[str, Any],
+) -> Converted:
+    """Carry out a saved plan exactly, without planning again (whatever today's defaults are)."""
+    extra = sorted(k for k in policy if k != "leaf_modules")
+    if extra:
+        raise PlanError(
+            f"plan= carries its own policy, found {', '.join(extra)} as well; drop them, or make a new plan with them"
+        )
+    if graph_module:
+        raise PlanError("plan= re-applies a plan inside the model's own modules; drop graph_module=True")
+    the_plan = read_plan(plan)
+    if the_plan.model_class != type(model).__name__:
+        raise PlanError(
+            f"the plan was made for a {the_plan.model_class}, found a {type(model).__name__}; "
+            "pass the model the plan was made for"
+        )
+    inputs = as_inputs(example_input)
+    kwargs = dict(example_kwargs or {})
     with _no_gc():
-        traced, the_plan = _prepare(model, example_input, example_kwargs, policy)
-        result = rewrite(traced, the_plan)
-    result.meta["resify_example_inputs"] = traced.example_inputs
-    result.meta["resify_example_kwargs"] = traced.example_kwargs
-    return result
+        if inputs is None:  # derived as planning derives it (a first Linear or conv layer)
+            inputs = trace(
+                model, None, example_kwargs=kwargs, leaf_modules=policy.get("leaf_modules", ())
+            ).example_inputs
+        result = install(model, the_plan, tuple(inputs), kwargs, tuple(policy.get("leaf_modules", ())))
+    return Converted(result, the_plan, tuple(inputs), kwargs)
+
+
+@dataclass
+class Converted:
+    """What a conversion made: the model, the plan carried out, and the example it was traced on."""
+
+    model: nn.Module
+    plan: Plan
+    inputs: tuple[Any, ...]  # given or derived
+    kwargs: dict[str, Any]
+
+
+def converted(
+    model: nn.Module,
+    example_input: Any = None,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    graph_module: bool = False,
+    plan: Plan | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    **policy: Any,
+) -> Converted:
+    """``apply``, with the example input it used (the CLI and the report need it)."""
+    if plan is not None:
+        return _reapplied(model, example_input, example_kwargs, plan, graph_module, policy)
+    with _no_gc():
+        prepared = _prepare(model, example_input, example_kwargs, policy, named=not graph_module)
+        if not graph_module:
+            leaves = tuple(prepared.policy.leaf_modules)
+            result = install(model, prepared.plan, prepared.inputs, prepared.kwargs, leaves)
+            return Converted(result, prepared.plan, prepared.inputs, prepared.kwargs)
+        if prepared.root is None:
+            raise RewriteError(
+                f"graph_module=True needs a model whose forward traces whole, and {type(model).__name__}'s does "
+                f"not ({prepared.plan.whole[0].reason}); drop graph_module=True to convert it module by module"
+            )
+        gm = rewrite(prepared.root, prepared.plan)
+    gm.meta["resify_example_inputs"] = prepared.root.example_inputs
+    gm.meta["resify_example_kwargs"] = prepared.root.example_kwargs
+    return Converted(gm, prepared.plan, prepared.root.example_inputs, prepared.root.example_kwargs)

@@ -151,30 +151,27 @@ def _writing(what: str, path: str | Path, write: Callable[[], Any]) -> Any:
         raise ResifyError(f"cannot write {what} to '{path}': {e.strerror or e}; choose a writable path") from e
 
 
-def _model_info(loaded: LoadedModel, converted: torch.fx.GraphModule) -> dict[str, Any]:
-    plan = converted.meta["resify_plan"]
+def _model_info(loaded: LoadedModel, done: api.Converted) -> dict[str, Any]:
+    plan = done.plan
     return {
         "source": loaded.source,
         "class": type(loaded.model).__name__,
         "parameters": plan.params_before,
-        "parameters_after": sum(p.numel() for p in converted.parameters()),
+        "parameters_after": sum(p.numel() for p in done.model.parameters()),
         "tracer": plan.tracer,
         "layers": plan.n_layers,
-        "example_input": [
-            list(t.shape) for t in converted.meta["resify_example_inputs"] if isinstance(t, torch.Tensor)
-        ],
+        "example_input": [list(t.shape) for t in done.inputs if isinstance(t, torch.Tensor)],
     }
 
 
-def _flow(loaded: LoadedModel, converted: torch.fx.GraphModule, batches: int) -> Any:
+def _flow(loaded: LoadedModel, done: api.Converted, batches: int) -> Any:
     from .report import compare, gradient_flow
 
-    inputs = converted.meta["resify_example_inputs"]
-    kwargs = converted.meta["resify_example_kwargs"]
+    inputs, kwargs = done.inputs, done.kwargs
     x = inputs[0] if len(inputs) == 1 else tuple(inputs)
     return compare(
         gradient_flow(loaded.model, x, batches=batches, example_kwargs=kwargs),
-        gradient_flow(converted, x, batches=batches, example_kwargs=kwargs),
+        gradient_flow(done.model, x, batches=batches, example_kwargs=kwargs),
     )
 
 
@@ -216,10 +213,10 @@ def inspect(
     """A dry run: what resify sees, what it would do, and the gradient flow before and after."""
     policy = policy_from_flags(opts)
     loaded, example, kwargs = _load(model_spec, opts)
-    converted = api.apply(loaded.model, example, example_kwargs=kwargs, **policy)
-    plan = converted.meta["resify_plan"]
-    info = _model_info(loaded, converted)
-    flow = None if no_report else _flow(loaded, converted, batches)
+    done = api.converted(loaded.model, example, kwargs, **policy)
+    plan = done.plan
+    info = _model_info(loaded, done)
+    flow = None if no_report else _flow(loaded, done, batches)
     if flow is not None and flow.before.verdict == "healthy" and plan.sites:
         plan = replace(plan, notes=(*plan.notes, _optional(flow.before.reason, plan)))
     if plot_path and flow is not None:
@@ -270,15 +267,13 @@ def convert(model_spec: str, out: str, force: bool, batches: int, **opts: Any) -
 
     policy = policy_from_flags(opts)
     loaded, example, kwargs = _load(model_spec, opts)
-    converted = api.apply(loaded.model, example, example_kwargs=kwargs, **policy)
-    plan = converted.meta["resify_plan"]
-    flow = _flow(loaded, converted, batches)
-    inputs = converted.meta["resify_example_inputs"]
+    done = api.converted(loaded.model, example, kwargs, graph_module=True, **policy)
+    converted, plan, inputs, kw = done.model, done.plan, done.inputs, done.kwargs
+    flow = _flow(loaded, done, batches)
 
     def same_outputs(reloaded: torch.nn.Module) -> None:
         with torch.no_grad():
             converted.eval(), reloaded.eval()
-            kw = converted.meta["resify_example_kwargs"]
             a, b = converted(*inputs, **kw), reloaded(*inputs, **kw)
         converted.train(plan_training), reloaded.train(plan_training)
         if isinstance(a, torch.Tensor) and not torch.allclose(a, b, rtol=1e-5, atol=1e-6):

@@ -53,8 +53,9 @@ TRACERS: tuple[TracerChoice, ...] = get_args(TracerChoice)
 PROJECTIONS: tuple[ProjectionChoice, ...] = get_args(ProjectionChoice)
 VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
 
-#: 2 added Skipped.code and Site.shortcut; version 1 documents still load.
-PLAN_SCHEMA_VERSION = 2
+#: 2 added Skipped.code and Site.shortcut; 3 added Site.owner, Site.exit_step and Plan.whole;
+#: version 1 and 2 documents still load (their sites are owned by the root).
+PLAN_SCHEMA_VERSION = 3
 REPORT_SCHEMA_VERSION = 1
 
 #: The default budget: learned projections may add this share of the model's parameters (ResNet-50's

@@ -57,6 +57,8 @@ def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None)
     for key, value in module.__dict__.items():
         if isinstance(value, types.MethodType) and value.__self__ is module:
             d[key] = types.MethodType(value.__func__, new)  # self.forward = self.fwd in __init__
+        elif getattr(value, "owner", None) is module and callable(getattr(value, "bound_to", None)):
+            d[key] = value.bound_to(new)  # a forward resify installed on the instance
     return new
 
 

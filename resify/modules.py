@@ -13,7 +13,10 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+import functools
+import inspect
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
 
 import torch
 import torch.fx
@@ -23,7 +26,19 @@ from torch.package import sys_importer
 
 from .ops import fetch
 
-__all__ = ["Shortcut", "DualGraphModule", "GATE_PARAMETERS"]
+__all__ = [
+    "Shortcut",
+    "DualGraphModule",
+    "OwnerForward",
+    "OwnerCall",
+    "install_forward",
+    "strip_forward",
+    "is_owner",
+    "run_owner",
+    "GATE_PARAMETERS",
+    "FORWARD_ATTRIBUTE",
+    "graph_code",
+]
 
 #: The parameter a gate kind adds to a Shortcut.
 GATE_PARAMETERS = {"rezero": "alpha", "layerscale": "gamma"}
@@ -139,3 +154,135 @@ def _rebuild_dual(
     # pickled tree itself (its Shortcut holders, its modes), whose leaves the graphs already call
     res._modules = body["_modules"]
     return res
+
+
+def graph_code(graph: torch.fx.Graph) -> tuple[str, str]:
+    """A graph's forward as source: (its imports, its ``def forward(self, …)``)."""
+    python_code = graph.python_code(root_module="self")
+    return _format_import_block(python_code.globals, sys_importer), python_code.src
+
+
+class VariantMaker(Protocol):
+    """Makes the rewritten forward's code for a call whose optional arguments were not traced."""
+
+    def __call__(
+        self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> dict[bool, tuple[str, str]]: ...
+
+
+def call_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+    """What a traced forward was specialised on: which inputs are tensors, None, or which plain value."""
+
+    def kind(v: Any) -> Hashable:
+        if isinstance(v, (torch.Tensor, torch.fx.Proxy)):  # a Proxy: traced again, as a tensor
+            return "T"
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return (type(v).__name__, v)
+        return type(v).__name__
+
+    return (tuple(kind(a) for a in args), tuple(sorted((k, kind(v)) for k, v in kwargs.items())))
+
+
+#: The instance attribute of an owner module that holds its rewritten forward's code.
+FORWARD_ATTRIBUTE = "_resify_forward"
+
+
+class OwnerForward:
+    """The rewritten forward of a module that owns shortcuts: its traced graph's source, with the
+    shortcuts inserted, one per mode where forward reads ``self.training`` and one per way of calling
+    it (a call that gives an optional argument the trace left at its default is traced once more,
+    with the same shortcuts, by ``maker``). It holds no reference to its module: copies of the module
+    (deepcopy, pickle, a DataParallel replica) share it. The compiled functions are not pickled.
+    """
+
+    def __init__(self, codes: dict[Hashable, dict[bool, tuple[str, str]]], maker: VariantMaker | None) -> None:
+        self.codes = codes  # call key -> {training: (imports, source)}
+        self.maker = maker
+        self._fns: dict[tuple[Hashable, bool], Callable[..., Any]] = {}
+
+    def function(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Any]:
+        """The compiled forward (a plain function of ``(self, …)``) for this call of ``owner``."""
+        key = call_key(args, kwargs)
+        fn = self._fns.get((key, owner.training))
+        if fn is None:
+            codes = self.codes.get(key)
+            if codes is None:
+                if self.maker is None:
+                    raise TypeError(f"{type(owner).__name__}.forward was converted for other inputs than these")
+                codes = self.codes[key] = self.maker(owner, args, kwargs)
+            imports, src = codes[owner.training] if owner.training in codes else codes[not owner.training]
+            fn = self._fns[(key, owner.training)] = _forward_from_src(imports + src, {})
+        return fn
+
+    def signature(self, owner: nn.Module) -> inspect.Signature:
+        """The signature of the first traced call's forward, without ``self``."""
+        key = next(iter(self.codes))
+        codes = self.codes[key]
+        imports, src = codes[owner.training] if owner.training in codes else next(iter(codes.values()))
+        sig = inspect.signature(_forward_from_src(imports + src, {}))
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"codes": self.codes, "maker": self.maker}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["codes"], state["maker"])  # type: ignore[misc]
+
+
+def run_owner(owner: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """An owner's forward: its :class:`OwnerForward`'s code for this call, run on ``owner``."""
+    forward: OwnerForward = owner.__dict__[FORWARD_ATTRIBUTE]
+    return forward.function(owner, args, kwargs)(owner, *args, **kwargs)
+
+
+class OwnerCall(functools.partial):
+    """``module.forward`` of an owner: ``run_owner`` bound to the module (a partial, so that pickling,
+    deepcopy and torch.export see through it), with the rewritten forward's signature."""
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # type: ignore[override]
+        owner = self.args[0]
+        return owner.__dict__[FORWARD_ATTRIBUTE].signature(owner)
+
+    def bound_to(self, owner: nn.Module) -> OwnerCall:
+        """The same forward for another copy of the module (a DataParallel replica, a structural copy)."""
+        return OwnerCall(run_owner, owner)
+
+    @property
+    def owner(self) -> nn.Module:
+        return self.args[0]
+
+
+def strip_forward(module: nn.Module) -> None:
+    """Take resify's forward off the instance: the class's forward is its forward again."""
+    for attr in ("forward", FORWARD_ATTRIBUTE, "_replicate_for_data_parallel"):
+        module.__dict__.pop(attr, None)
+
+
+def install_forward(module: nn.Module, forward: OwnerForward) -> None:
+    """Make ``forward`` the instance's forward (the class's stays what it is)."""
+    module.__dict__[FORWARD_ATTRIBUTE] = forward
+    module.__dict__["forward"] = OwnerCall(run_owner, module)
+    module.__dict__["_replicate_for_data_parallel"] = ReplicateWithForward(module)
+
+
+def is_owner(module: nn.Module) -> bool:
+    """True for a module whose forward resify rewrote."""
+    return isinstance(module.__dict__.get(FORWARD_ATTRIBUTE), OwnerForward)
+
+
+class ReplicateWithForward:
+    """``module._replicate_for_data_parallel`` that gives each replica its own rewritten forward
+    (the replica's ``__dict__`` is a copy of the module's, whose forward calls the module itself)."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        self.owner = owner
+
+    def __call__(self) -> nn.Module:
+        replica = nn.Module._replicate_for_data_parallel(self.owner)
+        replica.__dict__["forward"] = OwnerCall(run_owner, replica)
+        replica.__dict__.pop("_replicate_for_data_parallel", None)
+        return replica
+
+    def bound_to(self, owner: nn.Module) -> ReplicateWithForward:
+        return ReplicateWithForward(owner)

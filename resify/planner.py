@@ -26,7 +26,7 @@ from .policy import Policy
 from .sites import Dense, Identity, Plan, Projection, ShortcutForm, Site, SkipCode, Skipped
 from .trace import TensorInfo
 
-__all__ = ["make_plan", "reconcile_modes"]
+__all__ = ["make_plan", "reconcile_modes", "check_patterns"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,8 +261,8 @@ def _site_name(layers: Sequence[Layer], taken: set[str]) -> str:
     return name
 
 
-def _check_patterns(analysis: Analysis, policy: Policy) -> None:
-    names = [layer.name for layer in analysis.layers]
+def check_patterns(names: Sequence[str], policy: Policy) -> None:
+    """Refuse an include pattern that matches none of ``names``; warn of such an exclude pattern."""
     shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "") or "none"
     for kind, patterns in (("include", policy.include), ("exclude", policy.exclude)):
         for p in patterns:
@@ -271,17 +271,22 @@ def _check_patterns(analysis: Analysis, policy: Policy) -> None:
             message = f"{kind} pattern {p!r} matches no layer; the layers resify can put a shortcut around are: {shown}"
             if kind == "include":
                 raise PlanError(message)
-            warnings.warn(message, ResifyWarning, stacklevel=4)
+            warnings.warn(message, ResifyWarning, stacklevel=5)
 
 
-def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0) -> Plan:
+def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0, prefix: str = "") -> Plan:
     """Decide the shortcut sites for an analysed model under ``policy`` (pure: changes nothing).
+
+    ``prefix``: the qualified name of the traced module inside the model (a unit of a model whose
+    root does not trace): the policy's patterns match the layers' names under it, and the patterns
+    are checked by the caller, across every unit.
 
     Raises:
         PlanError: an ``include`` pattern matches no layer (the message lists the layers); an
             ``exclude`` pattern that matches none is a ResifyWarning.
     """
-    _check_patterns(analysis, policy)
+    if not prefix:
+        check_patterns([layer.name for layer in analysis.layers], policy)
     skipped: list[Skipped] = []
     runs: list[list[Layer]] = [[]]
     for layer in analysis.layers:
@@ -291,7 +296,7 @@ def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0) -> Pla
                 f"inside the existing shortcut at '{analysis.inside_existing[layer.name]}'",
             )
         else:
-            reason = _pattern_reason(layer.name, policy)
+            reason = _pattern_reason(f"{prefix}.{layer.name}" if prefix else layer.name, policy)
         if reason:
             skipped.append(Skipped(layer.name, layer.name, *reason))
             if runs[-1]:

@@ -26,7 +26,7 @@ from .ops import data_input, layer_weight
 from .sites import Dense, Plan, Projection, Site
 from .trace import TensorInfo, Traced
 
-__all__ = ["rewrite"]
+__all__ = ["rewrite", "build_site", "insert_site", "own_tensors"]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _ADAPTIVE_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -93,7 +93,7 @@ def _site_factory(gm: nn.Module, nodes: dict[str, torch.fx.Node], site: Site) ->
     return {"device": weight.device, "dtype": weight.dtype}
 
 
-def _build_site(gm: nn.Module, nodes: dict[str, torch.fx.Node], site: Site) -> None:
+def build_site(gm: nn.Module, nodes: dict[str, torch.fx.Node], site: Site) -> None:
     """Create the site's modules and parameters under ``resify.<site>`` (once, whatever the graphs)."""
     factory = _site_factory(gm, nodes, site)
     form = site.shortcut
@@ -169,6 +169,11 @@ def _insert_site(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx
     exit.replace_all_uses_with(out, delete_user_cb=lambda user: user not in new)
 
 
+def insert_site(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: Site) -> None:
+    """Insert the site's shortcut into ``graph`` (its modules already built under ``gm`` by ``build_site``)."""
+    (_insert_dense if site.kind == "dense" else _insert_site)(gm, graph, nodes, site)
+
+
 def _padded(
     graph: torch.fx.Graph, x: torch.fx.Node, form: Projection, channel_dim: int, made: Callable
 ) -> torch.fx.Node:
@@ -232,7 +237,7 @@ def _widened_layer(m: nn.Module, extra: int) -> nn.Module:
 
 
 def _insert_dense(gm: nn.Module, graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: Site) -> None:
-    """Insert ``cat([S(x), F(x)])`` after the span's output (the consumer is widened by ``_build_site``)."""
+    """Insert ``cat([S(x), F(x)])`` after the span's output (the consumer is widened by ``build_site``)."""
     _site_factory(gm, nodes, site)
     anchor, exit = nodes[site.anchor], nodes[site.exit]
     entry = data_input(anchor)
@@ -266,7 +271,7 @@ def _lazy_copy(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
-def _own_tensors(root: nn.Module) -> None:
+def own_tensors(root: nn.Module) -> None:
     """Give the private module tree its own parameters and buffers (tied weights stay tied)."""
     memo: dict[int, Any] = {}  # id -> the copy (a Parameter for a parameter)
     with torch.no_grad():
@@ -323,7 +328,7 @@ def rewrite(traced: Traced, plan: Plan) -> torch.fx.GraphModule:
         RewriteError: the plan does not fit this graph, or the result fails ``graph.lint()``.
     """
     root, graph = traced.root, traced.graph
-    _own_tensors(root)
+    own_tensors(root)
     graphs = [(graph, plan.sites)]
     if traced.other_graph is not None:
         if plan.other_mode_sites is None:
@@ -334,11 +339,11 @@ def rewrite(traced: Traced, plan: Plan) -> torch.fx.GraphModule:
         graphs.append((traced.other_graph, plan.other_mode_sites))
     nodes = {n.name: n for n in graph.nodes}
     for site in plan.sites:
-        _build_site(root, nodes, site)
+        build_site(root, nodes, site)
     for g, sites in graphs:
         nodes = {n.name: n for n in g.nodes}
         for site in sites:
-            (_insert_dense if site.kind == "dense" else _insert_site)(root, g, nodes, site)
+            insert_site(root, g, nodes, site)
         try:
             g.lint()
         except Exception as e:  # pragma: no cover - a bug in resify, not in the user's model

@@ -22,6 +22,7 @@ from .constants import (
 )
 from .errors import PlanError
 from .policy import Policy
+from .units import WholeModule
 
 __all__ = [
     "Policy",
@@ -66,6 +67,11 @@ class Projection:
     norm: str | None = None  # "BatchNorm2d", …: the norm that follows a conv projection
     groups: int = 1  # a conv projection's groups (beside a grouped or depthwise convolution)
     upsample: bool = False  # ``pool`` resamples up (nearest): the branch grows the map (a decoder)
+
+    @property
+    def learned(self) -> bool:
+        """Whether the shortcut has weights (a Linear or a 1×1 conv); pool and pad have none."""
+        return self.op in ("linear", "conv")
 
     def parameter_free(self) -> Projection:
         """The same change of shape without parameters: ResNet's option A (pad or slice, stride, pool)."""
@@ -140,8 +146,12 @@ class Site:
     # where rewrite finds it
     anchor: str = ""  # fx node of the first layer's parametric op (its input is the span's input)
     exit: str = ""  # fx node of the span's output
-    name: str = ""  # key under the resify namespace
+    name: str = ""  # key under its owner's resify namespace: <owner>.resify.<name>
     channel_dim: int = -1  # -1 for [..., C] tensors (Linear), 1 for [N, C, *spatial] (ConvNd)
+    #: the smallest module whose forward holds the whole span ("" for the root): the one rewritten
+    owner: str = ""
+    #: where the span's output is among its layers' ops, counted from the last (-1: the last one)
+    exit_step: int = -1
 
     @property
     def kind(self) -> SiteKind:
@@ -191,6 +201,8 @@ class Site:
             exit=d["exit"],
             name=d["name"],
             channel_dim=int(d["channel_dim"]),
+            owner=d.get("owner", ""),
+            exit_step=int(d.get("exit_step", -1)),
         )
 
 
@@ -227,6 +239,9 @@ def _v1_shortcut(d: Mapping[str, Any]) -> dict:
         "norm": d.get("norm"),
     }
 
+
+#: the forms ``Plan.counts`` counts, in the order ``Plan.summary`` writes them
+_COUNTED = ("identity", "projection", "parameter-free", "dense")
 
 SkipCode = Literal[
     "excluded",  # an exclude pattern matched, or include did not
@@ -283,16 +298,24 @@ class Plan:
     #: where forward reads ``self.training``: the same sites, found in the other mode's graph
     other_mode_sites: tuple[Site, ...] | None = field(default=None, repr=False)
     layers: tuple[str, ...] = field(default=(), repr=False)  # every layer's name, in forward order (the diagram's)
+    #: modules whose own forward is left as it is (untraceable: planned inside their children)
+    whole: tuple[WholeModule, ...] = field(default=())
 
     @property
     def added_params(self) -> int:
         return sum(s.added_params for s in self.sites)
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        """Sites by form: identity, projection (learned), parameter-free (pooled or padded), dense.
+
+        Only the forms present, in that order; ``Site.kind`` stays "projection" for both kinds of
+        projection (the plan's JSON keeps it), this count tells them apart.
+        """
+        out = dict.fromkeys(_COUNTED, 0)
         for s in self.sites:
-            out[s.kind] = out.get(s.kind, 0) + 1
-        return out
+            free = isinstance(s.shortcut, Projection) and not s.shortcut.learned
+            out["parameter-free" if free else s.kind] += 1
+        return {k: v for k, v in out.items() if v}
 
     def to_dict(self) -> dict:
         return {
@@ -310,21 +333,27 @@ class Plan:
             # where forward reads self.training: the same sites in the other mode's graph (its node names)
             "other_mode_sites": None if self.other_mode_sites is None else [s.to_dict() for s in self.other_mode_sites],
             "layers": list(self.layers),
+            "whole": [w.to_dict() for w in self.whole],
         }
 
     def summary(self) -> str:
         """One line: sites by kind, parameters added and growth."""
-        by_kind = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items())) or "none"
+        by_kind = ", ".join(f"{v} {k}" for k, v in self.counts().items()) or "none"
         growth = 100.0 * self.added_params / self.params_before if self.params_before else 0.0
         return (
             f"{len(self.sites)} shortcut(s) ({by_kind}); {len(self.skipped)} skipped; "
             f"{len(self.existing)} existing; +{self.added_params:,} parameters (+{growth:.2f}%)"
         )
 
-    def __str__(self) -> str:
+    def to_text(self, width: int | None = None) -> str:
+        """The plan as an aligned table, ``width`` columns at most; None: the terminal's width
+        (``shutil.get_terminal_size``: ``COLUMNS``, else the terminal, else 100)."""
         from .render import plan_text  # the renderer imports these records' module for typing only
 
-        return plan_text(self)
+        return plan_text(self, width)
+
+    def __str__(self) -> str:
+        return self.to_text(100)
 
     def to_html(self, page: bool = True) -> str:
         """The plan with its architecture diagram: a self-contained HTML page, or a notebook fragment."""
@@ -339,9 +368,14 @@ class Plan:
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
         """Read back what :meth:`to_dict` wrote (schema version 2, or 1 from earlier resify)."""
         version = d.get("schema_version")
-        if version not in (1, PLAN_SCHEMA_VERSION):
+        if isinstance(version, int) and version > PLAN_SCHEMA_VERSION:
             raise PlanError(
-                f"expected a plan of schema_version 1 or {PLAN_SCHEMA_VERSION}, found {version!r}; "
+                f"expected a plan of schema_version {PLAN_SCHEMA_VERSION} or older, found {version}: it was "
+                f"written by a newer resify; upgrade resify to one that reads schema {version}"
+            )
+        if version not in range(1, PLAN_SCHEMA_VERSION + 1):
+            raise PlanError(
+                f"expected a plan of schema_version 1 to {PLAN_SCHEMA_VERSION}, found {version!r}; "
                 "re-create it with resify.plan"
             )
         policy = dict(d["policy"])
@@ -360,4 +394,5 @@ class Plan:
             if d.get("other_mode_sites") is None
             else tuple(Site.from_dict(s) for s in d["other_mode_sites"]),
             layers=tuple(d.get("layers", ())),
+            whole=tuple(WholeModule(**w) for w in d.get("whole", ())),
         )

@@ -29,6 +29,7 @@ from .copying import own_containers, structural_copy
 from .errors import ResifyWarning, TraceError
 from .formats import first_line
 from .inputs import as_inputs, check_device, derive_example_input
+from .modules import FORWARD_ATTRIBUTE, is_owner, strip_forward
 from .shapes import TensorInfo, node_keys, record_shapes
 from .state import state_kept
 from .tracers import (
@@ -95,8 +96,9 @@ def _call_for(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
         TraceError: a name that forward does not take, an input given twice, or one not given.
     """
     cls = type(module)
+    own = _own_forward(module, inputs, kwargs)
     try:
-        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        params = list(inspect.signature(own or cls.forward).parameters.values())[1:]
     except (TypeError, ValueError):  # no signature to read: call it as before
         return _Call(None, {}, inputs)
     kinds = {p.kind for p in params}
@@ -137,7 +139,7 @@ def _call_for(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
     concrete.update({k: v for k, v in kwargs.items() if k in extra and not holds_tensor(v)})
     simple = not kwargs and not (kinds & {_P.VAR_POSITIONAL, _P.VAR_KEYWORD, _P.KEYWORD_ONLY, _P.POSITIONAL_ONLY})
     if simple:
-        return _Call(None, concrete, (*inputs, *(concrete[p.name] for p in rest)))
+        return _Call(own, concrete, (*inputs, *(concrete[p.name] for p in rest)))
     # a forward with *args, **kwargs or names given out of order: trace a subclass whose forward
     # takes exactly the given inputs, then the rest of the named ones at their defaults
     n_extra_pos = len(inputs) - len(given)
@@ -147,11 +149,22 @@ def _call_for(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
     call = [p.name for p in given] + ([f"*({', '.join(head[len(given) :])},)"] if n_extra_pos else [])
     call += [f"{n}={n}" for n in [p.name for p in rest] + extra]
     src = f"def forward(self, {', '.join(head + tail)}):\n    return __forward(self, {', '.join(call)})\n"
-    scope: dict[str, Any] = {"__forward": cls.forward, "__defaults": {p.name: p.default for p in rest} | concrete}
+    scope: dict[str, Any] = {
+        "__forward": own or cls.forward,
+        "__defaults": {p.name: p.default for p in rest} | concrete,
+    }
     exec(src, scope)
     ordered = [t.split("=")[0] for t in tail]
     by_name = {**{p.name: concrete.get(p.name) for p in rest}, **kwargs, **concrete}
     return _Call(scope["forward"], concrete, (*inputs, *(by_name[n] for n in ordered)))
+
+
+def _own_forward(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The forward resify installed on ``module`` (a converted model converted again), or None:
+    torch.fx traces the class's forward, so the instance's is traced through a subclass."""
+    if not is_owner(module):
+        return None
+    return module.__dict__[FORWARD_ATTRIBUTE].function(module, inputs, kwargs)
 
 
 @contextlib.contextmanager
@@ -192,6 +205,7 @@ def trace(
     *,
     example_kwargs: dict[str, Any] | None = None,
     leaf_modules: LeafSpec = (),
+    original: bool = False,
 ) -> Traced:
     """Trace ``model`` into a graph with a TensorInfo on every tensor node.
 
@@ -202,6 +216,8 @@ def trace(
         example_kwargs: inputs given by name; every other optional parameter of ``forward`` (and
             ``**kwargs``) is traced at its default and stays optional in the converted model.
         leaf_modules: module types or glob patterns on qualified names to keep whole.
+        original: trace the class's forward even where resify installed one on the instance (to
+            put shortcuts in it); by default a converted model is traced as it now computes.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -218,6 +234,8 @@ def trace(
     if inputs is not None or kwargs:
         check_device(model, (*(inputs or ()), *kwargs.values()))
     private = structural_copy(model)
+    if original:
+        strip_forward(private)
     name = type(model).__name__
     call = _call_for(private, inputs if inputs is not None else (None,), kwargs)
     reads: list[nn.Module] = []  # modules whose forward read self.training while traced

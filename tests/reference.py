@@ -104,3 +104,8 @@ def vgg_style_cnn(in_channels=3, num_classes=10):
 def assert_every_parameter_has_grad(module):
     missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"parameters without a gradient: {missing}"
+
+
+def is_resify_key(name: str) -> bool:
+    """A parameter or state-dict key that resify added: under some owner's ``resify`` namespace."""
+    return "resify" in name.split(".")[:-1]

@@ -25,7 +25,7 @@ MAX_PAGE = 2_000_000  # bytes
 
 
 def _info(model, converted):
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     return {
         "class": type(model).__name__,
         "source": "tests/test_browser.py",
@@ -38,7 +38,7 @@ def _info(model, converted):
 def _page(model, x, tmp_path, name, **policy):
     converted = resify.apply(model, x, **policy)
     flow = resify.compare(resify.gradient_flow(model, x), resify.gradient_flow(converted, x))
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     path = tmp_path / f"{name}.html"
     path.write_text(report_page(_info(model, converted), plan, flow), encoding="utf-8")
     return path, plan
@@ -72,7 +72,7 @@ def test_the_notebook_views_render_in_an_output_cell(tmp_path):
     model = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(6)])
     x = torch.randn(4, 8)
     converted = resify.apply(model, x, gate="rezero")
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     comparison = resify.compare(resify.gradient_flow(model, x), resify.gradient_flow(converted, x))
     cells = "\n".join(f'<div class="output">{r._repr_html_()}</div>' for r in (plan, comparison, comparison.after))
     page = tmp_path / "notebook.html"

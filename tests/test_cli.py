@@ -392,7 +392,7 @@ def test_export_round_trip_keeps_pooled_shortcuts_exact_on_odd_sizes(tmp_path):
     ).eval()
     x = torch.randn(2, 3, 7, 7)
     converted = resify.apply(model, x).eval()
-    assert any(getattr(s.shortcut, "pool", False) for s in converted.meta["resify_plan"].sites)
+    assert any(getattr(s.shortcut, "pool", False) for s in resify.applied_plan(converted).sites)
     save(converted, tmp_path / "m")
     loaded = load(tmp_path / "m").eval()
     torch.testing.assert_close(loaded(x), converted(x), rtol=0, atol=0)

@@ -76,7 +76,7 @@ def test_bfloat16_model_gets_bfloat16_shortcuts_on_cuda():
     x = torch.randn(8, 64, device=CUDA, dtype=torch.bfloat16)
     converted = resify.apply(model, x, gate="rezero", preserve_output=True)
     assert {(p.device, p.dtype) for p in converted.parameters()} == {(CUDA, torch.bfloat16)}
-    assert any(s.kind == "projection" for s in converted.meta["resify_plan"].sites)
+    assert any(s.kind == "projection" for s in resify.applied_plan(converted).sites)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), model(x), rtol=1.6e-2, atol=1e-2)
     converted(x).float().sum().backward()

@@ -37,7 +37,7 @@ def test_dense_keeps_outputs_and_every_new_path_trains(case):
     model = build().eval()
     x = torch.randn(*shape)
     converted = resify.apply(model, x, shortcut="dense")
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     assert plan.sites and all(s.kind == "dense" for s in plan.sites)
     converted.eval()
     with torch.no_grad():

@@ -63,7 +63,7 @@ def test_the_example_size_is_not_baked_into_pooled_shortcuts():
     torch.manual_seed(0)
     model = styles.mobilenet_v1_style().eval()
     converted = resify.apply(model, torch.randn(2, 3, 64, 64)).eval()
-    assert any(getattr(s.shortcut, "pool", False) for s in converted.meta["resify_plan"].sites)
+    assert any(getattr(s.shortcut, "pool", False) for s in resify.applied_plan(converted).sites)
     assert converted(torch.randn(2, 3, 96, 96)).shape == (2, 10)
 
 
@@ -71,7 +71,7 @@ def test_a_batch_of_one_that_the_original_trains_on_the_converted_model_trains_o
     torch.manual_seed(0)
     model = styles.EfficientHead().train()
     converted = resify.apply(model, torch.randn(4, 3, 32, 32))
-    head = next(s for s in converted.meta["resify_plan"].sites if s.start == "head.0")
+    head = next(s for s in resify.applied_plan(converted).sites if s.start == "head.0")
     # the head normalises before it pools: so does its shortcut (BN on 16x16 maps, then the pool)
     assert head.projection == "Conv2d(8, 32, 1) + BatchNorm2d + AvgPool2d(→out)" and head.shortcut.pool_last
     x = torch.randn(1, 3, 32, 32)
@@ -89,7 +89,7 @@ class TestTrainingFlag:
         model = styles.NoisyTrainer()
         converted = resify.apply(model, torch.randn(4, 8), preserve_output=True)
         assert isinstance(converted, resify.DualGraphModule)
-        assert any("self.training" in note for note in converted.meta["resify_plan"].notes)
+        assert any("self.training" in note for note in resify.applied_plan(converted).notes)
         x = torch.randn(4, 8)
         converted.eval(), model.eval()
         torch.testing.assert_close(converted(x), converted(x))  # deterministic in eval mode
@@ -121,7 +121,7 @@ class TestTrainingFlag:
             if n.op in ("call_module", "get_attr")
         }
         assert "resify.fc1.alpha" in targets
-        plan = converted.meta["resify_plan"]
+        plan = resify.applied_plan(converted)
         names = [n for n, _ in converted.named_parameters()]
         assert len(names) == len(set(names))
         assert sum(p.numel() for p in converted.parameters()) == plan.params_before + plan.added_params
@@ -174,7 +174,7 @@ def test_no_shortcut_crosses_a_bounded_output_activation(build, x, last):
     torch.manual_seed(0)
     model = build()
     converted = resify.apply(model, x)
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     assert last not in {s.start for s in plan.sites}
     reason = {s.start: s.reason for s in plan.skipped}[last]
     assert reason.startswith("the span ends in a bounded activation")

@@ -86,7 +86,7 @@ def seed():
     model = ImprovedResidualNetwork(SEED_SIZES, use_shortcut=False)
     x = torch.randn(10, 128)
     converted = resify.apply(model, x)
-    return converted.meta["resify_plan"], resify.compare(
+    return resify.applied_plan(converted), resify.compare(
         resify.gradient_flow(model, x), resify.gradient_flow(converted, x)
     )
 

@@ -61,7 +61,7 @@ def test_tiny_transformer_keeps_its_residuals_and_its_outputs(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", resify.ResifyWarning)
         converted = resify.apply(model, x, example_kwargs={**kwargs, **mask}, preserve_output=True).eval()
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     assert len(plan.existing) == 4, [(e.start, e.end) for e in plan.existing]  # two per block
     inside = {layer for e in plan.existing for layer in e.layers}
     assert not any(layer in inside for s in plan.sites for layer in s.layers), "a site inside a block"

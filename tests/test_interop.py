@@ -121,11 +121,11 @@ def test_meta_device_workflow_gives_the_model_converted_on_the_cpu(policy):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     gates = {k: v for k, v in a.items() if k.rsplit(".", 1)[-1] in ("alpha", "gamma", "beta")}
-    assert len(gates) == len(from_cpu.meta["resify_plan"].sites) * (
+    assert len(gates) == len(resify.applied_plan(from_cpu).sites) * (
         bool(policy.get("gate")) + policy.get("preserve_output", False)
     )
     for k, v in gates.items():  # not uninitialised memory: their initial values
-        want = 0.0 if k.endswith("beta") else from_cpu.meta["resify_plan"].policy.effective_gate_init
+        want = 0.0 if k.endswith("beta") else resify.applied_plan(from_cpu).policy.effective_gate_init
         assert torch.all(v == want), k
 
 

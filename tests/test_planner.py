@@ -170,7 +170,7 @@ def test_valid_convolution_gets_a_shortcut_pooled_to_the_branch_size_at_run_time
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
     converted = resify.apply(model, torch.randn(2, 3, 10, 10)).eval()
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     assert [(s.start, s.projection) for s in plan.sites] == [("0", "AvgPool2d(→out) + Conv2d(3, 8, 1)"), ("2", None)]
     w = converted.get_submodule("resify.0.proj").weight
     for x in (torch.randn(2, 3, 10, 10), torch.randn(3, 3, 13, 7)):  # and another size and batch
@@ -211,7 +211,7 @@ def test_functional_layers_are_found():
     x = torch.randn(2, 16)
     model = Functional()
     converted = resify.apply(model, x)
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     assert [(s.start, s.kind) for s in plan.sites] == [("w1", "identity")]
     # w2 is found too: a bare head that changes the shape, so it is skipped with the reason
     assert [(s.start, s.code) for s in plan.skipped] == [("w2", "linear_span")]

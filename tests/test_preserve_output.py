@@ -22,7 +22,7 @@ def test_outputs_unchanged_for_every_gate(gate, shortcut):
     model = vgg_style_cnn().eval()
     x = torch.randn(4, 3, 16, 16)
     converted = resify.apply(model, x, shortcut=shortcut, gate=gate, preserve_output=True).eval()
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     assert plan.sites and all(s.preserve_output for s in plan.sites)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-6)

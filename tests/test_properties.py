@@ -42,7 +42,7 @@ def test_any_mlp_converts_with_every_invariant(built, gate, group):
     model, widths = built
     x = torch.randn(3, widths[0])
     converted = resify.apply(model, x, gate=gate, group=group)
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     converted.graph.lint()
     n_layers = len(widths) - 1
     linears = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
@@ -77,7 +77,7 @@ def test_any_cnn_converts_and_dense_keeps_outputs(built, shortcut):
     size = 2 * 2 ** sum(isinstance(m, nn.MaxPool2d) for m in model)  # every pool has room to halve
     x = torch.randn(2, channels[0], size, size)
     converted = resify.apply(model, x, shortcut=shortcut).eval()
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     converted.graph.lint()
     with torch.no_grad():
         y = converted(x)

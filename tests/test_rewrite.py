@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from reference import ImprovedResidualNetwork, assert_every_parameter_has_grad, vgg_style_cnn
+from reference import ImprovedResidualNetwork, assert_every_parameter_has_grad, is_resify_key, vgg_style_cnn
 
 import resify
 
@@ -14,7 +14,7 @@ def test_vgg_style_cnn_gets_identity_and_pooled_projections():
     model = vgg_style_cnn()
     x = torch.randn(4, 3, 32, 32)
     converted = resify.apply(model, x)
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     by_start = {s.start: s for s in plan.sites}
     # conv 16->16 keeps the shape: identity; 16->32 with BatchNorm then max-pool: a 1x1 conv +
     # BatchNorm, then the average over the branch's output size (the norm before the pool, as in the span)
@@ -52,7 +52,7 @@ def test_pooled_shortcut_computes_the_average_pool_of_its_input():
     )
     x = torch.randn(2, 3, 7, 7)  # 7 is odd: the last pooling window is partial
     converted = resify.apply(model, x).eval()
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     assert [s.projection for s in plan.sites] == ["AvgPool2d(→out) + Conv2d(3, 6, 1)", "AvgPool2d(→out)"]
     w = converted.get_submodule("resify.0.proj").weight
     for xi in (x, torch.randn(1, 3, 12, 9)):  # the example's size, then another one
@@ -117,8 +117,12 @@ def test_state_dict_keeps_names_and_misses_only_new_parameters():
     converted = resify.apply(model, torch.randn(3, 128), gate="rezero")
     result = converted.load_state_dict(model.state_dict(), strict=False)
     assert result.unexpected_keys == []
-    assert result.missing_keys and all(k.startswith("resify.") for k in result.missing_keys)
-    assert sorted(result.missing_keys) == sorted(k for k in converted.state_dict() if k.startswith("resify."))
+    assert result.missing_keys and all(is_resify_key(k) for k in result.missing_keys)
+    assert sorted(result.missing_keys) == sorted(k for k in converted.state_dict() if is_resify_key(k))
+    # each under its owner, the smallest module whose forward holds the span: layers.<i>
+    assert sorted(result.missing_keys) == sorted(
+        f"layers.{i}.resify.0.{name}" for i in range(5) for name in ("alpha", "proj.weight", "proj.bias")
+    )
     for k, v in model.state_dict().items():
         assert torch.equal(converted.state_dict()[k], v)
 
@@ -139,9 +143,9 @@ def test_graph_lints_and_applying_twice_adds_nothing():
     model = ImprovedResidualNetwork([32, 32, 16, 16, 8], False)
     x = torch.randn(4, 32)
     once = resify.apply(model, x)
-    once.graph.lint()
+    assert type(once) is type(model)
     twice = resify.apply(once, x)
-    plan = twice.meta["resify_plan"]
+    plan = resify.applied_plan(twice)
     assert plan.sites == ()
     assert len(plan.existing) == 4
     assert {s.code for s in plan.skipped} == {"inside_existing"}
@@ -158,17 +162,17 @@ def test_gates_scale_the_branch_not_the_shortcut(gate, init, expected):
     x = torch.randn(4, 16)
     kwargs = {"gate_init": init} if init is not None else {}
     converted = resify.apply(model, x, gate=gate, **kwargs)
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     assert all(s.gate == gate for s in plan.sites)
     # a reference written by hand: x + g * F(x) for each layer
     ref = x
     for i, seq in enumerate(model.layers):
-        g = converted.get_parameter(f"resify.layers_{i}_0.{'alpha' if gate == 'rezero' else 'gamma'}")
+        g = converted.get_parameter(f"layers.{i}.resify.0.{'alpha' if gate == 'rezero' else 'gamma'}")
         assert torch.allclose(g, torch.full_like(g, expected))
         ref = ref + g * seq(ref)
     torch.testing.assert_close(converted(x), ref)
     if gate == "layerscale":
-        assert converted.get_parameter("resify.layers_0_0.gamma").shape == (16,)
+        assert converted.get_parameter("layers.0.resify.0.gamma").shape == (16,)
 
 
 def test_layerscale_on_convolutions_is_per_channel():

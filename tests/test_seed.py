@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import ExampleDeepNeuralNetwork, ImprovedResidualNetwork, assert_every_parameter_has_grad
+from reference import ExampleDeepNeuralNetwork, ImprovedResidualNetwork, assert_every_parameter_has_grad, is_resify_key
 
 import resify
 
@@ -15,7 +15,7 @@ def _copy_seed_weights(converted, reference, sizes):
     for key, value in reference.state_dict().items():
         if key.startswith("projections."):
             i = int(key.split(".")[1])
-            key = f"resify.layers_{i}_0.proj." + key.split(".")[-1]
+            key = f"layers.{i}.resify.0.proj." + key.split(".")[-1]  # under its owner, layers.{i}
         assert key in state, key
         state[key] = value.clone()
     converted.load_state_dict(state)
@@ -31,7 +31,7 @@ def test_auto_equals_improved_residual_network(sizes):
     converted = resify.apply(plain, x, shortcut="auto", gate=None)
     _copy_seed_weights(converted, reference, sizes)
     n_proj = sum(a != b for a, b in zip(sizes, sizes[1:]))
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     assert [s.kind for s in plan.sites] == ["projection" if a != b else "identity" for a, b in zip(sizes, sizes[1:])]
     assert sum(s.kind == "projection" for s in plan.sites) == n_proj
     torch.testing.assert_close(converted(x), reference(x), rtol=0, atol=1e-6)
@@ -50,7 +50,7 @@ def test_identity_equals_example_deep_network(sizes):
     x = torch.randn(10, sizes[0])
     converted = resify.apply(plain, x, shortcut="identity", gate=None)
     torch.testing.assert_close(converted(x), reference(x), rtol=0, atol=1e-6)
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     assert len(plan.sites) == sum(a == b for a, b in zip(sizes, sizes[1:]))
     assert all(s.kind == "identity" and s.added_params == 0 for s in plan.sites)
     for s in plan.skipped:
@@ -65,7 +65,7 @@ def test_seed_network_with_its_own_shortcuts_converts_on_the_concrete_tracer():
     x = torch.randn(4, 32)
     with pytest.warns(resify.ResifyWarning, match=r"valid for inputs shaped like \[4, 32\]"):
         converted = resify.apply(model, x)
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     assert plan.tracer == "concrete"
     # its own three identity shortcuts are found; the two layers that change shape get projections
     assert [e.start for e in plan.existing] == ["layers.0.0", "layers.1.0", "layers.3.0"]
@@ -73,7 +73,7 @@ def test_seed_network_with_its_own_shortcuts_converts_on_the_concrete_tracer():
     # with the projections' weights at zero the function is the original one
     with torch.no_grad():
         for name, p in converted.named_parameters():
-            if name.startswith("resify."):
+            if is_resify_key(name):
                 p.zero_()
     torch.testing.assert_close(converted(x), model(x), rtol=0, atol=1e-6)
 

@@ -58,7 +58,7 @@ def test_tuple_example_input():
     model = TakesTwo()
     x, y = torch.randn(2, 8), torch.randn(2, 8)
     converted = resify.apply(model, (x, y))
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     # relu(a(x)) + y joins two inputs: no existing shortcut (so 'a' is not inside one), and y joins
     # after 'a', outside its span: both layers get an identity shortcut
     assert plan.existing == () and [s.start for s in plan.sites] == ["a", "b"]
@@ -71,7 +71,7 @@ def test_concrete_tracer_handles_len_and_int():
     x = torch.randn(5, 6)
     with pytest.warns(resify.ResifyWarning, match=r"\[5, 6\]"):
         converted = resify.apply(model, x)
-    assert converted.meta["resify_plan"].tracer == "concrete"
+    assert resify.applied_plan(converted).tracer == "concrete"
     h = torch.relu(model.fc1(x)) + x
     torch.testing.assert_close(converted(x), model.fc2(h) + h)
 
@@ -468,7 +468,7 @@ def test_parametrized_layers_convert_and_keep_their_outputs():
     x = torch.randn(4, 8)
     converted = resify.apply(model, x, preserve_output=True).eval()
     torch.testing.assert_close(converted(x), model(x))
-    assert [s.start for s in converted.meta["resify_plan"].sites] == ["0", "2"]
+    assert [s.start for s in resify.applied_plan(converted).sites] == ["0", "2"]
     converted.train()(x).sum().backward()
     assert all(p.grad is not None for p in converted.parameters())
     flow = resify.gradient_flow(model, x)  # the report sees them as the layers they are

@@ -1,0 +1,118 @@
+"""What each module of a model receives: one run on the example input, with hooks.
+
+Beside tracing: where the root's forward cannot be traced, ``units`` traces the children that can,
+each on the inputs recorded here; ``install`` traces each owner of a shortcut on its own inputs.
+The run leaves no trace on the model (buffers, random state, modes are restored; no hook stays).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import TraceError
+from .formats import first_line
+from .state import state_kept
+
+__all__ = ["Call", "record_calls", "as_call"]
+
+
+@dataclass
+class Call:
+    """The inputs one module received on its first call: tensors by position, the rest by name."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def as_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+    """``args``/``kwargs`` as trace takes them: the leading tensors by position, every other value by
+    the name forward gives it (so a None, a flag or a list is specialised, not traced as a tensor)."""
+    try:
+        sig = inspect.signature(type(module).forward)
+        bound = sig.bind(module, *args, **kwargs)
+    except (TypeError, ValueError):
+        return Call(tuple(args), dict(kwargs))
+    params = list(sig.parameters.values())[1:]
+    lead: list[Any] = []
+    named: dict[str, Any] = {}
+    positional = True
+    for p in params:
+        if p.name not in bound.arguments:
+            positional = False
+            continue
+        value = bound.arguments[p.name]
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            if positional and all(_is_tensor(v) for v in value):
+                lead.extend(value)
+            else:
+                return Call(tuple(args), dict(kwargs))  # *args with non-tensors: as it was called
+            continue
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+            continue
+        if positional and _is_tensor(value) and p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            lead.append(value)
+        else:
+            positional = False
+            if p.kind is inspect.Parameter.POSITIONAL_ONLY:
+                return Call(tuple(args), dict(kwargs))  # cannot be named
+            named[p.name] = value
+    return Call(tuple(lead), named)
+
+
+def record_calls(
+    model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], paths: set[str] | None = None
+) -> dict[str, Call]:
+    """Run ``model`` once on the example and return, for each module that was called (or each of
+    ``paths``), the inputs of its first call. The root is recorded as given.
+
+    Where the model rejects the example in its own mode (a detector in train mode wants targets), it
+    is run in eval mode instead; the modes are put back either way.
+
+    Raises:
+        TraceError: the model rejected the example input in both modes.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    seen: dict[str, Call] = {}
+    handles = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        name = names.get(id(module))
+        if name is None or name in seen or (paths is not None and name not in paths):
+            return
+        seen[name] = as_call(module, args, kw)
+
+    for name, m in model.named_modules():
+        if name and (paths is None or name in paths):
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    errors = []
+    try:
+        with state_kept(model, inputs, modes=True), torch.no_grad():
+            for mode in (model.training, False) if model.training else (False,):
+                if mode != model.training:
+                    model.eval()
+                seen.clear()
+                try:
+                    model(*inputs, **kwargs)
+                    break
+                except Exception as e:  # the model's own error: tried again in eval mode, else reported
+                    errors.append(e)
+            else:
+                raise TraceError(
+                    f"{type(model).__name__}'s forward raised {type(errors[-1]).__name__} on the example input: "
+                    f"{first_line(errors[-1])}; pass an example_input (and example_kwargs) that it accepts"
+                ) from errors[-1]
+    finally:
+        for h in handles:
+            h.remove()
+    seen[""] = as_call(model, inputs, kwargs)
+    return seen
