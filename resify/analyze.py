@@ -2,9 +2,10 @@
 
 From the traced GraphModule, ``analyze`` finds the layers (a parametric op plus the activation,
 norm, dropout and pooling ops that follow it), the shortcuts the model already has (an add or
-concat one of whose operands bypasses the layers the other goes through), and answers, for any
-run of consecutive layers, whether it is a single-entry single-exit region of the data-flow graph
-(dominators and post-dominators computed once with networkx). It changes nothing.
+concat one of whose operands bypasses the layers the other goes through, judged on the flow of the
+join's main input: see ``dataflow``), the values computed only to gate another (``gates``), and
+answers, for any run of consecutive layers, whether it is a single-entry single-exit region of the
+data-flow graph (dominators and post-dominators computed once with networkx). It changes nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import bisect
 import functools
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -22,6 +22,17 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .constants import NAMESPACE
+from .dataflow import (
+    SOURCE,
+    MainFlow,
+    backward_walk,
+    dataflow,
+    input_masks,
+    latest_common_ancestor,
+    main_flow,
+    main_input,
+)
+from .gates import gate_branches
 from .ops import (
     TUPLE_LAYER_MODULES,
     WIDENABLE_MODULES,
@@ -39,10 +50,6 @@ from .ops import (
 from .trace import TensorInfo, Traced
 
 __all__ = ["Layer", "ExistingShortcut", "Analysis", "analyze"]
-
-_SOURCE = "__resify_source__"
-#: The attribute under which resify puts every module and parameter it adds.
-
 
 @dataclass(frozen=True)
 class Layer:
@@ -90,6 +97,7 @@ class Analysis:
     layers: list[Layer]
     existing: list[ExistingShortcut]
     inside_existing: dict[str, str]  # layer name -> merge node of the shortcut it sits in
+    gated: dict[str, str] = field(default_factory=dict)  # fx node computed only to gate -> the product it gates
     _order: dict = field(repr=False, default_factory=dict)
     _idom: dict = field(repr=False, default_factory=dict)
     _ipdom: dict = field(repr=False, default_factory=dict)
@@ -114,6 +122,29 @@ class Analysis:
             if n.op == "call_function" and n.target is F.batch_norm:
                 return True
         return False
+
+    def stem_input(self, layer: Layer) -> str | None:
+        """The model's input that ``layer`` maps into the network's width, where it is the stem of a
+        residual network: a convolution that reads the input (perhaps normalised by element-wise ops
+        first) and changes its channels (an image's 3, a signal's 1), in a network that already has
+        shortcuts; else None.
+
+        A shortcut around a stem is a 1×1 projection of raw pixels beside it. Where the rest of the
+        network already has its shortcuts (ResNet, MobileNetV2, DenseNet, ViT), the stem is the layer
+        left over and an expert leaves it alone. Where there are none (VGG, a DCGAN, an autoencoder),
+        resify makes the whole network residual and the first layer gets its shortcut like every
+        other, as in the seed's ImprovedResidualNetwork, whose first projection is of the input; an
+        MLP's first Linear (the seed's) is never a stem.
+        """
+        src, dst = layer.in_info, layer.out_info
+        if not self.existing or not layer.kind.startswith("Conv") or src is None or dst is None:
+            return None
+        if len(src.shape) < 2 or len(dst.shape) < 2 or src.shape[1] == dst.shape[1]:
+            return None
+        x = data_input(self._nodes[layer.anchor])
+        while isinstance(x, torch.fx.Node) and x.op != "placeholder" and is_elementwise(x):
+            x = data_input(x)  # (x - mean) / std
+        return x.name if isinstance(x, torch.fx.Node) and x.op == "placeholder" else None
 
     def taken_names(self) -> list[str]:
         """Names already used under the resify namespace (when resify is applied to its own output)."""
@@ -206,41 +237,6 @@ class Analysis:
         return "a value inside the span is also used outside it"
 
 
-_SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda"}
-_SHAPE_METHODS = {"size", "dim", "numel", "get_device", "type"}
-
-
-def _reads_metadata_only(n: torch.fx.Node) -> bool:
-    """True for ``x.shape``, ``x.size(1)``, ``x.dim()``: what they give does not flow from x's values."""
-    if n.op == "call_function" and n.target is getattr:
-        return len(n.args) > 1 and n.args[1] in _SHAPE_ATTRIBUTES
-    return n.op == "call_method" and n.target in _SHAPE_METHODS
-
-
-def _dataflow(graph: torch.fx.Graph) -> nx.DiGraph:
-    """Nodes computed from the model's inputs' values, with an edge from each input to its user.
-
-    Reading a value's shape is not data flow: positions made with ``torch.arange(x.size(1))`` and
-    the embeddings of them are not computed from x (so ``x + pos_embedding`` is no shortcut).
-    """
-    g = nx.DiGraph()
-    g.add_node(_SOURCE)
-    live: set[torch.fx.Node] = set()
-    for n in graph.nodes:
-        if n.op == "placeholder":
-            live.add(n)
-            g.add_edge(_SOURCE, n)
-            continue
-        if _reads_metadata_only(n):
-            continue
-        inputs = [a for a in n.all_input_nodes if a in live]
-        if inputs:
-            live.add(n)
-            for a in inputs:
-                g.add_edge(a, n)
-    return g
-
-
 def _find_layers(traced: Traced) -> list[Layer]:
     gm = traced.root
     layers = []
@@ -326,49 +322,7 @@ def _weight(gm: torch.fx.GraphModule, n: torch.fx.Node, anchors: set) -> tuple[i
     return 0, params, act
 
 
-def _backward_walk(
-    starts: list,
-    stop: object,
-    order: dict,
-    weight: Callable[[torch.fx.Node], tuple[int, int, int]] | None = None,
-    done: Callable[[list[int]], bool] | None = None,
-) -> tuple[set, list[int]]:
-    """Nodes on paths from ``stop`` (excluded) to ``starts`` (included), and their summed weights.
-
-    With ``done``, the walk ends as soon as ``done(weights so far)`` holds: enough to tell a bypass
-    from a branch without visiting the whole of a long branch (DenseNet's concatenations take
-    every earlier layer's output, so full walks would cost the cube of a block's depth).
-    """
-    lo = order.get(stop, -1)
-    seen = {n for n in starts if n is not stop}
-    stack = list(seen)
-    w = [0, 0, 0]
-    if weight is not None:
-        for n in seen:
-            w = [a + b for a, b in zip(w, weight(n))]
-    while stack and not (done is not None and done(w)):
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a is not stop and a not in seen and order.get(a, -1) > lo:
-                seen.add(a)
-                stack.append(a)
-                if weight is not None:
-                    w = [x + y for x, y in zip(w, weight(a))]
-    return seen, w
-
-
-def _latest_common_ancestor(operands: list, stop: torch.fx.Node, order: dict) -> torch.fx.Node | None:
-    """The latest node (in graph order; ``stop`` at the earliest) that every operand is computed from
-    (an operand itself, where the other is computed from it)."""
-    common: set | None = None
-    for o in operands:
-        seen, _ = _backward_walk([o], stop, order)
-        seen.add(stop)
-        common = seen if common is None else common & seen
-    return max(common or (), key=order.__getitem__, default=None)
-
-
-def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcut], dict[str, str], list]:
+def _find_existing(gm, graph, order, flow, idom, masks, layers) -> tuple[list[ExistingShortcut], dict[str, str], list]:
     anchors = {n for n in graph.nodes if is_layer_node(gm, n)}
     layer_by_anchor = {layer.anchor: layer for layer in layers}
     existing: list[ExistingShortcut] = []
@@ -376,30 +330,40 @@ def _find_existing(gm, graph, order, idom, layers) -> tuple[list[ExistingShortcu
     merges: list = []
     weight = functools.lru_cache(maxsize=None)(lambda n: _weight(gm, n, anchors))  # once per node
     not_a_bypass = lambda w: w[2] > 0 or w[0] > 1
+    flows: dict[int, MainFlow] = {}
     for m in graph.nodes:
         found = merge_operands(m)
         if found is None or m not in idom:
             continue
         kind, operands = found
-        operands = [o for o in operands if o in idom]  # computed from the input (not a parameter)
+        bit = main_input(masks, m)
+        if bit not in flows:
+            flows[bit] = main_flow(flow, idom, masks, bit)
+        main = flows[bit]
+        # judged on the flow of the join's main input: a value of the model's other inputs only (a
+        # time or class embedding, FiLM's shift, a context) or of parameters joins the main path as
+        # conditioning, not as a second path of its signal
+        operands = [o for o in operands if o in main.idom]
         if len(operands) < 2:
             continue
         # side inputs that join a branch (RoPE's cos/sin, a shared mask) move the immediate dominator
         # above the value that forks; the fork is the latest value both operands are computed from
         # (where the dominator is an operand, every operand is computed from it: it is the fork)
-        fork = idom[m] if idom[m] in operands else _latest_common_ancestor(operands, idom[m], order)
+        dom = main.idom[m]
+        fork = dom if dom in operands else latest_common_ancestor(operands, dom, order, main.others)
         if not isinstance(fork, torch.fx.Node):
             continue  # the operands come from separate inputs: a join of inputs, not a shortcut
-        walks = [_backward_walk([o], fork, order, weight, not_a_bypass) for o in operands]
+        walk = lambda starts, weight=None, done=None: backward_walk(starts, fork, order, weight, done, main.others)
+        walks = [walk([o], weight, not_a_bypass) for o in operands]
         bypass = [i for i, (_, w) in enumerate(walks) if not not_a_bypass(w)]
         if not bypass:
             continue
         b = min(bypass, key=lambda i: sum(walks[i][1]))
         light = sum(walks[b][1])
         heavy = lambda w, light=light: (w[0] + w[1]) > 0 and sum(w) > light
-        if not any(heavy(_backward_walk([o], fork, order, weight, heavy)[1]) for i, o in enumerate(operands) if i != b):
+        if not any(heavy(walk([o], weight, heavy)[1]) for i, o in enumerate(operands) if i != b):
             continue
-        region, _ = _backward_walk(operands, fork, order)
+        region, _ = walk(operands)
         members = sorted((n for n in region if n in anchors or weight(n)[1]), key=order.__getitem__)
         bypass_nodes, bypass_weight = walks[b]
         # start and end name the branch the shortcut goes around, not its bypass (a downsample)
@@ -430,12 +394,14 @@ def analyze(traced: Traced) -> Analysis:
     """Find layers, existing shortcuts and the dominator trees of a traced model."""
     gm = traced.root
     graph = traced.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    order[_SOURCE] = -1
-    flow = _dataflow(graph)
-    idom = nx.immediate_dominators(flow, _SOURCE)
+    order: dict = {n: i for i, n in enumerate(graph.nodes)}
+    order[SOURCE] = -1
+    masks = input_masks(graph)
+    flow = dataflow(graph, masks)
+    idom = nx.immediate_dominators(flow, SOURCE)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     ipdom = nx.immediate_dominators(flow.reverse(copy=False), output) if output in flow else {}
     layers = _find_layers(traced)
-    existing, inside, merges = _find_existing(gm, graph, order, idom, layers)
-    return Analysis(traced, layers, existing, inside, order, idom, ipdom, merges)
+    existing, inside, merges = _find_existing(gm, graph, order, flow, idom, masks, layers)
+    gated = gate_branches(gm, graph, ipdom, masks, order)
+    return Analysis(traced, layers, existing, inside, gated, order, idom, ipdom, merges)

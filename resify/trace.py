@@ -26,7 +26,7 @@ from torch import nn
 
 from .constants import TracerChoice
 from .copying import own_containers, structural_copy
-from .errors import ResifyWarning, TraceError
+from .errors import InputError, ResifyWarning, TraceError
 from .formats import first_line
 from .inputs import as_inputs, check_device, derive_example_input
 from .modules import FORWARD_ATTRIBUTE, is_owner, strip_forward
@@ -93,7 +93,7 @@ def _call_for(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
     """Match the example inputs to ``forward``'s parameters (see :class:`_Call`).
 
     Raises:
-        TraceError: a name that forward does not take, an input given twice, or one not given.
+        InputError: a name that forward does not take, an input given twice, or one not given.
     """
     cls = type(module)
     own = _own_forward(module, inputs, kwargs)
@@ -109,28 +109,29 @@ def _call_for(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]
     where = f"{cls.__name__}.forward({', '.join(str(p) for p in params)})"
     extra = [k for k in kwargs if k not in names]
     if extra and not var_kw:
-        raise TraceError(
+        raise InputError(
             f"example_kwargs names {', '.join(map(repr, extra))}, which {where} does not take; "
             f"it takes {', '.join(names) or 'no named input'}"
         )
     if len(inputs) > len(positional) and _P.VAR_POSITIONAL not in kinds:
-        raise TraceError(
+        raise InputError(
             f"example_input has {len(inputs)} inputs but {where} takes {len(positional)} by position; "
             "pass the others by name with example_kwargs"
         )
     given = positional[: len(inputs)]
     twice = [p.name for p in given if p.name in kwargs]
     if twice:
-        raise TraceError(
+        raise InputError(
             f"{', '.join(map(repr, twice))} given both in example_input and in example_kwargs; give it once"
         )
     rest = [p for p in named if p not in given]
     missing = [p.name for p in rest if p.default is _P.empty and p.name not in kwargs]
     if missing:
-        raise TraceError(
+        raise InputError(
             f"the model's forward takes an input '{missing[0]}' that example_input does not provide (found "
             f"{len(inputs)} input(s)) in {where}; pass a tuple with one tensor per input, or name it: "
-            f"example_kwargs={{'{missing[0]}': ...}} (CLI: --input-kwarg {missing[0]}=SHAPE)"
+            f"example_kwargs={{'{missing[0]}': ...}} (CLI: one --input-shape per positional input, in order, "
+            f"or --input-kwarg {missing[0]}=SHAPE)"
         )
     # left at their defaults, or given as plain values (use_cache=False): specialised, not traced
     concrete = {
@@ -263,8 +264,8 @@ def trace(
         if inputs is None:
             try:
                 inputs = derive_example_input(private)
-            except TraceError as e:
-                raise TraceError(
+            except InputError as e:
+                raise InputError(
                     f"symbolic tracing of {name} failed{where}: {first_line(symbolic_error)}; "
                     f"tracing on a concrete input needs one: {e}"
                 ) from symbolic_error

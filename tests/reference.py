@@ -101,6 +101,28 @@ def vgg_style_cnn(in_channels=3, num_classes=10):
     )
 
 
+class _Stage(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.residual_block_body = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+    def forward(self, x):
+        return self.residual_block_body(x)
+
+
+class LongNames(nn.Module):
+    """Layers with 49-character names ('feature_extraction_stages.1.residual_block_body.0') and a
+    projection with a long label ('Conv2d(16, 72, 1) + BatchNorm2d'): what a narrow table must cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature_extraction_stages = nn.Sequential(_Stage(3, 16), _Stage(16, 72), _Stage(72, 72))
+        self.head = nn.Linear(72, 4)
+
+    def forward(self, x):
+        return self.head(self.feature_extraction_stages(x).mean((2, 3)))
+
+
 def assert_every_parameter_has_grad(module):
     missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"parameters without a gradient: {missing}"
@@ -109,3 +131,15 @@ def assert_every_parameter_has_grad(module):
 def is_resify_key(name: str) -> bool:
     """A parameter or state-dict key that resify added: under some owner's ``resify`` namespace."""
     return "resify" in name.split(".")[:-1]
+
+
+def forward_sources(module):
+    """The source of the forward resify installed on ``module``, per mode (``{True: train, False: eval}``;
+    one entry where forward does not read ``self.training``); empty where resify installed none."""
+    from resify.modules import FORWARD_ATTRIBUTE
+
+    forward = module.__dict__.get(FORWARD_ATTRIBUTE)
+    if forward is None:
+        return {}
+    first = next(iter(forward.codes.values()))
+    return {mode: src for mode, (_, src) in first.items()}

@@ -30,7 +30,7 @@ def _info(model, converted):
         "class": type(model).__name__,
         "source": "tests/test_browser.py",
         "parameters_after": sum(p.numel() for p in converted.parameters()),
-        "example_input": [list(t.shape) for t in converted.meta["resify_example_inputs"]],
+        "example_input": [spec["shape"] for spec in converted.__dict__["resify_example"]],
         "layers": plan.n_layers,
     }
 

@@ -29,8 +29,9 @@ except ImportError:
     HAS_TORCHVISION = False
 
 
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
+def run(*args, columns=100):
+    """Exit code and output of ``resify ARGS`` in a terminal ``columns`` wide (COLUMNS, as a shell sets it)."""
+    result = CliRunner(env={"COLUMNS": str(columns)}).invoke(cli, [str(a) for a in args])
     return result.exit_code, result.output
 
 
@@ -152,6 +153,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         model = M()
     """,
     )
+    conv_first = _write(tmp_path, "conv_first.py", "import torch.nn as nn\nmodel = nn.Sequential(nn.Conv2d(3, 8, 3))\n")
     a_file = _write(tmp_path, "a_file.txt", "not a folder")
     cases = [
         (["inspect", str(tmp_path / "missing.py")], 2, "not found"),
@@ -162,6 +164,12 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         (["inspect", f"{several}:nothing"], 2, "has no attribute 'nothing'"),
         (["inspect", f"{empty}:x"], 2, "is a int, not an nn.Module"),
         (["inspect", untraceable, "--input-shape", "2,4"], 1, "could not trace M"),
+        (
+            ["inspect", conv_first],
+            2,
+            "does not fix the input shape; pass one, e.g. example_input=torch.randn(2, 3, 32, 32)",
+        ),
+        (["inspect", SEED, "--input-shape", "10,128", "--input-shape", "10,4"], 2, "takes 1 by position"),
         (
             ["inspect", SEED, "--input-shape", "10,99"],
             1,
@@ -211,7 +219,7 @@ def test_a_bug_inside_resify_is_not_swallowed(monkeypatch):
     def broken_apply(*args, **kwargs):
         raise bug
 
-    monkeypatch.setattr(resify.api, "apply", broken_apply)
+    monkeypatch.setattr(resify.api, "converted", broken_apply)
     result = CliRunner().invoke(cli, ["inspect", SEED, "--no-report"])
     assert result.exit_code == 1 and result.exception is bug
     assert "Error:" not in result.output
@@ -368,7 +376,7 @@ def test_export_names_settings_a_repr_leaves_out():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.AvgPool2d(2, ceil_mode=True)
     )
-    source = render_source(resify.apply(model, torch.randn(1, 3, 7, 7)))
+    source = render_source(resify.apply(model, torch.randn(1, 3, 7, 7), graph_module=True))
     assert "ceil_mode=True" in source
 
 
@@ -391,7 +399,7 @@ def test_export_round_trip_keeps_pooled_shortcuts_exact_on_odd_sizes(tmp_path):
         nn.Linear(8 * 2 * 2, 3),
     ).eval()
     x = torch.randn(2, 3, 7, 7)
-    converted = resify.apply(model, x).eval()
+    converted = resify.apply(model, x, graph_module=True).eval()
     assert any(getattr(s.shortcut, "pool", False) for s in resify.applied_plan(converted).sites)
     save(converted, tmp_path / "m")
     loaded = load(tmp_path / "m").eval()
@@ -513,7 +521,7 @@ def test_export_keeps_a_module_registered_under_two_names(tmp_path):
 
     torch.manual_seed(0)
     model, x = Net(), torch.randn(2, 8)
-    converted = resify.apply(model, x)
+    converted = resify.apply(model, x, graph_module=True)
     save(converted, tmp_path / "m")
     loaded = load(tmp_path / "m")  # a strict load_state_dict: every alias key has its module
     torch.testing.assert_close(loaded(x), converted(x))
@@ -593,3 +601,128 @@ def test_writing_the_page_where_it_cannot_go_is_one_line(tmp_path):
 def test_help_lists_the_html_option():
     code, out = run("inspect", "--help")
     assert code == 0 and "--html" in out and "self-contained page" in " ".join(out.split())
+
+
+_LONG_NAMES = """
+import torch
+from reference import LongNames  # tests/ is on the path while the tests run
+
+model = LongNames()
+example_input = torch.randn(2, 3, 8, 8)
+"""
+
+
+def test_a_wide_terminal_shows_names_and_labels_whole_a_narrow_one_cuts_them(tmp_path):
+    path = _write(tmp_path, "long_names.py", _LONG_NAMES)
+    names = [f"feature_extraction_stages.{i}.residual_block_body.0" for i in range(3)]
+    code, out = run("inspect", path, "--no-report", columns=200)
+    assert code == 0, out
+    for name in names:
+        assert f"\n{name}  " in out, out
+    assert "Conv2d(16, 72, 1) + BatchNorm2d  " in out and "…" not in out
+    code, out = run("inspect", path, columns=200)  # the gradient-flow tables too
+    assert code == 0 and all(f"\n{name}  Conv2d  " in out for name in names), out
+    code, out = run("inspect", path, "--no-report", columns=80)
+    assert code == 0, out
+    assert max(map(len, out[out.index("resify plan for") :].splitlines())) <= 80  # (the file's path is not cut)
+    assert names[0] not in out and "…sidual_block_body.0" in out
+    assert "+ BatchNorm2d" not in out and "Conv2d(16,…" in out
+
+
+def test_input_shape_is_repeatable_one_per_positional_input(tmp_path):
+    path = _write(
+        tmp_path,
+        "two_inputs.py",
+        """
+        import torch
+        from torch import nn
+
+        class ImageAndTokens(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.emb = nn.Conv2d(3, 8, 3, padding=1), nn.Embedding(50, 8)
+                self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+            def forward(self, image, tokens):
+                h = torch.relu(self.conv(image)).mean((2, 3)) + self.emb(tokens).mean(1)
+                return self.fc2(torch.relu(self.fc1(h)))
+
+        model = ImageAndTokens()
+    """,
+    )
+    code, out = run("inspect", path, "--input-shape", "2,3,8,8", "--input-shape", "2,5:int64", "--no-report")
+    assert code == 0, out
+    assert "example input [[2, 3, 8, 8], [2, 5]]" in out and "total: " in out
+    code, out = run("inspect", path, "--input-shape", "2,3,8,8", "--no-report")
+    assert code == 2 and "Traceback" not in out, out
+    assert "takes an input 'tokens' that example_input does not provide" in out
+    assert "(CLI: one --input-shape per positional input, in order, or --input-kwarg tokens=SHAPE)" in out
+    code, out = run("inspect", path, "--input-shape", "2,3,8,8", "--input-shape", "2,5:int65")
+    assert code == 2 and "--dtype expects one of" in out and "found 'int65'" in out, out
+
+
+def test_an_embedding_first_model_is_told_to_pass_token_ids(tmp_path):
+    path = _write(tmp_path, "tokens_first.py", "import torch.nn as nn\nmodel = nn.Sequential(nn.Embedding(100, 8))\n")
+    code, out = run("inspect", path)
+    assert code == 2, out
+    assert "e.g. example_input=torch.randint(0, 100, (2, 16)) (CLI: --input-shape 2,16:int64)" in out
+    assert "torch.randn" not in out
+
+
+def test_the_advice_is_in_flags_and_never_what_the_run_already_uses():
+    code, out = run("inspect", SEED)  # --shortcut auto by default: the advice for the original is carried out
+    assert code == 0, out
+    assert "resify.apply" not in out and "try " not in out, out
+    code, out = run("inspect", SEED, "--shortcut", "identity")  # nothing added: the advice stands, as a flag
+    assert code == 0, out
+    text = " ".join(out.split())
+    assert "before: vanishing: " in text and "; try --shortcut auto: adds a shortcut around every layer" in text
+    assert "shortcut='auto'" not in out.split("total:")[-1]  # (the plan's skip reasons name the keyword)
+    code, out = run("inspect", SEED, "--format", "json")
+    assert code == 0 and json.loads(out)["report"]["before"]["recommendation"] is None
+
+
+def test_every_layer_excluded_is_refused_with_what_to_try():
+    code, out = run("inspect", VGG, "--exclude", "*", "--no-report")
+    assert code == 1 and "Traceback" not in out, out
+    assert "Error: every layer was excluded (exclude=['*']): no layer is left" in out
+    assert "CLI: --exclude '22'" in out
+
+
+def _flow(verdict, added=False, gate=False):
+    """A report of that verdict on three layers (with resify's projections and gates when asked)."""
+    from resify.report import GradientFlow, LayerFlow
+
+    layers = []
+    for i in range(3):
+        layers.append(LayerFlow(f"l{i}", "Linear", len(layers), False, (2, 2), 1.0, 1.0, 1.0, 1.0, 1.0))
+        if added:
+            layers.append(LayerFlow(f"l{i}.proj", "Linear", len(layers), True, (2, 2), 1.0, 1.0, 1.0, 1.0, 1.0))
+        if gate:
+            layers.append(LayerFlow(f"l{i}.alpha", "Gate", len(layers), True, (1,), 1.0, 1.0, None, None, None))
+    return GradientFlow("M", tuple(layers), verdict, "why", "(the library's)", None, "mse to zeros", 1.0)
+
+
+ADVICE_IN_FLAGS = [
+    # the original, vanishing: its advice is what the run does by default, or not
+    (_flow("vanishing"), {}, None),
+    (_flow("vanishing"), {"shortcut": "identity"}, "try --shortcut auto: adds a shortcut around every layer"),
+    # converted and still vanishing: only the settings the run does not use, else the next advice
+    (_flow("vanishing", True), {"group": 2}, "try --group 1: gives every layer, not only some, a shortcut"),
+    (_flow("vanishing", True), {"shortcut": "identity", "group": 3}, "try --shortcut auto --group 1: gives every"),
+    (_flow("vanishing", True), {}, "try --gate rezero: starts every branch at zero"),
+    (_flow("vanishing", True), {"gate": "rezero"}, None),
+    (_flow("exploding"), {}, "try --gate rezero: starts every branch at zero"),
+    (_flow("exploding", True, True), {"gate": "rezero"}, None),  # gate_init 0 is rezero's own
+    (_flow("exploding", True, True), {"gate": "rezero", "gate_init": 0.5}, "try --gate-init 0: starts every"),
+    (_flow("exploding", True, True), {"gate": "layerscale"}, "try --gate rezero --gate-init 0: starts every"),
+    (_flow("healthy"), {}, None),
+]
+
+
+@pytest.mark.parametrize("flow,policy,expected", ADVICE_IN_FLAGS)
+def test_advice_text_words_the_advice_in_flags_the_run_does_not_use(flow, policy, expected):
+    from resify.cli_flags import advice_text
+
+    text = advice_text(flow, resify.Policy.from_kwargs(**policy))
+    assert text == expected if expected is None else (text or "").startswith(expected), text

@@ -29,7 +29,7 @@ def _cnn():
 @pytest.fixture
 def converted():
     torch.manual_seed(0)
-    gm = resify.apply(_cnn().eval(), torch.randn(2, 3, 8, 8), gate="layerscale")
+    gm = resify.apply(_cnn().eval(), torch.randn(2, 3, 8, 8), gate="layerscale", graph_module=True)
     with torch.no_grad():  # weights and statistics away from their initial values
         for t in gm.state_dict().values():
             if t.is_floating_point():
@@ -82,7 +82,7 @@ class ReadsMode(nn.Module):
 
 def test_a_model_whose_forward_reads_the_mode_keeps_both_forwards(tmp_path):
     torch.manual_seed(0)
-    converted = resify.apply(ReadsMode().train(), torch.randn(2, 4))
+    converted = resify.apply(ReadsMode().train(), torch.randn(2, 4), graph_module=True)
     assert isinstance(converted, resify.DualGraphModule)
     loaded = load(save(converted, tmp_path / "m"))
     assert loaded.training
@@ -112,7 +112,7 @@ class Custom(nn.Module):
 
 
 def test_a_failed_export_leaves_nothing_behind(converted, tmp_path):
-    model = resify.apply(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Custom()), torch.randn(2, 4), leaf_modules=[Custom])
+    model = resify.apply(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Custom()), torch.randn(2, 4), leaf_modules=[Custom], graph_module=True)
     with pytest.raises(
         ResifyError, match=r"cannot write module '2' \(.*Custom\) as source: .*standard torch.nn layers"
     ):
@@ -150,7 +150,7 @@ def test_the_written_source_reads_like_hand_written_pytorch(tmp_path):
 
     torch.manual_seed(0)
     model = ImprovedResidualNetwork([16, 8, 8, 4], False)
-    converted = resify.apply(model, torch.randn(3, 16), gate="rezero")
+    converted = resify.apply(model, torch.randn(3, 16), gate="rezero", graph_module=True)
     folder = save(converted, tmp_path / "m")
     source = (folder / "model.py").read_text()
     assert "getattr(" not in source and ";" not in source and "= None" not in source
@@ -186,7 +186,7 @@ def test_a_sequential_is_written_as_a_module_dict_whose_layers_keep_their_names(
 
 
 def test_each_forward_of_a_model_that_reads_the_mode_marks_its_shortcuts():
-    converted = resify.apply(ReadsMode().train(), torch.randn(2, 4))
+    converted = resify.apply(ReadsMode().train(), torch.randn(2, 4), graph_module=True)
     source = render_source(converted)
     train, evaluate = source.split("def _forward_train(")[1].split("def _forward_eval(")
     for body in (train, evaluate):
@@ -211,7 +211,7 @@ class Keyed(nn.Module):
 
 def test_names_no_attribute_reaches_still_round_trip(tmp_path):
     torch.manual_seed(0)
-    converted = resify.apply(nn.Sequential(Keyed()), torch.randn(2, 4))
+    converted = resify.apply(nn.Sequential(Keyed()), torch.randn(2, 4), graph_module=True)
     source = render_source(converted)
     assert 'getattr(self["0"], "0")' in source and 'self["0"].keys(' in source
     x = torch.randn(3, 4)

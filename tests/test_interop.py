@@ -79,17 +79,44 @@ def test_onnx_export_runs_in_onnxruntime_with_equal_outputs(build, shape):
 @pytest.mark.parametrize("build,shape", MODELS, ids=IDS)
 def test_torchscript_and_torch_save(build, shape, tmp_path):
     _, converted = _converted(build, shape, gate="layerscale")
-    scripted = torch.jit.script(converted)  # scripted in eval mode: the eval graph
     x = _batch(shape, 3)
+    traced = torch.jit.trace(converted, (x,))  # traced in eval mode: the eval forward
+    torch.testing.assert_close(traced(x), converted(x))
+    # torch.jit.script compiles a class's forward from its source: the whole-graph result scripts
+    # (the converted model's forwards live on its instances, which script refuses, never skips)
+    whole = resify.apply(build().eval(), torch.randn(shape), gate="layerscale", graph_module=True).eval()
+    whole.load_state_dict(_whole_state(converted, whole))
+    scripted = torch.jit.script(whole)
     torch.testing.assert_close(scripted(x), converted(x))
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)
     buffer.seek(0)
     torch.testing.assert_close(torch.jit.load(buffer)(x), converted(x))
+    with pytest.raises(Exception):  # noqa: B017 - any error, as long as it does not script the original forward
+        torch.jit.script(converted)
     torch.save(converted, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
     torch.testing.assert_close(loaded(x), converted(x))
     torch.testing.assert_close(copy.deepcopy(converted)(x), converted(x))
+
+
+def _whole_state(converted, whole):
+    """The converted model's state under the whole-graph result's names (``resify.<name>`` at the root)."""
+    plan = resify.applied_plan(converted)
+    names = {f"{s.owner + '.' if s.owner else ''}resify.{s.name}.": None for s in plan.sites}
+    whole_plan = resify.applied_plan(whole)
+    renamed = {}
+    for (prefix, _), site, other in zip(names.items(), plan.sites, whole_plan.sites, strict=True):
+        assert (site.start, site.end) == (other.start, other.end)
+        renamed[prefix] = f"resify.{other.name}."
+    out = {}
+    for k, v in converted.state_dict().items():
+        for prefix, new in renamed.items():
+            if k.startswith(prefix):
+                k = new + k[len(prefix) :]
+                break
+        out[k] = v
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +159,7 @@ def test_meta_device_workflow_gives_the_model_converted_on_the_cpu(policy):
 def test_shortcut_reset_parameters_restores_the_gates():
     for policy, alpha in (({"gate_init": 0.25}, 0.25), ({"preserve_output": True}, 1.0)):
         converted = resify.apply(styles.deep_mlp(), torch.randn(2, 8), gate="rezero", **policy)
-        holder = converted.get_submodule("resify.2")
+        holder = converted.get_submodule("resify.2")  # the model's own forward owns its sites: the root
         assert isinstance(holder, resify.Shortcut)
         with torch.no_grad():
             holder.alpha.fill_(3.0)

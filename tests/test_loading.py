@@ -16,6 +16,7 @@ from resify.loading import (
     load_model,
     parse_input_kwarg,
     parse_input_shape,
+    parse_input_shapes,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +92,27 @@ def test_dtypes_maps_names_to_torch_dtypes():
 def test_parse_input_shape_rejects(text, dtype, message):
     with pytest.raises(ModelLoadError, match=message):
         parse_input_shape(text, dtype)
+
+
+def test_a_dtype_suffix_takes_the_place_of_the_dtype():
+    x = parse_input_shape("2,16:int64", "float16")
+    assert x is not None and x.dtype == torch.int64 and tuple(x.shape) == (2, 16)
+    with pytest.raises(ModelLoadError, match=r"--dtype expects one of .*found 'int65'"):
+        parse_input_shape("2,16:int65")
+
+
+def test_parse_input_shapes_gives_one_input_per_shape_in_order():
+    assert parse_input_shapes(()) is None
+    one = parse_input_shapes(["4,5"])
+    assert isinstance(one, torch.Tensor)
+    torch.testing.assert_close(one, parse_input_shape("4,5"))  # one shape: the tensor itself, as before
+    image, tokens, again = parse_input_shapes(["2,3,8,8", "2,7:int64", "2,3,8,8"], "float64")
+    assert (tuple(image.shape), image.dtype) == ((2, 3, 8, 8), torch.float64)
+    assert (tuple(tokens.shape), tokens.dtype) == ((2, 7), torch.int64)
+    assert not torch.equal(image, again)  # seeded by position: two inputs of one shape differ
+    torch.testing.assert_close(image, parse_input_shapes(["2,3,8,8"], "float64"))  # and repeat
+    with pytest.raises(ModelLoadError, match=r"--input-shape expects positive integers.*found ''"):
+        parse_input_shapes(["2,3", ""])  # an empty one would shift the inputs after it
 
 
 # --- parse_input_kwarg ------------------------------------------------------------------------

@@ -129,7 +129,7 @@ X = torch.randn(4, 8)
 def halves():
     torch.manual_seed(0)
     model = Halves()
-    return model, resify.apply(model, torch.randn(4, 8), gate="rezero", gate_init=0.5)
+    return model, resify.apply(model, torch.randn(4, 8), gate="rezero", gate_init=0.5, graph_module=True)
 
 
 def test_train_and_eval_switch_the_graph(halves):
@@ -159,7 +159,7 @@ def test_each_mode_computes_what_the_reference_computes(halves):
 def test_with_preserve_output_each_mode_equals_the_original_exactly():
     torch.manual_seed(0)
     model = Halves()
-    converted = resify.apply(model, X, preserve_output=True)
+    converted = resify.apply(model, X, preserve_output=True, graph_module=True)
     assert isinstance(converted, DualGraphModule)
     with torch.no_grad():
         for mode in (True, False, True):

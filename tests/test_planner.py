@@ -117,7 +117,7 @@ def test_a_plan_of_schema_version_1_is_still_read():
     assert [s.projection for s in plan.sites] == ["Conv2d(3, 16, 1) + BatchNorm2d + AvgPool2d(→out)", "AvgPool2d(→out)"]
     assert [s.kind for s in plan.sites] == ["projection", "projection"]
     assert plan.skipped[0].code == "unrecorded" and plan.skipped[0].reason.startswith("the span is linear")
-    assert plan.added_params == 80 and plan.to_dict()["schema_version"] == 2
+    assert plan.added_params == 80 and plan.to_dict()["schema_version"] == 3
     with pytest.raises(resify.PlanError, match="schema_version 1 or 2, found 99"):
         resify.Plan.from_dict({**_PLAN_V1, "schema_version": 99})
 
@@ -302,3 +302,24 @@ def test_a_pattern_that_matches_no_layer_lists_the_layers():
     with pytest.warns(resify.ResifyWarning, match="exclude pattern 'head' matches no layer"):
         plan = resify.plan(model, torch.randn(2, 8), exclude="head")
     assert len(plan.sites) == 2
+
+
+@pytest.mark.parametrize(
+    "patterns, given",
+    [
+        ({"exclude": "*"}, r"exclude=\['\*'\]"),
+        ({"exclude": ["layers.0.*", "layers.1.*"]}, r"exclude=\['layers.0.\*', 'layers.1.\*'\]"),
+        ({"include": "layers.0.*", "exclude": "layers.0.0"}, r"include=\['layers.0.\*'\], exclude=\['layers.0.0'\]"),
+    ],
+)
+def test_patterns_that_leave_out_every_layer_are_refused_with_what_to_try(patterns, given):
+    model = ImprovedResidualNetwork([8, 8, 8], False)
+    with pytest.raises(
+        resify.PlanError,
+        match=rf"^every layer was excluded \({given}\): no layer is left to put a shortcut around; the layers are: "
+        r"layers\.0\.0, layers\.1\.0; exclude only some of them \(e\.g\. exclude=\['layers\.1\.\*'\]; "
+        r"CLI: --exclude 'layers\.1\.\*'\), or drop the pattern$",
+    ):
+        resify.plan(model, torch.randn(2, 8), **patterns)
+    plan = resify.plan(model, torch.randn(2, 8), exclude="layers.1.*")  # the example it gives leaves one in
+    assert [s.start for s in plan.sites] == ["layers.0.0"]

@@ -43,7 +43,7 @@ def test_any_mlp_converts_with_every_invariant(built, gate, group):
     x = torch.randn(3, widths[0])
     converted = resify.apply(model, x, gate=gate, group=group)
     plan = resify.applied_plan(converted)
-    converted.graph.lint()
+    assert type(converted) is type(model)  # the user's class: shortcuts live in its modules' forwards
     n_layers = len(widths) - 1
     linears = [name for name, m in model.named_children() if isinstance(m, nn.Linear)]
     covered = [name for s in plan.sites for name in s.layers]
@@ -78,7 +78,7 @@ def test_any_cnn_converts_and_dense_keeps_outputs(built, shortcut):
     x = torch.randn(2, channels[0], size, size)
     converted = resify.apply(model, x, shortcut=shortcut).eval()
     plan = resify.applied_plan(converted)
-    converted.graph.lint()
+    assert type(converted) is type(model)  # the user's class: shortcuts live in its modules' forwards
     with torch.no_grad():
         y = converted(x)
     assert y.shape == model(x).shape

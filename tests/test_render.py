@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-from reference import ImprovedResidualNetwork
+from reference import ImprovedResidualNetwork, LongNames
 
 import resify
 from resify.errors import ResifyError
@@ -221,7 +221,7 @@ def test_the_flow_tables_have_every_layer_of_the_model(seed):
     names = ["layers.0.0", "layers.1.0", "layers.2.0", "layers.3.0", "layers.4.0"]
     assert [row[1] for row in _rows(flow_text(seed["before"], 100), "#  layer")] == names
     after = [row[1] for row in _rows(flow_text(seed["after"], 100), "#  layer")]
-    assert after == [n for name in names for n in (name, f"+resify.{name.replace('.', '_')}.proj")]
+    assert after == [n for name in names for n in (name, f"+{name.rsplit('.', 1)[0]}.resify.0.proj")]
 
 
 def test_comparison_text_writes_each_changes_numbers(seed):
@@ -293,6 +293,35 @@ def test_plan_text_writes_each_sites_numbers(seed):
         text.splitlines()[0] == "resify plan for ImprovedResidualNetwork (symbolic trace, 5 layers, 11,009 parameters)"
     )
     assert text.splitlines()[-1] == "total: " + plan.summary()
+
+
+@pytest.fixture(scope="module")
+def long_plan():
+    torch.manual_seed(0)
+    return resify.plan(LongNames(), torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("width", [80, 100, 128, 129, 200])
+def test_names_and_labels_are_cut_only_where_the_width_forces_it(long_plan, width):
+    whole = _rows(plan_text(long_plan, 10_000), "span")
+    needed = len(plan_text(long_plan, 10_000).splitlines()[4])  # the header row of the table, unwrapped
+    assert needed == 129 and whole[1][0] == "feature_extraction_stages.1.residual_block_body.0"
+    text = plan_text(long_plan, width)
+    assert max(map(len, text.splitlines())) <= width
+    rows = _rows(text, "span")
+    if width >= needed:
+        assert rows == whole and "…" not in text
+    else:
+        assert rows != whole and all(r[0].startswith("…") for r in rows)
+
+
+def test_plan_to_text_takes_the_terminals_width_and_str_stays_at_100(long_plan, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert long_plan.to_text() == plan_text(long_plan, 200) == long_plan.to_text(200)
+    assert "feature_extraction_stages.1.residual_block_body.0  " in long_plan.to_text()
+    assert str(long_plan) == plan_text(long_plan, 100) == long_plan.to_text(100)
+    monkeypatch.setenv("COLUMNS", "80")
+    assert long_plan.to_text() == plan_text(long_plan, 80) != str(long_plan)
 
 
 def test_a_narrow_plan_cuts_the_shortcut_label_at_its_end(seed):

@@ -76,12 +76,12 @@ def test_converted_seed_network_lists_projections_and_gates_in_forward_order():
     converted = resify.apply(ImprovedResidualNetwork(SEED_SIZES, False), x, gate="rezero")
     flow = resify.gradient_flow(converted, x)
     names = [r.name for r in flow.layers]
-    assert names[:4] == ["layers.0.0", "resify.layers_0_0.proj", "resify.layers_0_0.alpha", "layers.1.0"]
+    assert names[:4] == ["layers.0.0", "layers.0.resify.0.proj", "layers.0.resify.0.alpha", "layers.1.0"]
     assert len(names) == 15
-    gate = flow.layer("resify.layers_0_0.alpha")
+    gate = flow.layer("layers.0.resify.0.alpha")
     assert gate.kind == "Gate" and gate.added and gate.shape == (1,) and gate.input_grad_norm is None
     assert gate.mean_abs_grad > 0 and gate.grad_to_weight is None  # the gate's value is 0
-    assert not flow.layer("layers.0.0").added and flow.layer("resify.layers_0_0.proj").added
+    assert not flow.layer("layers.0.0").added and flow.layer("layers.0.resify.0.proj").added
     # behind a gate at zero the branch gets no weight gradient, but the flow reaches the first layer
     assert flow.layer("layers.0.0").mean_abs_grad == 0 and flow.layer("layers.0.0").input_grad_norm > 0
     printed = _printed_gradients(converted, x)  # the seed's figure for the added layers too
@@ -439,6 +439,62 @@ def test_integer_inputs_fall_back_to_the_weight_gradient():
     assert flow.layer("1").input_grad_norm > 0
     # the first/last rule reads input gradients, which only the Linear has: it is judged against itself
     assert (flow.verdict, flow.first_to_last) == ("healthy", 1.0) and "from '1' to '1'" in flow.reason
+
+
+def _records(n, added=False, gate=False):
+    """n layers of a model, each followed by an added projection and/or a gate when asked."""
+    out = []
+    for i in range(n):
+        out.append(LayerFlow(f"l{i}", "Linear", len(out), False, (2, 2), 1.0, 1.0, 1.0, 1.0, 1.0))
+        if added:
+            out.append(LayerFlow(f"l{i}.proj", "Linear", len(out), True, (2, 2), 1.0, 1.0, 1.0, 1.0, 1.0))
+        if gate:
+            out.append(LayerFlow(f"l{i}.alpha", "Gate", len(out), True, (1,), 1.0, 1.0, None, None, None))
+    return tuple(out)
+
+
+_EVERY = "adds a shortcut around every layer"
+RECOMMENDATIONS = {
+    "plain, vanishing": (
+        "vanishing",
+        _records(3),
+        f"try shortcut='auto': resify.apply(model, shortcut='auto') {_EVERY}",
+    ),
+    "plain and deep, vanishing": (
+        "vanishing",
+        _records(32),
+        f"try gate='rezero': resify.apply(model, gate='rezero') {_EVERY} and starts each branch at zero, which "
+        "trains 32 layers in series more reliably than ungated shortcuts",
+    ),
+    "shortcuts, vanishing": (
+        "vanishing",
+        _records(3, added=True),
+        "try shortcut='auto', group=1: resify.apply(model, shortcut='auto', group=1) gives every layer, "
+        "not only some, a shortcut",
+    ),
+    "plain, exploding": (
+        "exploding",
+        _records(3),
+        "try gate='rezero': resify.apply(model, gate='rezero') starts every branch at zero",
+    ),
+    "gated, exploding": (
+        "exploding",
+        _records(3, added=True, gate=True),
+        "try gate='rezero', gate_init=0.0: resify.apply(model, gate='rezero', gate_init=0.0) starts every branch at zero",
+    ),
+    "healthy": ("healthy", _records(3), None),
+}
+
+
+@pytest.mark.parametrize("verdict,records,expected", RECOMMENDATIONS.values(), ids=RECOMMENDATIONS.keys())
+def test_the_recommendation_is_the_first_advice_in_python(verdict, records, expected):
+    from resify.report.verdicts import advice, recommend
+
+    assert recommend(verdict, records) == expected
+    found = advice(verdict, records)
+    assert (found[0].python() if found else None) == expected
+    for a in found:  # every keyword a policy keyword, every value one it accepts
+        resify.Policy.from_kwargs(**dict(a.settings))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -287,11 +287,29 @@ def test_the_seed_plan_keeps_the_existing_shortcuts(seed_plan):
     assert seed_plan.to_dict()["existing"] == [e.to_dict() for e in seed_plan.existing]
 
 
-@pytest.mark.parametrize("version", [0, 3, 99, None, "2"])
+@pytest.mark.parametrize("version", [0, None, "2"])
 def test_plan_from_dict_rejects_an_unknown_schema_version(cnn_plan, version):
     d = {**cnn_plan.to_dict(), "schema_version": version}
-    with pytest.raises(PlanError, match=rf"expected a plan of schema_version 1 or 2, found {version!r}; re-create"):
+    with pytest.raises(PlanError, match=rf"expected a plan of schema_version 1 to 3, found {version!r}; re-create"):
         Plan.from_dict(d)
+
+
+@pytest.mark.parametrize("version", [4, 99])
+def test_a_plan_from_a_newer_release_is_refused_with_the_version_it_needs(cnn_plan, version):
+    d = {**cnn_plan.to_dict(), "schema_version": version}
+    with pytest.raises(PlanError, match=rf"schema_version 3 or older, found {version}: .* upgrade resify"):
+        Plan.from_dict(d)
+
+
+def test_a_schema_2_plan_still_reads_with_its_sites_owned_by_the_root(cnn_plan):
+    d = cnn_plan.to_dict()
+    d["schema_version"] = 2
+    for s in d["sites"]:
+        del s["owner"], s["exit_step"]
+    del d["whole"]
+    back = Plan.from_dict(d)
+    assert [(s.owner, s.exit_step) for s in back.sites] == [("", 0)] * len(cnn_plan.sites)
+    assert [s.start for s in back.sites] == [s.start for s in cnn_plan.sites]
 
 
 def test_site_from_dict_rejects_an_unknown_kind(cnn_plan):
@@ -324,9 +342,33 @@ def test_every_skip_code_is_a_known_one(policy, codes):
 
 
 def test_plan_counts_and_added_params(cnn_plan):
-    assert cnn_plan.counts() == {"projection": 4, "identity": 1}
+    # the pooled shortcut of the fourth span has no parameters: counted apart from the learned ones
+    assert cnn_plan.counts() == {"identity": 1, "projection": 3, "parameter-free": 1}
+    assert [s.kind for s in cnn_plan.sites].count("projection") == 4  # the JSON's kind is unchanged
+    assert "5 shortcut(s) (1 identity, 3 projection, 1 parameter-free); " in cnn_plan.summary()
     assert cnn_plan.added_params == sum(s.added_params for s in cnn_plan.sites) == 24 + 160 + 512
     assert cnn_plan.to_dict()["added_params"] == cnn_plan.added_params
+
+
+@pytest.mark.parametrize(
+    "policy,counts",
+    [
+        ({"projection": "pad"}, {"identity": 1, "parameter-free": 4}),
+        ({"shortcut": "dense"}, None),  # every site dense
+    ],
+)
+def test_parameter_free_projections_are_counted_as_such(policy, counts):
+    plan = resify.plan(small_cnn(), X, **policy)
+    learned = [s for s in plan.sites if isinstance(s.shortcut, Projection) and s.shortcut.learned]
+    assert all(s.added_params > 0 for s in learned)
+    free = [s for s in plan.sites if isinstance(s.shortcut, Projection) and not s.shortcut.learned]
+    assert all(s.added_params == 0 for s in free)
+    if counts is None:
+        counts = {"dense": len(plan.sites)}
+    assert plan.counts() == counts
+    assert plan.summary().startswith(
+        f"{len(plan.sites)} shortcut(s) ({', '.join(f'{v} {k}' for k, v in counts.items())});"
+    )
 
 
 class ReadsTraining(nn.Module):

@@ -8,6 +8,7 @@ import torch.nn as nn
 from reference import ImprovedResidualNetwork, vgg_style_cnn
 
 import resify
+from resify.errors import InputError
 from resify.shapes import ShapeRecorder
 from resify.trace import trace
 
@@ -130,9 +131,22 @@ def test_wrong_input_shape_names_the_layer_and_shape():
         resify.apply(model, torch.randn(2, 5))
 
 
-def test_missing_input_for_a_conv_asks_for_one():
-    with pytest.raises(resify.TraceError, match=r"example_input=torch.randn\(2, 3, 32, 32\)"):
-        resify.plan(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+@pytest.mark.parametrize(
+    "first, hint",
+    [
+        (nn.Conv2d(3, 8, 3), r"example_input=torch.randn\(2, 3, 32, 32\) \(CLI: --input-shape 2,3,32,32\)$"),
+        (nn.Conv1d(4, 8, 3), r"example_input=torch.randn\(2, 4, 32\) \(CLI: --input-shape 2,4,32\)$"),
+        # token ids: integers below the vocabulary's size, not torch.randn
+        (nn.Embedding(100, 8), r"example_input=torch.randint\(0, 100, \(2, 16\)\) \(CLI: --input-shape 2,16:int64\)$"),
+        (
+            nn.LSTM(4, 4),
+            r"example_input=torch.randn\(\.\.\.\) \(CLI: --input-shape SHAPE, once per positional input\)$",
+        ),
+    ],
+)
+def test_missing_input_asks_for_one_the_first_layer_takes(first, hint):
+    with pytest.raises(InputError, match=r"^no example_input given and the first layer .*" + hint):
+        resify.plan(nn.Sequential(first))
 
 
 @pytest.mark.parametrize("bad", [object(), "model.py", nn.Linear])
@@ -381,8 +395,14 @@ def test_optional_arguments_stay_optional_at_their_defaults():
     converted = resify.apply(model, x, preserve_output=True)
     torch.testing.assert_close(converted(x), model(x))
     torch.testing.assert_close(converted(torch.randn(5, 4)).shape, (5, 4))
-    with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
-        converted(x, mask=torch.ones(2, 4))  # never silently ignored
+    # an optional argument the trace left at its default: traced again for this call, with the same
+    # shortcuts (never silently ignored, never refused)
+    mask = torch.rand(2, 4)
+    torch.testing.assert_close(converted(x, mask=mask), model(x, mask=mask))
+    torch.testing.assert_close(converted(x, mask), model(x, mask))
+    gated = resify.apply(model, x)
+    with torch.no_grad():  # the shortcuts are there in the new trace too: x + F(x), not F(x)
+        assert not torch.allclose(gated(x, mask=mask), model(x, mask=mask))
 
 
 def test_an_optional_argument_given_by_name_is_traced():
@@ -390,7 +410,7 @@ def test_an_optional_argument_given_by_name_is_traced():
     model, x, mask = Masked(), torch.randn(2, 4), torch.rand(2, 4)
     converted = resify.apply(model, x, example_kwargs={"mask": torch.ones(2, 4)}, preserve_output=True)
     torch.testing.assert_close(converted(x, mask=mask), model(x, mask=mask))
-    assert converted.meta["resify_example_kwargs"].keys() == {"mask"}
+    torch.testing.assert_close(converted(x), model(x))  # and it stays optional
 
 
 def test_hugging_face_style_forward_with_kwargs():
@@ -423,8 +443,10 @@ def test_bad_example_kwargs_are_refused_by_name(kwargs, match):
 
 
 def test_a_required_input_not_given_names_the_parameter_and_the_fix():
-    with pytest.raises(resify.TraceError, match=r"takes an input 'y' .*example_kwargs=\{'y': \.\.\.\}"):
+    with pytest.raises(InputError, match=r"takes an input 'y' .*example_kwargs=\{'y': \.\.\.\}") as e:
         resify.plan(TakesTwo(), torch.randn(2, 8))
+    assert str(e.value).endswith("(CLI: one --input-shape per positional input, in order, or --input-kwarg y=SHAPE)")
+    assert isinstance(e.value, resify.TraceError)  # an InputError is a TraceError: except clauses keep working
 
 
 class Caching(nn.Module):
@@ -451,7 +473,9 @@ def test_the_users_model_is_never_written_to_and_apply_twice_gives_the_same_resu
     second = resify.apply(model, torch.randn(2, 4))
     x = torch.randn(3, 4)
     torch.testing.assert_close(first(x), second(x))
-    assert str(first.code) == str(second.code)
+    assert resify.applied_plan(first) == resify.applied_plan(second)
+    assert first.state_dict().keys() == second.state_dict().keys()
+    assert model.cache == {} and model.calls == []  # nor when the converted ones run
 
 
 def test_parametrized_layers_convert_and_keep_their_outputs():
@@ -513,7 +537,7 @@ def test_a_python_function_activation_is_the_layers_activation():
     layers = {layer.name: layer for layer in analyze(traced).layers}
     assert layers["a"].roles == ("activation",) and layers["a"].output == "mul"
     assert layers["b"].roles == ("activation",) and layers["b"].output == "mul_1"
-    converted = resify.apply(Net(), torch.randn(2, 8))
+    converted = resify.apply(Net(), torch.randn(2, 8), graph_module=True)
     adds = [n for n in converted.graph.nodes if n.name.startswith("add")]
     assert [a.args[0].name for a in adds] == ["mul", "mul_1"]  # after the activation, not before it
 
@@ -555,11 +579,15 @@ def test_a_module_registered_under_two_names_stays_one_module_with_the_users_nam
 
     torch.manual_seed(0)
     model, x = Net(), torch.randn(2, 8)
-    converted = resify.apply(model, x, preserve_output=True)
-    called = {str(n.target) for n in converted.graph.nodes if n.op == "call_module"}
+    whole = resify.apply(model, x, preserve_output=True, graph_module=True)
+    called = {str(n.target) for n in whole.graph.nodes if n.op == "call_module"}
     expected = {str(n.target) for n in torch.fx.symbolic_trace(model).graph.nodes if n.op == "call_module"}
     assert expected <= called and "enc" in called  # one module, under the name torch.fx gives it
-    assert set(model.state_dict()) <= set(converted.state_dict())  # both names of the shared one too
+    converted = resify.apply(model, x, preserve_output=True)
+    # the shortcut around 'enc' lives in the module whose forward calls it, under its name there
+    assert resify.applied_plan(converted).sites[0].owner == "blocks.0"
+    for result in (whole, converted):
+        assert set(model.state_dict()) <= set(result.state_dict())  # both names of the shared one too
     assert converted.get_submodule("enc") is converted.get_submodule("blocks.0.0")
     torch.testing.assert_close(converted(x), model(x))
 

@@ -306,6 +306,11 @@ def test_verdicts_give_the_step_of_each_change_and_the_layers():
     text = str(timeline)
     assert text.splitlines()[1].startswith("from step 4: vanishing in 4 layers, 0–3 ('0.0' … '3.0'); input gradient")
     assert w.history.summary().startswith("tanh (Sequential): 4 record(s) every 2 backward(s), steps 0–6")
+    # each change says what to try, as the step's report does (nothing while healthy)
+    assert (first.recommendation, change.recommendation) == (None, flow.recommendation)
+    assert flow.recommendation and flow.recommendation.startswith("try shortcut='auto'")
+    assert text.splitlines()[1].endswith(f"; {flow.reason}; {flow.recommendation}")
+    assert w.history.summary().splitlines()[2] == text.splitlines()[1]
 
 
 def test_history_is_a_dict_of_lists_and_json():
