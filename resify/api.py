@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from .analyze import analyze
+from .calls import Call
 from .checkpoint import read_plan
 from .errors import PlanError, RewriteError
 from .inputs import as_inputs
@@ -70,6 +71,7 @@ class _Prepared:
     inputs: tuple[Any, ...]  # given or derived
     kwargs: dict[str, Any]
     root: Traced | None  # the whole model's trace, where its forward traced
+    calls: dict[str, Call]  # what each module received in the example run (where one was needed)
 
 
 def _prepare(
@@ -87,7 +89,7 @@ def _prepare(
     pol = Policy.from_kwargs(**policy)
     inputs = as_inputs(example_input)
     kwargs = dict(example_kwargs or {})
-    units, whole = trace_units(model, inputs, kwargs, pol.leaf_modules)
+    units, whole, calls = trace_units(model, inputs, kwargs, pol.leaf_modules)
     params = sum(p.numel() for p in model.parameters())
     parts = []
     for unit in units:
@@ -106,7 +108,7 @@ def _prepare(
     root = units[0].traced if units[0].path == "" else None
     given = root.example_inputs if root is not None else inputs
     assert given is not None  # units below the root exist only where the example input was given
-    return _Prepared(the_plan, pol, tuple(given), kwargs, root)
+    return _Prepared(the_plan, pol, tuple(given), kwargs, root, calls)
 
 
 def plan(
@@ -290,7 +292,7 @@ def converted(
         prepared = _prepare(model, example_input, example_kwargs, policy, named=not graph_module)
         if not graph_module:
             leaves = tuple(prepared.policy.leaf_modules)
-            result = install(model, prepared.plan, prepared.inputs, prepared.kwargs, leaves)
+            result = install(model, prepared.plan, prepared.inputs, prepared.kwargs, leaves, prepared.calls)
             return Converted(result, prepared.plan, prepared.inputs, prepared.kwargs)
         if prepared.root is None:
             raise RewriteError(

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .copying import structural_copy
 from .errors import TraceError
 from .formats import first_line
 from .state import state_kept
 
-__all__ = ["Call", "record_calls", "as_call"]
+__all__ = ["Call", "record_calls", "record_calls_on_meta", "as_call"]
 
 
 @dataclass
@@ -70,7 +71,11 @@ def as_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 
 
 def record_calls(
-    model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], paths: set[str] | None = None
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    paths: set[str] | None = None,
+    quiet: bool = False,
 ) -> dict[str, Call]:
     """Run ``model`` once on the example and return, for each module that was called (or each of
     ``paths``), the inputs of its first call. The root is recorded as given.
@@ -105,6 +110,8 @@ def record_calls(
                     model(*inputs, **kwargs)
                     break
                 except Exception as e:  # the model's own error: tried again in eval mode, else reported
+                    if quiet:
+                        raise
                     errors.append(e)
             else:
                 raise TraceError(
@@ -116,3 +123,58 @@ def record_calls(
             h.remove()
     seen[""] = as_call(model, inputs, kwargs)
     return seen
+
+
+def _on_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty_like(value, device="meta")
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_on_meta(v) for v in value)
+    if type(value) is dict:
+        return {k: _on_meta(v) for k, v in value.items()}
+    return value
+
+
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are storage-less (tied ones stay tied)."""
+    twin = structural_copy(model)
+    memo: dict[int, Any] = {}
+    for m in twin.modules():
+        for key, p in m._parameters.items():
+            if p is not None:
+                if id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                m._parameters[key] = memo[id(p)]
+        for key, b in m._buffers.items():
+            if b is not None:
+                memo.setdefault(id(b), torch.empty_like(b, device="meta"))
+                m._buffers[key] = memo[id(b)]
+    return twin
+
+
+def _real(value: Any, device: torch.device) -> Any:
+    """A meta tensor made a real one of its shape and dtype (zeros), on ``device``; containers too."""
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        return torch.zeros(value.shape, dtype=value.dtype, device=device)
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_real(v, device) for v in value)
+    if type(value) is dict:
+        return {k: _real(v, device) for k, v in value.items()}
+    return value
+
+
+def record_calls_on_meta(
+    model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], paths: set[str]
+) -> dict[str, Call] | None:
+    """``record_calls`` without computing: the model runs on storage-less tensors, and each recorded
+    input comes back as zeros of its shape and dtype (for a trace that reads shapes, never values).
+    None where the model's forward needs real values (data-dependent code)."""
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    if device.type == "meta":
+        return None  # already storage-less: the ordinary run is as cheap
+    try:
+        calls = record_calls(_meta_twin(model), _on_meta(inputs), _on_meta(kwargs), paths, quiet=True)
+    except Exception:  # data-dependent code (.item(), a shape read from values): run it for real
+        return None
+    return {name: Call(_real(c.args, device), _real(c.kwargs, device)) for name, c in calls.items()}

@@ -20,7 +20,7 @@ import torch.fx
 from torch import nn
 
 from .analyze import Analysis, analyze
-from .calls import Call, as_call, record_calls
+from .calls import Call, as_call, record_calls, record_calls_on_meta
 from .constants import NAMESPACE
 from .copying import structural_copy
 from .errors import RewriteError, TraceError
@@ -90,6 +90,10 @@ def _untouched_subtrees(module: nn.Module, owner: str, touched: set[str]) -> lis
     return out
 
 
+class _NeedsValues(Exception):
+    """The owner's trace read the input's values: it must see the example's own."""
+
+
 @dataclass
 class _Maker:
     """Traces an owner and inserts its sites: at install, and again for a call whose optional
@@ -123,10 +127,13 @@ class _Maker:
             out.append(replace(found, layers=site.layers))
         return out
 
-    def build(self, module: nn.Module, call: Call, modules: bool) -> dict[bool, tuple[str, str]]:
+    def build(self, module: nn.Module, call: Call, modules: bool, values: bool = True) -> dict[bool, tuple[str, str]]:
         """Trace the owner, insert the sites (building their modules first if ``modules``), and
-        return the source of its forward per mode."""
+        return the source of its forward per mode. ``values``: the call holds the example's values
+        (else zeros of their shapes: a trace that specialised on values raises _NeedsValues)."""
         traced, graphs = self.traced(module, call)
+        if not values and traced.tracer == "concrete":
+            raise _NeedsValues
         if modules:
             nodes = {n.name: n for n in graphs[0][0].nodes}
             for site in graphs[0][1]:
@@ -236,8 +243,10 @@ def install(
     inputs: tuple[Any, ...],
     kwargs: dict[str, Any],
     leaf_modules: Sequence[type | str] = (),
+    recorded: dict[str, Call] | None = None,
 ) -> nn.Module:
-    """A copy of ``model`` with ``plan``'s shortcuts in the forwards of their owners.
+    """A copy of ``model`` with ``plan``'s shortcuts in the forwards of their owners. ``recorded``:
+    what each module received in a run of the example on ``model`` (planning's, where it ran one).
 
     Raises:
         RewriteError: the plan does not fit this model (the message names the first mismatch).
@@ -255,8 +264,14 @@ def install(
             )
     calls: dict[str, Call] = {"": as_call(result, inputs, kwargs)}
     deeper = set(by_owner) - {""}
-    if deeper:
-        calls.update(record_calls(result, inputs, kwargs, deeper))
+    real = not deeper
+    if deeper and recorded and deeper <= set(recorded):  # the same weights: the same inputs
+        calls.update({k: v for k, v in recorded.items() if k})
+        real = True
+    elif deeper:
+        on_meta = record_calls_on_meta(result, inputs, kwargs, deeper)
+        real = on_meta is None
+        calls.update(record_calls(result, inputs, kwargs, deeper) if on_meta is None else on_meta)
     for owner in sorted(by_owner, key=lambda p: p.count(".") + bool(p), reverse=True):  # deepest first
         module = names[owner]
         call = calls.get(owner)
@@ -272,7 +287,12 @@ def install(
         for extra in (_untouched_subtrees(module, owner, _touched(sites, also)), _nested(owner, by_owner)):
             maker = _Maker(owner, sites, user_leaves + tuple(extra), also)
             try:
-                codes = maker.build(module, call, modules=True)
+                codes = maker.build(module, call, modules=True, values=real)
+                break
+            except _NeedsValues:  # traced on the example's values, not zeros of its shapes: run it
+                calls.update(record_calls(result, inputs, kwargs, deeper))
+                real, call = True, calls[owner]
+                codes = maker.build(module, call, modules=True, values=True)
                 break
             except RewriteError as e:  # raised before anything is built: try the next way to trace it
                 errors.append(e)

@@ -83,8 +83,9 @@ def _excluded(path: str, leaves: Sequence[type | str], module: nn.Module) -> boo
 
 def trace_units(
     model: nn.Module, inputs: tuple[Any, ...] | None, kwargs: dict[str, Any], leaf_modules: LeafSpec = ()
-) -> tuple[list[Unit], list[WholeModule]]:
-    """The traced units of ``model`` and the modules kept whole, in forward order.
+) -> tuple[list[Unit], list[WholeModule], dict[str, Call]]:
+    """The traced units of ``model``, the modules kept whole, in forward order, and what each module
+    received in the example run (empty where the root traced whole: no run was needed).
 
     Raises:
         TraceError: the root rejected the example input, or nothing inside the model traces (one
@@ -92,7 +93,7 @@ def trace_units(
     """
     leaves = list(leaf_modules)
     try:
-        return [Unit("", trace(model, inputs, example_kwargs=kwargs, leaf_modules=leaves))], []
+        return [Unit("", trace(model, inputs, example_kwargs=kwargs, leaf_modules=leaves))], [], {}
     except TraceError as root_error:
         if inputs is None:
             raise
@@ -112,7 +113,7 @@ def trace_units(
             ) from root_error
         order = {name: i for i, name in enumerate(calls)}
         units.sort(key=lambda u: order.get(u.path, len(order)))
-        return units, whole
+        return units, whole, calls
 
 
 def _descend(
