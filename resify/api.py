@@ -6,6 +6,7 @@ import contextlib
 import gc
 import os
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -15,7 +16,7 @@ from torch import nn
 from .analyze import analyze
 from .calls import Call
 from .checkpoint import read_plan
-from .errors import PlanError, RewriteError
+from .errors import PlanError, ResifyWarning, RewriteError
 from .inputs import as_inputs
 from .install import install
 from .owners import merge, place, settle
@@ -299,6 +300,8 @@ def converted(
                 f"graph_module=True needs a model whose forward traces whole, and {type(model).__name__}'s does "
                 f"not ({prepared.plan.whole[0].reason}); drop graph_module=True to convert it module by module"
             )
+        if prepared.root.specialised:  # the result is this graph: it holds only for such inputs
+            warnings.warn(prepared.root.specialised, ResifyWarning, stacklevel=3)
         gm = rewrite(prepared.root, prepared.plan)
     gm.meta["resify_example_inputs"] = prepared.root.example_inputs
     gm.meta["resify_example_kwargs"] = prepared.root.example_kwargs

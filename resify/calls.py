@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .copying import structural_copy
+from .copying import structural_copy, without_hooks
 from .errors import TraceError
 from .formats import first_line
 from .state import state_kept
@@ -86,6 +86,8 @@ def record_calls(
     Raises:
         TraceError: the model rejected the example input in both modes.
     """
+    model = structural_copy(model)  # its own hook dicts: the user's hooks are not called by this run
+    without_hooks(model)
     names = {id(m): n for n, m in model.named_modules()}
     seen: dict[str, Call] = {}
     handles = []

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["structural_copy", "own_containers"]
+__all__ = ["structural_copy", "own_containers", "without_hooks"]
 
 #: Hook dicts of a module (``_forward_hooks``, ``_forward_pre_hooks_with_kwargs``, …), by suffix.
 _HOOKS = ("_hooks", "_hooks_with_kwargs", "_hooks_always_called")
@@ -60,6 +60,21 @@ def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None)
         elif getattr(value, "owner", None) is module and callable(getattr(value, "bound_to", None)):
             d[key] = value.bound_to(new)  # a forward resify installed on the instance
     return new
+
+
+def without_hooks(module: nn.Module) -> None:
+    """Empty the forward and backward hook dicts of every module of a structural copy (the user's
+    own modules keep theirs): a tracer running the copy must not call the user's hooks on proxies.
+    A parametrization or weight norm is a hook-free module or a pre-hook kept on a leaf, which the
+    tracer does not run."""
+    for m in module.modules():
+        for key, value in m.__dict__.items():
+            if key.endswith(_HOOKS) and isinstance(value, dict) and value and "forward" in key and not _is_layer(m):
+                m.__dict__[key] = type(value)()
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
 
 
 def own_containers(mine: dict[str, Any], theirs: dict[str, Any]) -> None:

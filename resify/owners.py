@@ -162,7 +162,11 @@ def settle(plan: Plan, model: nn.Module) -> Plan:
                 break
     taken: dict[str, set[str]] = {}
     named = []
+    seen: set[tuple[str, str, str]] = set()
     for s in sites:
+        if (s.owner, s.start, s.end) in seen:
+            continue  # a module called more than once (a loop, a shared block): one set of shortcuts
+        seen.add((s.owner, s.start, s.end))
         if s.owner not in taken:
             taken[s.owner] = _namespace_names(model, s.owner)
         inside = sorted(a for a in also.get(s.start, {s.start}) if _inside(a, s.owner))

@@ -25,7 +25,7 @@ import torch.fx
 from torch import nn
 
 from .constants import TracerChoice
-from .copying import own_containers, structural_copy
+from .copying import own_containers, structural_copy, without_hooks
 from .errors import InputError, ResifyWarning, TraceError
 from .formats import first_line
 from .inputs import as_inputs, check_device, derive_example_input
@@ -68,6 +68,8 @@ class Traced:
     other_graph: torch.fx.Graph | None = None
     #: example inputs given by name (``example_kwargs``); the converted forward takes them by name too
     example_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: where the graph specialised on the example (data-dependent control flow): the warning's text
+    specialised: str | None = None
 
     def other_mode(self) -> Traced | None:
         """This trace seen in the other mode (same module tree, the other graph), or None."""
@@ -207,6 +209,7 @@ def trace(
     example_kwargs: dict[str, Any] | None = None,
     leaf_modules: LeafSpec = (),
     original: bool = False,
+    warn: bool = True,
 ) -> Traced:
     """Trace ``model`` into a graph with a TensorInfo on every tensor node.
 
@@ -219,6 +222,8 @@ def trace(
         leaf_modules: module types or glob patterns on qualified names to keep whole.
         original: trace the class's forward even where resify installed one on the instance (to
             put shortcuts in it); by default a converted model is traced as it now computes.
+        warn: warn (ResifyWarning) where the graph specialised on the example; planning, whose
+            graph is not the result's, leaves the warning to the traces of the modules rewritten.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -237,11 +242,13 @@ def trace(
     private = structural_copy(model)
     if original:
         strip_forward(private)
+    without_hooks(private)  # the user's hooks never see a tracer's proxies (the result keeps them)
     name = type(model).__name__
     call = _call_for(private, inputs if inputs is not None else (None,), kwargs)
     reads: list[nn.Module] = []  # modules whose forward read self.training while traced
 
     symbolic_error: Exception | None = None
+    specialised: str | None = None
     where = module_hint = ""
     tracer_used: TracerChoice = "symbolic"
     shapes_from = "meta"
@@ -305,16 +312,18 @@ def trace(
             ) from e
         ctracer.record_shapes(graph)
         if ctracer.specialised:
-            warnings.warn(
+            specialised = (
                 f"{name} has data-dependent control flow{where} that symbolic tracing cannot capture "
                 f"({first_line(symbolic_error)}); traced it on the example input instead: the converted "
                 "model is valid for inputs shaped like "
-                + ", ".join(str(list(t.shape)) for t in inputs if isinstance(t, torch.Tensor)),
-                ResifyWarning,
-                stacklevel=3,
+                + ", ".join(str(list(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
             )
+            if warn:
+                warnings.warn(specialised, ResifyWarning, stacklevel=3)
     other = _other_mode_graph(private, model, graph, call, leaves, tracer_used) if reads else None
-    return Traced(private, graph, tracer_used, inputs, name, model.training, shapes_from, other, kwargs)
+    return Traced(
+        private, graph, tracer_used, inputs, name, model.training, shapes_from, other, kwargs, specialised
+    )
 
 
 def _doubled(value: Any) -> Any:

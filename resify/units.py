@@ -57,7 +57,7 @@ _TORCH_LEAF = torch.fx.Tracer()
 
 def is_layer_module(m: nn.Module) -> bool:
     """True for torch.nn's own layers (Conv2d, LayerNorm, …): the tracer keeps them whole."""
-    return not isinstance(m, nn.Sequential) and _TORCH_LEAF.is_leaf_module(m, "")
+    return not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and _TORCH_LEAF.is_leaf_module(m, "")
 
 
 def relative_leaves(leaves: LeafSpec, path: str) -> list[type | str]:
@@ -93,7 +93,7 @@ def trace_units(
     """
     leaves = list(leaf_modules)
     try:
-        return [Unit("", trace(model, inputs, example_kwargs=kwargs, leaf_modules=leaves))], [], {}
+        return [Unit("", trace(model, inputs, example_kwargs=kwargs, leaf_modules=leaves, warn=False))], [], {}
     except TraceError as root_error:
         if inputs is None:
             raise
@@ -138,7 +138,9 @@ def _descend(
                 whole.append(WholeModule(cpath, "not_called", "the example run did not call it"))
             continue
         try:
-            traced = trace(child, call.args, example_kwargs=call.kwargs, leaf_modules=relative_leaves(leaves, cpath))
+            traced = trace(
+                child, call.args, example_kwargs=call.kwargs, leaf_modules=relative_leaves(leaves, cpath), warn=False
+            )
         except TraceError as e:
             why = first_line(e)
             whole.append(WholeModule(cpath, "untraceable", why))

@@ -64,7 +64,8 @@ def test_seed_network_with_its_own_shortcuts_converts_on_the_concrete_tracer():
     model = ExampleDeepNeuralNetwork(sizes, True)
     x = torch.randn(4, 32)
     with pytest.warns(resify.ResifyWarning, match=r"valid for inputs shaped like \[4, 32\]"):
-        converted = resify.apply(model, x)
+        resify.apply(model, x, graph_module=True)  # one graph for the model: specialised on the example
+    converted = resify.apply(model, x)  # the sites' owners, layers.2 and layers.4, trace for any input
     plan = resify.applied_plan(converted)
     assert plan.tracer == "concrete"
     # its own three identity shortcuts are found; the two layers that change shape get projections
@@ -76,6 +77,8 @@ def test_seed_network_with_its_own_shortcuts_converts_on_the_concrete_tracer():
             if is_resify_key(name):
                 p.zero_()
     torch.testing.assert_close(converted(x), model(x), rtol=0, atol=1e-6)
+    x7 = torch.randn(7, 32)
+    torch.testing.assert_close(converted(x7), model(x7), rtol=0, atol=1e-6)
 
 
 def test_seed_example_without_input_is_derived_from_the_first_linear():
