@@ -3,12 +3,13 @@
 from .analyze import ExistingShortcut, Layer
 from .api import apply, plan
 from .checkpoint import load, remove, save
-from .errors import ModelLoadError, PlanError, ResifyError, ResifyWarning, RewriteError, TraceError
+from .errors import InputError, ModelLoadError, PlanError, ResifyError, ResifyWarning, RewriteError, TraceError
 from .install import applied_plan
 from .modules import DualGraphModule, Shortcut
 from .policy import Policy
 from .report import FlowComparison, GradientFlow, LayerFlow, compare, gradient_flow
 from .sites import Plan, Site, Skipped
+from .units import WHOLE_CODES, WholeModule
 from .watch import watch
 
 __version__ = "0.1.0"
@@ -25,10 +26,13 @@ __all__ = [
     "Policy",
     "Site",
     "Skipped",
+    "WholeModule",
+    "WHOLE_CODES",
     "ExistingShortcut",
     "Layer",
     "ResifyError",
     "TraceError",
+    "InputError",
     "PlanError",
     "RewriteError",
     "ModelLoadError",

@@ -51,6 +51,7 @@ from .trace import TensorInfo, Traced
 
 __all__ = ["Layer", "ExistingShortcut", "Analysis", "analyze"]
 
+
 @dataclass(frozen=True)
 class Layer:
     """A parametric op and the parameter-free or normalising ops that follow it."""
@@ -353,15 +354,15 @@ def _find_existing(gm, graph, order, flow, idom, masks, layers) -> tuple[list[Ex
         fork = dom if dom in operands else latest_common_ancestor(operands, dom, order, main.others)
         if not isinstance(fork, torch.fx.Node):
             continue  # the operands come from separate inputs: a join of inputs, not a shortcut
-        walk = lambda starts, weight=None, done=None: backward_walk(starts, fork, order, weight, done, main.others)
-        walks = [walk([o], weight, not_a_bypass) for o in operands]
+        walk = functools.partial(backward_walk, stop=fork, order=order, blocked=main.others)
+        walks = [walk([o], weight=weight, done=not_a_bypass) for o in operands]
         bypass = [i for i, (_, w) in enumerate(walks) if not not_a_bypass(w)]
         if not bypass:
             continue
         b = min(bypass, key=lambda i: sum(walks[i][1]))
         light = sum(walks[b][1])
         heavy = lambda w, light=light: (w[0] + w[1]) > 0 and sum(w) > light
-        if not any(heavy(walk([o], weight, heavy)[1]) for i, o in enumerate(operands) if i != b):
+        if not any(heavy(walk([o], weight=weight, done=heavy)[1]) for i, o in enumerate(operands) if i != b):
             continue
         region, _ = walk(operands)
         members = sorted((n for n in region if n in anchors or weight(n)[1]), key=order.__getitem__)

@@ -2,6 +2,7 @@
 
 A span that ends in a Sigmoid, Tanh, Softmax, Hardtanh, … whose value reaches the model's output
 unchanged (through nothing but reshapes) gets no shortcut: the planner asks these two predicates.
+The analyze stage's gate finder asks them too (a gate is a bounded value that scales another).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from .ops import called_module
 
-__all__ = ["is_bounded_activation", "reaches_output_unchanged"]
+__all__ = ["is_bounded_activation", "is_shape_op", "reaches_output_unchanged"]
 
 
 _BOUNDED_MODULES: tuple[type, ...] = (
@@ -70,6 +71,8 @@ _SHAPE_METHODS = {
     "reshape_as",
     "unflatten",
     "movedim",
+    "expand",
+    "expand_as",
 }
 
 
@@ -83,6 +86,15 @@ def is_bounded_activation(gm: nn.Module, n: torch.fx.Node) -> bool:
     return n.op == "call_method" and n.target in _BOUNDED_METHODS
 
 
+def is_shape_op(gm: nn.Module, n: torch.fx.Node) -> bool:
+    """True for an op that only moves or reshapes its input's values (view, flatten, getitem, …)."""
+    return (
+        isinstance(called_module(gm, n), _SHAPE_MODULES)
+        or (n.op == "call_function" and n.target in _SHAPE_FUNCTIONS)
+        or (n.op == "call_method" and n.target in _SHAPE_METHODS)
+    )
+
+
 def reaches_output_unchanged(gm: nn.Module, n: torch.fx.Node) -> bool:
     """True when ``n``'s value goes to the graph's output through nothing but shape ops."""
     todo, seen = [n], set()
@@ -94,11 +106,6 @@ def reaches_output_unchanged(gm: nn.Module, n: torch.fx.Node) -> bool:
             seen.add(u)
             if u.op == "output":
                 return True
-            m = called_module(gm, u)
-            if (
-                isinstance(m, _SHAPE_MODULES)
-                or (u.op == "call_function" and u.target in _SHAPE_FUNCTIONS)
-                or (u.op == "call_method" and u.target in _SHAPE_METHODS)
-            ):
+            if is_shape_op(gm, u):
                 todo.append(u)
     return False

@@ -1,8 +1,10 @@
 """The command line: ``resify inspect`` and ``resify convert``, a thin click shell over the library.
 
-Every ResifyError becomes a one-line message and exit status 1 (2 for usage errors, checked here
-before the library is called); anything else is a bug in resify and shows its traceback. A
-traceback for ResifyError too with ``--debug`` (before or after the subcommand).
+Every ResifyError becomes a one-line message and an exit status: 2 for bad input (usage errors,
+checked here before the library is called; a model spec that does not load; an example input
+that is missing or does not fit the forward), 1 for the job failing; anything else is a bug in
+resify and shows its traceback. A traceback for ResifyError too with ``--debug`` (before or after
+the subcommand). Text output fits the terminal's width (100 columns where there is none).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import click
 import torch
 
 from . import __version__, api
-from .cli_flags import policy_from_flags, policy_options
-from .errors import ModelLoadError, ResifyError, ResifyWarning
-from .loading import MODEL_SPEC_FORMS, LoadedModel, load_model, parse_input_kwarg, parse_input_shape
+from .cli_flags import advice_text, policy_from_flags, policy_options
+from .errors import InputError, ModelLoadError, ResifyError, ResifyWarning
+from .loading import MODEL_SPEC_FORMS, LoadedModel, load_model, parse_input_kwarg, parse_input_shape, parse_input_shapes
+from .policy import Policy
+from .render import terminal_width
 from .sites import Plan
 
 __all__ = ["main", "cli"]
@@ -46,7 +50,7 @@ class _Failure(click.ClickException):
 
 
 class _BadInput(click.ClickException):
-    """A problem with what the user asked for (the model spec, the input shape): exit status 2."""
+    """A problem with what the user asked for (the model spec, the example input): exit status 2."""
 
     exit_code = 2
 
@@ -114,7 +118,7 @@ def _boundary(f: Callable[P, R]) -> Callable[P, R]:
         except ResifyError as e:
             if click.get_current_context().meta.get(_DEBUG, False):
                 raise
-            if isinstance(e, ModelLoadError):
+            if isinstance(e, (ModelLoadError, InputError)):
                 raise _BadInput(str(e)) from e
             raise _Failure(str(e)) from e
 
@@ -134,9 +138,9 @@ def _show_warning(
 
 def _load(spec: str, opts: dict[str, Any]) -> tuple[LoadedModel, Any, dict[str, Any]]:
     loaded = load_model(spec)
-    given = parse_input_shape(opts["input_shape"], opts["dtype"])
+    given = parse_input_shapes(opts["input_shapes"], opts["dtype"])
     example = given if given is not None else loaded.example_input
-    if isinstance(example, torch.Tensor) and opts["input_shape"] is None and opts["dtype"] != "float32":
+    if isinstance(example, torch.Tensor) and given is None and opts["dtype"] != "float32":
         example = parse_input_shape(",".join(map(str, example.shape)), opts["dtype"])
     kwargs = dict(loaded.example_kwargs or {})
     kwargs.update(parse_input_kwarg(text) for text in opts["input_kwargs"])
@@ -162,6 +166,15 @@ def _model_info(loaded: LoadedModel, done: api.Converted) -> dict[str, Any]:
         "layers": plan.n_layers,
         "example_input": [list(t.shape) for t in done.inputs if isinstance(t, torch.Tensor)],
     }
+
+
+def _advised(flow: Any, policy: Policy) -> Any:
+    """The comparison with each report's advice in flags, leaving out what this run already uses."""
+    return replace(
+        flow,
+        before=replace(flow.before, recommendation=advice_text(flow.before, policy)),
+        after=replace(flow.after, recommendation=advice_text(flow.after, policy)),
+    )
 
 
 def _flow(loaded: LoadedModel, done: api.Converted, batches: int) -> Any:
@@ -217,6 +230,7 @@ def inspect(
     plan = done.plan
     info = _model_info(loaded, done)
     flow = None if no_report else _flow(loaded, done, batches)
+    flow = None if flow is None else _advised(flow, plan.policy)
     if flow is not None and flow.before.verdict == "healthy" and plan.sites:
         plan = replace(plan, notes=(*plan.notes, _optional(flow.before.reason, plan)))
     if plot_path and flow is not None:
@@ -235,17 +249,17 @@ def inspect(
         }
         click.echo(json.dumps(doc, indent=2))
         return
-    md = fmt == "markdown"
+    md, width = fmt == "markdown", terminal_width()
     click.echo(("# " if md else "") + f"{info['class']} ({info['source']})")
     click.echo(
         f"{info['parameters']:,} parameters, {info['layers']} layers, {info['tracer']} trace, "
         f"example input {info['example_input']}"
     )
     click.echo("")
-    click.echo(("```\n" if md else "") + str(plan) + ("\n```" if md else ""))
+    click.echo(f"```\n{plan}\n```" if md else plan.to_text(width))
     if flow is not None:
         click.echo("")
-        click.echo(flow.to_markdown() if md else flow.to_text())
+        click.echo(flow.to_markdown() if md else flow.to_text(width))
     written = [f"plot written to {plot_path}"] if plot_path and flow is not None else []
     written += [f"page written to {html_path}"] if html_path else []
     if written:
@@ -269,7 +283,7 @@ def convert(model_spec: str, out: str, force: bool, batches: int, **opts: Any) -
     loaded, example, kwargs = _load(model_spec, opts)
     done = api.converted(loaded.model, example, kwargs, graph_module=True, **policy)
     converted, plan, inputs, kw = done.model, done.plan, done.inputs, done.kwargs
-    flow = _flow(loaded, done, batches)
+    flow = _advised(_flow(loaded, done, batches), plan.policy)
 
     def same_outputs(reloaded: torch.nn.Module) -> None:
         with torch.no_grad():

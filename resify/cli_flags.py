@@ -1,7 +1,8 @@
 """The policy keywords of ``resify.apply`` as command-line flags (part of the CLI).
 
 ``policy_options`` adds the flags to a click command; ``policy_from_flags`` turns the parsed flags
-into keywords, refusing contradictory combinations in the flags' own words (exit status 2).
+into keywords, refusing contradictory combinations in the flags' own words (exit status 2);
+``advice_text`` words the report's advice as flags, leaving out what the run already uses.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import click
 
 from .constants import GATES, MAX_ADDED, PROJECTION_COST, PROJECTIONS, SHORTCUTS
 from .loading import DTYPES
+from .policy import Policy
+from .report.records import GradientFlow
+from .report.verdicts import advice
 
-__all__ = ["policy_options", "policy_from_flags"]
+__all__ = ["policy_options", "policy_from_flags", "advice_text"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,16 +48,19 @@ def policy_options(f: F) -> F:
     options = [
         click.option(
             "--input-shape",
-            metavar="SHAPE",
-            help="Example input shape, comma-separated, e.g. 8,3,32,32 or 4,128 (default: the file's "
-            "example_input, or one derived from the first layer).",
+            "input_shapes",
+            multiple=True,
+            metavar="SHAPE[:DTYPE]",
+            help="Example input shape, comma-separated, e.g. 8,3,32,32 or 4,128; repeat it for a forward "
+            "that takes several inputs, one per positional input in order, e.g. --input-shape 2,3,32,32 "
+            "--input-shape 2,8:int64 (default: the file's example_input, or one derived from the first layer).",
         ),
         click.option(
             "--dtype",
             type=click.Choice(list(DTYPES)),
             default="float32",
             show_default=True,
-            help="dtype of the example input (integer ones: token ids 0 or 1).",
+            help="dtype of the example input, where --input-shape names none (integer ones: token ids 0 or 1).",
         ),
         click.option(
             "--input-kwarg",
@@ -187,3 +194,28 @@ def policy_from_flags(opts: dict[str, Any]) -> dict[str, Any]:
     if opts["dense_max_growth"] is not None:
         policy["dense_max_growth"] = opts["dense_max_growth"]
     return policy
+
+
+def _flag(keyword: str, value: Any) -> str:
+    """A policy keyword and value as the flag that sets it: ('gate_init', 0.0) -> '--gate-init 0'."""
+    shown = "none" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))
+    return f"--{keyword.replace('_', '-')} {shown}"
+
+
+def advice_text(flow: GradientFlow, policy: Policy) -> str | None:
+    """The report's advice for ``flow`` in flags, for a run made under ``policy``.
+
+    Settings the run already uses (its defaults included) are left out; advice left with none is
+    passed over for the next; advice that is a change to the model (no settings) is given as it is;
+    None when nothing is left to try, or when the report itself advised nothing (it knew the model had
+    all the advice would add).
+    """
+    if flow.recommendation is None:
+        return None
+    for found in advice(flow.verdict, flow.layers):
+        if not found.settings:
+            return found.effect
+        new = found.unused(policy)
+        if new:
+            return f"try {' '.join(_flag(k, v) for k, v in new)}: {found.effect}"
+    return None

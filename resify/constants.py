@@ -30,6 +30,9 @@ __all__ = [
     "ABS_VANISHING",
     "ABS_EXPLODING",
     "DEEP_LAYERS",
+    "ACTIVATION_GROWTH",
+    "COLLAPSE_SIMILARITY",
+    "LOSS_GROWTH",
     "image_size",
     "NAMESPACE",
 ]
@@ -43,7 +46,7 @@ TracerChoice = Literal["symbolic", "concrete"]
 #: "auto": a learned 1×1 projection, grouped like the span's convolution; "conv": a dense one;
 #: "pad": parameter-free (channels zero-padded or sliced, the size strided or pooled)
 ProjectionChoice = Literal["auto", "conv", "pad"]
-Verdict = Literal["healthy", "vanishing", "exploding"]
+Verdict = Literal["healthy", "vanishing", "exploding", "collapsing"]
 SiteKind = Literal["identity", "projection", "dense"]
 
 SHORTCUTS: tuple[ShortcutChoice, ...] = get_args(ShortcutChoice)
@@ -56,7 +59,9 @@ VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
 #: 2 added Skipped.code and Site.shortcut; 3 added Site.owner, Site.exit_step and Plan.whole;
 #: version 1 and 2 documents still load (their sites are owned by the root).
 PLAN_SCHEMA_VERSION = 3
-REPORT_SCHEMA_VERSION = 1
+#: 2 added LayerFlow.activation_similarity, GradientFlow.activation_growth and .output_similarity,
+#: FlowComparison.output_ratio and the verdict 'collapsing'; version 1 reports still load.
+REPORT_SCHEMA_VERSION = 2
 
 #: The default budget: learned projections may add this share of the model's parameters (ResNet-50's
 #: own projections are about 6% of its parameters) ...
@@ -77,6 +82,14 @@ ABS_VANISHING = 1e-10
 ABS_EXPLODING = 1e6
 #: a plain 'vanishing' network with this many layers or more is told to add gated shortcuts.
 DEEP_LAYERS = 32
+#: the forward signal: a layer's activation RMS above this multiple of the first layer's is
+#: 'exploding' (also, in ``compare``, an output RMS above this multiple of the original's)
+ACTIVATION_GROWTH = 1e2
+#: the outputs of different examples with a mean cosine similarity above this (while the first
+#: layer's are below it) are 'collapsing': the network maps every example to nearly the same vector
+COLLAPSE_SIMILARITY = 0.9999
+#: a watched training step whose loss is above this multiple of the first recorded step's is 'exploding'
+LOSS_GROWTH = 1e2
 
 
 def image_size(model_name: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = [
     "ResifyError",
     "TraceError",
+    "InputError",
     "PlanError",
     "RewriteError",
     "ModelLoadError",
@@ -21,6 +22,11 @@ class ResifyError(Exception):
 
 class TraceError(ResifyError):
     """The model could not be captured as a graph, or the example input was rejected."""
+
+
+class InputError(TraceError):
+    """The example input is missing, or does not fit the model's forward (too many, unknown names,
+    another device): the caller's input to fix, not the model (the CLI's exit status 2)."""
 
 
 class PlanError(ResifyError):

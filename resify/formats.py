@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["fmt_number", "fmt_times", "fmt_shape", "first_line"]
+__all__ = ["fmt_number", "fmt_times", "fmt_similarity", "fmt_shape", "first_line"]
 
 
 def fmt_number(x: float | None) -> str:
@@ -42,6 +42,21 @@ def fmt_times(r: float | None) -> str:
     if r < 1e5:
         return f"{r:,.0f}×"
     return f"{r:.1e}×"
+
+
+def fmt_similarity(x: float | None) -> str:
+    """A cosine similarity as '0.298', or as '1 − 3.0e-07' near 1 (where three digits would all read 1).
+
+    >>> fmt_similarity(0.2981), fmt_similarity(0.9999997), fmt_similarity(None)
+    ('0.298', '1 − 3.0e-07', '-')
+    """
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return str(x)
+    if 0.999 < x < 1:
+        return f"1 − {1 - x:.1e}"
+    return f"{x:.3f}"
 
 
 def fmt_shape(s: Sequence[int]) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .chart import flow_chart_svg
 from .diagram import COLOURS, KIND_NAMES, architecture_svg, site_category
 from .formats import fmt_number, fmt_shape, fmt_times
-from .render import added_figures, change_figures, flow_figures, site_cells, span_label
+from .render import FLOW_HEADER, added_figures, change_figures, flow_figures, output_scale, site_cells, span_label
 
 if TYPE_CHECKING:
     from .report import FlowComparison, GradientFlow
@@ -48,6 +48,7 @@ _CSS = """
   vertical-align:middle}
 .resify-view .verdict-healthy{color:#15803d;font-weight:600}.resify-view .verdict-vanishing{color:#b45309;
   font-weight:600}.resify-view .verdict-exploding{color:#b91c1c;font-weight:600}
+.resify-view .verdict-collapsing{color:#7e22ce;font-weight:600}
 .resify-view .headline{font-size:15px;font-weight:600}
 .resify-view .facts{display:grid;grid-template-columns:max-content auto;gap:1px 14px;font-size:13px}
 .resify-view .facts dt{color:#475569}.resify-view .facts dd{margin:0}
@@ -155,8 +156,8 @@ def plan_html(plan: Plan, *, page: bool = True) -> str:
 
 def _flow_table(flow: GradientFlow) -> str:
     rows = [[str(r.depth), ("+" if r.added else "") + r.name, r.kind, *flow_figures(r), r.verdict] for r in flow.layers]
-    header = ["#", "layer", "kind", "mean|grad|", "‖grad‖", "‖g‖/‖w‖", "‖input grad‖", "act rms", "verdict"]
-    table = _table(header, rows, numeric=(0, 3, 4, 5, 6, 7))
+    header = ["#", "layer", "kind", *FLOW_HEADER, "verdict"]
+    table = _table(header, rows, numeric=(0, 3, 4, 5, 6, 7, 8))
     return _folded(f"{len(rows)} layer(s); + marks those resify added", f'<div class="flow">{table}</div>', len(rows))
 
 
@@ -186,6 +187,7 @@ def _comparison_body(c: FlowComparison) -> str:
     lines = [
         f"<h3>gradient flow: {_t(c.before.model_class)} → {_t(c.after.model_class)}</h3>",
         f'<p class="headline">{_t(c.headline)}</p>',
+        *([f"<p>{_t(output_scale(c))}</p>"] if output_scale(c) else []),
         f"<p>before: {_verdict(c.before.verdict)}: {_t(c.before.reason)}"
         + (f"; {_t(c.before.recommendation)}" if c.before.recommendation else "")
         + "</p>",

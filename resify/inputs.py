@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .errors import TraceError
+from .errors import InputError
 
 __all__ = ["as_inputs", "check_device", "derive_example_input"]
 
@@ -25,7 +25,7 @@ def as_inputs(example_input: Any) -> tuple[Any, ...] | None:
         return (example_input,)
     if isinstance(example_input, (tuple, list)):
         return tuple(example_input)
-    raise TraceError(
+    raise InputError(
         f"example_input must be a tensor or a tuple of tensors, found {type(example_input).__name__}; "
         "pass e.g. example_input=torch.randn(8, 3, 32, 32)"
     )
@@ -41,7 +41,7 @@ def check_device(model: nn.Module, inputs: tuple[Any, ...]) -> None:
     A model on the meta device accepts inputs anywhere: only shapes are read from it.
 
     Raises:
-        TraceError: names both devices and the ``.to(...)`` call that fixes it.
+        InputError: names both devices and the ``.to(...)`` call that fixes it.
     """
     first = _first_parameter(model)
     if first is None:
@@ -51,7 +51,7 @@ def check_device(model: nn.Module, inputs: tuple[Any, ...]) -> None:
     for i, t in enumerate(inputs):
         if isinstance(t, torch.Tensor) and t.device != first.device:
             where = "example_input" if len(inputs) == 1 else f"example_input[{i}]"
-            raise TraceError(
+            raise InputError(
                 f"{where} is on {t.device} but {type(model).__name__}'s parameters are on {first.device}; "
                 f"move it there first: {where}.to('{first.device}')"
             )
@@ -61,7 +61,7 @@ def derive_example_input(model: nn.Module, first_layer: nn.Module | None = None)
     """Build an example input when the model's first layer fixes its shape (nn.Linear → (2, in_features)).
 
     Raises:
-        TraceError: the first layer does not fix the input shape; the message suggests one.
+        InputError: the first layer does not fix the input shape; the message suggests one.
     """
     if first_layer is None:
         first_layer = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
@@ -72,12 +72,18 @@ def derive_example_input(model: nn.Module, first_layer: nn.Module | None = None)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(2, first_layer.in_features, generator=g, dtype=dtype)
         return (x.to(device),)
-    hint = "example_input=torch.randn(...)"
-    if isinstance(first_layer, nn.modules.conv._ConvNd):
-        spatial = ", ".join(["32"] * (first_layer.weight.dim() - 2))
-        hint = f"example_input=torch.randn(2, {first_layer.in_channels}, {spatial})"
+    hint, flag = "example_input=torch.randn(...)", "--input-shape SHAPE, once per positional input"
+    if isinstance(first_layer, (nn.Embedding, nn.EmbeddingBag)):  # token ids: integers below the vocabulary's size
+        hint, flag = (
+            f"example_input=torch.randint(0, {first_layer.num_embeddings}, (2, 16))",
+            "--input-shape 2,16:int64",
+        )
+    elif isinstance(first_layer, nn.modules.conv._ConvNd):
+        spatial = ["32"] * (first_layer.weight.dim() - 2)
+        hint = f"example_input=torch.randn(2, {', '.join([str(first_layer.in_channels), *spatial])})"
+        flag = f"--input-shape {','.join(['2', str(first_layer.in_channels), *spatial])}"
     found = type(first_layer).__name__ if first_layer is not None else "no layer with parameters"
-    raise TraceError(
+    raise InputError(
         f"no example_input given and the first layer ({found}) does not fix the input shape; "
-        f"pass one, e.g. {hint} (CLI: --input-shape)"
+        f"pass one, e.g. {hint} (CLI: {flag})"
     )

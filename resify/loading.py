@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +26,7 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "parse_input_shape",
+    "parse_input_shapes",
     "parse_input_kwarg",
     "BUILDER_NAMES",
     "DTYPES",
@@ -66,18 +67,32 @@ class LoadedModel:
     example_kwargs: dict[str, Any] | None = None  # the file's example_kwargs: inputs given by name
 
 
-def parse_input_shape(text: str | None, dtype: str = "float32") -> torch.Tensor | None:
+def parse_input_shape(text: str | None, dtype: str = "float32", seed: int = 0) -> torch.Tensor | None:
     """'8,3,32,32' → a random tensor of that shape (seeded), or None when no shape is given.
 
-    Any rank works ('4,128', '2,3,8,8,8'); integer dtypes give token ids 0 or 1.
+    Any rank works ('4,128', '2,3,8,8,8'); a ':DTYPE' suffix ('2,16:int64') takes the place of
+    ``dtype``; integer dtypes give token ids 0 or 1.
 
     Raises:
-        ModelLoadError: the shape is not positive integers separated by commas, or ``dtype`` is
+        ModelLoadError: the shape is not positive integers separated by commas, or the dtype is
             not one of :data:`DTYPES`.
     """
     if not text:
         return None
-    return _random_input(text, dtype)
+    return _random_input(text, dtype, seed)
+
+
+def parse_input_shapes(texts: Sequence[str], dtype: str = "float32") -> torch.Tensor | tuple[torch.Tensor, ...] | None:
+    """Every --input-shape, one per positional input in order: None for none, a tensor for one,
+    a tuple for several (each seeded by its position, so that two of one shape differ).
+
+    Raises:
+        ModelLoadError: as :func:`parse_input_shape`, for any of them.
+    """
+    inputs = tuple(_random_input(text, dtype, seed) for seed, text in enumerate(texts))
+    if not inputs:
+        return None
+    return inputs[0] if len(inputs) == 1 else inputs
 
 
 def parse_input_kwarg(text: str) -> tuple[str, torch.Tensor]:
@@ -87,15 +102,18 @@ def parse_input_kwarg(text: str) -> tuple[str, torch.Tensor]:
         ModelLoadError: ``text`` is not NAME=SHAPE[:DTYPE], or its shape or dtype is invalid.
     """
     name, sep, rest = text.partition("=")
-    shape, _, dtype = rest.partition(":")
+    shape = rest.partition(":")[0]
     if not sep or not name.strip().isidentifier() or not shape:
         raise ModelLoadError(
             f"--input-kwarg expects NAME=SHAPE[:DTYPE], like attention_mask=2,16:int64; found {text!r}"
         )
-    return name.strip(), _random_input(shape, dtype or "float32")
+    return name.strip(), _random_input(rest, "float32", 0)
 
 
-def _random_input(text: str, dtype: str) -> torch.Tensor:
+def _random_input(text: str, dtype: str, seed: int) -> torch.Tensor:
+    """'2,16' or '2,16:int64' → a random tensor of that shape and dtype (``dtype`` without a suffix)."""
+    text, _, own = text.partition(":")
+    dtype = own or dtype
     try:
         shape = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
     except ValueError:
@@ -106,7 +124,7 @@ def _random_input(text: str, dtype: str) -> torch.Tensor:
         )
     if dtype not in DTYPES:
         raise ModelLoadError(f"--dtype expects one of {', '.join(DTYPES)}; found {dtype!r}")
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     if DTYPES[dtype].is_floating_point:
         return torch.randn(*shape, generator=generator).to(DTYPES[dtype])
     return torch.randint(0, 2, shape, generator=generator).to(DTYPES[dtype])

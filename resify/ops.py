@@ -27,6 +27,7 @@ __all__ = [
     "layer_weight",
     "follower_role",
     "merge_operands",
+    "product_operands",
     "describe",
     "is_elementwise",
     "is_nonlinear",
@@ -360,7 +361,21 @@ def is_elementwise(n: torch.fx.Node) -> bool:
     return n.op == "call_method" and n.target in _ELEMENTWISE_METHODS
 
 
-_PRODUCTS = {operator.mul, operator.truediv, torch.mul, torch.div}
+_MULTIPLIES = {operator.mul, torch.mul}
+_PRODUCTS = _MULTIPLIES | {operator.truediv, torch.div}
+#: products that scale one value by another: element-wise, and attention's weights @ values
+_SCALING_FUNCTIONS = _MULTIPLIES | {operator.matmul, torch.matmul, torch.bmm}
+_SCALING_METHODS = {"mul", "mul_", "__mul__", "matmul", "bmm"}
+
+
+def product_operands(n: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """For a product of two graph values (``x * g``, ``weights @ v``), its two operands; else None."""
+    if (n.op == "call_function" and n.target in _SCALING_FUNCTIONS) or (
+        n.op == "call_method" and n.target in _SCALING_METHODS
+    ):
+        ops = [a for a in n.args[:2] if isinstance(a, torch.fx.Node)]
+        return ops if len(ops) == 2 and ops[0] is not ops[1] else None
+    return None
 
 
 def is_nonlinear(n: torch.fx.Node) -> bool:

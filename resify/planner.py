@@ -54,6 +54,13 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
     problem = analysis.span_problem(data_input(anchor), exit)
     if problem:
         return skip("not_single_entry_exit", problem)
+    if exit.name in analysis.gated:
+        return skip(
+            "gate_branch",
+            f"the span only computes a gate, the bounded value that scales another at "
+            f"'{analysis.gated[exit.name]}' (squeeze-excitation, attention weights, GLU): a shortcut would "
+            "add to the gate, not to the signal it scales",
+        )
     if is_bounded_activation(analysis.module, exit) and reaches_output_unchanged(analysis.module, exit):
         return skip(
             "bounded_output",
@@ -251,6 +258,15 @@ def _keeps_grid(layers: Sequence[Layer]) -> bool:
     return all(layer.out_info is not None and grid(layer.out_info.shape) == grid(src.shape) for layer in layers)
 
 
+def _stem_reason(layer: Layer, analysis: Analysis) -> tuple[SkipCode, str] | None:
+    """Why ``layer`` gets no shortcut as the stem of a residual network (see ``Analysis.stem_input``)."""
+    x = analysis.stem_input(layer)
+    if x is None or layer.in_info is None or layer.out_info is None:
+        return None
+    change = f"from {layer.in_info.shape[1]} to {layer.out_info.shape[1]} channels"
+    return "stem", f"the stem: it maps the model's input '{x}' {change}; the rest of the network has its shortcuts"
+
+
 def _site_name(layers: Sequence[Layer], taken: set[str]) -> str:
     base = layers[0].name.replace(".", "_") or "layer"
     name, i = base, 1
@@ -262,7 +278,8 @@ def _site_name(layers: Sequence[Layer], taken: set[str]) -> str:
 
 
 def check_patterns(names: Sequence[str], policy: Policy) -> None:
-    """Refuse an include pattern that matches none of ``names``; warn of such an exclude pattern."""
+    """Refuse an include pattern that matches none of ``names``, and patterns that leave out every
+    one of them; warn of an exclude pattern that matches none."""
     shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "") or "none"
     for kind, patterns in (("include", policy.include), ("exclude", policy.exclude)):
         for p in patterns:
@@ -272,6 +289,22 @@ def check_patterns(names: Sequence[str], policy: Policy) -> None:
             if kind == "include":
                 raise PlanError(message)
             warnings.warn(message, ResifyWarning, stacklevel=5)
+    if names and all(_pattern_reason(n, policy) for n in names):
+        example = _example_pattern(names)
+        given = ", ".join(
+            f"{k}={list(v)!r}" for k, v in (("include", policy.include), ("exclude", policy.exclude)) if v
+        )
+        raise PlanError(
+            f"every layer was excluded ({given}): no layer is left to put a shortcut around; the layers are: "
+            f"{shown}; exclude only some of them (e.g. exclude=['{example}']; CLI: --exclude '{example}'), "
+            "or drop the pattern"
+        )
+
+
+def _example_pattern(names: Sequence[str]) -> str:
+    """A pattern that leaves some layers in: the last layer's parent's ('classifier.*'), or its name."""
+    last = names[-1]
+    return f"{last.rsplit('.', 1)[0]}.*" if "." in last else last
 
 
 def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0, prefix: str = "") -> Plan:
@@ -282,8 +315,8 @@ def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0, prefix
     are checked by the caller, across every unit.
 
     Raises:
-        PlanError: an ``include`` pattern matches no layer (the message lists the layers); an
-            ``exclude`` pattern that matches none is a ResifyWarning.
+        PlanError: an ``include`` pattern matches no layer, or the patterns leave out every layer
+            (the message lists the layers); an ``exclude`` pattern that matches none is a ResifyWarning.
     """
     if not prefix:
         check_patterns([layer.name for layer in analysis.layers], policy)
@@ -297,6 +330,7 @@ def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0, prefix
             )
         else:
             reason = _pattern_reason(f"{prefix}.{layer.name}" if prefix else layer.name, policy)
+            reason = reason or (None if prefix else _stem_reason(layer, analysis))
         if reason:
             skipped.append(Skipped(layer.name, layer.name, *reason))
             if runs[-1]:

@@ -7,6 +7,7 @@ call into this module, which turns the frozen records into text or figures and c
 from __future__ import annotations
 
 import math
+import shutil
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,13 +15,15 @@ from typing import TYPE_CHECKING
 
 from .constants import EXPLODING_RATIO, VANISHING_RATIO
 from .errors import ResifyError
-from .formats import fmt_number, fmt_shape, fmt_times
+from .formats import fmt_number, fmt_shape, fmt_similarity, fmt_times
 
 if TYPE_CHECKING:
     from .report import FlowComparison, GradientFlow, LayerChange, LayerFlow
     from .sites import Plan, Site
 
 __all__ = [
+    "FLOW_HEADER",
+    "FLOW_HEADER_MD",
     "flow_figures",
     "change_figures",
     "added_figures",
@@ -29,19 +32,27 @@ __all__ = [
     "plot_series",
     "table",
     "plan_text",
+    "terminal_width",
     "flow_text",
     "flow_markdown",
+    "output_scale",
     "comparison_text",
     "comparison_markdown",
     "plot_flows",
 ]
 
 
+#: the headers of ``flow_figures``' columns in the text and HTML tables ...
+FLOW_HEADER = ("mean|grad|", "‖grad‖", "‖g‖/‖w‖", "‖input grad‖", "act rms", "act cos")
+#: ... and in Markdown
+FLOW_HEADER_MD = ("mean abs grad", "grad norm", "grad/weight", "input grad norm", "activation RMS", "activation cosine")
+
+
 def flow_figures(r: LayerFlow) -> list[str]:
-    """One layer's figures as every table shows them: mean |grad|, ‖grad‖, ‖g‖/‖w‖, ‖input grad‖, act rms."""
-    return [
-        fmt_number(x) for x in (r.mean_abs_grad, r.grad_norm, r.grad_to_weight, r.input_grad_norm, r.activation_rms)
-    ]
+    """One layer's figures as every table shows them: mean |grad|, ‖grad‖, ‖g‖/‖w‖, ‖input grad‖, act rms,
+    and act cos (the mean cosine similarity between the examples' outputs)."""
+    figures = (r.mean_abs_grad, r.grad_norm, r.grad_to_weight, r.input_grad_norm, r.activation_rms)
+    return [*(fmt_number(x) for x in figures), fmt_similarity(r.activation_similarity)]
 
 
 def change_figures(ch: LayerChange) -> list[str]:
@@ -138,14 +149,14 @@ def _header(flow: GradientFlow, width: int) -> list[str]:
 
 
 def flow_text(flow: GradientFlow, width: int) -> str:
-    header = ["#", "layer", "kind", "mean|grad|", "‖grad‖", "‖g‖/‖w‖", "‖input grad‖", "act rms", "verdict"]
+    header = ["#", "layer", "kind", *FLOW_HEADER, "verdict"]
     rows = [
         [str(r.depth), ("+" if r.added else "") + r.name, _kind(r.kind), *flow_figures(r), r.verdict]
         for r in flow.layers
     ]
-    right = [True, False, False, True, True, True, True, True, False]
+    right = [True, False, False, True, True, True, True, True, True, False]
     # narrower than the full table: leave out the figures the verdict does not rest on, least used first
-    for drop in (None, 7, 5, 4):
+    for drop in (None, 5, 4, 6, 5):
         if drop is not None:
             header, right = header[:drop] + header[drop + 1 :], right[:drop] + right[drop + 1 :]
             rows = [r[:drop] + r[drop + 1 :] for r in rows]
@@ -172,30 +183,31 @@ def flow_markdown(flow: GradientFlow) -> str:
         "layers marked *added* were inserted by resify.",
         "",
     ]
-    lines.append(
-        _md_row(
-            [
-                "#",
-                "layer",
-                "kind",
-                "mean abs grad",
-                "grad norm",
-                "grad/weight",
-                "input grad norm",
-                "activation RMS",
-                "verdict",
-            ]
-        )
-    )
-    lines.append("|" + "---:|" + ":---|" * 2 + "---:|" * 5 + ":---|")
+    lines.append(_md_row(["#", "layer", "kind", *FLOW_HEADER_MD, "verdict"]))
+    lines.append("|" + "---:|" + ":---|" * 2 + "---:|" * len(FLOW_HEADER_MD) + ":---|")
     for r in flow.layers:
         name = f"`{r.name}`" + (" *added*" if r.added else "")
         lines.append(_md_row([str(r.depth), name, r.kind, *flow_figures(r), r.verdict]))
     return "\n".join(lines)
 
 
+def output_scale(c: FlowComparison) -> str | None:
+    """E.g. "output scale: activation RMS of 'fc' 7.25e-02 → 9.84e+01, 1,357× the original's" (None: not measured)."""
+    change = c.output_change
+    if change is None:
+        return None
+    b, a = change.before.activation_rms, change.after.activation_rms
+    return (
+        f"output scale: activation RMS of '{change.name}' {fmt_number(b)} → {fmt_number(a)}, "
+        f"{fmt_times(c.output_ratio)} the original's"
+    )
+
+
 def comparison_text(c: FlowComparison, width: int) -> str:
     lines = [f"gradient flow: {c.before.model_class} → {c.after.model_class}", c.headline]
+    scale = output_scale(c)
+    if scale:
+        lines += textwrap.wrap(scale, width, subsequent_indent="  ")
     for tag, flow in (("before", c.before), ("after", c.after)):
         lines += textwrap.wrap(f"{tag}: {flow.summary()}", width, subsequent_indent="  ")
     header = ["layer", "kind", "before", "after", "×", "before", "after", "×"]
@@ -233,6 +245,7 @@ def comparison_markdown(c: FlowComparison) -> str:
         "",
         f"**{c.headline}**",
         "",
+        *([f"- {output_scale(c)}"] if output_scale(c) else []),
         f"- before: {c.before.summary()}",
         f"- after: {c.after.summary()}",
         "",
@@ -371,8 +384,15 @@ def span_label(start: str, end: str) -> str:
     return start if start == end else f"{start} … {end}"
 
 
-def plan_text(plan: Plan, width: int = 100) -> str:
-    """The plan as an aligned text table (sites, skipped with reasons, existing, totals)."""
+def terminal_width(fallback: int = 100) -> int:
+    """The terminal's width: ``COLUMNS`` if set, else the terminal's own, else ``fallback`` (a pipe)."""
+    return shutil.get_terminal_size((fallback, 24)).columns
+
+
+def plan_text(plan: Plan, width: int | None = 100) -> str:
+    """The plan as an aligned text table (sites, skipped with reasons, existing, totals), ``width``
+    columns at most (None: :func:`terminal_width`); names and labels are cut only where they must be."""
+    width = terminal_width() if width is None else width
     lines = textwrap.wrap(
         f"resify plan for {plan.model_class} ({plan.tracer} trace, {plan.n_layers} layers, "
         f"{plan.params_before:,} parameters)",

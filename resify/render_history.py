@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["plot_histories", "relative_flows"]
 
-_VERDICT_COLOURS = {"healthy": "#2ca02c", "vanishing": "#1f4e9c", "exploding": "#d62728"}
+_VERDICT_COLOURS = {"healthy": "#2ca02c", "vanishing": "#1f4e9c", "exploding": "#d62728", "collapsing": "#9467bd"}
 
 
 def relative_flows(history: FlowHistory) -> tuple[list[str], list[list[float | None]]]:

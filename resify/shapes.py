@@ -18,6 +18,7 @@ seconds (VGG-16: 2 ms instead of 450 ms); a 100-layer MLP costs a fraction of it
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -85,11 +86,52 @@ _DTYPE_WORDS = (
 )
 
 
+#: Python's operators as written in a forward (fx records ``a + b`` as operator.add)
+_OPERATORS = {
+    operator.add: "+",
+    operator.iadd: "+=",
+    operator.sub: "-",
+    operator.mul: "*",
+    operator.truediv: "/",
+    operator.floordiv: "//",
+    operator.matmul: "@",
+    operator.pow: "**",
+    operator.getitem: "[…] (indexing)",
+}
+#: where torch's functions live, as a forward usually imports them
+_NAMESPACES = {"torch.nn.functional": "F", "torch._C._nn": "F", "torch._C._VariableFunctions": "torch"}
+
+
+def _op_words(n: torch.fx.Node) -> str:
+    """An op as its forward writes it: "F.max_pool2d", "torch.cat", "Tensor.view", "operator +"."""
+    if n.op == "call_method":
+        return f"Tensor.{n.target}"
+    fn = n.target
+    if fn in _OPERATORS:
+        return f"operator {_OPERATORS[fn]}"
+    module = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__name__", None) or str(fn)
+    namespace = _NAMESPACES.get(module, module)
+    return f"{namespace}.{name}" if namespace else name
+
+
+def _op_place(root: nn.Module, n: torch.fx.Node) -> str:
+    """Which forward calls the op: "Block.forward of 'features.1'", or the model's own: "Net.forward"."""
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return f"{type(root).__name__}.forward"
+    path, cls = list(stack.values())[-1]
+    shown = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
+    return f"{shown}.forward of '{path}'"
+
+
 def _rejection_message(root: nn.Module, n: torch.fx.Node, infos: list, e: Exception) -> str:
     if n.op == "call_module":
         what = f"layer '{n.target}' ({type(root.get_submodule(str(n.target))).__name__})"
+    elif n.op in ("call_function", "call_method"):
+        what = f"operation {_op_words(n)} in {_op_place(root, n)}"
     else:
-        what = f"operation '{n.name}' ({n.format_node()})"
+        what = f"'{n.name}' ({n.op})"
     message = first_line(e)
     if any(w in message for w in _DTYPE_WORDS):  # the dtype, not the shape, is what it rejects
         shown = ", ".join(str(i.dtype).replace("torch.", "") for i in infos) or "its input"

@@ -150,7 +150,8 @@ class Site:
     channel_dim: int = -1  # -1 for [..., C] tensors (Linear), 1 for [N, C, *spatial] (ConvNd)
     #: the smallest module whose forward holds the whole span ("" for the root): the one rewritten
     owner: str = ""
-    #: where the span's output is among its layers' ops, counted from the last (-1: the last one)
+    #: where the span's output is among its layers' ops, counted from the last (-1: the last one;
+    #: 0 for a site read from a schema 1 or 2 plan, found by its ``exit`` node name instead)
     exit_step: int = -1
 
     @property
@@ -202,7 +203,7 @@ class Site:
             name=d["name"],
             channel_dim=int(d["channel_dim"]),
             owner=d.get("owner", ""),
-            exit_step=int(d.get("exit_step", -1)),
+            exit_step=int(d.get("exit_step", 0)),  # 0: a schema 1 or 2 site, found by its node names
         )
 
 
@@ -246,6 +247,8 @@ _COUNTED = ("identity", "projection", "parameter-free", "dense")
 SkipCode = Literal[
     "excluded",  # an exclude pattern matched, or include did not
     "inside_existing",  # the layer is inside a shortcut the model already has
+    "stem",  # the convolution from the input's channels to the width of a network that has its shortcuts
+    "gate_branch",  # the span only computes a gate (squeeze-excitation, attention weights, GLU)
     "group_remainder",  # fewer layers left than group=
     "not_single_entry_exit",  # a value joins or leaves the span between its input and output
     "bounded_output",  # the span ends in the model's bounded output activation

@@ -13,7 +13,7 @@ import math
 import warnings
 from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -22,10 +22,12 @@ import torch
 from torch import nn
 
 from .errors import ResifyError, ResifyWarning
+from .report.facts import gates_at_zero, model_facts
 from .report.figures import Sink, combine
-from .report.history import FlowHistory, StepFlow, VerdictTimeline
+from .report.history import LOSS_NOT_SEEN, LOSS_SEEN, FlowHistory, StepFlow, VerdictTimeline
 from .report.measure import build_flow
 from .report.probe import Probe, as_leaf, find_layers, is_measuring
+from .report.verdicts import judge_step
 
 __all__ = ["watch", "Watch"]
 
@@ -48,6 +50,10 @@ def watch(model: nn.Module, every: int = 100, *, scaler: _Scaler | None = None, 
                 opt.zero_grad(); loss.backward(); opt.step()
         print(w.verdicts)             # from step 0: vanishing in 60 layers, 0–59 (…); …
         w.plot("flow.png")            # layers × steps heatmap, verdict band, gates over time
+
+    Each recorded step is judged as ``gradient_flow`` judges a model, and against the first recorded
+    step: a step whose activation RMS grew past ``ACTIVATION_GROWTH``× it is 'exploding', and so is
+    one whose loss, if you pass it (``w.record_loss(loss)``), is not finite or past ``LOSS_GROWTH``× it.
 
     Args:
         model: any ``nn.Module``, converted by resify or not; a ``DistributedDataParallel`` or
@@ -77,6 +83,7 @@ class _Raw:
     sink: Sink
     scale: float
     gates: array | torch.Tensor  # every gate's values in one row (the order of Watch.gates)
+    loss: torch.Tensor | float | None = None  # the loss given to record_loss (None: not given)
 
 
 class Watch:
@@ -93,6 +100,8 @@ class Watch:
         self.scaler = scaler
         self.label = label or type(model).__name__
         self.modules, self.gates, self.weights = find_layers(model)
+        self._facts = model_facts(model, self.gates)  # (the gates' values are each step's own)
+        self._loss: torch.Tensor | float | None = None  # given for the step being recorded
         self.steps_seen = 0  # backward passes through the model's output since the watch began
         self.closed = False
         self._probe = Probe(self.modules, self.weights, model, keep_grads=True)
@@ -137,6 +146,18 @@ class Watch:
     ) -> None:
         self.close()
 
+    def record_loss(self, loss: torch.Tensor | float) -> None:
+        """Give the watch this step's loss (optional; before or after its backward): a recorded step
+        then shows it, and one whose loss is not finite or above ``LOSS_GROWTH``× the first recorded
+        step's is 'exploding'. Free between records; at a recorded step it keeps the value (no sync)."""
+        value = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise ResifyError(f"record_loss takes the scalar loss, found a tensor of shape {tuple(value.shape)}")
+        if self._armed:
+            self._loss = value
+        elif self._raw and self._raw[-1].step == self.steps_seen - 1 and self._raw[-1].loss is None:
+            self._raw[-1].loss = value  # after the backward that closed the record
+
     @property
     def history(self) -> FlowHistory:
         """Every recorded step as a :class:`StepFlow` (the same figures and verdicts as gradient_flow)."""
@@ -173,7 +194,7 @@ class Watch:
             return None
         if not self._armed and self.steps_seen % self.every == 0:
             self._probe.attach(Sink())
-            self._armed = True
+            self._armed, self._loss = True, None
         if not self._armed:
             return None
         # as gradient_flow does: the input is a leaf that requires grad, so the first layer's flow is measured
@@ -235,7 +256,8 @@ class Watch:
             with torch.no_grad():
                 flat = torch.cat([g.detach().reshape(-1) for g in self.gates.values()])
             gates = array("d", flat.tolist()) if flat.device.type == "cpu" else flat.clone()
-        return _Raw(step, called, probe.sink, self._scale, gates)
+        loss, self._loss = self._loss, None
+        return _Raw(step, called, probe.sink, self._scale, gates, loss)
 
     # -- building the records
 
@@ -257,9 +279,22 @@ class Watch:
                     fig[key] /= raw.scale  # a power of two: exact
                     overflow |= self.scaler is not None and not math.isfinite(fig[key])
         gates = self._split_gates(raw.gates.tolist())
+        if raw.loss is not None:
+            figures["loss"] = float(raw.loss)
+        facts = replace(self._facts, gates_at_zero=gates_at_zero(gates))
         flow = build_flow(
-            self.model, self.modules, self.gates, self.weights, raw.called, figures, loss="training loss (not seen)"
+            self.model,
+            self.modules,
+            self.gates,
+            self.weights,
+            raw.called,
+            figures,
+            facts=facts,
+            loss=LOSS_NOT_SEEN if raw.loss is None else LOSS_SEEN,
         )
+        start = next((r for r in self._built if not r.overflow), None)
+        if not overflow:
+            flow = judge_step(flow, start)
         return StepFlow(step=raw.step, flow=flow, gates=gates, scale=raw.scale, overflow=overflow)
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -29,6 +29,10 @@ class ExampleDeepNeuralNetwork(nn.Module):
         return x
 
 
+#: the layer sizes of the seed guide's usage example (its input: torch.randn(10, 128))
+SEED_SIZES = [128, 64, 32, 16, 8, 1]
+
+
 class ImprovedResidualNetwork(nn.Module):
     def __init__(self, layer_sizes, use_shortcut):
         super().__init__()

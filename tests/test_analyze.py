@@ -215,3 +215,52 @@ def test_torchvision_resnet18():
         )
         for i, b in enumerate(blocks)
     ]
+
+
+class Normalised(nn.Module):
+    """A residual network that normalises its input before the stem."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 4, 3, stride=2, padding=1), ResBlock(4, 4)
+
+    def forward(self, x):
+        return self.block(torch.relu(self.stem((x - 0.5) / 0.25)))
+
+
+@pytest.mark.parametrize(
+    "make, channels, stem",
+    [
+        (Net, 3, "x"),  # its blocks have their shortcuts: the stem is left alone
+        (Normalised, 3, "x"),
+        (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)), 3, None),
+        (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), ResBlock(4, 4)), 4, None),  # keeps the width
+    ],
+)
+def test_the_stem_of_a_residual_network_is_its_convolution_from_the_input_to_its_width(make, channels, stem):
+    analysis = analyze(trace(make(), torch.randn(2, channels, 8, 8)))
+    assert analysis.stem_input(analysis.layers[0]) == stem
+    assert all(analysis.stem_input(layer) is None for layer in analysis.layers[1:])
+
+
+def test_the_stem_of_resnet18_gets_no_site_and_the_plan_says_why():
+    torchvision = pytest.importorskip("torchvision")
+    plan = resify.plan(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+    assert "conv1" not in [s.start for s in plan.sites]
+    (stem,) = [s for s in plan.skipped if s.start == "conv1"]
+    assert stem.code == "stem" and "maps the model's input 'x' from 3 to 64 channels" in stem.reason
+
+
+def test_the_first_linear_of_a_residual_mlp_is_no_stem():
+    """The seed's ExampleDeepNeuralNetwork with its own shortcuts: the first layer changes the width
+    (10 -> 20) and still gets its projection, as in ImprovedResidualNetwork."""
+    from reference import ExampleDeepNeuralNetwork
+
+    with pytest.warns(resify.ResifyWarning, match="valid for inputs shaped like"):
+        plan = resify.plan(ExampleDeepNeuralNetwork([10, 20, 20, 5, 5, 3], True), torch.randn(4, 10))
+    assert [e.start for e in plan.existing] == ["layers.1.0", "layers.3.0"]
+    assert [(s.start, s.kind) for s in plan.sites] == [
+        ("layers.0.0", "projection"),
+        ("layers.2.0", "projection"),
+        ("layers.4.0", "projection"),
+    ]

@@ -39,8 +39,8 @@ def test_the_check_fails_when_the_shortcuts_are_not_the_hand_written_ones(data, 
 
 # measured on seed 0: LSTM 10.0% → 94.2% after 3 epochs, Transformer 10.0% → 65.6% after 2
 @pytest.mark.parametrize(("model", "depth", "epochs", "floor"), [("lstm", 16, 3, 0.8), ("transformer", 12, 2, 0.45)])
+@pytest.mark.usefixtures("one_thread")  # one thread, restored after the module (conftest.py)
 def test_converted_deep_stack_trains_where_the_plain_one_does_not(data, model, depth, epochs, floor):
-    torch.set_num_threads(1)
     plain, flow = bench.run_one(model, depth, "plain", seed=0, epochs=epochs, data=data)
     converted, _ = bench.run_one(model, depth, "resify", seed=0, epochs=epochs, data=data, plain_flow=flow)
     assert plain.accuracy < 0.2  # chance is 0.1

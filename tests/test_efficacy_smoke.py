@@ -23,8 +23,8 @@ def test_the_split_is_stratified_75_25_and_standardised(data):
     torch.testing.assert_close(data.x_train.mean(0), torch.zeros(64), atol=1e-5, rtol=0)
 
 
+@pytest.mark.usefixtures("one_thread")  # one thread, restored after the module (conftest.py)
 def test_converted_32_layer_mlp_trains_where_the_plain_one_does_not(data):
-    torch.set_num_threads(1)
     plain = bench.run_mlp(32, "gelu", "plain", seed=0, epochs=3, data=data)
     converted = bench.run_mlp(32, "gelu", "resify", seed=0, epochs=3, data=data, plain_grad=plain.first_grad)
     assert plain.accuracy < 0.3  # near chance (0.1): the first layers get no gradient

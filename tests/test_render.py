@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-from reference import ImprovedResidualNetwork, LongNames
+from reference import LongNames
 
 import resify
 from resify.errors import ResifyError
@@ -116,10 +116,8 @@ def test_table_layout(kwargs, lines):
 
 
 @pytest.fixture(scope="module")
-def seed():
-    torch.manual_seed(0)
-    model = ImprovedResidualNetwork([128, 64, 32, 16, 8, 1], False)
-    x = torch.randn(10, 128)
+def seed(seed_network):
+    model, x = seed_network(0)
     converted = resify.apply(model, x)
     before, after = resify.gradient_flow(model, x), resify.gradient_flow(converted, x)
     return {

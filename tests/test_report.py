@@ -11,22 +11,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from reference import ImprovedResidualNetwork, print_gradients, vgg_style_cnn
+from reference import SEED_SIZES, ImprovedResidualNetwork, print_gradients, vgg_style_cnn
 
 import resify
 from resify.errors import ResifyError
 from resify.report import LayerFlow
 
-SEED_SIZES = [128, 64, 32, 16, 8, 1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: one thread is faster, and far steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 def mlp(depth, width, act):
@@ -502,10 +493,8 @@ def test_the_recommendation_is_the_first_advice_in_python(verdict, records, expe
 
 
 @pytest.fixture(scope="module")
-def seed_comparison():
-    torch.manual_seed(0)
-    x = torch.randn(10, 128)
-    model = ImprovedResidualNetwork(SEED_SIZES, False)
+def seed_comparison(seed_network):
+    model, x = seed_network(0)
     return resify.compare(
         resify.gradient_flow(model, x), resify.gradient_flow(resify.apply(model, x, gate="rezero"), x)
     )

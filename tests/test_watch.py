@@ -30,12 +30,7 @@ REL = 1e-6
 FIGURES = ("mean_abs_grad", "grad_norm", "grad_to_weight", "input_grad_norm", "activation_rms")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 def _assert_same_flow(watched, reference, where=""):

@@ -17,12 +17,24 @@ from pathlib import Path
 from .. import render_history
 from ..constants import REPORT_SCHEMA_VERSION, Verdict
 from ..errors import ResifyError
-from .records import GradientFlow, LayerFlow, _jnum
+from .records import GradientFlow, _jnum
+from .signal import own_layers
 
-__all__ = ["StepFlow", "VerdictChange", "VerdictTimeline", "FlowHistory", "FIELDS"]
+__all__ = ["StepFlow", "VerdictChange", "VerdictTimeline", "FlowHistory", "FIELDS", "LOSS_SEEN", "LOSS_NOT_SEEN"]
 
 #: the per-layer figures of a LayerFlow, in the order ``FlowHistory.to_dict`` writes them.
-FIELDS = ("mean_abs_grad", "grad_norm", "grad_to_weight", "input_grad_norm", "activation_rms")
+FIELDS = (
+    "mean_abs_grad",
+    "grad_norm",
+    "grad_to_weight",
+    "input_grad_norm",
+    "activation_rms",
+    "activation_similarity",
+)
+#: a recorded step's ``flow.loss``: the loss given to ``Watch.record_loss`` (its value in ``loss_value``) ...
+LOSS_SEEN = "training loss"
+#: ... or none given (``loss_value`` is NaN)
+LOSS_NOT_SEEN = "training loss (not seen)"
 
 
 @dataclass(frozen=True)
@@ -40,11 +52,6 @@ class StepFlow:
         return self.flow.verdict
 
 
-def own_layers(flow: GradientFlow) -> list[LayerFlow]:
-    """The model's own layers (not resify's projections, not gates), in forward order."""
-    return [r for r in flow.layers if not r.added and r.kind != "Gate"]
-
-
 @dataclass(frozen=True)
 class VerdictChange:
     """The step from which a verdict held, with the reason and the layers that carry it."""
@@ -55,6 +62,7 @@ class VerdictChange:
     reason: str
     positions: tuple[int, ...]  # of the layers whose own verdict is ``verdict`` (0: nearest the input)
     layers: tuple[str, ...]  # their names; both empty when the verdict is 'healthy'
+    recommendation: str | None = None  # the step's, as gradient_flow gives it (None when healthy)
 
     def __str__(self) -> str:
         where = ""
@@ -62,7 +70,8 @@ class VerdictChange:
             n = len(self.positions)
             names = f"'{self.layers[0]}'" if n == 1 else f"'{self.layers[0]}' … '{self.layers[-1]}'"
             where = f" in {n} layer{'s' if n > 1 else ''}, {_ranges(self.positions)} ({names})"
-        return f"from step {self.step}: {self.verdict}{where}; {self.reason}"
+        advice = f"; {self.recommendation}" if self.recommendation else ""
+        return f"from step {self.step}: {self.verdict}{where}; {self.reason}{advice}"
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,7 @@ class VerdictTimeline:
         return self.verdicts[-1] if self.verdicts else None
 
     def summary(self) -> str:
-        """One line per change: 'from step 300: vanishing in 8 layers, 2–9 (…); …'."""
+        """One line per change: 'from step 300: vanishing in 8 layers, 2–9 (…); why; what to try'."""
         if not self.changes:
             return "no step recorded"
         lines = [str(c) for c in self.changes]
@@ -140,7 +149,7 @@ class FlowHistory:
             before = changes[-1].verdict if changes else None
             if r.verdict == before:
                 continue
-            own = own_layers(r.flow)
+            own = own_layers(r.flow.layers)
             carry = [(i, lf.name) for i, lf in enumerate(own) if r.verdict != "healthy" and lf.verdict == r.verdict]
             changes.append(
                 VerdictChange(
@@ -150,6 +159,7 @@ class FlowHistory:
                     reason=r.flow.reason,
                     positions=tuple(i for i, _ in carry),
                     layers=tuple(n for _, n in carry),
+                    recommendation=r.flow.recommendation,
                 )
             )
         return VerdictTimeline(

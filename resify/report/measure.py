@@ -18,10 +18,13 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..constants import NAMESPACE
 from ..errors import ResifyError
 from ..formats import first_line
 from ..inputs import as_inputs, check_device, derive_example_input
+from ..sites import Plan
 from ..state import state_kept
+from .facts import ModelFacts, model_facts
 from .figures import Sink, combine
 from .probe import Probe, as_leaf, find_layers, is_added, layer_kind, measuring
 from .records import GradientFlow, LayerFlow
@@ -101,7 +104,10 @@ def gradient_flow(
             probe.batch += 1
         probe.add_weight_norms()
         figures = combine(sink.resolve(), batches)
-    flow = build_flow(model, modules, gates, weights, probe.called, figures, loss=loss_name, batches=batches, seed=seed)
+    facts = model_facts(model, gates)
+    flow = build_flow(
+        model, modules, gates, weights, probe.called, figures, facts=facts, loss=loss_name, batches=batches, seed=seed
+    )
     if all(r.flow is None for r in flow.layers):
         raise ResifyError(
             f"no gradient reached any layer of {type(model).__name__}; check that the loss depends on "
@@ -117,16 +123,18 @@ def build_flow(
     weights: Mapping[str, torch.Tensor],
     called: Mapping[str, int],
     figures: Mapping[str, Any],
+    *,
+    facts: ModelFacts,
     **fields: Any,
 ) -> GradientFlow:
     """One ``LayerFlow`` per layer and gate a probe saw, in forward order, judged by ``verdicts.judge``.
 
     ``figures`` is what ``probe.combine`` made of the sink (with "loss", the mean loss, or NaN
-    where the loss was not seen); ``fields`` are the report's other fields (``loss``, ``batches``,
-    ``seed``).
+    where the loss was not seen); ``facts`` what the model has (``facts.model_facts``; its plans place
+    the gates); ``fields`` are the report's other fields (``loss``, ``batches``, ``seed``).
     """
     got_grad = {name for name, fig in figures.items() if isinstance(fig, dict) and "mean_abs" in fig}
-    order = _order(model, modules, gates, called, got_grad)
+    order = _order(model, modules, gates, called, got_grad, facts.plans)
     records = []
     for depth, name in enumerate(order):
         fig = figures.get(name, {})
@@ -143,9 +151,16 @@ def build_flow(
                 grad_to_weight=None if gnorm is None or not wnorm else gnorm / wnorm,
                 input_grad_norm=fig.get("input"),
                 activation_rms=fig.get("rms"),
+                activation_similarity=fig.get("similarity"),
             )
         )
-    return judge(tuple(records), model_class=type(model).__name__, loss_value=figures.get("loss", math.nan), **fields)
+    return judge(
+        tuple(records),
+        facts=facts,
+        model_class=type(model).__name__,
+        loss_value=figures.get("loss", math.nan),
+        **fields,
+    )
 
 
 def _order(
@@ -154,11 +169,11 @@ def _order(
     gates: Mapping[str, torch.Tensor],
     called: Mapping[str, int],
     got_grad: set[str],
+    plans: tuple[tuple[str, Plan], ...] = (),
 ) -> list[str]:
     """Record names in forward order: layers by first call, each gate after the layer it follows.
 
-    Gates are placed by the position of their get_attr node in the graph of the GraphModule that
-    holds them. A layer that was never called but whose weight received a gradient (used by its
+    Gates are placed by ``_gate_anchors`` (the graph of a GraphModule, else the applied plan). A layer that was never called but whose weight received a gradient (used by its
     parent, as nn.MultiheadAttention uses out_proj.weight) comes right after the nearest called
     module that contains it, or after every called layer where none does; one with neither is left
     out.
@@ -171,7 +186,7 @@ def _order(
         elif name in got_grad:
             owner = next((p for p in _ancestors(name) if p in called), None)
             keys[name] = (called[owner], 1, i) if owner is not None else (inf, 0, i)
-    gate_anchor = _gate_anchors(model, set(gates), set(called))
+    gate_anchor = _gate_anchors(model, set(gates), called, plans)
     for k, name in enumerate(gates):
         anchor = gate_anchor.get(name, ...)
         if anchor is ...:
@@ -187,11 +202,42 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
 
 
-def _gate_anchors(model: nn.Module, gates: set[str], called: set[str]) -> dict[str, str | None]:
-    """gate name -> the last called layer before its get_attr node (None: before every layer)."""
+def _gate_anchors(
+    model: nn.Module, gates: set[str], called: Mapping[str, int], plans: tuple[tuple[str, Plan], ...] = ()
+) -> dict[str, str | None]:
+    """gate name -> the layer it comes right after (None: before every layer).
+
+    In a GraphModule (``apply(..., graph_module=True)``), the last called layer before the gate's
+    get_attr node. Elsewhere the gates live at ``<owner>.resify.<site>.<alpha|gamma|beta>`` beside
+    the site's layers, in the owner's rewritten forward: a site's gates come right after the last of
+    its end layer and its own added layers (a projection) to be called.
+    """
     anchors: dict[str, str | None] = {}
     if not gates:
         return anchors
+    anchors.update(_graph_anchors(model, gates, called))
+    by_site: dict[str, list[str]] = {}  # "<owner>.resify.<site>" -> its gates
+    for gate in gates:
+        by_site.setdefault(gate.rsplit(".", 1)[0], []).append(gate)
+    added: dict[str, list[str]] = {}  # "<owner>.resify.<site>" -> its layers that ran (a projection)
+    for name in called:
+        parts = name.split(".")
+        if NAMESPACE in parts[:-1]:
+            at = len(parts) - 1 - parts[::-1].index(NAMESPACE)
+            added.setdefault(".".join(parts[: at + 2]), []).append(name)
+    for prefix, plan in plans:
+        for site in plan.sites:
+            base = ".".join(p for p in (prefix, site.owner, NAMESPACE, site.name) if p)
+            end = f"{prefix}.{site.end}" if prefix else site.end
+            ran = [n for n in (end, *added.get(base, ())) if n in called]
+            for gate in by_site.get(base, ()) if ran else ():
+                anchors.setdefault(gate, max(ran, key=called.__getitem__))
+    return anchors
+
+
+def _graph_anchors(model: nn.Module, gates: set[str], called: Mapping[str, int]) -> dict[str, str | None]:
+    """gate name -> the last called layer before its get_attr node, in the GraphModules ``model`` holds."""
+    anchors: dict[str, str | None] = {}
     for prefix, gm in model.named_modules():
         if not isinstance(gm, torch.fx.GraphModule):
             continue

@@ -23,7 +23,7 @@ from ..errors import ResifyError
 from ..modules import Shortcut
 from ..ops import module_kind as layer_kind
 from ..ops import stored_weight
-from .figures import BATCH_NUMEL, Sink, figures_of, l2_norm, stacked_figures
+from .figures import BATCH_NUMEL, Sink, activation_figures, figures_of, l2_norm, stacked_figures
 
 __all__ = [
     "Probe",
@@ -130,8 +130,8 @@ def first_tensor(args: Any) -> torch.Tensor | None:
 class Probe:
     """The hooks that measure one forward and backward.
 
-    Forward hooks on the layers record the call order and output norms and put a gradient hook
-    on each layer's input tensor. Weight gradients are read by one of two kinds of hook:
+    Forward hooks on the layers record the call order, the norm of each output and how alike its
+    examples are (``figures.activation_figures``), and put a gradient hook on each layer's input tensor. Weight gradients are read by one of two kinds of hook:
 
     - ``keep_grads=False`` (``gradient_flow``): a post-accumulate hook on every parameter reads
       the weight gradient (mean |grad|, norm) the moment it is complete and then drops it, so the
@@ -274,13 +274,19 @@ class Probe:
         self.sink.extend(keys, values)
 
     def _forward_hook(self, name: str) -> Callable:
+        # a 3-D output of any layer but a convolution is a sequence: its positions are compared too
+        sequence = not isinstance(self.layers[name], nn.modules.conv._ConvNd)
+
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if name not in self.called:
                 self.called[name] = len(self.called)
             out = output if isinstance(output, torch.Tensor) else first_tensor(output)
             if out is not None and out.is_floating_point() and out.numel():
                 # at once: a later in-place op (ReLU(inplace=True)) would change what a kept tensor holds
-                self.sink.add(self._key("act", name, self.batch, out.numel()), l2_norm(out.detach()))
+                norm, similarity = activation_figures(out.detach(), sequence)
+                self.sink.add(self._key("act", name, self.batch, out.numel()), norm)
+                if similarity is not None:
+                    self.sink.add(self._key("sim", name, self.batch), similarity)
             x = args[0] if args and isinstance(args[0], torch.Tensor) else first_tensor((args, kwargs))
             if x is None or not x.requires_grad:
                 return

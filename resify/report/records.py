@@ -18,6 +18,8 @@ from .. import render
 from ..constants import (
     ABS_EXPLODING,
     ABS_VANISHING,
+    ACTIVATION_GROWTH,
+    COLLAPSE_SIMILARITY,
     EXPLODING_RATIO,
     REPORT_SCHEMA_VERSION,
     VANISHING_RATIO,
@@ -33,7 +35,7 @@ __all__ = ["LayerFlow", "GradientFlow", "LayerChange", "FlowComparison"]
 class LayerFlow:
     """The gradient figures of one parametric layer (or one resify gate)."""
 
-    name: str  # qualified module name, "layers.0.0"; for a gate the parameter's, "resify.layers_0_0.alpha"
+    name: str  # qualified module name, "layers.0.0"; for a gate the parameter's, "layers.0.resify.0.alpha"
     kind: str  # "Linear", "Conv2d", …, or "Gate"
     depth: int  # position in forward order, from 0, counting every record
     added: bool  # inserted by resify (under the "resify." namespace)
@@ -44,6 +46,8 @@ class LayerFlow:
     input_grad_norm: float | None  # L2 norm of the gradient arriving at the layer's input
     activation_rms: float | None  # root mean square of the layer's output
     verdict: Verdict = "healthy"
+    #: mean cosine similarity between the outputs of the batch's examples (``figures.activation_figures``)
+    activation_similarity: float | None = None
 
     @property
     def flow(self) -> float | None:
@@ -62,6 +66,7 @@ class LayerFlow:
             "grad_to_weight": _jnum(self.grad_to_weight),
             "input_grad_norm": _jnum(self.input_grad_norm),
             "activation_rms": _jnum(self.activation_rms),
+            "activation_similarity": _jnum(self.activation_similarity),
             "verdict": self.verdict,
         }
 
@@ -79,6 +84,7 @@ class LayerFlow:
             input_grad_norm=_pnum(d["input_grad_norm"]),
             activation_rms=_pnum(d["activation_rms"]),
             verdict=_verdict(d["verdict"]),
+            activation_similarity=_pnum(d.get("activation_similarity")),  # (schema 1 has none)
         )
 
 
@@ -90,12 +96,14 @@ class GradientFlow:
     layers: tuple[LayerFlow, ...]
     verdict: Verdict
     reason: str  # one line: the figure the verdict rests on
-    recommendation: str | None  # one line, for 'vanishing' and 'exploding'
+    recommendation: str | None  # one line, for a verdict other than 'healthy' (None: nothing to try)
     first_to_last: float | None  # flow(first) / flow(last) over the model's own layers
     loss: str  # "mse to zeros", "mse to target", "cross-entropy to target" or "loss_fn"
     loss_value: float
     batches: int = 1
     seed: int = 0
+    activation_growth: float | None = None  # the largest activation RMS ÷ the first layer's (own layers)
+    output_similarity: float | None = None  # activation_similarity of the last own layer that has one
 
     def layer(self, name: str) -> LayerFlow:
         """The record called ``name``; raises ResifyError listing some names when there is none."""
@@ -118,6 +126,8 @@ class GradientFlow:
             "reason": self.reason,
             "recommendation": self.recommendation,
             "first_to_last": _jnum(self.first_to_last),
+            "activation_growth": _jnum(self.activation_growth),
+            "output_similarity": _jnum(self.output_similarity),
             "thresholds": _thresholds(),
             "layers": [r.to_dict() for r in self.layers],
         }
@@ -140,6 +150,8 @@ class GradientFlow:
             loss_value=float(d["loss_value"]),
             batches=int(d["batches"]),
             seed=int(d["seed"]),
+            activation_growth=_pnum(d.get("activation_growth")),
+            output_similarity=_pnum(d.get("output_similarity")),
         )
 
     @classmethod
@@ -198,6 +210,11 @@ class LayerChange:
         """after ÷ before of ``input_grad_norm``."""
         return _ratio(self.after.input_grad_norm, self.before.input_grad_norm)
 
+    @property
+    def activation_ratio(self) -> float | None:
+        """after ÷ before of ``activation_rms``."""
+        return _ratio(self.after.activation_rms, self.before.activation_rms)
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
@@ -223,12 +240,27 @@ class FlowComparison:
     headline: str  # "first layer: 412× more gradient; verdict vanishing → healthy"
     first_layer_ratio: float | None = field(default=None)  # mean_abs_grad after ÷ before, first layer
 
+    @property
+    def output_change(self) -> LayerChange | None:
+        """The last of the model's own layers whose activation RMS both reports measured: the output."""
+        own = [c for c in self.layers if not c.after.added and c.after.kind != "Gate"]
+        return next((c for c in reversed(own) if c.activation_ratio is not None), None)
+
+    @property
+    def output_ratio(self) -> float | None:
+        """How the output's scale changed: its activation RMS after ÷ before (``output_change``)."""
+        change = self.output_change
+        return None if change is None else change.activation_ratio
+
     def to_dict(self) -> dict:
+        change = self.output_change
         return {
             "schema_version": REPORT_SCHEMA_VERSION,
             "kind": "resify.flow_comparison",
             "headline": self.headline,
             "first_layer_ratio": _jnum(self.first_layer_ratio),
+            "output_layer": None if change is None else change.name,
+            "output_ratio": _jnum(self.output_ratio),
             "before": self.before.to_dict(),
             "after": self.after.to_dict(),
             "layers": [c.to_dict() for c in self.layers],
@@ -308,6 +340,8 @@ def _thresholds() -> dict[str, float]:
         "exploding_ratio": EXPLODING_RATIO,
         "abs_vanishing": ABS_VANISHING,
         "abs_exploding": ABS_EXPLODING,
+        "activation_growth": ACTIVATION_GROWTH,
+        "collapse_similarity": COLLAPSE_SIMILARITY,
     }
 
 
@@ -322,10 +356,17 @@ def _loads(text: str) -> dict:
 
 
 def _check_schema(d: Mapping[str, Any], kind: str) -> None:
-    if d.get("kind") != kind or d.get("schema_version") != REPORT_SCHEMA_VERSION:
+    """A report of ``kind`` and of this schema or an older one (whose missing figures read as None)."""
+    version = d.get("schema_version")
+    if d.get("kind") == kind and isinstance(version, int) and version > REPORT_SCHEMA_VERSION:
         raise ResifyError(
-            f"expected a '{kind}' report of schema_version {REPORT_SCHEMA_VERSION}, found "
-            f"kind={d.get('kind')!r} schema_version={d.get('schema_version')!r}; re-create it with this resify"
+            f"expected a '{kind}' report of schema_version {REPORT_SCHEMA_VERSION} or older, found {version}: "
+            f"it was written by a newer resify; upgrade resify to one that reads schema {version}"
+        )
+    if d.get("kind") != kind or version not in range(1, REPORT_SCHEMA_VERSION + 1):
+        raise ResifyError(
+            f"expected a '{kind}' report of schema_version 1 to {REPORT_SCHEMA_VERSION}, found "
+            f"kind={d.get('kind')!r} schema_version={version!r}; re-create it with this resify"
         )
 
 

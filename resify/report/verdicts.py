@@ -1,52 +1,87 @@
-"""The verdict rules (pure): per-layer and overall verdicts, the recommendation, and ``compare``.
+"""The verdict rules (pure): per-layer and overall verdicts, the advice, ``compare``, and a watched
+training step against the first one recorded.
 
-The thresholds live in ``resify.constants``; the README's "Reading the report" explains them.
+The gradient rules compare the first layer's flow with the last's; the forward rules (``signal``)
+follow the activations' scale and how alike the examples' outputs are. The model's ``facts`` say
+what it already has: a net whose branch gates are all still 0 is judged through its gates, and the
+advice leaves out what the model has. The thresholds live in ``resify.constants``; the README's
+"Reading the report" explains them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
-from ..constants import ABS_EXPLODING, ABS_VANISHING, DEEP_LAYERS, EXPLODING_RATIO, VANISHING_RATIO, Verdict
+from ..constants import (
+    ABS_EXPLODING,
+    ABS_VANISHING,
+    ACTIVATION_GROWTH,
+    DEEP_LAYERS,
+    EXPLODING_RATIO,
+    LOSS_GROWTH,
+    VANISHING_RATIO,
+    Verdict,
+)
 from ..errors import ResifyError
 from ..formats import fmt_number, fmt_times
+from .facts import ModelFacts, is_branch_gate
+from .history import LOSS_SEEN, StepFlow
 from .records import FlowComparison, GradientFlow, LayerChange, LayerFlow
+from .signal import Signal, own_layers, signal_of
 
-__all__ = ["judge", "layer_verdict", "recommend", "compare"]
+if TYPE_CHECKING:
+    from ..policy import Policy
+
+__all__ = ["judge", "layer_verdict", "Advice", "advice", "recommend", "compare", "judge_step"]
 
 
-def layer_verdict(rec: LayerFlow, last: float | None) -> Verdict:
-    """One layer's verdict: its flow ÷ the last layer's against the thresholds; non-finite figures explode."""
-    figures = [rec.mean_abs_grad, rec.grad_norm, rec.input_grad_norm, rec.activation_rms]
-    if any(x is not None and not math.isfinite(x) for x in figures):
+def _not_finite(rec: LayerFlow) -> bool:
+    figures = (rec.mean_abs_grad, rec.grad_norm, rec.input_grad_norm, rec.activation_rms)
+    return any(x is not None and not math.isfinite(x) for x in figures)
+
+
+def layer_verdict(rec: LayerFlow, last: float | None, signal: Signal | None = None, *, ratios: bool = True) -> Verdict:
+    """One layer's verdict: non-finite figures explode; then its flow ÷ the last layer's against the
+    gradient thresholds (the vanishing one only with ``ratios``: not where every branch gate is 0 and
+    the branches learn through their gates), and its forward signal (``Signal.layer_verdict``)."""
+    if _not_finite(rec):
         return "exploding"
-    flow = rec.flow
-    if rec.kind == "Gate" or flow is None:
+    if rec.kind == "Gate":
         return "healthy"
-    if flow > ABS_EXPLODING or (last and flow / last > EXPLODING_RATIO):
+    flow = rec.flow
+    forward = signal.layer_verdict(rec) if signal is not None else None
+    if flow is not None and (flow > ABS_EXPLODING or (last and flow / last > EXPLODING_RATIO)):
         return "exploding"
-    if last and flow / last < VANISHING_RATIO:
+    if forward == "exploding":
+        return forward
+    if ratios and flow is not None and last and flow / last < VANISHING_RATIO:
         return "vanishing"
-    return "healthy"
+    return forward or "healthy"
 
 
-def judge(records: tuple[LayerFlow, ...], **fields: Any) -> GradientFlow:
-    """Attach per-layer and overall verdicts, the reason and the recommendation."""
+@dataclass(frozen=True)
+class _Gradient:
+    """What the gradient rules rest on: the first and the last layer's flow, and where they are."""
+
+    first: float | None  # the first own layer's flow
+    last: float | None  # the last own layer's
+    peak: float | None  # the largest flow of any layer (resify's included)
+    weight_ratio: float | None  # an integer-input first layer's weight gradient ÷ the last layer's
+    where: str  # "from 'a' to 'b'", and the integer-input layer's share
+
+    @property
+    def ratio(self) -> float | None:
+        return self.first / self.last if self.first is not None and self.last else None
+
+
+def _gradient(records: Sequence[LayerFlow]) -> _Gradient:
     own = [r for r in records if not r.added and r.kind != "Gate" and r.input_grad_norm is not None]
     if not own:  # no layer input carries a gradient (token ids into embeddings only): weight gradients
         own = [r for r in records if not r.added and r.kind != "Gate" and r.flow is not None]
-    last = own[-1].flow if own else None
-    layers = tuple(replace(r, verdict=layer_verdict(r, last)) for r in records)
-    first = own[0].flow if own else None
-    ratio = first / last if first is not None and last else None
-    figures = [
-        x for r in records for x in (r.mean_abs_grad, r.grad_norm, r.input_grad_norm, r.activation_rms) if x is not None
-    ]
     flows = [r.flow for r in records if r.flow is not None and r.kind != "Gate"]
-    verdict: Verdict
     # a first layer that takes integers (an embedding of token ids) has no input gradient: its weight
     # gradient, against the last layer's, says whether the gradient reaches it
     entry = next((r for r in records if not r.added and r.kind != "Gate" and r.flow is not None), None)
@@ -59,75 +94,216 @@ def judge(records: tuple[LayerFlow, ...], **fields: Any) -> GradientFlow:
             f"; '{token_layer.name}' before it (integer input) gets {fmt_number(weight_ratio)} of the last "
             "layer's weight gradient"
         )
-    if any(not math.isfinite(x) for x in figures):
-        bad = next(
-            r.name
-            for r in records
-            if any(
-                x is not None and not math.isfinite(x)
-                for x in (r.mean_abs_grad, r.grad_norm, r.input_grad_norm, r.activation_rms)
-            )
+    return _Gradient(
+        first=own[0].flow if own else None,
+        last=own[-1].flow if own else None,
+        peak=max(flows) if flows else None,
+        weight_ratio=weight_ratio if token_layer is not None else None,
+        where=where,
+    )
+
+
+def _overall(records: Sequence[LayerFlow], g: _Gradient, s: Signal, facts: ModelFacts) -> tuple[Verdict, str]:
+    """The model's verdict and the one line it rests on, rules in order: explosions, then a net whose
+    branch gates are all 0 (judged through them), vanishing gradients, a collapse, else healthy."""
+    bad = next((r.name for r in records if _not_finite(r)), None)
+    ratio = g.ratio
+    if bad is not None:
+        return "exploding", f"a gradient or activation is not finite at '{bad}'"
+    if ratio is not None and ratio > EXPLODING_RATIO:
+        return "exploding", f"input gradient grows {fmt_times(ratio)} (> {EXPLODING_RATIO:g}×) {g.where}"
+    if g.peak is not None and g.peak > ABS_EXPLODING:
+        return "exploding", f"a gradient norm reaches {fmt_number(g.peak)} (> {ABS_EXPLODING:g})"
+    if s.exploding:
+        return "exploding", s.growth_reason()
+    if facts.gates_at_zero:
+        return _through_gates(records, g, s)
+    if g.first is not None and g.first < ABS_VANISHING:
+        return "vanishing", f"the first layer's input gradient is {fmt_number(g.first)} (< {ABS_VANISHING:g})"
+    if ratio is not None and ratio < VANISHING_RATIO:
+        return "vanishing", f"input gradient first/last = {fmt_number(ratio)} (< {VANISHING_RATIO:g}) {g.where}"
+    if g.weight_ratio is not None and g.weight_ratio < VANISHING_RATIO:
+        return "vanishing", f"input gradient first/last = {fmt_number(ratio)} {g.where} (< {VANISHING_RATIO:g})"
+    if s.collapsing:
+        return "collapsing", s.collapse_reason()
+    shown = fmt_number(ratio) if ratio is not None else "n/a"
+    return "healthy", f"input gradient first/last = {shown} (within {VANISHING_RATIO:g}…{EXPLODING_RATIO:g}) {g.where}"
+
+
+def _through_gates(records: Sequence[LayerFlow], g: _Gradient, s: Signal) -> tuple[Verdict, str]:
+    """A net whose branch gates (α, γ) are all 0, as at initialisation: each branch contributes nothing
+    yet and learns through its gate, and the gradient reaches the first layer through the shortcuts
+    alone (where projections and pooling scale it): it vanishes only where a gate gets no gradient."""
+    gates = [r for r in records if r.kind == "Gate" and is_branch_gate(r.name) and r.mean_abs_grad is not None]
+    stuck = next((r for r in gates if r.mean_abs_grad == 0), None)
+    if stuck is not None:
+        return "vanishing", f"every branch gate is 0 and '{stuck.name}' gets no gradient: its branch cannot start"
+    if g.first is not None and g.first < ABS_VANISHING:
+        return "vanishing", (
+            f"every branch gate is 0, and the first layer's input gradient through the shortcuts is "
+            f"{fmt_number(g.first)} (< {ABS_VANISHING:g})"
         )
-        verdict, reason = "exploding", f"a gradient or activation is not finite at '{bad}'"
-    elif ratio is not None and ratio > EXPLODING_RATIO:
-        verdict, reason = "exploding", f"input gradient grows {fmt_times(ratio)} (> {EXPLODING_RATIO:g}×) {where}"
-    elif flows and max(flows) > ABS_EXPLODING:
-        verdict, reason = "exploding", f"a gradient norm reaches {fmt_number(max(flows))} (> {ABS_EXPLODING:g})"
-    elif first is not None and first < ABS_VANISHING:
-        verdict, reason = "vanishing", f"the first layer's input gradient is {fmt_number(first)} (< {ABS_VANISHING:g})"
-    elif ratio is not None and ratio < VANISHING_RATIO:
-        verdict, reason = (
-            "vanishing",
-            f"input gradient first/last = {fmt_number(ratio)} (< {VANISHING_RATIO:g}) {where}",
-        )
-    elif weight_ratio is not None and token_layer is not None and weight_ratio < VANISHING_RATIO:
-        verdict, reason = (
-            "vanishing",
-            f"input gradient first/last = {fmt_number(ratio)} {where} (< {VANISHING_RATIO:g})",
-        )
-    else:
-        shown = fmt_number(ratio) if ratio is not None else "n/a"
-        verdict, reason = (
-            "healthy",
-            (f"input gradient first/last = {shown} (within {VANISHING_RATIO:g}…{EXPLODING_RATIO:g}) {where}"),
-        )
+    if s.collapsing:
+        return "collapsing", s.collapse_reason()
+    shown = fmt_number(g.ratio) if g.ratio is not None else "n/a"
+    return "healthy", (
+        f"every branch gate is 0 (as at initialisation) and all {len(gates)} get gradient; "
+        f"through the shortcuts, input gradient first/last = {shown} {g.where}"
+    )
+
+
+def judge(records: tuple[LayerFlow, ...], *, facts: ModelFacts | None = None, **fields: Any) -> GradientFlow:
+    """Attach per-layer and overall verdicts, the reason and the recommendation.
+
+    ``facts``: what the model has (``facts.model_facts``); ``fields``: the report's other fields.
+    """
+    facts = facts or ModelFacts()
+    g, s = _gradient(records), signal_of(records)
+    layers = tuple(replace(r, verdict=layer_verdict(r, g.last, s, ratios=not facts.gates_at_zero)) for r in records)
+    verdict, reason = _overall(records, g, s, facts)
     return GradientFlow(
         layers=layers,
         verdict=verdict,
         reason=reason.strip(),
-        recommendation=recommend(verdict, layers),
-        first_to_last=ratio,
+        recommendation=recommend(verdict, layers, facts),
+        first_to_last=g.ratio,
+        activation_growth=s.growth,
+        output_similarity=s.output.activation_similarity if s.output is not None else None,
         **fields,
     )
 
 
-def recommend(verdict: Verdict, layers: Sequence[LayerFlow]) -> str | None:
-    """What to try for a 'vanishing' or 'exploding' network (None when healthy)."""
-    shortcuts = any(r.added for r in layers)
+@dataclass(frozen=True)
+class Advice:
+    """One thing to try: keywords of ``resify.apply`` and what they do (or, with no keywords, a change
+    to the model itself, in ``effect``).
+
+    The report words it in Python (:meth:`python`); the command line words the same keywords as its
+    flags, leaving out those the run already uses (``resify.cli_flags.advice_text``).
+    """
+
+    settings: tuple[tuple[str, Any], ...]  # (keyword, value), e.g. (("gate", "rezero"),)
+    effect: str  # what the settings do, e.g. "starts every branch at zero"
+
+    def python(self) -> str:
+        """E.g. "try gate='rezero': resify.apply(model, gate='rezero') starts every branch at zero"."""
+        if not self.settings:
+            return self.effect
+        keywords = ", ".join(f"{k}={v!r}" for k, v in self.settings)
+        return f"try {keywords}: resify.apply(model, {keywords}) {self.effect}"
+
+    def unused(self, policy: Policy) -> tuple[tuple[str, Any], ...]:
+        """The settings ``policy`` does not have already (its defaults included)."""
+        used = {"gate_init": policy.effective_gate_init}
+        return tuple((k, v) for k, v in self.settings if used.get(k, getattr(policy, k)) != v)
+
+
+_EVERY_LAYER = "adds a shortcut around every layer"
+_REZERO = Advice((("gate", "rezero"),), "starts every branch at zero")
+_TRAINING = Advice((), "lower the learning rate, or clip the gradient norm (torch.nn.utils.clip_grad_norm_)")
+
+
+def advice(verdict: Verdict, layers: Sequence[LayerFlow], facts: ModelFacts | None = None) -> tuple[Advice, ...]:
+    """What to try for a network that is not 'healthy', best first; with ``facts`` (the model's plan,
+    its normalisation), nothing the model has already."""
+    facts = facts or ModelFacts()
+    found = _collapse_advice(layers, facts) if verdict == "collapsing" else _gradient_advice(verdict, layers, facts)
+    plan = facts.plan
+    return found if plan is None else tuple(a for a in found if not a.settings or a.unused(plan.policy))
+
+
+def _gradient_advice(verdict: Verdict, layers: Sequence[LayerFlow], facts: ModelFacts) -> tuple[Advice, ...]:
+    shortcuts = facts.shortcuts or any(r.added for r in layers)
     gated = any(r.kind == "Gate" for r in layers)
+    if facts.gates_at_zero:  # every branch starts at zero already: nothing of resify's left to try
+        return ()
     if verdict == "vanishing":
         depth = sum(1 for r in layers if not r.added and r.kind != "Gate")
         if not shortcuts and depth >= DEEP_LAYERS:
-            return (
-                f"try gate='rezero': resify.apply(model, gate='rezero') adds a shortcut around every layer "
-                f"and starts each branch at zero, which trains {depth} layers in series more reliably "
-                "than ungated shortcuts"
+            effect = (
+                f"{_EVERY_LAYER} and starts each branch at zero, which trains {depth} layers in series more "
+                "reliably than ungated shortcuts"
             )
+            return (Advice((("gate", "rezero"),), effect),)
         if not shortcuts:
-            return "try shortcut='auto': resify.apply(model, shortcut='auto') adds a shortcut around every layer"
-        return "try shortcut='auto' with group=1 so that every layer, not only some, gets a shortcut"
+            return (Advice((("shortcut", "auto"),), _EVERY_LAYER),)
+        return (Advice((("shortcut", "auto"), ("group", 1)), "gives every layer, not only some, a shortcut"), _REZERO)
     if verdict == "exploding":
         if gated:
-            return "try a smaller gate_init (gate='rezero' with gate_init=0 starts every branch at zero)"
-        return "try gate='rezero': resify.apply(model, gate='rezero') starts every branch at zero"
-    return None
+            return (Advice((("gate", "rezero"), ("gate_init", 0.0)), "starts every branch at zero"),)
+        return (_REZERO,)
+    return ()
+
+
+def _collapse_advice(layers: Sequence[LayerFlow], facts: ModelFacts) -> tuple[Advice, ...]:
+    found: list[Advice] = []
+    if facts.batch_norm_eval:
+        found.append(
+            Advice(
+                (),
+                "measure it in train mode (model.train()): in eval mode its BatchNorm layers use running "
+                "statistics, which do not normalise an untrained model",
+            )
+        )
+    if not (facts.shortcuts or any(r.added for r in layers)):
+        found.append(
+            Advice((("gate", "rezero"),), f"{_EVERY_LAYER}, which carries each example's own signal past the layers")
+        )
+    if not facts.normalised:
+        found.append(Advice((), "add normalisation (LayerNorm or BatchNorm) inside its blocks"))
+    return tuple(found)
+
+
+def recommend(verdict: Verdict, layers: Sequence[LayerFlow], facts: ModelFacts | None = None) -> str | None:
+    """What to try, in Python (None when healthy, or when the model has everything advice would add)."""
+    found = advice(verdict, layers, facts)
+    return found[0].python() if found else None
+
+
+def judge_step(flow: GradientFlow, start: StepFlow | None) -> GradientFlow:
+    """A watched training step judged against the first step recorded (``start``) too: 'exploding'
+    where its loss is not finite or above ``LOSS_GROWTH``× the first's, or where a layer's activation
+    RMS is above ``ACTIVATION_GROWTH``× what it was then (the layers marked)."""
+    if flow.verdict == "exploding":
+        return flow
+    if flow.loss == LOSS_SEEN and not math.isfinite(flow.loss_value):
+        reason = f"the training loss is {flow.loss_value}"
+        return replace(flow, verdict="exploding", reason=reason, recommendation=_TRAINING.python())
+    if start is None:
+        return flow
+    first = start.flow
+    if flow.loss == first.loss == LOSS_SEEN and first.loss_value > 0:
+        growth = flow.loss_value / first.loss_value
+        if growth > LOSS_GROWTH:
+            reason = (
+                f"the training loss {fmt_number(flow.loss_value)} is {fmt_times(growth)} step {start.step}'s "
+                f"(> {LOSS_GROWTH:g}×)"
+            )
+            return replace(flow, verdict="exploding", reason=reason, recommendation=_TRAINING.python())
+    then = {r.name: r.activation_rms for r in own_layers(first.layers) if r.activation_rms}
+    grown = {
+        r.name: r.activation_rms / then[r.name]
+        for r in own_layers(flow.layers)
+        if r.activation_rms is not None and then.get(r.name) and r.activation_rms / then[r.name] > ACTIVATION_GROWTH
+    }
+    if not grown:
+        return flow
+    worst = max(grown, key=grown.__getitem__)
+    reason = (
+        f"the activation RMS of '{worst}' is {fmt_times(grown[worst])} step {start.step}'s "
+        f"(> {ACTIVATION_GROWTH:g}×; {len(grown)} layer(s) past it)"
+    )
+    layers = tuple(replace(r, verdict="exploding") if r.name in grown else r for r in flow.layers)
+    return replace(flow, layers=layers, verdict="exploding", reason=reason, recommendation=_TRAINING.python())
 
 
 def compare(before: GradientFlow, after: GradientFlow) -> FlowComparison:
     """Match the layers of two reports by name; ratios are after ÷ before.
 
     The headline compares the first layer the two share: its ``mean_abs_grad`` (the seed's
-    figure), or its input-gradient norm where a weight gradient is zero (a gate at zero).
+    figure), or its input-gradient norm where a weight gradient is zero (a gate at zero). Where the
+    output's activation RMS grew past ``ACTIVATION_GROWTH``× the original's (and past the converted
+    model's own first layer's), the ``after`` report is judged 'exploding'.
     """
     if not isinstance(before, GradientFlow) or not isinstance(after, GradientFlow):
         raise ResifyError(
@@ -137,29 +313,44 @@ def compare(before: GradientFlow, after: GradientFlow) -> FlowComparison:
     by_name = {r.name: r for r in after.layers}
     changes = tuple(LayerChange(r, by_name[r.name]) for r in before.layers if r.name in by_name)
     seen = {r.name for r in before.layers}
-    added = tuple(r for r in after.layers if r.name not in seen)
-    removed = tuple(r.name for r in before.layers if r.name not in by_name)
     first = next((c for c in changes if c.before.kind != "Gate"), None)
-    ratio = first.ratio if first is not None else None
-    verdicts = f"verdict {before.verdict} → {after.verdict}"
-    if first is None:
-        headline = f"no layer in common; {verdicts}"
-    elif ratio is not None and ratio > 0 and math.isfinite(ratio):
-        headline = f"first layer: {_change(ratio)} gradient; {verdicts}"
-    elif first.input_ratio is not None and first.input_ratio > 0 and math.isfinite(first.input_ratio):
-        headline = f"first layer: {_change(first.input_ratio)} input gradient; {verdicts}"
-    else:
-        b, a = first.before.mean_abs_grad, first.after.mean_abs_grad
-        headline = f"first layer: mean |grad| {fmt_number(b)} → {fmt_number(a)}; {verdicts}"
-    return FlowComparison(
+    c = FlowComparison(
         before=before,
         after=after,
         layers=changes,
-        added=added,
-        removed=removed,
-        headline=headline,
-        first_layer_ratio=ratio,
+        added=tuple(r for r in after.layers if r.name not in seen),
+        removed=tuple(r.name for r in before.layers if r.name not in by_name),
+        headline="",
+        first_layer_ratio=first.ratio if first is not None else None,
     )
+    after = _against_original(c)
+    return replace(c, after=after, headline=_headline(first, f"verdict {before.verdict} → {after.verdict}"))
+
+
+def _against_original(c: FlowComparison) -> GradientFlow:
+    """``c.after``, judged 'exploding' where its output's scale grew past ``ACTIVATION_GROWTH``× the
+    original's and past its own first layer's (a conversion that restores a signal the original lost
+    is not an explosion)."""
+    after, change, ratio = c.after, c.output_change, c.output_ratio
+    if change is None or ratio is None or ratio <= ACTIVATION_GROWTH or after.verdict == "exploding":
+        return after
+    first = signal_of(after.layers).first
+    if first is None or (change.after.activation_rms or 0.0) <= (first.activation_rms or 0.0):
+        return after
+    reason = f"the output's activation RMS at '{change.name}' is {fmt_times(ratio)} the original's (> {ACTIVATION_GROWTH:g}×)"
+    return replace(after, verdict="exploding", reason=reason, recommendation=recommend("exploding", after.layers))
+
+
+def _headline(first: LayerChange | None, verdicts: str) -> str:
+    if first is None:
+        return f"no layer in common; {verdicts}"
+    ratio = first.ratio
+    if ratio is not None and ratio > 0 and math.isfinite(ratio):
+        return f"first layer: {_change(ratio)} gradient; {verdicts}"
+    if first.input_ratio is not None and first.input_ratio > 0 and math.isfinite(first.input_ratio):
+        return f"first layer: {_change(first.input_ratio)} input gradient; {verdicts}"
+    b, a = first.before.mean_abs_grad, first.after.mean_abs_grad
+    return f"first layer: mean |grad| {fmt_number(b)} → {fmt_number(a)}; {verdicts}"
 
 
 def _change(ratio: float) -> str:
