@@ -15,11 +15,11 @@ from torch import nn
 
 from .analyze import analyze
 from .calls import Call
-from .checkpoint import read_plan
 from .errors import PlanError, ResifyWarning, RewriteError
 from .inputs import as_inputs
 from .install import install
 from .owners import merge, place, settle
+from .plan_files import read_plan
 from .planner import check_patterns, make_plan, reconcile_modes
 from .policy import Policy
 from .rewrite import rewrite

@@ -24,72 +24,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from .api import apply
 from .constants import NAMESPACE
 from .copying import structural_copy
 from .errors import ModelLoadError, PlanError, ResifyWarning
 from .install import EXAMPLE_ATTRIBUTE, PLAN_ATTRIBUTE, applied_plan, example_spec
 from .modules import strip_forward
+from .plan_files import CONVERSION_FILE, FILE_SCHEMA_VERSION, check_file_version
 from .rewrite import own_tensors
 from .sites import Dense, Plan
 
 __all__ = [
-    "CONVERSION_FILE",
     "TENSORS_FILE",
-    "FILE_SCHEMA_VERSION",
     "save",
     "load",
     "remove",
-    "read_plan",
     "resify_keys",
     "fingerprint",
 ]
 
-#: The conversion's JSON document and resify's tensors, in the folder given to ``save``.
-CONVERSION_FILE = "resify.json"
 TENSORS_FILE = "resify.pt"
 SAFETENSORS_FILE = "resify.safetensors"
 FULL_FILE = "resify_state_dict.pt"
-#: 1: the first; a document of a newer version is refused with the version it needs.
-FILE_SCHEMA_VERSION = 1
-
-
-def read_plan(plan: Plan | Mapping[str, Any] | str | os.PathLike[str]) -> Plan:
-    """A Plan from a Plan, its ``to_dict()``, a plan JSON file, or a folder ``save`` wrote.
-
-    Raises:
-        PlanError: the document is not a plan, or of a schema this resify cannot read.
-    """
-    if isinstance(plan, Plan):
-        return plan
-    if isinstance(plan, Mapping):
-        return Plan.from_dict(plan.get("plan", plan))  # type: ignore[arg-type]
-    path = Path(plan)
-    if path.is_dir():
-        path = path / CONVERSION_FILE
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise PlanError(f"cannot read the plan '{path}': {e.strerror or e}; pass a plan JSON file or a folder") from e
-    except json.JSONDecodeError as e:
-        raise PlanError(f"expected a plan in JSON at '{path}', found invalid JSON ({e.msg} at line {e.lineno})") from e
-    if not isinstance(doc, dict):
-        raise PlanError(f"expected a plan (a JSON object) at '{path}', found {type(doc).__name__}")
-    if "plan" in doc:
-        _check_file_version(doc, path)
-        doc = doc["plan"]
-    return Plan.from_dict(doc)
-
-
-def _check_file_version(doc: Mapping[str, Any], path: Path) -> None:
-    version = doc.get("file_schema_version")
-    if not isinstance(version, int) or version < 1:
-        raise PlanError(f"expected a resify conversion file at '{path}', found no file_schema_version")
-    if version > FILE_SCHEMA_VERSION:
-        raise PlanError(
-            f"'{path}' is a resify conversion of file_schema_version {version}, written by a newer resify "
-            f"(this one reads up to {FILE_SCHEMA_VERSION}); upgrade resify (it was written by resify "
-            f"{doc.get('resify_version', '?')})"
-        )
 
 
 def resify_keys(model: nn.Module, plan: Plan) -> list[str]:
@@ -178,10 +134,9 @@ def save(
     tensors = {k: full[k].detach().contiguous() for k in keys}
     owners = {s.owner for s in plan.sites}
     modules = dict(model.named_modules())
+    example: Any = model.__dict__.get(EXAMPLE_ATTRIBUTE)
     if example_input is not None:
         example = example_spec(example_input if isinstance(example_input, tuple) else (example_input,))
-    else:
-        example = model.__dict__.get(EXAMPLE_ATTRIBUTE)
     doc = {
         "file_schema_version": FILE_SCHEMA_VERSION,
         "resify_version": _version(),
@@ -242,8 +197,6 @@ def load(
             not match the plan (the message names the first mismatch).
         ModelLoadError: a tensor missing or unexpected (the message lists them), or unreadable.
     """
-    from .api import apply  # api imports the pipeline; this module sits beside it
-
     folder = Path(path)
     file = folder / CONVERSION_FILE
     try:
@@ -253,7 +206,7 @@ def load(
             f"expected a resify conversion in '{folder}' ({CONVERSION_FILE}), found none: {e.strerror or e}; "
             "write one with resify.save(model, folder)"
         ) from e
-    _check_file_version(doc, file)
+    check_file_version(doc, file)
     plan = Plan.from_dict(doc["plan"])
     if example_input is None and doc.get("example_input"):
         example_input = tuple(_dummy(spec, model) for spec in doc["example_input"])
@@ -355,8 +308,11 @@ def _narrow(root: nn.Module, path: str, extra: int) -> None:
     """Give a layer a dense site widened its original input width back (its first ``extra`` inputs dropped)."""
     m = root.get_submodule(path)
     weight = m.weight
+    assert isinstance(weight, nn.Parameter) and isinstance(
+        m, (nn.Linear, nn.modules.conv._ConvNd)
+    )  # dense widens these
     m.weight = nn.Parameter(weight[:, extra:].clone(), requires_grad=weight.requires_grad)
     if isinstance(m, nn.Linear):
         m.in_features -= extra
     else:
-        m.in_channels -= extra  # type: ignore[operator]
+        m.in_channels -= extra

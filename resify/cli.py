@@ -293,6 +293,8 @@ def convert(model_spec: str, out: str, force: bool, batches: int, **opts: Any) -
         if isinstance(a, torch.Tensor) and not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
             raise ResifyError("the written model does not reproduce the converted one; please report this")
 
+    assert isinstance(converted, torch.fx.GraphModule)  # graph_module=True: the whole model's graph
+
     def write() -> None:
         save(
             converted,

@@ -74,7 +74,9 @@ def without_hooks(module: nn.Module) -> None:
 
 
 def _is_layer(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    return type(m).__module__.startswith("torch.nn") and not isinstance(
+        m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    )
 
 
 def own_containers(mine: dict[str, Any], theirs: dict[str, Any]) -> None:

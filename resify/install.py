@@ -53,8 +53,9 @@ def example_spec(inputs: Sequence[Any]) -> list[dict[str, Any]]:
 def applied_plan(model: nn.Module) -> Plan | None:
     """The plan ``resify.apply`` carried out on ``model`` (None for a model resify did not convert)."""
     found = model.__dict__.get(PLAN_ATTRIBUTE)
-    if found is None and isinstance(getattr(model, "meta", None), dict):  # apply(..., graph_module=True)
-        found = model.meta.get("resify_plan")  # type: ignore[union-attr]
+    meta = model.__dict__.get("meta")
+    if found is None and isinstance(meta, dict):  # apply(..., graph_module=True): a GraphModule's meta
+        found = meta.get("resify_plan")
     return found if isinstance(found, Plan) else None
 
 

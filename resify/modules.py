@@ -240,7 +240,7 @@ class OwnerCall(functools.partial):
     deepcopy and torch.export see through it), with the rewritten forward's signature."""
 
     @property
-    def __signature__(self) -> inspect.Signature:  # type: ignore[override]
+    def __signature__(self) -> inspect.Signature:
         owner = self.args[0]
         return owner.__dict__[FORWARD_ATTRIBUTE].signature(owner)
 

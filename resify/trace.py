@@ -321,9 +321,7 @@ def trace(
             if warn:
                 warnings.warn(specialised, ResifyWarning, stacklevel=3)
     other = _other_mode_graph(private, model, graph, call, leaves, tracer_used) if reads else None
-    return Traced(
-        private, graph, tracer_used, inputs, name, model.training, shapes_from, other, kwargs, specialised
-    )
+    return Traced(private, graph, tracer_used, inputs, name, model.training, shapes_from, other, kwargs, specialised)
 
 
 def _doubled(value: Any) -> Any:
