@@ -24,7 +24,7 @@ import click
 import torch
 
 from . import __version__, api
-from .cli_flags import advice_text, policy_from_flags, policy_options
+from .cli_flags import POLICY_FLAG_NAMES, advice_text, policy_from_flags, policy_options
 from .errors import InputError, ModelLoadError, ResifyError, ResifyWarning
 from .loading import MODEL_SPEC_FORMS, LoadedModel, load_model, parse_input_kwarg, parse_input_shape, parse_input_shapes
 from .policy import Policy
@@ -217,16 +217,42 @@ def cli() -> None:
 )
 @click.option("--batches", type=click.IntRange(min=1), default=1, show_default=True, help="Batches for the report.")
 @click.option("--no-report", is_flag=True, help="Skip the gradient-flow report.")
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(exists=True),
+    help="Show what a saved plan (its JSON, or a folder resify.save wrote) does to the model, instead of planning "
+    "anew; the policy flags do not go with it.",
+)
 @_debug_option
 @_boundary
 @_with_model_spec_help
 def inspect(
-    model_spec: str, fmt: str, plot_path: str | None, html_path: str | None, batches: int, no_report: bool, **opts: Any
+    model_spec: str,
+    fmt: str,
+    plot_path: str | None,
+    html_path: str | None,
+    batches: int,
+    no_report: bool,
+    plan_path: str | None,
+    **opts: Any,
 ) -> None:
     """A dry run: what resify sees, what it would do, and the gradient flow before and after."""
     policy = policy_from_flags(opts)
     loaded, example, kwargs = _load(model_spec, opts)
-    done = api.converted(loaded.model, example, kwargs, **policy)
+    if plan_path is not None:
+        ctx = click.get_current_context()
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in opts
+            if name in POLICY_FLAG_NAMES and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            raise click.UsageError(f"--plan carries its own policy; drop {', '.join(given)}", ctx=ctx)
+        leaves = {"leaf_modules": policy["leaf_modules"]} if policy.get("leaf_modules") else {}
+        done = api.converted(loaded.model, example, kwargs, plan=plan_path, **leaves)
+    else:
+        done = api.converted(loaded.model, example, kwargs, **policy)
     plan = done.plan
     info = _model_info(loaded, done)
     flow = None if no_report else _flow(loaded, done, batches)

@@ -19,7 +19,7 @@ from .policy import Policy
 from .report.records import GradientFlow
 from .report.verdicts import advice
 
-__all__ = ["policy_options", "policy_from_flags", "advice_text"]
+__all__ = ["policy_options", "policy_from_flags", "advice_text", "POLICY_FLAG_NAMES"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,6 +41,22 @@ class _Limit(click.ParamType):
         if not math.isfinite(number) or number < 0:
             self.fail(f"expected a non-negative number or 'none', found {value!r}", param, ctx)
         return number
+
+
+#: The parameters that policy_options adds (``--plan`` refuses them where the user gave them).
+POLICY_FLAG_NAMES = (
+    "shortcut",
+    "group",
+    "include",
+    "exclude",
+    "gate",
+    "gate_init",
+    "preserve_output",
+    "dense_max_growth",
+    "projection",
+    "max_added",
+    "projection_cost",
+)
 
 
 def policy_options(f: F) -> F:

@@ -1,6 +1,6 @@
 """Turn a MODEL_SPEC from the command line into a model and an example input.
 
-MODEL_SPEC is ``path/to/model.py``, ``path/to/model.py:NAME`` or ``torchvision:NAME``. Loading a
+MODEL_SPEC is ``path/to/model.py``, ``path/to/model.py:NAME``, ``torchvision:NAME`` or ``timm:NAME``. Loading a
 file runs its Python code, as ``python model.py`` would (but with ``__name__`` set to the file's
 stem, so an ``if __name__ == "__main__":`` block does not run).
 """
@@ -39,7 +39,8 @@ MODEL_SPEC_FORMS = {
     "path/to/model.py": "the file's one model: a module-level nn.Module with parameters, or a function named "
     f"{', '.join(BUILDER_NAMES[:-1])} or {BUILDER_NAMES[-1]} that returns one",
     "path/to/model.py:NAME": "the nn.Module named NAME in the file, or the function NAME returning one",
-    "torchvision:NAME": "a torchvision model, untrained, e.g. torchvision:resnet18",
+    "torchvision:NAME": "a torchvision model, untrained, e.g. torchvision:resnet18 or torchvision:ssdlite320_mobilenet_v3_large",
+    "timm:NAME": "a timm model, untrained, at its pretrained_cfg input size, e.g. timm:resnet18",
 }
 #: The example input's dtype names (CLI --dtype); integer ones give token ids 0 or 1 (valid for any vocabulary).
 DTYPES = {
@@ -163,7 +164,7 @@ def _call(fn: Callable[[], Any], label: str, path: Path) -> Any:
 
 def _import_file(path: Path) -> ModuleType:
     if not _is_file(path):
-        raise ModelLoadError(f"model file '{path}' not found; give a path to a .py file, or torchvision:NAME")
+        raise ModelLoadError(f"model file '{path}' not found; give a path to a .py file, torchvision:NAME or timm:NAME")
     name = f"resify_user_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -243,15 +244,41 @@ def _torchvision(name: str) -> LoadedModel:
     if name not in known:
         close = [n for n in known if name.split("_")[0] in n][:5]
         raise ModelLoadError(f"torchvision has no model {name!r}; try one of {', '.join(close or known[:5])}")
-    model = torchvision.models.get_model(name, weights=None)
+    gen = torch.Generator().manual_seed(0)
+    kind = _torchvision_kind(torchvision, name)
+    extra = {"weights_backbone": None} if kind in ("detection", "segmentation") else {}  # nothing downloaded
+    model = torchvision.models.get_model(name, weights=None, **extra)
+    if kind == "detection":  # a list of images in, as the detectors take them
+        return LoadedModel(model, ([torch.rand(3, 320, 320, generator=gen)],), f"torchvision:{name}")
+    if kind == "video":
+        return LoadedModel(model, torch.randn(1, 3, 8, 112, 112, generator=gen), f"torchvision:{name}")
     size = image_size(name)
-    return LoadedModel(
-        model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)), f"torchvision:{name}"
-    )
+    return LoadedModel(model, torch.randn(1, 3, size, size, generator=gen), f"torchvision:{name}")
+
+
+def _torchvision_kind(torchvision: Any, name: str) -> str:
+    """"detection", "segmentation", "video", "optical_flow", "quantization" or "classification"."""
+    for kind in ("detection", "segmentation", "video", "optical_flow", "quantization"):
+        if name in torchvision.models.list_models(module=getattr(torchvision.models, kind, None)):
+            return kind
+    return "classification"
+
+
+def _timm(name: str) -> LoadedModel:
+    try:
+        import timm
+    except ImportError as e:
+        raise ModelLoadError("timm:NAME needs timm; pip install timm") from e
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        raise ModelLoadError(f"timm has no model {name!r}; try one of {', '.join(close) or 'timm.list_models()'}")
+    model = timm.create_model(name, pretrained=False)
+    c, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    return LoadedModel(model, torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0)), f"timm:{name}")
 
 
 def load_model(spec: str) -> LoadedModel:
-    """Load a model from a MODEL_SPEC: ``path.py``, ``path.py:NAME`` or ``torchvision:NAME``.
+    """Load a model from a MODEL_SPEC: ``path.py``, ``path.py:NAME``, ``torchvision:NAME`` or ``timm:NAME``.
 
     Loading a file runs its Python code; it may also define ``example_input`` and
     ``example_kwargs`` (values, or functions returning them).
@@ -262,6 +289,8 @@ def load_model(spec: str) -> LoadedModel:
     """
     if spec.startswith("torchvision:"):
         return _torchvision(spec.split(":", 1)[1])
+    if spec.startswith("timm:"):
+        return _timm(spec.split(":", 1)[1])
     path_text, _, name = spec.partition(":") if not _is_file(Path(spec)) else (spec, "", "")
     path = Path(path_text)
     module = _import_file(path)

@@ -420,6 +420,16 @@ def plan_text(plan: Plan, width: int | None = 100) -> str:
         ]
     else:
         lines += ["", "no shortcut will be added"]
+    owners: dict[str, int] = {}
+    for s in plan.sites:
+        owners[s.owner] = owners.get(s.owner, 0) + 1
+    if set(owners) - {""}:  # where the shortcuts live: the forwards resify rewrites
+        shown = ", ".join(f"{o or '(the model itself)'} ({n})" for o, n in owners.items())
+        lines += ["", *textwrap.wrap(f"forwards rewritten ({len(owners)}): {shown}", width, subsequent_indent="  ")]
+    if plan.whole:
+        lines += ["", f"kept whole ({len(plan.whole)}): their own forwards run as they are"]
+        for w in plan.whole:
+            lines.append(_clip(f"  {w.module or '(the model itself)'}: {w.code}: {w.reason}", width))
     if plan.skipped:
         lines += ["", f"skipped ({len(plan.skipped)}):"]
         for s in plan.skipped:

@@ -87,6 +87,36 @@ def test_inspect_torchvision_model():
     assert "existing shortcuts (8)" in out
 
 
+def test_inspect_a_timm_model_shows_where_its_shortcuts_live():
+    pytest.importorskip("timm")
+    code, out = run("inspect", "timm:vgg11", "--no-report", "--input-shape", "1,3,64,64")
+    assert code == 0, out
+    assert "resify plan for VGG" in out and "features.0" in out
+    # a span from features into pre_logits: the model's own forward is rewritten, traced on the example
+    assert "warning: VGG has data-dependent control flow" in out
+    code, out = run("inspect", "timm:resnet_nope", "--no-report")
+    assert code == 2 and "timm has no model 'resnet_nope'" in out
+
+
+def test_inspect_a_detector_lists_the_modules_kept_whole():
+    pytest.importorskip("torchvision")
+    code, out = run("inspect", "torchvision:ssdlite320_mobilenet_v3_large", "--no-report")
+    assert code == 0, out
+    assert "kept whole" in out and "(the model itself): untraceable" in out
+    assert "forwards rewritten" in out and "backbone." in out
+
+
+def test_inspect_with_a_saved_plan_shows_what_it_does_and_refuses_policy_flags(tmp_path):
+    out_dir = tmp_path / "converted"
+    code, out = run("convert", VGG, "-o", out_dir, "--gate", "rezero")
+    assert code == 0, out
+    code, out = run("inspect", VGG, "--plan", out_dir / "plan.json", "--no-report")
+    assert code == 0, out
+    assert "rezero" in out and "total: 6 shortcut(s)" in out
+    code, out = run("inspect", VGG, "--plan", out_dir / "plan.json", "--gate", "layerscale", "--no-report")
+    assert code == 2 and "--plan carries its own policy; drop --gate" in out
+
+
 @pytest.mark.parametrize("spec,extra", [(SEED, []), (VGG, ["--gate", "layerscale"])])
 def test_convert_then_load_in_a_fresh_interpreter(tmp_path, spec, extra):
     out_dir = tmp_path / "converted"
