@@ -151,8 +151,8 @@ def test_parse_input_kwarg_rejects(text, message):
 # --- load_model: each MODEL_SPEC form --------------------------------------------------------
 
 
-def test_model_spec_forms_are_the_three_load_model_takes():
-    assert list(MODEL_SPEC_FORMS) == ["path/to/model.py", "path/to/model.py:NAME", "torchvision:NAME"]
+def test_model_spec_forms_are_the_four_load_model_takes():
+    assert list(MODEL_SPEC_FORMS) == ["path/to/model.py", "path/to/model.py:NAME", "torchvision:NAME", "timm:NAME"]
     assert all(name in MODEL_SPEC_FORMS["path/to/model.py"] for name in BUILDER_NAMES)
 
 

@@ -17,7 +17,7 @@ def test_plan_prints_a_table_and_converts_to_json():
     assert "layers.0.0" in text and "Linear(128, 64)" in text and "[10, 128] -> [10, 64]" in text
     assert "total: 5 shortcut(s) (5 projection)" in text
     d = json.loads(json.dumps(plan.to_dict()))
-    assert d["schema_version"] == 2
+    assert d["schema_version"] == 3
     assert [s["kind"] for s in d["sites"]] == ["projection"] * 5
     assert d["sites"][0]["in_shape"] == [10, 128] and d["sites"][0]["added_params"] == 128 * 64 + 64
     assert d["sites"][0]["shortcut"] == {
@@ -118,7 +118,7 @@ def test_a_plan_of_schema_version_1_is_still_read():
     assert [s.kind for s in plan.sites] == ["projection", "projection"]
     assert plan.skipped[0].code == "unrecorded" and plan.skipped[0].reason.startswith("the span is linear")
     assert plan.added_params == 80 and plan.to_dict()["schema_version"] == 3
-    with pytest.raises(resify.PlanError, match="schema_version 1 or 2, found 99"):
+    with pytest.raises(resify.PlanError, match="schema_version 3 or older, found 99"):
         resify.Plan.from_dict({**_PLAN_V1, "schema_version": 99})
 
 
