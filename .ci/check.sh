@@ -14,3 +14,15 @@ ln -s "$PWD/.venv" "$stage/.venv"
 cd "$stage"
 .venv/bin/python -c 'import resify, sys; print("check: testing resify", resify.__version__, "from", resify.__file__)'
 .venv/bin/pytest tests --pyargs resify "$@"
+# the Hugging Face tests again on the newest transformers the registry serves (the suite above ran on
+# the pinned one): put beside the pinned install, not over it
+if [ "$#" -eq 0 ]; then
+  newest=$(mktemp -d)
+  if .venv/bin/pip install -q --disable-pip-version-check --no-deps --target "$newest" transformers >/dev/null 2>&1; then
+    echo "check: the Hugging Face tests on transformers $(PYTHONPATH="$newest" .venv/bin/python -c 'import transformers; print(transformers.__version__)')"
+    PYTHONPATH="$newest" .venv/bin/pytest tests/test_huggingface.py tests/test_checkpoint.py -k "hugging or built or skipless or cache or tiny"
+  else
+    echo "check: the newest transformers could not be installed; its pass is skipped" >&2
+  fi
+  rm -rf "$newest"
+fi

@@ -106,7 +106,7 @@ def trace_units(
         failures: dict[str, str] = {}  # top-level child -> its deepest failure
         _descend(model, "", calls, leaves, units, whole, failures)
         if not units:
-            detail = "; ".join(f"{name}: {why}" for name, why in failures.items()) or "it has no child module"
+            detail = "; ".join(failures.values()) or "it has no child module that could hold a shortcut"
             raise TraceError(
                 f"could not trace {type(model).__name__} nor any module inside it ({first_line(root_error)}); "
                 f"deepest failures: {detail}; try leaf_modules=[...] for the modules named, or pass a submodule"

@@ -136,6 +136,20 @@ AS_BUILT = {
         True,
     ),
     "skipless": (lambda: Skipless(SkiplessConfig()), {}, True),
+    "vit": (
+        lambda: T.ViTForImageClassification(
+            T.ViTConfig(
+                image_size=16,
+                patch_size=4,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=37,
+            )
+        ),
+        {},
+        False,
+    ),
 }
 
 
@@ -150,12 +164,13 @@ def _built(name):
 @pytest.mark.parametrize("name", sorted(AS_BUILT))
 def test_a_model_as_built_and_called_stays_itself(name, tmp_path):
     model, kwargs, generates = _built(name)
-    ids = torch.randint(1, 99 if name != "skipless" else 50, (2, 7))
+    ids = torch.randint(1, 99 if name != "skipless" else 50, (2, 7)) if name != "vit" else torch.randn(2, 3, 16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = resify.apply(model, ids, example_kwargs=kwargs, preserve_output=True).eval()
         assert type(converted) is type(model) and converted.config is not None
         assert converted.get_input_embeddings() is not None and converted.dtype == torch.float32
+        assert converted.device == torch.device("cpu")
         with torch.no_grad():
             want, got = model(ids, **kwargs), converted(ids, **kwargs)
         assert type(got) is type(want)  # ModelOutput subclasses, not dicts

@@ -6,6 +6,7 @@ import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -237,3 +238,28 @@ def test_a_forward_per_mode_is_installed_at_the_owner_that_reads_the_mode():
     assert set(sources) == {True, False} and "randn_like" in sources[True] and "randn_like" not in sources[False]
     converted.eval(), model.eval()
     torch.testing.assert_close(converted(x), model(x))
+
+
+def test_a_model_none_of_whose_modules_trace_is_one_error_naming_each_childs_failure():
+    class Child(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):  # through numpy: neither tracer follows it
+            return self.fc2(torch.from_numpy(np.tanh(self.fc(x).detach().numpy())))
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Child(), Child()
+
+        def forward(self, items):
+            return [self.b(self.a(t)) for t in items]
+
+    model = Root()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(resify.TraceError, match=r"nor any module inside it .*deepest failures: a: .*; b: .*") as e:
+        resify.apply(model, ([torch.randn(2, 4), torch.randn(3, 4)],))
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
