@@ -7,10 +7,11 @@ from .errors import InputError, ModelLoadError, PlanError, ResifyError, ResifyWa
 from .install import applied_plan
 from .modules import DualGraphModule, Shortcut
 from .policy import Policy
-from .report import FlowComparison, GradientFlow, LayerFlow, compare, gradient_flow
-from .sites import Plan, Site, Skipped
+from .report import FlowComparison, GradientFlow, LayerChange, LayerFlow, compare, gradient_flow
+from .report.history import FlowHistory, StepFlow, VerdictChange, VerdictTimeline
+from .sites import SKIP_CODES, Dense, Identity, Plan, Projection, Site, Skipped
 from .units import WHOLE_CODES, WholeModule
-from .watch import watch
+from .watch import Watch, watch
 
 __version__ = "0.1.0"
 
@@ -25,7 +26,11 @@ __all__ = [
     "Plan",
     "Policy",
     "Site",
+    "Identity",
+    "Projection",
+    "Dense",
     "Skipped",
+    "SKIP_CODES",
     "WholeModule",
     "WHOLE_CODES",
     "ExistingShortcut",
@@ -40,9 +45,20 @@ __all__ = [
     "gradient_flow",
     "compare",
     "watch",
+    "Watch",
     "GradientFlow",
     "FlowComparison",
     "LayerFlow",
+    "LayerChange",
+    "FlowHistory",
+    "StepFlow",
+    "VerdictChange",
+    "VerdictTimeline",
     "DualGraphModule",
     "Shortcut",
 ]
+
+
+def __dir__() -> list[str]:
+    """The documented surface only: the modules inside resify are its internals."""
+    return sorted(__all__)
