@@ -212,6 +212,10 @@ def _site_comments(gm: torch.fx.GraphModule, graph: torch.fx.Graph) -> dict[str,
     return comments
 
 
+#: ``torch.fx._symbolic_trace._assert_is_none(x, 'msg')``: fx's check of an argument traced at None.
+_ASSERT_NONE = re.compile(r"^(\s*)(?:\w+ = )?torch\.fx\._symbolic_trace\._assert_is_none\((\w+), (.*)\)$")
+
+
 def _forward_lines(gm: torch.fx.GraphModule, graph: torch.fx.Graph, src: str, kinds: dict[str, str]) -> list[str]:
     """fx's generated forward, made to read like hand-written PyTorch: modules reached by attribute
     or index, no ``;  x = None`` after each line, a comment where each shortcut starts."""
@@ -223,6 +227,7 @@ def _forward_lines(gm: torch.fx.GraphModule, graph: torch.fx.Graph, src: str, ki
         if line.startswith("torch.fx._symbolic_trace.wrap("):
             continue
         line = _DELETION.sub("", line).rstrip()
+        line = _ASSERT_NONE.sub(r"\1assert \2 is None, \3", line)  # torch.fx's private helper, as plain Python
         for fx_expr, expr in swaps:
             if fx_expr != expr:
                 line = line.replace(fx_expr, expr)
@@ -264,7 +269,7 @@ def render_source(gm: torch.fx.GraphModule, class_name: str = "ResifiedModel") -
         parent, _, attr = path.rpartition(".")
         if path and first[id(module)] != path and parent not in built:
             body.append(f"        {_adding(parent, attr, _access(first[id(module)], kinds), kinds)}")
-    for path, module in [("", gm), *gm.named_modules()]:
+    for path, module in gm.named_modules():  # the root first, once
         if path and not _is_container(module):
             continue  # leaf modules create their own parameters
         owner = _access(path, kinds)

@@ -2,6 +2,7 @@
 the converted model computes; a failed export leaves nothing behind."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -231,3 +232,27 @@ def test_the_check_before_the_rename_runs_the_new_source(converted, tmp_path):
     ((folder, source),) = seen
     assert folder.startswith(".m.") and source == (tmp_path / "m" / "model.py").read_text()
     assert "# resify shortcut '0'" in source and "getattr(" not in source
+
+
+def test_the_source_calls_no_private_torch_api_and_registers_each_parameter_once(tmp_path):
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(4))
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x, mask=None):
+            h = torch.relu(self.a(x + self.pos))
+            if mask is not None:
+                h = h * mask
+            return self.b(torch.relu(self.b(h)))
+
+    torch.manual_seed(0)
+    model, x = Masked(), torch.randn(2, 4)
+    gm = resify.apply(model, x, graph_module=True)
+    source = render_source(gm)
+    assert "_symbolic_trace" not in source and "torch.fx" not in source
+    assert source.count("register_parameter('pos'") == 1
+    assert re.search(r"\n        assert mask\w* is None, ", source)  # the argument traced at its default, in plain Python
+    save(gm, tmp_path / "m")
+    torch.testing.assert_close(load(tmp_path / "m")(x), gm(x))
