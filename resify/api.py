@@ -263,7 +263,8 @@ def _reapplied(
             inputs = trace(
                 model, None, example_kwargs=kwargs, leaf_modules=policy.get("leaf_modules", ())
             ).example_inputs
-        result = install(model, the_plan, tuple(inputs), kwargs, tuple(policy.get("leaf_modules", ())))
+        leaves = tuple(policy.get("leaf_modules", ()))
+        result = install(model, the_plan, tuple(inputs), kwargs, leaves, checked=True)
     return Converted(result, the_plan, tuple(inputs), kwargs)
 
 
@@ -293,7 +294,8 @@ def converted(
         prepared = _prepare(model, example_input, example_kwargs, policy, named=not graph_module)
         if not graph_module:
             leaves = tuple(prepared.policy.leaf_modules)
-            result = install(model, prepared.plan, prepared.inputs, prepared.kwargs, leaves, prepared.calls)
+            graph = prepared.root.graph if prepared.root is not None else None
+            result = install(model, prepared.plan, prepared.inputs, prepared.kwargs, leaves, prepared.calls, graph)
             return Converted(result, prepared.plan, prepared.inputs, prepared.kwargs)
         if prepared.root is None:
             raise RewriteError(

@@ -155,9 +155,10 @@ def _meta_twin(model: nn.Module) -> nn.Module:
 
 
 def _real(value: Any, device: torch.device) -> Any:
-    """A meta tensor made a real one of its shape and dtype (zeros), on ``device``; containers too."""
+    """A meta tensor made a real one of its shape and dtype (uninitialised: only its shape is read),
+    on ``device``; containers too."""
     if isinstance(value, torch.Tensor) and value.device.type == "meta":
-        return torch.zeros(value.shape, dtype=value.dtype, device=device)
+        return torch.empty(value.shape, dtype=value.dtype, device=device)
     if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
         return type(value)(_real(v, device) for v in value)
     if type(value) is dict:
@@ -169,7 +170,7 @@ def record_calls_on_meta(
     model: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], paths: set[str]
 ) -> dict[str, Call] | None:
     """``record_calls`` without computing: the model runs on storage-less tensors, and each recorded
-    input comes back as zeros of its shape and dtype (for a trace that reads shapes, never values).
+    input comes back as a tensor of its shape and dtype (for a trace that reads shapes, never values).
     None where the model's forward needs real values (data-dependent code)."""
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")

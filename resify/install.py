@@ -11,6 +11,7 @@ code: the owner's trace keeps whole each child that no span enters.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -104,10 +105,18 @@ class _Maker:
     sites: tuple[Site, ...]  # names qualified in the model
     leaves: tuple[type | str, ...]  # relative to the owner
     also: dict[str, set[str]]  # module name -> all its names in the model
+    checked: bool = False  # record shapes and check each site's widths (a plan made for another model)
 
     def traced(self, module: nn.Module, call: Call) -> tuple[Traced, list[tuple[torch.fx.Graph, list[Site]]]]:
         try:
-            traced = trace(module, call.args, example_kwargs=call.kwargs, leaf_modules=self.leaves, original=True)
+            traced = trace(
+                module,
+                call.args,
+                example_kwargs=call.kwargs,
+                leaf_modules=self.leaves,
+                original=True,
+                shapes=self.checked,
+            )
         except TraceError as e:
             raise RewriteError(
                 f"could not trace '{self.owner or 'the root'}' to put its shortcuts in: {first_line(e)}"
@@ -245,9 +254,13 @@ def install(
     kwargs: dict[str, Any],
     leaf_modules: Sequence[type | str] = (),
     recorded: dict[str, Call] | None = None,
+    graph: torch.fx.Graph | None = None,
+    checked: bool = False,
 ) -> nn.Module:
     """A copy of ``model`` with ``plan``'s shortcuts in the forwards of their owners. ``recorded``:
-    what each module received in a run of the example on ``model`` (planning's, where it ran one).
+    what each module received in a run of the example on ``model`` (planning's, where it ran one);
+    ``graph``: the whole model's traced graph, where planning traced it (owners' inputs read off it);
+    ``checked``: check each site's widths against the model (a saved plan, not one made from it).
 
     Raises:
         RewriteError: the plan does not fit this model (the message names the first mismatch).
@@ -265,14 +278,20 @@ def install(
             )
     calls: dict[str, Call] = {"": as_call(result, inputs, kwargs)}
     deeper = set(by_owner) - {""}
-    real = not deeper
+    valued = {""}  # owners whose recorded inputs hold the example's values (not only its shapes)
     if deeper and recorded and deeper <= set(recorded):  # the same weights: the same inputs
         calls.update({k: v for k, v in recorded.items() if k})
-        real = True
+        valued |= deeper
     elif deeper:
-        on_meta = record_calls_on_meta(result, inputs, kwargs, deeper)
-        real = on_meta is None
-        calls.update(record_calls(result, inputs, kwargs, deeper) if on_meta is None else on_meta)
+        if graph is not None:
+            calls.update(calls_from_graph(graph, result, deeper))
+        rest = deeper - set(calls)
+        on_meta = record_calls_on_meta(result, inputs, kwargs, rest) if rest else {}
+        if on_meta is None:
+            calls.update(record_calls(result, inputs, kwargs, rest))
+            valued |= rest
+        else:
+            calls.update(on_meta)
     for owner in sorted(by_owner, key=lambda p: p.count(".") + bool(p), reverse=True):  # deepest first
         module = names[owner]
         call = calls.get(owner)
@@ -286,14 +305,14 @@ def install(
         codes = None
         errors = []
         for extra in (_untouched_subtrees(module, owner, _touched(sites, also)), _nested(owner, by_owner)):
-            maker = _Maker(owner, sites, user_leaves + tuple(extra), also)
+            maker = _Maker(owner, sites, user_leaves + tuple(extra), also, checked)
             try:
-                codes = maker.build(module, call, modules=True, values=real)
+                codes = maker.build(module, call, modules=True, values=owner in valued)
                 break
-            except _NeedsValues:  # traced on the example's values, not zeros of its shapes: run it
-                calls.update(record_calls(result, inputs, kwargs, deeper))
-                real, call = True, calls[owner]
-                codes = maker.build(module, call, modules=True, values=True)
+            except _NeedsValues:  # traced on the example's values, not on tensors of its shapes: run it
+                calls.update(record_calls(result, inputs, kwargs, {owner}))
+                valued.add(owner)
+                codes = maker.build(module, calls[owner], modules=True, values=True)
                 break
             except RewriteError as e:  # raised before anything is built: try the next way to trace it
                 errors.append(e)
@@ -303,6 +322,43 @@ def install(
     result.__dict__[PLAN_ATTRIBUTE] = plan
     result.__dict__[EXAMPLE_ATTRIBUTE] = example_spec(inputs)
     return result
+
+
+def calls_from_graph(graph: torch.fx.Graph, model: nn.Module, owners: set[str]) -> dict[str, Call]:
+    """What each owner of one tensor input receives, read off the whole model's traced graph (the
+    shape and dtype torch.fx recorded for the one value its ops read from outside it): no run. An
+    owner called twice, or taking more than one value, is left out (its inputs are recorded)."""
+    modules = dict(model.named_modules())
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
+    regions: dict[str, list[torch.fx.Node]] = {o: [] for o in owners}
+    for n in graph.nodes:
+        for path, _ in (n.meta.get("nn_module_stack") or {}).values():
+            if path in regions:
+                regions[str(path)].append(n)
+    out: dict[str, Call] = {}
+    for owner, nodes in regions.items():
+        if not nodes or not _one_tensor_input(modules[owner]):
+            continue
+        inside = set(nodes)
+        outside = list(
+            dict.fromkeys(a for n in nodes for a in n.all_input_nodes if a not in inside and a.op != "get_attr")
+        )
+        info = outside[0].meta.get("resify") if len(outside) == 1 else None
+        if info is not None and hasattr(info, "shape"):
+            out[owner] = Call((torch.empty(info.shape, dtype=info.dtype, device=device),), {})
+    return out
+
+
+def _one_tensor_input(module: nn.Module) -> bool:
+    """True where forward takes one input (by position) and every other parameter has a default."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    P = inspect.Parameter
+    required = [p for p in params if p.default is P.empty and p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)]
+    return len(required) == 1 and required[0].kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)
 
 
 def _nested(owner: str, by_owner: dict[str, list[Site]]) -> list[str]:

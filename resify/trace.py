@@ -210,6 +210,7 @@ def trace(
     leaf_modules: LeafSpec = (),
     original: bool = False,
     warn: bool = True,
+    shapes: bool = True,
 ) -> Traced:
     """Trace ``model`` into a graph with a TensorInfo on every tensor node.
 
@@ -222,6 +223,8 @@ def trace(
         leaf_modules: module types or glob patterns on qualified names to keep whole.
         original: trace the class's forward even where resify installed one on the instance (to
             put shortcuts in it); by default a converted model is traced as it now computes.
+        shapes: record a TensorInfo on every node of a symbolic trace (what planning reads); an
+            owner traced to put planned sites in reads none, and skips the shape propagation.
         warn: warn (ResifyWarning) where the graph specialised on the example; planning, whose
             graph is not the result's, leaves the warning to the traces of the modules rewritten.
 
@@ -266,7 +269,7 @@ def trace(
         if inputs is None:
             inputs = derive_example_input(private, _first_called_module(private, graph))
             call = replace(call, values=(*inputs, *call.values[1:]))
-        shapes_from = record_shapes(private, graph, call.values)
+        shapes_from = record_shapes(private, graph, call.values) if shapes else "none"
     else:
         if inputs is None:
             try:
@@ -286,10 +289,10 @@ def trace(
         except TraceError:
             raise
         except Exception as e:
-            shapes = ", ".join(str(list(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
+            shown = ", ".join(str(list(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
             if raised_by_user(e) and "Proxy" not in str(e) and not isinstance(e, TypeError):  # its own check
                 raise TraceError(
-                    f"{name}'s forward raised {type(e).__name__}{user_frame(e)} on the example input {shapes}: "
+                    f"{name}'s forward raised {type(e).__name__}{user_frame(e)} on the example input {shown}: "
                     f"{first_line(e)}; pass an example_input that it accepts"
                 ) from e
             if _packs_sequences(model):
@@ -300,7 +303,7 @@ def trace(
                 ) from e
             raise TraceError(
                 f"could not trace {name}: symbolic tracing failed{where}{module_hint}: "
-                f"{first_line(symbolic_error)}; tracing on the example input {shapes} failed{user_frame(e)}"
+                f"{first_line(symbolic_error)}; tracing on the example input {shown} failed{user_frame(e)}"
                 f"{current_module(ctracer)}: {first_line(e)}; "
                 "try leaf_modules=[...] (CLI: --leaf) for the module named, or check the example input's shape"
                 + (
@@ -352,9 +355,9 @@ def _traced_with_shapes(
     first_keys, keys = node_keys(first, interned), node_keys(graph, interned)
     if list(first_keys.values()) == list(keys.values()):
         return None  # the same graph: forward's reads of self.training changed nothing
-    if tracer_used == "symbolic":
-        shapes = {k: n.meta["resify"] for n, k in first_keys.items() if n.meta.get("resify") is not None}
-        known = {n: shapes[k] for n, k in keys.items() if k in shapes}
+    if tracer_used == "symbolic" and any(n.meta.get("resify") is not None for n in first.nodes):
+        infos = {k: n.meta["resify"] for n, k in first_keys.items() if n.meta.get("resify") is not None}
+        known = {n: infos[k] for n, k in keys.items() if k in infos}
         record_shapes(private, graph, call.values, known if same_inputs else None)
     return graph
 
