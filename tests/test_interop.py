@@ -13,13 +13,24 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from reference import assert_every_parameter_has_grad
+from reference import ImprovedResidualNetwork, assert_every_parameter_has_grad
 
 import resify
 
+
 # (builder, example input shape): a CNN with pooled and strided projections, an MLP, a model
 # whose forward reads self.training (a DualGraphModule)
-MODELS = [(styles.small_cnn, (2, 3, 32, 32)), (styles.deep_mlp, (2, 8)), (styles.NoisyTrainer, (4, 8))]
+def seed_mlp():
+    """The seed guide's plain network: its shortcuts live in its blocks' forwards (owners layers.<i>)."""
+    return ImprovedResidualNetwork([8, 16, 16, 8, 4], False)
+
+
+MODELS = [
+    (styles.small_cnn, (2, 3, 32, 32)),
+    (styles.deep_mlp, (2, 8)),
+    (styles.NoisyTrainer, (4, 8)),
+    (seed_mlp, (2, 8)),
+]
 IDS = [b.__name__ for b, _ in MODELS]
 GATES = [
     {},
@@ -219,8 +230,9 @@ def _fsdp_worker(rank, world, path, out, policy):
     _init(rank, world, path)
     try:
         mesh = init_device_mesh("cpu", (world,))
-        with torch.device("meta"):
-            model = styles.deep_mlp(depth=4)
+        policy = dict(policy)
+        with torch.device("meta"):  # "seed": shortcuts in the blocks' forwards (owners layers.<i>)
+            model = seed_mlp() if policy.pop("_model", None) == "seed" else styles.deep_mlp(depth=4)
         model = resify.apply(model, torch.randn(2, 8), **policy)
         for m in model.modules():  # every layer the graph calls (the user's and resify's projections);
             if isinstance(m, nn.Linear):  # the gates and β go to the root's group (a Shortcut holder is
@@ -264,6 +276,18 @@ def test_fsdp2_shards_every_parameter_resify_adds(policy, tmp_path):
     if not hasattr(torch.distributed.fsdp, "fully_shard"):
         pytest.skip("FSDP2 (fully_shard) needs torch >= 2.6")
     a, b = _spawn(_fsdp_worker, tmp_path, policy)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert all(torch.isfinite(v).all() for v in a.values())
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
+def test_fsdp2_trains_a_model_whose_shortcuts_live_in_its_blocks(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6")
+    if not hasattr(torch.distributed.fsdp, "fully_shard"):
+        pytest.skip("FSDP2 (fully_shard) needs torch >= 2.6")
+    a, b = _spawn(_fsdp_worker, tmp_path, {"gate": "rezero", "gate_init": 0.1, "_model": "seed"})
+    assert any(".resify." in k for k in a)  # under the owners: layers.<i>.resify.0.*
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert all(torch.isfinite(v).all() for v in a.values())
