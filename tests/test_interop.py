@@ -103,7 +103,7 @@ def test_torchscript_and_torch_save(build, shape, tmp_path):
     torch.jit.save(scripted, buffer)
     buffer.seek(0)
     torch.testing.assert_close(torch.jit.load(buffer)(x), converted(x))
-    with pytest.raises(Exception):  # noqa: B017 - any error, as long as it does not script the original forward
+    with pytest.raises(Exception):  # any error, as long as it does not script the original forward
         torch.jit.script(converted)
     torch.save(converted, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
