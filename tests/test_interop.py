@@ -57,10 +57,24 @@ def test_torch_compile_runs_a_training_step(build, shape):
     converted.train()
     # aot_eager: Dynamo and AOTAutograd; inductor segfaults in this torch build on the backward of any
     # strided 1x1 convolution (a plain nn.Conv2d too), which is no fault of the converted model
+    with torch.no_grad():  # gates away from 0, so that every parameter's gradient is non-trivial
+        for name, p in converted.named_parameters():
+            if name.endswith("alpha"):
+                p.fill_(0.5)
     compiled = torch.compile(converted, backend="aot_eager")
-    out = compiled(_batch(shape, 3))
-    out.square().mean().backward()
+    x = _batch(shape, 3)
+    grads = []
+    for run in (converted, compiled):  # eager, then compiled, from the same random state
+        torch.manual_seed(7)
+        converted.zero_grad()
+        out = run(x)
+        out.square().mean().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in converted.named_parameters()}))
     assert_every_parameter_has_grad(converted)
+    (eager_out, eager_grads), (compiled_out, compiled_grads) = grads
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("build,shape", MODELS, ids=IDS)

@@ -181,3 +181,17 @@ def test_layerscale_on_convolutions_is_per_channel():
     assert converted.get_parameter("resify.6.gamma").shape == (32, 1, 1)
     converted(torch.randn(2, 3, 16, 16)).sum().backward()
     assert_every_parameter_has_grad(converted)
+
+
+def test_an_ungated_identity_shortcut_adds_the_spans_input_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 4)
+    converted = resify.apply(model, x, shortcut="identity", gate=None)
+    assert [(s.start, s.kind, s.gate) for s in resify.applied_plan(converted).sites] == [
+        ("0", "identity", None),
+        ("2", "identity", None),
+    ]
+    h = torch.relu(model[0](x)) + x  # x + F(x), nothing scaled
+    h = torch.relu(model[2](h)) + h
+    torch.testing.assert_close(converted(x), model[4](h), rtol=0, atol=0)

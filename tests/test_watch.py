@@ -10,6 +10,7 @@ processes) and torch.compile.
 import copy
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -27,7 +28,7 @@ from resify.errors import ResifyError, ResifyWarning
 #: relative tolerance between a watched step and gradient_flow (the same arithmetic; stacking
 #: small tensors may reorder a sum where torch uses more than one thread)
 REL = 1e-6
-FIGURES = ("mean_abs_grad", "grad_norm", "grad_to_weight", "input_grad_norm", "activation_rms")
+FIGURES = ("mean_abs_grad", "grad_norm", "grad_to_weight", "input_grad_norm", "activation_rms", "activation_similarity")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
@@ -144,7 +145,8 @@ def test_under_gradient_accumulation_each_backward_is_its_own_record():
     with resify.watch(model, every=1) as w:
         for x in xs:  # two micro-batches into one .grad, no optimizer step between
             model(x).square().mean().backward()
-    for record, ref in zip(w.history.records, refs):
+    assert len(w.history.records) == len(refs) == 2  # one record per backward, none dropped
+    for record, ref in zip(w.history.records, refs, strict=True):
         _assert_same_flow(record.flow, ref, where=f"micro-batch {record.step}")
 
 
@@ -474,3 +476,84 @@ def test_the_recorded_flow_is_judged_by_the_report_rules():
         reference.first_to_last,
     )
     assert flow.loss == "training loss (not seen)" and math.isnan(flow.loss_value)
+
+
+# ---------------------------------------------------------------------------------------------
+# a step that blows up: judged against the first recorded step
+
+
+def _relu_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def test_a_step_whose_loss_blows_up_is_exploding():
+    """Step 1's loss (the targets moved: the issue's 22,948 after a first step near 1) is 1e6× step 0's."""
+    model = _relu_mlp()
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    losses = []
+    with resify.watch(model, every=1) as w:
+        for step, target in enumerate((y, 1000 * y, y)):
+            loss = F.mse_loss(model(x), target)
+            losses.append(loss.item())
+            if step < 2:
+                w.record_loss(loss)  # before the backward (step 0) ...
+            loss.backward()
+            if step == 2:
+                w.record_loss(float("nan"))  # ... or after it; a loss that is not finite
+            model.zero_grad()
+    first, blown, bad = (r.flow for r in w.history.records)
+    assert (first.loss, first.verdict) == ("training loss", "healthy") and first.loss_value == pytest.approx(losses[0])
+    assert blown.loss_value == pytest.approx(losses[1]) and losses[1] / losses[0] > 100
+    found = re.fullmatch(r"the training loss (\S+) is (\S+)× step 0's \(> 100×\)", blown.reason)
+    assert blown.verdict == "exploding" and found, blown.reason
+    assert float(found.group(1)) == pytest.approx(losses[1], rel=5e-3)
+    assert float(found.group(2)) == pytest.approx(losses[1] / losses[0], rel=0.05)
+    assert blown.recommendation.startswith("lower the learning rate")
+    assert (bad.verdict, bad.reason) == ("exploding", "the training loss is nan")
+    assert str(w.verdicts).splitlines()[1].startswith("from step 1: exploding; the training loss")
+    with resify.watch(model, every=1) as unseen:  # no loss given: nothing is judged on it
+        F.mse_loss(model(x), 1000 * y).backward()
+    assert unseen.history.records[0].flow.loss == "training loss (not seen)"
+
+
+def test_a_step_whose_activations_blow_up_is_exploding():
+    """Inputs 1,000× larger at step 2: every layer's RMS 1,000× step 0's, though within the step all is in scale."""
+    model = _relu_mlp()
+    x = torch.randn(32, 8)
+    outputs = {}
+    hooks = [
+        model[i].register_forward_hook(lambda m, a, o, i=i: outputs.setdefault(i, []).append(o.detach()))
+        for i in (0, 2, 4)
+    ]
+    with resify.watch(model, every=2) as w:
+        for step in range(3):
+            model(x * (1000 if step == 2 else 1)).square().mean().backward()
+            model.zero_grad()
+    for h in hooks:
+        h.remove()
+    start, step2 = (r.flow for r in w.history.records)
+    assert start.verdict == "healthy"
+    growth = {i: outputs[i][2].pow(2).mean().sqrt().item() / outputs[i][0].pow(2).mean().sqrt().item() for i in outputs}
+    worst = max(growth, key=growth.__getitem__)
+    assert min(growth.values()) > 100  # measured: about 1,000× in each layer
+    assert step2.activation_growth == pytest.approx(start.activation_growth, rel=0.1)  # within the step: as before
+    found = re.fullmatch(
+        r"the activation RMS of '(\d)' is (\S+)× step 0's \(> 100×; 3 layer\(s\) past it\)", step2.reason
+    )
+    assert step2.verdict == "exploding" and found, step2.reason
+    assert found.group(1) == str(worst) and float(found.group(2).replace(",", "")) == pytest.approx(
+        growth[worst], rel=1e-3
+    )
+    assert {r.name: r.verdict for r in step2.layers} == {"0": "exploding", "2": "exploding", "4": "exploding"}
+    assert w.verdicts.changes[1].layers == ("0", "2", "4")
+
+
+def test_a_rezero_net_at_its_initial_gate_is_watched_as_gradient_flow_judges_it():
+    model = _rezero_mlp(gate_init=0.0)
+    x = torch.randn(8, 8)
+    reference = resify.gradient_flow(model, x, loss_fn=lambda out: out.square().mean())
+    with resify.watch(model, every=1) as w:
+        model(x).square().mean().backward()
+    _assert_same_flow(w.history.records[0].flow, reference, "rezero at 0")
+    assert reference.verdict == "healthy" and reference.reason.startswith("every branch gate is 0")
