@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Lint, format check, type check, then the tests: what CI runs after .ci/setup.sh (README: "Tests").
+# Lint, format check, type check, then the tests: what CI runs after .ci/setup.sh (CONTRIBUTING.md: "Checks").
 # The tests run from a copy of the work tree without resify/, so they import the installed package
 # (the wheel .ci/setup.sh installed), and the docstring examples run from it too (--pyargs resify).
 set -euo pipefail

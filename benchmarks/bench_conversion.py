@@ -4,11 +4,12 @@ For plain MLPs of 10, 100, 1,000 and 10,000 layers (Linear(64, 64) + ReLU, the s
 and for the torchvision classification zoo (``weights=None``, eval mode, one 3×224×224 image;
 299×299 for inception_v3), it times, alternately in one process, ``symbolic_trace(model)`` and
 ``resify.apply(model, x)`` and reports the ratio of their medians. ``apply`` does more than the
-trace: it copies the module tree (it never changes the user's model; the weights are copied on
-write), records every node's shape (by rules and on meta tensors, without computing), analyses
-the graph, plans, rewrites (creating and initialising the new projection layers) and generates the
-code; the tables split its time into those stages, and ``--profile N`` runs cProfile on the
-N-layer MLP.
+trace: it traces the model (a private copy of its module tree) and records every node's shape (by
+rules and on meta tensors, without computing), analyses the graph and plans, then installs the plan
+in a copy of the user's model (same class; it never changes the user's model, and the weights are
+copied on write): it traces each module that owns a shortcut again, creates and initialises the new
+projection layers, inserts the shortcuts and generates that module's forward. The tables split its
+time into those stages, and ``--profile N`` runs cProfile on the N-layer MLP.
 
 Run from the repository root::
 
@@ -43,11 +44,9 @@ import torch.nn as nn
 
 import resify
 from benchmarks.common import SeedMLP, machine, table
+from resify import api
 from resify import rewrite as rewrite_stage
-from resify.analyze import analyze
 from resify.constants import image_size
-from resify.planner import make_plan, reconcile_modes
-from resify.rewrite import rewrite
 from resify.trace import trace
 
 __all__ = ["Timing", "time_conversion", "stage_times", "mlp", "zoo_names", "main"]
@@ -91,7 +90,7 @@ def _clock(fn: Callable[[], object]) -> float:
 def time_conversion(name: str, model: nn.Module, x: torch.Tensor, reps: int = 3, budget_s: float = 20.0) -> Timing:
     """Median times of symbolic_trace and resify.apply, alternating; fewer reps once ``budget_s`` is spent."""
     traces, applies = [], []
-    results: list[torch.fx.GraphModule] = []
+    results: list[nn.Module] = []
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -102,7 +101,8 @@ def time_conversion(name: str, model: nn.Module, x: torch.Tensor, reps: int = 3,
             if time.perf_counter() - start > budget_s:
                 break
         shapes_from = trace(model, x).shapes_from
-    the_plan = results[0].meta["resify_plan"]
+    the_plan = resify.applied_plan(results[0])
+    assert the_plan is not None  # resify.apply's result always carries its plan
     results.clear()
     with warnings.catch_warnings(), _projections_on_meta():
         warnings.simplefilter("ignore")
@@ -126,37 +126,59 @@ def _projections_on_meta() -> Iterator[None]:
     """While active, apply makes its new projection layers on the meta device: no memory, no
     initialisation. Only for timing what the rest of apply costs; the results are not usable."""
     original = rewrite_stage._projection
-    rewrite_stage._projection = lambda site, factory: original(site, {**factory, "device": "meta"})
+    rewrite_stage._projection = lambda form, factory: original(form, {**factory, "device": "meta"})
     try:
         yield
     finally:
         rewrite_stage._projection = original
 
 
+#: The stages of ``resify.apply``, each the functions of ``resify.api`` that carry it out (``_prepare``
+#: calls the first three per traced unit; ``install`` traces each owner again, builds and inserts).
+STAGES: dict[str, tuple[str, ...]] = {
+    "trace": ("trace_units",),
+    "analyze": ("analyze",),
+    "plan": ("make_plan", "reconcile_modes", "choose_gates", "place", "merge", "check_patterns", "settle"),
+    "install": ("install",),
+}
+
+
+@contextlib.contextmanager
+def _stage_clocks(out: dict[str, float]) -> Iterator[None]:
+    """While active, the calls ``resify.api`` makes to each stage's functions add their seconds to ``out``."""
+    saved = {fn: getattr(api, fn) for fns in STAGES.values() for fn in fns if hasattr(api, fn)}
+
+    def clocked(stage: str, fn: Callable) -> Callable:
+        def run(*args: object, **kwargs: object) -> object:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                out[stage] += time.perf_counter() - t
+
+        return run
+
+    for stage, fns in STAGES.items():
+        out.setdefault(stage, 0.0)
+        for fn in fns:
+            if fn in saved:  # a stage function this version of resify.api calls
+                setattr(api, fn, clocked(stage, saved[fn]))
+    try:
+        yield
+    finally:
+        for fn, original in saved.items():
+            setattr(api, fn, original)
+
+
 def stage_times(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """Seconds of each stage of ``resify.apply``: trace (copy, trace, shapes), analyze, plan, rewrite."""
+    """Seconds of each stage of one ``resify.apply(model, x)`` (see ``STAGES``): trace (copy, trace,
+    shapes), analyze, plan (plan, choose the gates, place each site in its owner, merge, name),
+    install (copy the model, trace each owner again, build the new layers, insert the shortcuts,
+    generate the forwards)."""
     out: dict[str, float] = {}
-    box: dict = {}
     gc.collect()
-    t = time.perf_counter()
-    box["traced"] = trace(model, x)
-    out["trace"] = time.perf_counter() - t
-    other = box["traced"].other_mode()  # where forward reads self.training: the other mode's graph too
-    t = time.perf_counter()
-    box["analysis"] = analyze(box["traced"])
-    if other is not None:
-        box["other_analysis"] = analyze(other)
-    out["analyze"] = time.perf_counter() - t
-    t = time.perf_counter()
-    box["plan"] = make_plan(box["analysis"], resify.Policy.from_kwargs(), params_before=0)
-    if other is not None:
-        box["plan"] = reconcile_modes(
-            box["plan"], make_plan(box["other_analysis"], resify.Policy.from_kwargs()), box["traced"].training
-        )
-    out["plan"] = time.perf_counter() - t
-    t = time.perf_counter()
-    rewrite(box["traced"], box["plan"])
-    out["rewrite"] = time.perf_counter() - t
+    with _stage_clocks(out):
+        resify.apply(model, x)
     return out
 
 
@@ -232,8 +254,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "",
         "Times are medians of alternating runs in one process (garbage collected before each). "
         "Ratio = apply / symbolic_trace. Stage times (one run, ms) split `apply`: *trace* = module-tree "
-        "copy + tracing + shape recording, *rewrite* = new layers (with their initialisation), "
-        "graph surgery and code generation.",
+        "copy + tracing + shape recording, *plan* = planning, placing each site in the module that owns it "
+        "and naming it, *install* = the copy of the user's model, each owner traced again, the new layers "
+        "(with their initialisation), graph surgery and the owners' generated forwards.",
         "",
     ]
 
@@ -261,7 +284,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         del model
     head = ["layers", "symbolic_trace s", "resify.apply s", "ratio", "trace µs/layer", "apply µs/layer", "sites"]
     print("\n" + table(head, rows))
-    stage_head = ["layers", "trace (copy+trace+shapes)", "analyze", "plan", "rewrite (new layers, surgery, codegen)"]
+    stage_head = [
+        "layers",
+        "trace (copy+trace+shapes)",
+        "analyze",
+        "plan",
+        "install (copy, owner traces, new layers, codegen)",
+    ]
     print("\n" + table(stage_head, stage_rows))
     md += [
         "## Plain MLPs (Linear(64, 64) + ReLU per layer, input [2, 64])",
@@ -354,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "trace ms",
             "analyze ms",
             "plan ms",
-            "rewrite ms",
+            "install ms",
             "of which init ms",
         ]
         ratios = [z.ratio for z in zoo]

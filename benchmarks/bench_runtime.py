@@ -1,7 +1,7 @@
 """Runtime cost of a converted model: ``resify.apply(plain)`` against the same network written by hand.
 
 For a deep MLP and a VGG-style CNN it builds the plain network, converts it with
-``resify.apply(plain, x)`` (gate=None), and builds the hand-written residual equivalent (the seed
+``resify.apply(plain, x, gate=None)``, and builds the hand-written residual equivalent (the seed
 guide's ``ImprovedResidualNetwork`` pattern, ``use_shortcut=True``) with the converted model's
 weights, checks that both compute the same outputs, then times one training step (forward, a
 cross-entropy loss, backward) of each, alternating A B B A … in one process, after warm-up;
@@ -92,7 +92,7 @@ def make_mlp_pair(depth: int, width: int, batch: int, device: str) -> Pair:
     sizes = [width] * depth + [10]
     plain = SeedMLP(sizes, use_shortcut=False, act=nn.GELU).to(device)
     x = torch.randn(batch, width, device=device)
-    converted = resify.apply(plain, x)
+    converted = resify.apply(plain, x, gate=None)  # exactly x + F(x): the hand-written net's sum
     hand = SeedMLP(sizes, use_shortcut=True, act=nn.GELU).to(device)
     copy_shortcut_weights(converted, hand)
     pair = Pair(
@@ -108,7 +108,7 @@ def make_cnn_pair(channels: Sequence[int], per_stage: int, side: int, batch: int
     kw = dict(in_channels=3, classes=10, stages=tuple(channels), per_stage=per_stage, norm=True, input_size=side)
     plain = VGGNet(**kw).to(device)
     x = torch.randn(batch, 3, side, side, device=device)
-    converted = resify.apply(plain, x)
+    converted = resify.apply(plain, x, gate=None)
     hand = VGGNet(**kw, use_shortcut=True).to(device)
     copy_shortcut_weights(converted, hand)
     n = len(channels) * per_stage

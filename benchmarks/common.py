@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 
 import resify
+from resify.constants import NAMESPACE
+from resify.owners import qualified
 
 __all__ = [
     "ACTIVATIONS",
@@ -145,7 +147,7 @@ class VGGNet(nn.Module):
         return self.head(self.flatten(_seed_loop(self, x)))
 
 
-def copy_shortcut_weights(converted: torch.fx.GraphModule, hand: nn.Module) -> None:
+def copy_shortcut_weights(converted: nn.Module, hand: nn.Module) -> None:
     """Give ``hand`` (use_shortcut=True) the converted model's weights: layers by name, projections in order.
 
     Raises:
@@ -156,14 +158,14 @@ def copy_shortcut_weights(converted: torch.fx.GraphModule, hand: nn.Module) -> N
     for key in target:
         if key in state:
             target[key] = state[key].clone()
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     ours = [s for s in plan.sites if s.kind == "projection"]
     theirs = [p for p in list(getattr(hand, "projections", [])) if p is not None]
     prefixes = [f"projections.{i}" for i, p in enumerate(getattr(hand, "projections", [])) if p is not None]
     if len(ours) != len(theirs):
         raise ValueError(f"resify made {len(ours)} projection(s), the hand-written model has {len(theirs)}")
     for site, prefix in zip(ours, prefixes):
-        src = f"resify.{site.name}."
+        src = qualified(site.owner, f"{NAMESPACE}.{site.name}.")  # under its owner: <owner>.resify.<name>.
         keys = [k for k in state if k.startswith(src)]
         # resify's modules in their order (pool, proj, norm) = the hand-written Sequential's indices
         present = [

@@ -11,7 +11,9 @@ Networks (width 64; "depth" counts Linear layers, the last being the 10-way outp
 * ``resify``: ``resify.apply(plain, x, gate=None)``;
 * ``resify+rezero``: ``resify.apply(plain, x, gate='rezero')``;
 * ``hand``: the same class with ``use_shortcut=True``, written by hand (``x = act(linear(x)) + x``,
-  a Linear projection where the width changes: here only at the output layer).
+  a Linear projection where the width changes: here only at the output layer);
+* ``default``: ``resify.apply(plain, batch)``, the gate left to the default (``'auto'``: chosen site
+  by site from a forward of ``batch``, a training batch of ``EXAMPLE_BATCH`` examples).
 
 plus a VGG-style CNN of 21 conv layers (with and without BatchNorm) on the images, plain vs
 converted, and, with ``--big``, a 1,000-layer MLP converted with ``gate='rezero'``.
@@ -24,6 +26,7 @@ Run from the repository root::
     python -m benchmarks.efficacy_digits                 # the full sweep (about 25 min on 1 CPU thread; 45 with --big)
     python -m benchmarks.efficacy_digits --quick         # depth 8 and 32, 1 seed, 5 epochs (about 1 min)
     python -m benchmarks.efficacy_digits --big --only-big   # just the 1,000-layer row
+    python -m benchmarks.efficacy_digits --variants default --merge   # add one variant to the saved runs
 
 It prints plain tables, writes ``benchmarks/results/efficacy.md`` (and ``efficacy.json``) and the
 figure ``docs/efficacy_depth.png``.
@@ -65,13 +68,16 @@ __all__ = [
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLIT_SEED = 0
-VARIANTS = ("plain", "resify", "resify+rezero", "hand")
+VARIANTS = ("plain", "resify", "resify+rezero", "hand", "default")
 _LABEL = {
     "plain": "plain",
     "resify": "resify gate=None",
     "resify+rezero": "resify gate='rezero'",
     "hand": "hand-written",
+    "default": "resify default",
 }
+#: the example the default variant is converted with: a training batch (gate='auto' measures on it)
+EXAMPLE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -136,19 +142,31 @@ def build(variant: str, depth: int, act: str, seed: int, example: torch.Tensor, 
         hand = SeedMLP(sizes, use_shortcut=True, act=ACTIVATIONS[act])
         hand.load_state_dict(plain.state_dict(), strict=False)  # identical layers, its own projection
         return hand
-    gate = {"resify": None, "resify+rezero": "rezero"}[variant]
     torch.manual_seed(seed + 10_000)
-    return resify.apply(plain, example, gate=gate)
+    return _converted(plain, example, variant)
+
+
+def _converted(plain: nn.Module, example: torch.Tensor, variant: str) -> nn.Module:
+    """``plain`` converted as ``variant`` says: gate=None, gate='rezero', or the default policy."""
+    if variant == "default":
+        return resify.apply(plain, example)
+    return resify.apply(plain, example, gate={"resify": None, "resify+rezero": "rezero"}[variant])
+
+
+def example_for(variant: str, x: torch.Tensor) -> torch.Tensor:
+    """The example a variant is converted with: a training batch for the default (its gates are
+    measured on it), two examples for the others (only the shapes matter there)."""
+    return x[:EXAMPLE_BATCH] if variant == "default" else x[:2]
 
 
 def build_cnn(variant: str, seed: int, norm: bool, example: torch.Tensor) -> nn.Module:
-    """The 21-conv VGG-style net (plain) or its conversion (``resify`` / ``resify+rezero``)."""
+    """The 21-conv VGG-style net (plain) or its conversion (``resify`` / ``resify+rezero`` / ``default``)."""
     torch.manual_seed(seed)
     plain = VGGNet(in_channels=1, classes=10, norm=norm)
     if variant == "plain":
         return plain
     torch.manual_seed(seed + 10_000)
-    return resify.apply(plain, _image(example), gate={"resify": None, "resify+rezero": "rezero"}[variant])
+    return _converted(plain, _image(example), variant)
 
 
 @torch.no_grad()
@@ -267,7 +285,7 @@ def run_mlp(
     depth: int, act: str, variant: str, seed: int, epochs: int, data: Digits, plain_grad: float | None = None
 ) -> Run:
     """Build, measure the first-layer gradient, train and test one MLP."""
-    net = build(variant, depth, act, seed, data.x_train[:2])
+    net = build(variant, depth, act, seed, example_for(variant, data.x_train))
     return _one("mlp", act, depth, variant, seed, epochs, data, net, plain_grad, lambda x: x)
 
 
@@ -275,7 +293,7 @@ def run_cnn(
     variant: str, seed: int, epochs: int, data: Digits, norm: bool = True, plain_grad: float | None = None
 ) -> Run:
     """Build, measure, train and test the 21-conv VGG-style net (``variant``: plain/resify/resify+rezero)."""
-    net = build_cnn(variant, seed, norm, data.x_train[:2])
+    net = build_cnn(variant, seed, norm, example_for(variant, data.x_train))
     return _one("cnn" if norm else "cnn-nobn", "relu", 21, variant, seed, epochs, data, net, plain_grad, _image)
 
 
@@ -383,7 +401,7 @@ def cnn_table(runs: Sequence[Run], markdown: bool = False) -> str:
         if not rs:
             continue
         row: list[object] = [label]
-        for v in ("plain", "resify", "resify+rezero"):
+        for v in CNN_VARIANTS:
             vs = [r for r in rs if r.variant == v]
             cell = _mean_std([r.accuracy for r in vs])
             if vs and v != "plain":
@@ -391,7 +409,11 @@ def cnn_table(runs: Sequence[Run], markdown: bool = False) -> str:
                 cell += f" (grad ×{'0' if zero else _fmt_ratio([r.grad_ratio for r in vs])})"
             row.append(cell)
         rows.append(row)
-    return table(["VGG-style CNN", "plain", "resify gate=None", "resify gate='rezero'"], rows, markdown)
+    return table(["VGG-style CNN", *[_LABEL[v] for v in CNN_VARIANTS]], rows, markdown)
+
+
+#: the CNN's variants (no hand-written CNN)
+CNN_VARIANTS = ("plain", "resify", "resify+rezero", "default")
 
 
 def big_table(runs: Sequence[Run], markdown: bool = False) -> str:
@@ -429,6 +451,7 @@ def figure(runs: Sequence[Run], path: str) -> None:
         "resify": ("#1f77b4", "s", "-"),
         "resify+rezero": ("#2ca02c", "^", "-"),
         "hand": ("#d62728", "x", "--"),
+        "default": ("#9467bd", "D", ":"),
     }
     for ax, act in zip(axes[0], acts):
         for v in VARIANTS:
@@ -494,7 +517,9 @@ def write_markdown(runs: Sequence[Run], path: str, commands: Sequence[str], mach
         "Variants: **plain** (the seed's `ImprovedResidualNetwork` pattern, `use_shortcut=False`), "
         "**resify gate=None** (`resify.apply(plain, x)`), **resify gate='rezero'**, "
         "**hand-written** (`use_shortcut=True`: `x = act(linear(x)) + x`; the 64→10 output layer is "
-        "linear and gets no shortcut, as resify adds none there).",
+        "linear and gets no shortcut, as resify adds none there), **resify default** (`resify.apply(plain, "
+        f"batch)`: the gate left to the default, `'auto'`, chosen site by site from a forward of `batch`, "
+        f"the first {EXAMPLE_BATCH} training examples).",
         "",
     ]
     if mlp:
@@ -545,6 +570,38 @@ def write_markdown(runs: Sequence[Run], path: str, commands: Sequence[str], mach
         f.write("\n".join(parts))
 
 
+def default_targets(runs: Sequence[Run]) -> list[str]:
+    """Per network: the default's mean accuracy against the best of gate=None, gate='rezero' and the
+    hand-written net (within 1 point?) and against the plain net (not more than 1 point below?)."""
+    lines, worst = [], []
+    keys = dict.fromkeys((r.model, r.act, r.depth) for r in runs if r.variant == "default" and r.model != "mlp-big")
+    for model, act, depth in keys:
+        mean = {
+            v: statistics.fmean(rs)
+            if (rs := [r.accuracy for r in _group(runs, model=model, act=act, depth=depth, variant=v)])
+            else None
+            for v in VARIANTS
+        }
+        others = {v: m for v, m in mean.items() if v in ("resify", "resify+rezero", "hand") and m is not None}
+        if mean["default"] is None or not others:
+            continue
+        best = max(others, key=lambda v: others[v])
+        gap, over_plain = mean["default"] - others[best], mean["default"] - (mean["plain"] or 0.0)
+        worst.append((gap, f"{model} {act} depth {depth}"))
+        ok = gap >= -0.01 and over_plain >= -0.01
+        lines.append(
+            f"- default, {model} {act} depth {depth}: {100 * mean['default']:.1f}%; best of the others "
+            f"{100 * others[best]:.1f}% ({_LABEL[best]}), {100 * gap:+.1f} points; plain {100 * (mean['plain'] or 0):.1f}% "
+            f"({'met' if ok else 'missed'})"
+        )
+    if worst:
+        gap, where = min(worst)
+        lines.append(
+            f"- default: the largest shortfall against the best of the others is {100 * gap:+.1f} points ({where})"
+        )
+    return lines
+
+
 def _targets(runs: Sequence[Run]) -> list[str]:
     lines = []
     for act in dict.fromkeys(r.act for r in runs if r.model == "mlp"):
@@ -589,6 +646,7 @@ def _targets(runs: Sequence[Run]) -> list[str]:
             "- resify gate=None and the hand-written network agree within 2 standard errors "
             "(+0.5 point) at every depth and activation"
         )
+    lines += default_targets(runs)
     big = _group(runs, model="mlp-big", variant="resify+rezero")
     if big:
         acc = statistics.fmean(r.accuracy for r in big)
@@ -613,6 +671,12 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     p.add_argument("--big-depth", type=int, default=1000)
     p.add_argument("--only-big", action="store_true", help="with --big: skip the sweep and the CNN")
     p.add_argument("--only-cnn", action="store_true", help="train the CNNs only; their rows replace the saved ones")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="train only --variants (the plain nets' first-layer gradient read from the saved runs) and merge "
+        "their rows into the saved .json, in place of the saved rows of the same network, variant and seed",
+    )
     p.add_argument(
         "--quick", action="store_true", help="smoke run: depths 8 32, seed 0, 5 epochs, no CNN, writes nothing"
     )
@@ -645,6 +709,20 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     data = load_data()
     runs: list[Run] = []
     start = time.perf_counter()
+    saved_runs: list[Run] = []
+    if args.merge:
+        with open(json_path) as f:
+            saved_merge = json.load(f)
+        saved_runs = [Run(**r) for r in saved_merge["runs"]]
+
+    def plain_first_grad(model: str, act: str, depth: int, seed: int) -> float | None:
+        """The saved plain net's first-layer gradient (``--merge``: the plain nets are not trained again)."""
+        found = [
+            r.first_grad
+            for r in saved_runs
+            if (r.model, r.act, r.depth, r.seed, r.variant) == (model, act, depth, seed, "plain")
+        ]
+        return found[0] if found else None
 
     def log(r: Run) -> None:
         runs.append(r)
@@ -659,8 +737,9 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
         for act in args.activations:
             for depth in args.depths:
                 for seed in args.seeds:
-                    plain_grad = None
-                    for v in ["plain", *[v for v in args.variants if v != "plain"]]:
+                    plain_grad = plain_first_grad("mlp", act, depth, seed) if args.merge else None
+                    first = [] if args.merge else ["plain"]
+                    for v in [*first, *[v for v in args.variants if v != "plain"]]:
                         r = run_mlp(depth, act, v, seed, args.epochs, data, plain_grad)
                         plain_grad = r.first_grad if v == "plain" else plain_grad
                         if v in args.variants:
@@ -668,8 +747,10 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
     if not args.only_big and not args.no_cnn:
         for norm in (True, False):
             for seed in args.seeds:
-                plain_grad = None
-                for v in ("plain", "resify", "resify+rezero"):
+                kind = "cnn" if norm else "cnn-nobn"
+                plain_grad = plain_first_grad(kind, "relu", 21, seed) if args.merge else None
+                first = [] if args.merge else ["plain"]
+                for v in [*first, *[v for v in CNN_VARIANTS[1:] if v in args.variants]]:
                     r = run_cnn(v, seed, args.epochs, data, norm, plain_grad)
                     plain_grad = r.first_grad if v == "plain" else plain_grad
                     log(r)
@@ -688,6 +769,12 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
         runs[:0] = [Run(**r) for r in saved["runs"] if r["model"] != "mlp-big"]
         commands = [c for c in saved["commands"] if "--only-big" not in c] + commands
         seconds += saved["seconds"]
+    if args.merge:  # the saved runs, those trained again replaced by the new ones
+        key = lambda r: (r.model, r.act, r.depth, r.variant, r.seed)
+        new = {key(r) for r in runs}
+        runs[:0] = [r for r in saved_runs if key(r) not in new]
+        commands = saved_merge["commands"] + commands
+        seconds += saved_merge["seconds"]
     if args.only_cnn and not args.no_write and os.path.exists(json_path):
         with open(json_path) as f:  # keep the MLP rows of the last run, replace the CNN rows
             saved = json.load(f)
@@ -724,9 +811,10 @@ def rejudge(runs: list[Run]) -> list[Run]:
     out = []
     for r in runs:
         if r.model in ("mlp", "mlp-big"):
-            net, x = build(r.variant, r.depth, r.act, r.seed, data.x_train[:2]), data.x_train
+            net, x = build(r.variant, r.depth, r.act, r.seed, example_for(r.variant, data.x_train)), data.x_train
         else:
-            net, x = build_cnn(r.variant, r.seed, r.model == "cnn", data.x_train[:2]), _image(data.x_train)
+            net = build_cnn(r.variant, r.seed, r.model == "cnn", example_for(r.variant, data.x_train))
+            x = _image(data.x_train)
         probe = first_layer_grad(net, x, data.y_train)
         if probe.first_grad != r.first_grad and not math.isclose(probe.first_grad, r.first_grad, rel_tol=1e-3):
             raise SystemExit(

@@ -14,11 +14,12 @@ Networks (width 64, no dropout):
   post-norm blocks ``x = LN1(MHA(x)); x = LN2(FF2(relu(FF1(x))))`` (4 heads, FF width 128), then the
   mean over the steps and ``Linear(64, 10)``.
 
-Each as ``plain`` (``use_shortcut=False``), ``resify`` (``resify.apply(plain, x)``),
+Each as ``plain`` (``use_shortcut=False``), ``resify`` (``resify.apply(plain, x, gate=None)``),
 ``resify+rezero`` (``gate='rezero'``) and ``hand`` (the same class with ``use_shortcut=True``:
 ``x = x + lstm(x)[0]``; ``x = x + LN1(MHA(x))``, ``x = x + LN2(FF(x))``, the placement resify
-uses). Before training, each configuration checks that resify planned exactly those shortcuts and
-that ``resify.apply(plain)``, with the hand-written net's weights, computes the hand-written net's
+uses), and ``default`` (``resify.apply(plain, batch)``, the gate left to the default, ``'auto'``,
+measured on a training batch). Before training, each configuration checks that resify planned
+exactly those shortcuts and that ``resify.apply(plain, gate=None)``, with the hand-written net's weights, computes the hand-written net's
 outputs and gradients. At initialisation it records ``resify.gradient_flow``'s verdict and the
 first-layer gradient gain ``resify.compare(flow(plain), flow(variant)).first_layer_ratio``; at
 initialisation and after training, the spread of the head's input over the test set (a net that
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 
 import resify
 from benchmarks.common import copy_shortcut_weights, machine, table
-from benchmarks.efficacy_digits import SPLIT_SEED, Digits, _mean_std, accuracy, load_data, train
+from benchmarks.efficacy_digits import EXAMPLE_BATCH, SPLIT_SEED, Digits, _mean_std, accuracy, load_data, train
 
 __all__ = [
     "LSTMStack",
@@ -71,8 +72,9 @@ __all__ = [
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, FEATURES, WIDTH, CLASSES = 8, 8, 64, 10
-VARIANTS = ("plain", "resify", "resify+rezero", "hand")
+VARIANTS = ("plain", "resify", "resify+rezero", "hand", "default")
 _LABEL = {
+    "default": "resify default",
     "plain": "plain",
     "resify": "resify gate=None",
     "resify+rezero": "resify gate='rezero'",
@@ -199,6 +201,8 @@ def build(model: str, variant: str, depth: int, seed: int, example: torch.Tensor
         hand = NETS[model](depth, use_shortcut=True)
         hand.load_state_dict(plain.state_dict())  # strict: the same parameters, the same weights
         return hand
+    if variant == "default":  # the gate left to the default ('auto': measured on ``example``)
+        return resify.apply(plain, example)
     return resify.apply(plain, example, gate=_GATE[variant])
 
 
@@ -219,11 +223,11 @@ def check_equivalence(model: str, depth: int, data: Digits, seed: int = 0) -> Eq
     x, y = as_sequences(data.x_test), data.y_test
     torch.manual_seed(seed)
     plain = NETS[model](depth, use_shortcut=False)
-    converted = resify.apply(plain, x[:2])
+    converted = resify.apply(plain, x[:2], gate=None)  # the hand-written nets have no gates
     torch.manual_seed(seed + 1)  # other weights, so that only the copy can make the two agree
     hand = NETS[model](depth, use_shortcut=True)
     copy_shortcut_weights(converted, hand)
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     found = [(s.start, s.end, s.kind) for s in plan.sites]
     want = [(a, b, "identity") for a, b in expected_sites(model, depth)]
     if found != want:
@@ -268,6 +272,12 @@ def head_spread(model: nn.Module, x: torch.Tensor) -> float:
     return h.std(0).mean().item() / rms if rms > 0 else 0.0
 
 
+def example_for(variant: str, x: torch.Tensor) -> torch.Tensor:
+    """The example a variant is converted with: a training batch for the default (its gates are
+    measured on it, see ``benchmarks.efficacy_digits.EXAMPLE_BATCH``), two sequences for the others."""
+    return x[:EXAMPLE_BATCH] if variant == "default" else x[:2]
+
+
 def run_one(
     model: str,
     depth: int,
@@ -279,7 +289,7 @@ def run_one(
 ) -> tuple[SeqRun, resify.GradientFlow]:
     """Build, measure the gradient flow at init, train and test one network; returns its run and its flow."""
     xtr, xte = as_sequences(data.x_train), as_sequences(data.x_test)
-    net = build(model, variant, depth, seed, xtr[:2])
+    net = build(model, variant, depth, seed, example_for(variant, xtr))
     flow = resify.gradient_flow(net, xtr, target=data.y_train)
     ratio = None if variant == "plain" or plain_flow is None else resify.compare(plain_flow, flow).first_layer_ratio
     first = flow.layer("inp").mean_abs_grad or 0.0
@@ -337,6 +347,29 @@ def accuracy_table(runs: Sequence[SeqRun], markdown: bool = False) -> str:
             row.append(cell)
         rows.append(row)
     return table(["model", "depth", *[_LABEL[v] for v in VARIANTS]], rows, markdown)
+
+
+def default_lines(runs: Sequence[SeqRun]) -> list[str]:
+    """Per network: the default's mean accuracy against the best of gate=None, gate='rezero' and the
+    hand-written net (within 1 point?) and against the plain net (not more than 1 point below?)."""
+    lines = []
+    for model, depth in _configs(runs):
+        mean = {}
+        for v in VARIANTS:
+            rs = [r.accuracy for r in _group(runs, model=model, depth=depth, variant=v)]
+            mean[v] = statistics.fmean(rs) if rs else None
+        others = {v: m for v, m in mean.items() if v in ("resify", "resify+rezero", "hand") and m is not None}
+        default, plain = mean["default"], mean["plain"]
+        if default is None or not others or plain is None:
+            continue
+        best = max(others, key=lambda v: others[v])
+        ok = default >= others[best] - 0.01 and default >= plain - 0.01
+        lines.append(
+            f"- {_TITLE[model]} depth {depth}: default {100 * default:.1f}%, best of the others "
+            f"{100 * others[best]:.1f}% ({_LABEL[best]}, {100 * (default - others[best]):+.1f} points), plain "
+            f"{100 * plain:.1f}%: {'met' if ok else 'missed'}"
+        )
+    return lines
 
 
 def grad_table(runs: Sequence[SeqRun], markdown: bool = False) -> str:
@@ -414,17 +447,24 @@ def write_markdown(
         "blocks `x = LN1(MHA(x)); x = LN2(FF2(relu(FF1(x))))` (`nn.MultiheadAttention`, 4 heads; FF "
         "width 128), mean over the steps, `Linear(64, 10)`.",
         "",
-        "Variants: **plain**; **resify gate=None** (`resify.apply(plain, x)`); **resify gate='rezero'**; "
+        "Variants: **plain**; **resify gate=None** (`resify.apply(plain, x, gate=None)`); **resify gate='rezero'**; "
         "**hand-written** (the same class with `use_shortcut=True`: `x = x + lstm(x)[0]`; "
-        "`x = x + LN1(MHA(x))`, `x = x + LN2(FF(x))`). All four start from the same weights.",
+        "`x = x + LN1(MHA(x))`, `x = x + LN2(FF(x))`); **resify default** (`resify.apply(plain, batch)`: the "
+        "gate left to the default, `'auto'`, chosen site by site from a forward of `batch`, the first "
+        f"{EXAMPLE_BATCH} training sequences). All start from the same weights.",
         "",
         f"## Test accuracy % (mean ± std over {_n_seeds(runs)} seeds)",
         "",
         accuracy_table(runs, markdown=True),
         "",
+        *(
+            ["The default against the best of the others (within 1 point) and the plain net:", "", *lines, ""]
+            if (lines := default_lines(runs))
+            else []
+        ),
         "## resify against the hand-written residual net",
         "",
-        "Before training, for each configuration: `resify.apply(plain, x)` (seed 0), the hand-written "
+        "Before training, for each configuration: `resify.apply(plain, x, gate=None)` (seed 0), the hand-written "
         "net given its weights (`benchmarks.common.copy_shortcut_weights`; drawn from another seed "
         "before), the plan checked to be exactly the hand-written net's shortcuts (every LSTM; every "
         "block's attention and feed-forward sub-layer, each with its norm inside the branch), and "
@@ -475,6 +515,13 @@ def main(argv: Sequence[str] | None = None) -> list[SeqRun]:
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "efficacy-sequences.md"))
     p.add_argument("--no-write", action="store_true", help="print only; write no files")
     p.add_argument("--replot", action="store_true", help="rewrite the Markdown from the saved .json")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="train only --variants (the plain nets measured at initialisation, not trained) and merge their "
+        "rows into the saved .json, in place of the saved rows of the same network, variant and seed",
+    )
     args = p.parse_args(argv)
     json_path = os.path.splitext(args.results)[0] + ".json"
     if args.replot:
@@ -503,7 +550,12 @@ def main(argv: Sequence[str] | None = None) -> list[SeqRun]:
             )
             for seed in args.seeds:
                 plain_flow = None
-                for v in VARIANTS:
+                if args.merge:  # the plain net's flow at initialisation, for the gain; not trained again
+                    xtr = as_sequences(data.x_train)
+                    plain_flow = resify.gradient_flow(
+                        build(model, "plain", depth, seed, xtr[:2]), xtr, target=data.y_train
+                    )
+                for v in [v for v in VARIANTS if v in args.variants and not (args.merge and v == "plain")]:
                     r, flow = run_one(model, depth, v, seed, args.epochs, data, plain_flow)
                     plain_flow = flow if v == "plain" else plain_flow
                     runs.append(r)
@@ -516,21 +568,30 @@ def main(argv: Sequence[str] | None = None) -> list[SeqRun]:
                     )
     seconds = time.perf_counter() - start
     command = "python -m benchmarks.efficacy_sequences " + " ".join(sys.argv[1:] if argv is None else argv)
+    commands = [command.strip()]
+    if args.merge:  # the saved runs, those trained again replaced by the new ones
+        with open(json_path) as f:
+            saved = json.load(f)
+        key = lambda r: (r.model, r.depth, r.variant, r.seed)
+        new = {key(r) for r in runs}
+        runs[:0] = [r for r in (SeqRun(**d) for d in saved["runs"]) if key(r) not in new]
+        commands, seconds = saved["commands"] + commands, saved["seconds"] + seconds
     print()
     print(machine())
     print(f"{seconds / 60:.1f} min in all\n")
     print("Test accuracy % (mean ± std over seeds)\n\n" + accuracy_table(runs))
+    print("\n".join(["", *default_lines(runs)]))
     print("\nresify.apply(plain) against the hand-written net, same weights\n\n" + equivalence_table(checks))
     print("\nFirst-layer gradient gain at init, variant / plain (verdict)\n\n" + grad_table(runs))
     print("\nSpread of the head's input over the test set, at init -> after training\n\n" + spread_table(runs))
     if not args.no_write:
         os.makedirs(os.path.dirname(args.results), exist_ok=True)
-        write_markdown(runs, checks, args.results, [command.strip()], machine(), seconds)
+        write_markdown(runs, checks, args.results, commands, machine(), seconds)
         with open(json_path, "w") as f:
             json.dump(
                 {
                     "machine": machine(),
-                    "commands": [command.strip()],
+                    "commands": commands,
                     "seconds": seconds,
                     "checks": [asdict(c) for c in checks],
                     "runs": [asdict(r) for r in runs],

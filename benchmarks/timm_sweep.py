@@ -237,7 +237,7 @@ def check_timm(
             tb()
             failures.append(f"{policy}: conversion raises {_first_line(e)}")
     if "default" in converted:
-        plan = converted["default"].meta["resify_plan"]
+        plan = resify.applied_plan(converted["default"])
         row.update(sites=len(plan.sites), existing=len(plan.existing), added=plan.added_params)
 
     # check each conversion
@@ -290,8 +290,8 @@ def check_timm(
 
 
 # --------------------------------------------------------------------------------- child processes
-def _child(name: str, conn: Any, max_params: int, build_limit: float) -> None:
-    torch.set_num_threads(2)
+def _child(name: str, conn: Any, max_params: int, build_limit: float, threads: int = 2) -> None:
+    torch.set_num_threads(threads)
     try:
         row = check_timm(name, max_params, build_limit, phase=lambda p: conn.send(("phase", p)))
     except BaseException as e:
@@ -313,12 +313,12 @@ def _context() -> Any:
     return _CTX
 
 
-def run_isolated(name: str, max_params: int, build_limit: float, timeout: float) -> dict[str, Any]:
+def run_isolated(name: str, max_params: int, build_limit: float, timeout: float, threads: int = 2) -> dict[str, Any]:
     """check_timm in a forked child, stopped after ``timeout`` s (or ``build_limit`` s of building)."""
     ctx = _context()
     parent, child = ctx.Pipe(duplex=False)
     t0 = time.perf_counter()
-    proc = ctx.Process(target=_child, args=(name, child, max_params, build_limit), daemon=True)
+    proc = ctx.Process(target=_child, args=(name, child, max_params, build_limit, threads), daemon=True)
     proc.start()
     child.close()
     phase, phase_t, row = "start", t0, None
@@ -461,10 +461,16 @@ def main() -> int:
         "--build-limit", type=float, default=BUILD_LIMIT_S, help="skip a model whose build takes longer (s)"
     )
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="stop one model's whole check after this (s)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (default 2; on a machine others share, 1 can be many times faster)",
+    )
     parser.add_argument("--in-process", action="store_true", help="no child processes (no time-out); for debugging")
     parser.add_argument("--traceback", action="store_true", help="print tracebacks of failures (with --in-process)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     names = select_models(args.models, args.every, args.limit)
     command = "python -m benchmarks.timm_sweep" + "".join(f" {a}" for a in sys.argv[1:])
     header = (
@@ -480,7 +486,7 @@ def main() -> int:
         if args.in_process:
             row = check_timm(name, int(args.max_params), args.build_limit, show_traceback=args.traceback)
         else:
-            row = run_isolated(name, int(args.max_params), args.build_limit, args.timeout)
+            row = run_isolated(name, int(args.max_params), args.build_limit, args.timeout, args.threads)
         rows.append(row)
         rel = "" if row.get("max_rel") is None else f"{row['max_rel']:.1e}"
         params = "" if row.get("params") is None else f"{row['params'] / 1e6:.1f}M"

@@ -22,7 +22,7 @@ import warnings
 import torch
 
 import resify
-from resify.constants import image_size
+from resify.constants import NAMESPACE, image_size
 
 
 def shape_mismatches(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, list[str]]:
@@ -59,7 +59,7 @@ def check_model(name: str, preserve_output: bool = False, device: str = "cpu", *
         row.update(status="refused", reason=str(e))
         return row
     row["seconds"] = time.perf_counter() - t0
-    plan = converted.meta["resify_plan"]
+    plan = resify.applied_plan(converted)
     counts = plan.counts()
     row.update(
         status="converted",
@@ -84,7 +84,8 @@ def check_model(name: str, preserve_output: bool = False, device: str = "cpu", *
     out.sum().backward()
     names = dict(converted.named_parameters())
     missing = [n for n in reached if n in names and names[n].grad is None]
-    missing += [n for n, p in names.items() if n.startswith("resify.") and p.grad is None]
+    # resify's parameters live under each owner: <owner>.resify.<site>.* (the root's: resify.<site>.*)
+    missing += [n for n, p in names.items() if f".{NAMESPACE}." in f".{n}" and p.grad is None]
     row["missing_grads"] = missing
     row["off_device"] = [n for n, t in [*names.items(), *converted.named_buffers()] if t.device != x.device]
     row["shapes_from"], row["shape_mismatches"] = shape_mismatches(model, x)

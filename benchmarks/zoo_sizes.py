@@ -353,8 +353,14 @@ def main() -> int:
         default=Path(__file__).resolve().parent / "results" / "zoo-sizes.md",
         help="the Markdown results file (default: benchmarks/results/zoo-sizes.md)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (default 2; on a machine others share, 1 can be many times faster)",
+    )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     command = "python -m benchmarks.zoo_sizes" + "".join(f" {a}" for a in sys.argv[1:])
     print(

@@ -48,7 +48,7 @@ plain = nn.Sequential(*layers, nn.Linear(WIDTH, 10))
 
 # the same network with a shortcut around every layer (plain is not changed)
 converted = resify.apply(plain, x_train[:2], gate="rezero")
-print(converted.meta["resify_plan"].summary())
+print(resify.applied_plan(converted).summary())
 print("gradient flow, plain:    ", resify.gradient_flow(plain, x_train, target=y_train).summary())
 print("gradient flow, converted:", resify.gradient_flow(converted, x_train, target=y_train).summary())
 

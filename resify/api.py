@@ -16,6 +16,7 @@ from torch import nn
 from .analyze import analyze
 from .calls import Call
 from .errors import PlanError, ResifyWarning, RewriteError
+from .gating import choose_gates
 from .inputs import as_inputs
 from .install import install
 from .owners import merge, place, settle
@@ -100,6 +101,7 @@ def _prepare(
         if other is not None:  # forward reads self.training: plan both graphs, keep what they share
             theirs = make_plan(analyze(other), pol, params_before=params, prefix=unit.path)
             part = reconcile_modes(part, theirs, unit.traced.training)
+        part = choose_gates(part, unit.traced, analysis)  # gate='auto': measured on the example's forward
         parts.append(place(part, analysis, unit.path))
     the_plan = merge(type(model).__name__, parts, whole, pol, params)
     if whole:
@@ -137,11 +139,14 @@ def plan(
             * ``include`` / ``exclude``: glob patterns (a string or a list) on the layers'
               qualified module names, e.g. ``exclude="classifier.*"``; an ``include`` that matches
               no layer raises PlanError.
-            * ``gate``: ``None`` (default: exactly ``x + F(x)``), ``'rezero'`` (``x + α·F(x)``, one
-              learnable scalar per site) or ``'layerscale'`` (a learnable γ per channel); the gate
-              scales the layer branch, never the shortcut. Not with ``shortcut='dense'``.
-            * ``gate_init``: the gate's initial value (default 0 for rezero, 1e-4 for layerscale);
-              only with a ``gate``.
+            * ``gate``: ``'auto'`` (default: chosen site by site from the branch and a forward of
+              the example, see :mod:`resify.gating`; each site's ``gate`` and ``gate_reason`` say
+              what was built and why), ``None`` (exactly ``x + F(x)``), ``'rezero'``
+              (``x + α·F(x)``, one learnable scalar per site) or ``'layerscale'`` (a learnable γ per
+              channel); the gate scales the layer branch, never the shortcut. ``'rezero'`` and
+              ``'layerscale'`` not with ``shortcut='dense'``.
+            * ``gate_init``: the gate's initial value (default 0 for rezero and the gates auto
+              chooses, 1e-4 for layerscale); not with ``gate=None``.
             * ``preserve_output``: ``True`` multiplies every shortcut by a learnable β that starts
               at 0 (and starts the gate at 1), so the converted model computes exactly what
               ``model`` does until training moves β (default ``False``).

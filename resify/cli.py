@@ -39,7 +39,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: --gate's choices: the library's GATES, with None ("no gate") spelt "none".
+#: --gate's choices: the library's GATE_POLICIES, with None ("no gate") spelt "none".
 _DEBUG = "resify.debug"  # key in click's ctx.meta, which a group and its subcommand share
 
 

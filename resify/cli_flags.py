@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .constants import GATES, MAX_ADDED, PROJECTION_COST, PROJECTIONS, SHORTCUTS
+from .constants import GATE_POLICIES, MAX_ADDED, PROJECTION_COST, PROJECTIONS, SHORTCUTS
 from .loading import DTYPES
 from .policy import Policy
 from .report.records import GradientFlow
@@ -23,7 +23,7 @@ __all__ = ["policy_options", "policy_from_flags", "advice_text", "POLICY_FLAG_NA
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_GATE_CHOICES = ["none" if gate is None else gate for gate in GATES]
+_GATE_CHOICES = ["none" if gate is None else gate for gate in GATE_POLICIES]
 
 
 class _Limit(click.ParamType):
@@ -102,15 +102,15 @@ def policy_options(f: F) -> F:
         click.option(
             "--gate",
             type=click.Choice(_GATE_CHOICES),
-            default="none",
+            default="auto",
             show_default=True,
-            help="Scale each layer branch by a learnable gate.",
+            help="Scale each layer branch by a learnable gate; auto: chosen per site from the example's forward.",
         ),
         click.option(
             "--gate-init",
             type=float,
             default=None,
-            help="Initial gate value (rezero 0, layerscale 1e-4); needs --gate.",
+            help="Initial gate value (rezero and auto 0, layerscale 1e-4); not with --gate none.",
         ),
         click.option("--preserve-output", is_flag=True, help="Start every shortcut at β=0: outputs unchanged."),
         click.option(
@@ -164,12 +164,12 @@ def _contradiction(opts: dict[str, Any]) -> str | None:
     gate, shortcut, gate_init = opts["gate"], opts["shortcut"], opts["gate_init"]
     if gate_init is not None and gate == "none":
         return (
-            f"--gate-init needs --gate: found --gate-init {gate_init} without a gate; "
-            "add --gate rezero or --gate layerscale, or drop --gate-init"
+            f"--gate-init needs a gate: found --gate-init {gate_init} with --gate none; "
+            "drop --gate none (the default, --gate auto, takes it), or drop --gate-init"
         )
     if gate_init is not None and not math.isfinite(gate_init):
         return f"--gate-init expects a finite number; found {gate_init}"
-    if gate != "none" and shortcut == "dense":
+    if gate not in ("none", "auto") and shortcut == "dense":
         return (
             f"--gate does not combine with --shortcut dense: found --gate {gate} (a dense shortcut keeps the "
             "layer's output whole); drop --gate, or choose --shortcut auto or identity"

@@ -11,6 +11,7 @@ from typing import Literal, get_args
 __all__ = [
     "ShortcutChoice",
     "GateChoice",
+    "GatePolicy",
     "TracerChoice",
     "ProjectionChoice",
     "PROJECTIONS",
@@ -21,6 +22,10 @@ __all__ = [
     "SiteKind",
     "SHORTCUTS",
     "GATES",
+    "GATE_POLICIES",
+    "AUTO_OUTWEIGHS",
+    "AUTO_GROWTH",
+    "AUTO_RATE",
     "TRACERS",
     "VERDICTS",
     "PLAN_SCHEMA_VERSION",
@@ -41,7 +46,10 @@ __all__ = [
 NAMESPACE = "resify"
 
 ShortcutChoice = Literal["auto", "identity", "dense"]
+#: the gates ``rewrite`` builds (a Site's ``gate``; None is "no gate")
 GateChoice = Literal["rezero", "layerscale"]
+#: what ``gate=`` may ask for: a gate, None, or "auto" (chosen site by site: ``resify.gating``)
+GatePolicy = Literal["auto", "rezero", "layerscale"]
 TracerChoice = Literal["symbolic", "concrete"]
 #: "auto": a learned 1×1 projection, grouped like the span's convolution; "conv": a dense one;
 #: "pad": parameter-free (channels zero-padded or sliced, the size strided or pooled)
@@ -52,13 +60,16 @@ SiteKind = Literal["identity", "projection", "dense"]
 SHORTCUTS: tuple[ShortcutChoice, ...] = get_args(ShortcutChoice)
 #: None is "no gate".
 GATES: tuple[GateChoice | None, ...] = (None, *get_args(GateChoice))
+#: the values of ``gate=``, the default ("auto") first
+GATE_POLICIES: tuple[GatePolicy | None, ...] = ("auto", *GATES)
 TRACERS: tuple[TracerChoice, ...] = get_args(TracerChoice)
 PROJECTIONS: tuple[ProjectionChoice, ...] = get_args(ProjectionChoice)
 VERDICTS: tuple[Verdict, ...] = get_args(Verdict)
 
 #: 2 added Skipped.code and Site.shortcut; 3 added Site.owner, Site.exit_step and Plan.whole;
-#: version 1 and 2 documents still load (their sites are owned by the root).
-PLAN_SCHEMA_VERSION = 3
+#: 4 added Site.gate_reason and the policy gate 'auto'; version 1 to 3 documents still load (their
+#: sites are owned by the root where they have no owner, their gates were given, not chosen).
+PLAN_SCHEMA_VERSION = 4
 #: 2 added LayerFlow.activation_similarity, GradientFlow.activation_growth and .output_similarity,
 #: FlowComparison.output_ratio and the verdict 'collapsing'; version 1 reports still load.
 REPORT_SCHEMA_VERSION = 2
@@ -71,6 +82,17 @@ MAX_ADDED = 0.1
 MIN_BUDGET = 65_536
 #: A learned projection may cost at most this multiple of the parameters of the span it bridges.
 PROJECTION_COST = 1.0
+
+#: gate='auto': a site gets a gate where, ungated, it would grow the mean square its shortcut carries more
+#: than this: its branch outweighs the shortcut (a branch as loud as its shortcut, independent of it,
+#: gives 2×; a He-initialised VGG's, 2.5× to 6×; a fresh PyTorch layer's, 1.2× to 2.2×)
+AUTO_OUTWEIGHS = 2.5
+#: ... and the sites whose branches no norm ends get one where their shortcuts, ungated, would together
+#: grow the signal's mean square more than this (they compound) in a net of DEEP_LAYERS layers or more ...
+AUTO_GROWTH = 4.0
+#: ... or in any net, where they grow it this much per site (the geometric mean): a He-initialised
+#: branch doubles it, and even a few such sites compound (a fresh PyTorch layer grows it 1.1× to 1.5×)
+AUTO_RATE = 1.8
 
 #: flow(first) / flow(last) below this is 'vanishing'.
 VANISHING_RATIO = 1e-2
@@ -85,8 +107,9 @@ DEEP_LAYERS = 32
 #: the forward signal: a layer's activation RMS above this multiple of the first layer's is
 #: 'exploding' (also, in ``compare``, an output RMS above this multiple of the original's)
 ACTIVATION_GROWTH = 1e2
-#: the outputs of different examples with a mean cosine similarity above this (while the first
-#: layer's are below it) are 'collapsing': the network maps every example to nearly the same vector
+#: a model whose output for different examples (or the positions of a sequence) has a similarity
+#: (``report.figures.activation_figures``) above this, where the first layer's has not, is
+#: 'collapsing': it maps them all to nearly one vector
 COLLAPSE_SIMILARITY = 0.9999
 #: a watched training step whose loss is above this multiple of the first recorded step's is 'exploding'
 LOSS_GROWTH = 1e2

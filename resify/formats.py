@@ -45,7 +45,7 @@ def fmt_times(r: float | None) -> str:
 
 
 def fmt_similarity(x: float | None) -> str:
-    """A cosine similarity as '0.298', or as '1 − 3.0e-07' near 1 (where three digits would all read 1).
+    """A similarity (1: identical) as '0.298', or as '1 − 3.0e-07' near 1 (where three digits would all read 1).
 
     >>> fmt_similarity(0.2981), fmt_similarity(0.9999997), fmt_similarity(None)
     ('0.298', '1 − 3.0e-07', '-')

@@ -257,7 +257,7 @@ def _torchvision(name: str) -> LoadedModel:
 
 
 def _torchvision_kind(torchvision: Any, name: str) -> str:
-    """"detection", "segmentation", "video", "optical_flow", "quantization" or "classification"."""
+    """ "detection", "segmentation", "video", "optical_flow", "quantization" or "classification"."""
     for kind in ("detection", "segmentation", "video", "optical_flow", "quantization"):
         if name in torchvision.models.list_models(module=getattr(torchvision.models, kind, None)):
             return kind
@@ -273,7 +273,8 @@ def _timm(name: str) -> LoadedModel:
         close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
         raise ModelLoadError(f"timm has no model {name!r}; try one of {', '.join(close) or 'timm.list_models()'}")
     model = timm.create_model(name, pretrained=False)
-    c, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    cfg: dict[str, Any] = dict(getattr(model, "pretrained_cfg", None) or {})
+    c, h, w = cfg.get("input_size", (3, 224, 224))
     return LoadedModel(model, torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0)), f"timm:{name}")
 
 

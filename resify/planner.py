@@ -83,6 +83,8 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
         return skip("not_float", f"dtype changes across the span ({src.dtype} -> {dst.dtype})")
     # [N, C, *spatial] for convolutions (transposed too); features last for Linear, recurrent, attention
     channel_dim = 1 if first.kind.startswith("Conv") else -1
+    # gate='auto' is decided site by site once the plan is made (``gating.choose_gates``): none until then
+    gate = None if policy.gate == "auto" else policy.gate
 
     def site(shortcut: ShortcutForm, added: int, exit: str = last.output, out_shape: tuple = dst.shape) -> Site:
         return Site(
@@ -92,8 +94,8 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
             in_shape=src.shape,
             out_shape=out_shape,
             shortcut=shortcut,
-            gate=policy.gate,
-            gate_init=policy.effective_gate_init,
+            gate=gate,
+            gate_init=policy.effective_gate_init if gate else None,
             added_params=added,
             preserve_output=policy.preserve_output and not isinstance(shortcut, Dense),
             anchor=first.anchor,
@@ -106,7 +108,7 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
         found = _dense_form(src, dst, layers, analysis, policy, channel_dim, last.output, carry, skip)
         return site(*found) if isinstance(found, tuple) else found
     out_c = dst.shape[channel_dim] if dst.shape else 1
-    gate_params = {None: 0, "rezero": 1, "layerscale": out_c}[policy.gate] + int(policy.preserve_output)
+    gate_params = {None: 0, "rezero": 1, "layerscale": out_c}[gate] + int(policy.preserve_output)
     dims = int(first.kind[-2]) if first.kind.startswith("Conv") else 0  # "Conv2d" -> 2
     conv_geometry = dims and len(src.shape) == dims + 2 and len(dst.shape) == dims + 2
     geometry, stride = span_geometry(layers, analysis, dims) if conv_geometry else ("same", ())

@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .constants import (
-    GATES,
+    GATE_POLICIES,
     MAX_ADDED,
     PROJECTION_COST,
     PROJECTIONS,
     SHORTCUTS,
-    GateChoice,
+    GatePolicy,
     ProjectionChoice,
     ShortcutChoice,
 )
@@ -25,7 +25,8 @@ from .errors import PlanError
 
 __all__ = ["Policy"]
 
-_DEFAULT_GATE_INIT = {None: None, "rezero": 0.0, "layerscale": 1e-4}
+#: where gate='auto' gives a site a gate, it starts at gate_init, else at 0 (``resify.gating``)
+_DEFAULT_GATE_INIT = {None: None, "rezero": 0.0, "layerscale": 1e-4, "auto": None}
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class Policy:
     group: int = 1
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    gate: GateChoice | None = None
+    #: "auto": chosen site by site (``resify.gating``): the plan's sites carry the gate built
+    gate: GatePolicy | None = "auto"
     gate_init: float | None = None
     leaf_modules: tuple = ()
     preserve_output: bool = False
@@ -74,7 +76,7 @@ class Policy:
         policy = cls(**kwargs)
         if policy.shortcut not in SHORTCUTS:
             raise PlanError(f"shortcut must be one of {', '.join(map(repr, SHORTCUTS))}, found {policy.shortcut!r}")
-        if policy.shortcut == "dense" and policy.gate is not None:
+        if policy.shortcut == "dense" and policy.gate not in (None, "auto"):
             raise PlanError(
                 f"gate={policy.gate!r} does not combine with shortcut='dense': a dense shortcut keeps the layer's "
                 "output whole (the widened layer's new weights start at zero); drop the gate"
@@ -104,21 +106,25 @@ class Policy:
                 isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
             ):
                 raise PlanError(f"{key} must be a non-negative number or None (no limit), found {value!r}")
-        if policy.gate not in GATES:
-            raise PlanError(f"gate must be one of {', '.join(map(repr, GATES))}, found {policy.gate!r}")
+        if policy.gate not in GATE_POLICIES:
+            raise PlanError(f"gate must be one of {', '.join(map(repr, GATE_POLICIES))}, found {policy.gate!r}")
         if not isinstance(policy.group, int) or isinstance(policy.group, bool) or policy.group < 1:
             raise PlanError(f"group must be a positive integer (layers per shortcut), found {policy.group!r}")
         if policy.gate_init is not None and policy.gate is None:
-            raise PlanError("gate_init was given without a gate; pass gate='rezero' or gate='layerscale' too")
+            raise PlanError(
+                "gate_init was given without a gate (gate=None); pass gate='auto', gate='rezero' or gate='layerscale'"
+            )
         if policy.gate_init is not None and not math.isfinite(float(policy.gate_init)):
             raise PlanError(f"gate_init must be a finite number, found {policy.gate_init!r}")
         return policy
 
     @property
     def effective_gate_init(self) -> float | None:
+        """The value a gate of this policy starts at (None: no gate; under gate='auto', the start of the
+        gates it chooses where gate_init is given, else None: ``resify.gating`` sets each site's)."""
         if self.gate_init is not None:
             return self.gate_init
-        if self.preserve_output and self.gate is not None:
+        if self.preserve_output and self.gate not in (None, "auto"):
             return 1.0  # the branch must start whole for the output to be unchanged
         return _DEFAULT_GATE_INIT[self.gate]
 

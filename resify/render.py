@@ -32,6 +32,7 @@ __all__ = [
     "plot_series",
     "table",
     "plan_text",
+    "gate_lines",
     "terminal_width",
     "flow_text",
     "flow_markdown",
@@ -42,15 +43,14 @@ __all__ = [
 ]
 
 
-#: the headers of ``flow_figures``' columns in the text and HTML tables ...
-FLOW_HEADER = ("mean|grad|", "‖grad‖", "‖g‖/‖w‖", "‖input grad‖", "act rms", "act cos")
-#: ... and in Markdown
-FLOW_HEADER_MD = ("mean abs grad", "grad norm", "grad/weight", "input grad norm", "activation RMS", "activation cosine")
+#: the headers of ``flow_figures``' columns in the text and HTML tables, and in Markdown
+FLOW_HEADER = ("mean|grad|", "‖grad‖", "‖g‖/‖w‖", "‖input grad‖", "act rms", "act sim")
+FLOW_HEADER_MD = ("mean abs grad", "grad norm", "grad/weight", "input grad norm", "activation RMS", "act similarity")
 
 
 def flow_figures(r: LayerFlow) -> list[str]:
     """One layer's figures as every table shows them: mean |grad|, ‖grad‖, ‖g‖/‖w‖, ‖input grad‖, act rms,
-    and act cos (the mean cosine similarity between the examples' outputs)."""
+    and act sim (how alike the examples' outputs are: ``figures.activation_figures``)."""
     figures = (r.mean_abs_grad, r.grad_norm, r.grad_to_weight, r.input_grad_norm, r.activation_rms)
     return [*(fmt_number(x) for x in figures), fmt_similarity(r.activation_similarity)]
 
@@ -155,13 +155,15 @@ def flow_text(flow: GradientFlow, width: int) -> str:
         for r in flow.layers
     ]
     right = [True, False, False, True, True, True, True, True, True, False]
-    # narrower than the full table: leave out the figures the verdict does not rest on, least used first
+    # narrower than the full table: leave out the figures the verdict does not rest on, least used
+    # first (‖g‖/‖w‖, ‖grad‖, act sim, act rms), before a layer's name is cut below 20 characters
+    names = min(20, max(len(r[1]) for r in rows)) if rows else 0
     for drop in (None, 5, 4, 6, 5):
         if drop is not None:
             header, right = header[:drop] + header[drop + 1 :], right[:drop] + right[drop + 1 :]
             rows = [r[:drop] + r[drop + 1 :] for r in rows]
         body = table(header, rows, width=width, shrink=1, right=right)
-        if max(map(len, body)) <= width:
+        if max(map(len, body)) <= width and len(body[1].split("  ")[1]) >= names:
             break
     lines = [*_header(flow, width), "", *body]
     if any(r.added for r in flow.layers):
@@ -193,14 +195,11 @@ def flow_markdown(flow: GradientFlow) -> str:
 
 def output_scale(c: FlowComparison) -> str | None:
     """E.g. "output scale: activation RMS of 'fc' 7.25e-02 → 9.84e+01, 1,357× the original's" (None: not measured)."""
-    change = c.output_change
-    if change is None:
+    ch = c.output_change
+    if ch is None:
         return None
-    b, a = change.before.activation_rms, change.after.activation_rms
-    return (
-        f"output scale: activation RMS of '{change.name}' {fmt_number(b)} → {fmt_number(a)}, "
-        f"{fmt_times(c.output_ratio)} the original's"
-    )
+    b, a = fmt_number(ch.before.activation_rms), fmt_number(ch.after.activation_rms)
+    return f"output scale: activation RMS of '{ch.name}' {b} → {a}, {fmt_times(c.output_ratio)} the original's"
 
 
 def comparison_text(c: FlowComparison, width: int) -> str:
@@ -430,14 +429,48 @@ def plan_text(plan: Plan, width: int | None = 100) -> str:
         lines += ["", f"kept whole ({len(plan.whole)}): their own forwards run as they are"]
         for w in plan.whole:
             lines.append(_clip(f"  {w.module or '(the model itself)'}: {w.code}: {w.reason}", width))
+    lines += gate_lines(plan, width)
     if plan.skipped:
         lines += ["", f"skipped ({len(plan.skipped)}):"]
-        for s in plan.skipped:
-            lines.append(_clip(f"  {span_label(s.start, s.end)}: {s.reason}", width))
+        for k in plan.skipped:
+            lines.append(_clip(f"  {span_label(k.start, k.end)}: {k.reason}", width))
     for note in plan.notes:
         lines += ["", *textwrap.wrap("note: " + note, width, subsequent_indent="  ")]
     lines += ["", *textwrap.wrap("total: " + plan.summary(), width, subsequent_indent="  ")]
     return "\n".join(lines)
+
+
+def gate_lines(plan: Plan, width: int) -> list[str]:
+    """What gate='auto' chose and why: one paragraph per gate, rule and branch end, naming its sites
+    (the figures of a rule read per site are given as their range); none where the gates were given."""
+    groups: dict[tuple, list[Site]] = {}
+    for s in plan.sites:
+        r = s.gate_reason
+        if r is not None:
+            groups.setdefault((s.gate, s.gate_init, r.rule, r.branch, r.ends, r.sites, r.layers, r.detail), []).append(
+                s
+            )
+    if not groups:
+        return []
+    lines = ["", f"gates chosen (gate='auto'): {_gate_counts(plan.sites)}"]
+    for (gate, *_), sites in groups.items():
+        values = [s.gate_reason.value for s in sites if s.gate_reason is not None and s.gate_reason.value is not None]
+        low, high = (min(values), max(values)) if values else (None, None)
+        figure = None if low == high else f"{fmt_times(low)} to {fmt_times(high)}"
+        reason = sites[0].gate_reason
+        assert reason is not None
+        names = ", ".join(span_label(s.start, s.end) for s in sites[:3])
+        names += f", … ({len(sites)} in all)" if len(sites) > 3 else ""
+        said = f"{gate or 'none'} at {names}: {reason.words(figure)}"
+        lines += textwrap.wrap(said, width, initial_indent="  ", subsequent_indent="    ")
+    return lines
+
+
+def _gate_counts(sites: Sequence[Site]) -> str:
+    counts: dict[str, int] = {}
+    for s in sites:
+        counts[s.gate or "none"] = counts.get(s.gate or "none", 0) + 1
+    return ", ".join(f"{k} at {n} site{'s' if n != 1 else ''}" for k, n in counts.items())
 
 
 def _clip(line: str, width: int) -> str:

@@ -4,7 +4,7 @@
 build in typed fields (its ``shortcut``: :class:`Identity`, :class:`Projection` or :class:`Dense`),
 and every display label is derived from those fields. A :class:`Skipped` carries a stable ``code``
 (one of ``SKIP_CODES``) beside its prose reason. Plans print through ``resify.render`` and
-round-trip through ``to_dict`` / ``Plan.from_dict`` (schema versions 1 and 2 are read).
+round-trip through ``to_dict`` / ``Plan.from_dict`` (every earlier schema version is read).
 """
 
 from __future__ import annotations
@@ -15,12 +15,17 @@ from typing import Any, Literal, get_args
 
 from .analyze import ExistingShortcut
 from .constants import (
+    AUTO_GROWTH,
+    AUTO_OUTWEIGHS,
+    AUTO_RATE,
+    DEEP_LAYERS,
     PLAN_SCHEMA_VERSION,
     GateChoice,
     SiteKind,
     TracerChoice,
 )
 from .errors import PlanError
+from .formats import fmt_times
 from .policy import Policy
 from .units import WholeModule
 
@@ -30,6 +35,9 @@ __all__ = [
     "Projection",
     "Dense",
     "ShortcutForm",
+    "GateRule",
+    "GATE_RULES",
+    "GateReason",
     "Site",
     "SkipCode",
     "SKIP_CODES",
@@ -128,6 +136,82 @@ class Dense:
 
 ShortcutForm = Identity | Projection | Dense
 
+GateRule = Literal[
+    "outweighs",  # a gate: ungated, the site would grow the signal its shortcut carries past AUTO_OUTWEIGHS
+    "compounds",  # a gate: no norm ends the branches of a deep net, and ungated their shortcuts compound
+    "normalised",  # none: a norm ends the branch, which adds its own fixed scale
+    "shallow",  # none: no norm ends the branches, but the net is shallow or they grow the signal little
+    "dense",  # none: a dense shortcut keeps the branch's output whole
+    "preserve_output",  # none: β = 0 on the shortcut keeps the output; a gate would start at 1
+    "unmeasured",  # no forward could run (meta tensors): decided from the branches' contents alone
+]
+GATE_RULES: tuple[GateRule, ...] = get_args(GateRule)
+
+
+@dataclass(frozen=True)
+class GateReason:
+    """Why ``gate='auto'`` gave a site its gate: a stable ``rule`` and the figures it read.
+
+    ``value`` is, for "outweighs" and "normalised", how much the site, ungated, grows the mean square
+    its shortcut carries, ``E[(F + S)²] / E[S²]`` (as the converted model computes them on the
+    example); for "compounds" and "shallow", how much the shortcuts of the ``sites`` sites whose
+    branches no norm ends, ungated, grow the signal's mean square together, in a net of ``layers``
+    layers. ``text`` words it; the rules are in ``resify.gating``.
+    """
+
+    rule: GateRule
+    branch: str = ""  # "norm" (a norm fixes the branch's scale), "bounded" (Tanh, an LSTM) or "plain"
+    ends: str = ""  # the op that ends the branch: a norm ("LayerNorm"), "LSTM", "Tanh", "ReLU", …
+    value: float | None = None
+    sites: int = 0
+    layers: int = 0
+    detail: str = ""  # "unmeasured": why no forward ran
+
+    @property
+    def text(self) -> str:
+        """E.g. "the branch (LayerNorm) outweighs its shortcut: ungated, the site would grow …"."""
+        return self.words()
+
+    def words(self, figure: str | None = None) -> str:
+        """``text``, with ``figure`` in place of ``value`` where given (a range: "3.0× to 5.8×")."""
+        v = fmt_times(self.value) if figure is None else figure
+        if self.rule == "outweighs":
+            return (
+                f"the branch ({self.ends}) outweighs its shortcut: ungated, the site would grow the mean square "
+                f"its shortcut carries {v} (more than {AUTO_OUTWEIGHS:g}×) and not start near the identity; "
+                "the gate starts at 0"
+            )
+        if self.rule == "normalised":
+            return (
+                f"{self.ends} ends the branch: it adds its own fixed scale (the site grows its shortcut's mean "
+                f"square {v}), so the signal grows by addition, not by compounding"
+            )
+        rate = (
+            f", {fmt_times(self.value ** (1 / self.sites))} a site"
+            if self.value and self.sites and figure is None
+            else ""
+        )
+        depth = f"{self.sites} sites whose branches no norm ends (and do not outweigh), in {self.layers} layers"
+        limit = f"a gate from {AUTO_GROWTH:g}× in a net of {DEEP_LAYERS} layers or more, or at {AUTO_RATE:g}× a site"
+        if self.rule == "compounds":
+            return (
+                f"no norm ends the branch ({self.ends}): ungated, the shortcuts of the {depth}, would compound, "
+                f"growing the signal's mean square {v}{rate} ({limit}); the gate starts at 0"
+            )
+        if self.rule == "shallow":
+            return (
+                f"no norm ends the branch ({self.ends}), but ungated the shortcuts of the {depth}, grow the "
+                f"signal's mean square {v}{rate} ({limit})"
+            )
+        if self.rule == "dense":
+            return "a dense shortcut keeps the branch's output whole"
+        if self.rule == "preserve_output":
+            return "preserve_output: β = 0 on the shortcut keeps the output; a gate would start at 1"
+        return (
+            f"not measured ({self.detail}): decided from the branch ({self.ends or 'unknown'}) and the depth "
+            f"({self.layers} layers): a gate where no norm ends it in a net of {DEEP_LAYERS} layers or more"
+        )
+
 
 @dataclass(frozen=True)
 class Site:
@@ -153,6 +237,8 @@ class Site:
     #: where the span's output is among its layers' ops, counted from the last (-1: the last one;
     #: 0 for a site read from a schema 1 or 2 plan, found by its ``exit`` node name instead)
     exit_step: int = -1
+    #: why gate='auto' chose ``gate`` (None: the gate was given, not chosen)
+    gate_reason: GateReason | None = None
 
     @property
     def kind(self) -> SiteKind:
@@ -174,7 +260,7 @@ class Site:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Site:
-        """Read a site written by ``to_dict`` (schema 2) or by resify's schema 1 (flat shortcut fields)."""
+        """Read a site written by ``to_dict`` (schema 2 to 4) or by resify's schema 1 (flat shortcut fields)."""
         form = d.get("shortcut") or _v1_shortcut(d)
         kind = form.get("form", d.get("kind"))
         fields = {k: v for k, v in form.items() if k != "form"}
@@ -204,6 +290,7 @@ class Site:
             channel_dim=int(d["channel_dim"]),
             owner=d.get("owner", ""),
             exit_step=int(d.get("exit_step", 0)),  # 0: a schema 1 or 2 site, found by its node names
+            gate_reason=GateReason(**d["gate_reason"]) if d.get("gate_reason") else None,
         )
 
 
@@ -369,7 +456,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
-        """Read back what :meth:`to_dict` wrote (schema version 2, or 1 from earlier resify)."""
+        """Read back what :meth:`to_dict` wrote (this schema version, or any earlier one)."""
         version = d.get("schema_version")
         if isinstance(version, int) and version > PLAN_SCHEMA_VERSION:
             raise PlanError(

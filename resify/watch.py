@@ -104,7 +104,7 @@ class Watch:
         self._loss: torch.Tensor | float | None = None  # given for the step being recorded
         self.steps_seen = 0  # backward passes through the model's output since the watch began
         self.closed = False
-        self._probe = Probe(self.modules, self.weights, model, keep_grads=True)
+        self._probe = Probe(self.modules, self.weights, keep_grads=True)
         self._armed = False  # the probe's hooks are on: this step is recorded
         self._scale = 1.0
         self._in_backward = False

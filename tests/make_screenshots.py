@@ -1,4 +1,4 @@
-"""Make the README's screenshots of ``resify inspect --html``: the seed network and torchvision's VGG-16.
+"""Make the screenshots of ``resify inspect --html`` in docs/report.md: the seed network and torchvision's VGG-16.
 
 Run from the repository root, where .ci/setup.sh has installed chromium and torchvision:
 

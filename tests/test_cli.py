@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import resify
 import resify.api
 from resify.cli import cli
-from resify.constants import GATES, PLAN_SCHEMA_VERSION, SHORTCUTS
+from resify.constants import GATE_POLICIES, PLAN_SCHEMA_VERSION, SHORTCUTS
 from resify.loading import DTYPES, MODEL_SPEC_FORMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,7 +264,7 @@ def _choices(command, name):
 @pytest.mark.parametrize("command", ["inspect", "convert"])
 def test_choice_lists_come_from_the_library(command):
     assert _choices(command, "shortcut") == list(SHORTCUTS)
-    assert _choices(command, "gate") == ["none" if g is None else g for g in GATES]
+    assert _choices(command, "gate") == ["none" if g is None else g for g in GATE_POLICIES]
     assert _choices(command, "dtype") == list(DTYPES)
 
 
@@ -284,7 +284,7 @@ def test_help_explains_model_spec_and_input_shape(command):
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--gate-init", "0.5"], "--gate-init needs --gate: found --gate-init 0.5 without a gate"),
+        (["--gate", "none", "--gate-init", "0.5"], "--gate-init needs a gate: found --gate-init 0.5 with --gate none"),
         (["--gate", "rezero", "--gate-init", "nan"], "--gate-init expects a finite number; found nan"),
         (["--gate", "rezero", "--shortcut", "dense"], "--gate does not combine with --shortcut dense"),
         (["--dense-max-growth", "4"], "--dense-max-growth needs --shortcut dense: found --shortcut auto"),
@@ -312,7 +312,7 @@ def test_the_flag_check_agrees_with_the_library(tmp_path):
     """The CLI words Policy.from_kwargs' cross-field rules in flags: both must reject the same sets."""
     missing = tmp_path / "missing.py"
     grid = itertools.product(
-        ["none", "rezero"], ["auto", "dense"], [None, 1.0, 0.5, float("inf")], [False, True], [None, 4]
+        ["none", "auto", "rezero"], ["auto", "dense"], [None, 1.0, 0.5, float("inf")], [False, True], [None, 4]
     )
     for gate, shortcut, gate_init, preserve, growth in grid:
         flags = ["--gate", gate, "--shortcut", shortcut]

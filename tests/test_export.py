@@ -113,7 +113,9 @@ class Custom(nn.Module):
 
 
 def test_a_failed_export_leaves_nothing_behind(converted, tmp_path):
-    model = resify.apply(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Custom()), torch.randn(2, 4), leaf_modules=[Custom], graph_module=True)
+    model = resify.apply(
+        nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Custom()), torch.randn(2, 4), leaf_modules=[Custom], graph_module=True
+    )
     with pytest.raises(
         ResifyError, match=r"cannot write module '2' \(.*Custom\) as source: .*standard torch.nn layers"
     ):
@@ -253,6 +255,8 @@ def test_the_source_calls_no_private_torch_api_and_registers_each_parameter_once
     source = render_source(gm)
     assert "_symbolic_trace" not in source and "torch.fx" not in source
     assert source.count("register_parameter('pos'") == 1
-    assert re.search(r"\n        assert mask\w* is None, ", source)  # the argument traced at its default, in plain Python
+    assert re.search(
+        r"\n        assert mask\w* is None, ", source
+    )  # the argument traced at its default, in plain Python
     save(gm, tmp_path / "m")
     torch.testing.assert_close(load(tmp_path / "m")(x), gm(x))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from reference import ImprovedResidualNetwork, vgg_style_cnn
 
 import resify
+from resify.constants import PLAN_SCHEMA_VERSION
 
 
 def test_plan_prints_a_table_and_converts_to_json():
@@ -17,7 +18,7 @@ def test_plan_prints_a_table_and_converts_to_json():
     assert "layers.0.0" in text and "Linear(128, 64)" in text and "[10, 128] -> [10, 64]" in text
     assert "total: 5 shortcut(s) (5 projection)" in text
     d = json.loads(json.dumps(plan.to_dict()))
-    assert d["schema_version"] == 3
+    assert d["schema_version"] == PLAN_SCHEMA_VERSION == 4
     assert [s["kind"] for s in d["sites"]] == ["projection"] * 5
     assert d["sites"][0]["in_shape"] == [10, 128] and d["sites"][0]["added_params"] == 128 * 64 + 64
     assert d["sites"][0]["shortcut"] == {
@@ -117,8 +118,9 @@ def test_a_plan_of_schema_version_1_is_still_read():
     assert [s.projection for s in plan.sites] == ["Conv2d(3, 16, 1) + BatchNorm2d + AvgPool2d(→out)", "AvgPool2d(→out)"]
     assert [s.kind for s in plan.sites] == ["projection", "projection"]
     assert plan.skipped[0].code == "unrecorded" and plan.skipped[0].reason.startswith("the span is linear")
-    assert plan.added_params == 80 and plan.to_dict()["schema_version"] == 3
-    with pytest.raises(resify.PlanError, match="schema_version 3 or older, found 99"):
+    assert plan.added_params == 80 and plan.to_dict()["schema_version"] == PLAN_SCHEMA_VERSION
+    assert plan.policy.gate is None and all(s.gate_reason is None for s in plan.sites)  # given, not chosen
+    with pytest.raises(resify.PlanError, match=f"schema_version {PLAN_SCHEMA_VERSION} or older, found 99"):
         resify.Plan.from_dict({**_PLAN_V1, "schema_version": 99})
 
 
@@ -169,7 +171,7 @@ def test_valid_convolution_gets_a_shortcut_pooled_to_the_branch_size_at_run_time
     """10x10 -> 8x8 follows no stride: the shortcut average-pools to the branch's size, at every size."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
-    converted = resify.apply(model, torch.randn(2, 3, 10, 10)).eval()
+    converted = resify.apply(model, torch.randn(2, 3, 10, 10), gate=None).eval()
     plan = resify.applied_plan(converted)
     assert [(s.start, s.projection) for s in plan.sites] == [("0", "AvgPool2d(→out) + Conv2d(3, 8, 1)"), ("2", None)]
     w = converted.get_submodule("resify.0.proj").weight
@@ -268,7 +270,7 @@ def test_non_float_input_is_skipped():
         ({"gate": "sigmoid"}, "gate must be one of"),
         ({"group": 0}, "group must be a positive integer"),
         ({"group": 1.5}, "group must be a positive integer"),
-        ({"gate_init": 0.1}, "gate_init was given without a gate"),
+        ({"gate": None, "gate_init": 0.1}, "gate_init was given without a gate"),
         ({"shorcut": "auto"}, "unknown policy keyword"),
     ],
 )
@@ -282,7 +284,7 @@ def test_plan_table_fits_its_width_and_cuts_shortcut_labels_at_their_end():
 
     from resify.render import plan_text
 
-    plan = resify.plan(vgg_style_cnn(), torch.randn(2, 3, 32, 32))
+    plan = resify.plan(vgg_style_cnn(), torch.randn(2, 3, 32, 32), gate=None)
     for width in (80, 100):
         lines = plan_text(plan, width=width).splitlines()
         assert max(map(len, lines)) <= width

@@ -1,19 +1,27 @@
-"""The README's examples run as written and print what the README shows.
+"""The documentation's examples run as written and print what the pages show.
 
-The conventions README.md follows (this file enforces them):
+The pages are README.md, CONTRIBUTING.md and every docs/*.md (``PAGES``); each example is a test,
+named by its page and line (``docs/api.md:42``). The conventions they follow (this file enforces
+them):
 
 - Every ```` ```python ```` block runs in a fresh interpreter (``sys.executable -c``) with the
-  repository root as its working directory, and must exit 0 within ``TIMEOUT`` seconds.
+  repository root as its working directory, and must exit 0 within ``TIMEOUT`` seconds. Its
+  ``tempfile.gettempdir()`` is a folder of this test session's own (``TMPDIR``), removed at its end.
 - A ```` ```text ```` block that follows a python block with only blank lines between is that
   block's output: its stdout must match it (see :func:`matches`; stderr, where warnings go, is not
   compared).
-- A ```` ```text ```` block whose first line is ``$ resify ...`` shows a command and its output: the
-  command runs as ``python -m resify ...`` in a temporary folder whose ``examples/`` is the
-  repository's (so that what it writes, such as ``out/vgg``, lands there), and its stdout must match
-  the rest of the block.
+- A ```` ```text ```` block whose first line is ``$ resify ...`` shows commands and their output:
+  each ``$ resify ...`` line runs, in turn, as ``python -m resify ...`` in one temporary folder
+  whose ``examples/`` is the repository's (so that what a command writes, such as ``out/vgg``,
+  lands there, for the next command of the block to read); each must exit 0 and print what the
+  block shows between its line and the next ``$`` line.
 - An HTML comment on the line right before a python block changes how it runs:
   ``<!-- readme-test: skip (why) -->`` skips it (a sketch that needs a GPU or a process group),
-  ``<!-- readme-test: needs transformers -->`` skips it unless the named modules are installed.
+  ``<!-- readme-test: needs transformers -->`` skips it unless the named modules are installed,
+  ``<!-- readme-test: continues (why) -->`` says that it reads what a block above it wrote (a
+  checkpoint in a temporary folder, loaded in a new process): the nearest python block above it
+  without that marker runs first, unless it has already passed in this session.
+- A relative link to a file must name one that exists, and a ``#fragment`` a heading of that page.
 
 Matching (:func:`matches`): trailing spaces and blank lines at either end are ignored, a run of
 spaces equals any other (a column may widen), a line ``...`` stands for any number of lines, and
@@ -24,11 +32,15 @@ another CPU or BLAS build, in a figure printed to three digits. Everything else 
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+import unicodedata
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -39,35 +51,49 @@ import resify
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+#: every page whose examples are tested, README first
+PAGES = [README, *[p for p in [ROOT / "CONTRIBUTING.md"] if p.exists()], *sorted(DOCS.glob("*.md"))]
 #: seconds one block or command may take (each takes a few; the slowest, Hugging Face, about 10)
 TIMEOUT = 120
 
 _FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
-_MARKER = re.compile(r"<!--\s*readme-test:\s*(?P<what>skip|needs)\b\s*(?P<arg>.*?)\s*-->")
+_MARKER = re.compile(r"<!--\s*readme-test:\s*(?P<what>skip|needs|continues)\b\s*(?P<arg>.*?)\s*-->")
 #: a figure that float noise can move: scientific notation, or a number right before "×"
 _FIGURE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?e[-+]\d+|\d+(?:\.\d+)?(?=×))")
+#: a Markdown link or image: [text](target) — not inside a code span (those are removed first)
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _name(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
 
 
 @dataclass(frozen=True)
 class Block:
-    """One fenced block of the README."""
+    """One fenced block of a page."""
 
     lang: str  # the fence's info string: "python", "text", "bash", or ""
     text: str
     line: int  # of the opening fence, from 1
     before: str  # the Markdown between the previous block and this one
+    page: str = "README.md"  # relative to the repository root
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
 
 
 @dataclass(frozen=True)
 class Example:
-    """A python block, the output the README shows for it (if any), and its marker (if any)."""
+    """A python block, the output the page shows for it (if any), and its marker (if any)."""
 
     code: Block
     output: Block | None
     marker: re.Match[str] | None
 
 
-def blocks(markdown: str) -> list[Block]:
+def blocks(markdown: str, page: str = "README.md") -> list[Block]:
     """The fenced blocks of ``markdown``, in order (a fence may be indented, as in a list item)."""
     lines = markdown.splitlines()
     found: list[Block] = []
@@ -80,16 +106,16 @@ def blocks(markdown: str) -> list[Block]:
         indent, lang = opening.groups()
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "```"), None)
         if end is None:
-            raise ValueError(f"README.md:{i + 1}: a ``` block that is never closed")
+            raise ValueError(f"{page}:{i + 1}: a ``` block that is never closed")
         body = [line[len(indent) :] if line.startswith(indent) else line for line in lines[i + 1 : end]]
-        found.append(Block(lang, "\n".join(body) + "\n", i + 1, "\n".join(lines[after_previous:i])))
+        found.append(Block(lang, "\n".join(body) + "\n", i + 1, "\n".join(lines[after_previous:i]), page))
         i = after_previous = end + 1
     return found
 
 
-def examples(markdown: str) -> list[Example]:
+def examples(markdown: str, page: str = "README.md") -> list[Example]:
     """Every python block with the text block right after it and the marker right before it."""
-    found = blocks(markdown)
+    found = blocks(markdown, page)
     result = []
     for k, block in enumerate(found):
         if block.lang != "python":
@@ -102,9 +128,20 @@ def examples(markdown: str) -> list[Example]:
     return result
 
 
-def commands(markdown: str) -> list[Block]:
-    """The text blocks that show a ``$ resify ...`` command and its output."""
-    return [b for b in blocks(markdown) if b.lang == "text" and b.text.startswith("$ resify ")]
+def commands(markdown: str, page: str = "README.md") -> list[Block]:
+    """The text blocks that show ``$ resify ...`` commands and their output."""
+    return [b for b in blocks(markdown, page) if b.lang == "text" and b.text.startswith("$ resify ")]
+
+
+def steps(block: Block) -> list[tuple[str, str]]:
+    """A command block's commands, each with the output shown under it (up to the next ``$`` line)."""
+    found: list[tuple[str, list[str]]] = []
+    for line in block.text.splitlines():
+        if line.startswith("$ "):
+            found.append((line[2:], []))
+        else:
+            found[-1][1].append(line)
+    return [(command, "\n".join(shown) + "\n") for command, shown in found]
 
 
 def _lines(text: str) -> list[str]:
@@ -163,67 +200,157 @@ def matches(shown: str, actual: str) -> bool:
     return len(got) - len(last) >= pos and at(len(got) - len(last), last)
 
 
+#: the blocks' temporary folder: a session's own, so that two sessions never read each other's files
+_TMP = tempfile.mkdtemp(prefix="resify-docs-")
+atexit.register(shutil.rmtree, _TMP, True)
+
+
 def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     # output to a pipe: the CLI's text is 100 columns wide there, unless COLUMNS says otherwise
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"PYTHONIOENCODING": "utf-8"}
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"PYTHONIOENCODING": "utf-8", "TMPDIR": _TMP}
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def _check(shown: Block | None, result: subprocess.CompletedProcess[str], where: str) -> None:
+def _check(shown: str | None, result: subprocess.CompletedProcess[str], where: str) -> None:
     assert result.returncode == 0, f"{where} exited {result.returncode}:\n{result.stderr[-4000:]}"
     if shown is not None:
-        text = shown.text.split("\n", 1)[1] if shown.text.startswith("$ ") else shown.text
-        assert matches(text, result.stdout), (
-            f"{where} printed something else than README.md:{shown.line} shows; it printed:\n{result.stdout}"
+        assert matches(shown, result.stdout), (
+            f"{where} printed something else than the page shows; it printed:\n{result.stdout}"
         )
 
 
-_EXAMPLES = examples(README.read_text(encoding="utf-8"))
-_COMMANDS = commands(README.read_text(encoding="utf-8"))
+def _read(page: Path) -> str:
+    return page.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("example", _EXAMPLES, ids=[f"line{e.code.line}" for e in _EXAMPLES])
-def test_readme_python_block_runs_and_prints_what_the_readme_shows(example: Example) -> None:
+_EXAMPLES = [e for page in PAGES for e in examples(_read(page), _name(page))]
+_COMMANDS = [b for page in PAGES for b in commands(_read(page), _name(page))]
+#: the blocks that ran and printed what their page shows, in this session
+_PASSED: set[str] = set()
+
+
+def _continued(example: Example) -> Example:
+    """The block a ``continues`` block reads from: the nearest one above it without that marker."""
+    above = [e for e in _EXAMPLES if e.code.page == example.code.page and e.code.line < example.code.line]
+    head = next((e for e in reversed(above) if not (e.marker and e.marker["what"] == "continues")), None)
+    assert head is not None, f"{example.code.where}: a continues block with no block above it"
+    return head
+
+
+def _run_example(example: Example) -> None:
+    if example.marker and example.marker["what"] == "continues":
+        head = _continued(example)
+        if head.code.where not in _PASSED:
+            _run_example(head)
+    result = _run([sys.executable, "-c", example.code.text], ROOT)
+    where = f"the python block at {example.code.where}"
+    _check(example.output.text if example.output else None, result, where)
+    _PASSED.add(example.code.where)
+
+
+@pytest.mark.parametrize("example", _EXAMPLES, ids=[e.code.where for e in _EXAMPLES])
+def test_python_block_runs_and_prints_what_the_page_shows(example: Example) -> None:
     if example.marker and example.marker["what"] == "skip":
-        pytest.skip(f"README.md:{example.code.line}: {example.marker['arg'].strip('()')}")
+        pytest.skip(f"{example.code.where}: {example.marker['arg'].strip('()')}")
     if example.marker and example.marker["what"] == "needs":
         for module in example.marker["arg"].split():
             pytest.importorskip(module)
-    result = _run([sys.executable, "-c", example.code.text], ROOT)
-    _check(example.output, result, f"the python block at README.md:{example.code.line}")
+    _run_example(example)
 
 
-@pytest.mark.parametrize("block", _COMMANDS, ids=[f"line{b.line}" for b in _COMMANDS])
-def test_readme_resify_command_prints_what_the_readme_shows(block: Block, tmp_path: Path) -> None:
+@pytest.mark.parametrize("block", _COMMANDS, ids=[b.where for b in _COMMANDS])
+def test_resify_commands_print_what_the_page_shows(block: Block, tmp_path: Path) -> None:
     (tmp_path / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
-    argv = shlex.split(block.text.splitlines()[0][2:])
-    result = _run([sys.executable, "-m", "resify", *argv[1:]], tmp_path)
-    _check(block, result, f"`{' '.join(argv)}` (README.md:{block.line})")
+    for command, shown in steps(block):
+        argv = shlex.split(command)
+        assert argv[0] == "resify", f"{block.where}: a command block runs resify only, found {command!r}"
+        result = _run([sys.executable, "-m", "resify", *argv[1:]], tmp_path)
+        _check(shown, result, f"`{command}` ({block.where})")
 
 
 def test_the_main_examples_are_run_and_their_output_checked() -> None:
-    """apply, the printed plan and the gradient-flow table must stay checked, not skipped."""
-    checked = [e for e in _EXAMPLES if e.marker is None]
-    assert any("resify.apply(" in e.code.text for e in checked)
+    """apply and the printed plan in the README, the gradient-flow table, saving and loading, and the
+    two commands must stay checked, not skipped."""
+    checked = [e for e in _EXAMPLES if e.marker is None or e.marker["what"] == "continues"]
     shown = [e for e in checked if e.output is not None]
-    assert any("print(resify.plan(" in e.code.text and "resify plan for" in e.output.text for e in shown)
+    readme = [e for e in shown if e.code.page == "README.md"]
+    assert any("resify.apply(" in e.code.text for e in readme)
+    assert any("print(resify.plan(" in e.code.text and "resify plan for" in e.output.text for e in readme)
+    assert any(b.page == "README.md" for b in _COMMANDS)
     assert any("resify.gradient_flow(" in e.code.text and "mean |grad|" in e.output.text for e in shown)
-    assert {b.text.split()[2] for b in _COMMANDS} >= {"inspect", "convert"}
+    saving = [e.code.text for e in shown if e.code.page == "docs/saving.md"]
+    assert any("resify.save(" in t for t in saving) and any("resify.load(" in t for t in saving)
+    assert {shlex.split(line[2:])[1] for b in _COMMANDS for line in b.text.splitlines() if line.startswith("$ ")} >= {
+        "inspect",
+        "convert",
+    }
 
 
-def test_every_marker_stands_right_before_a_python_block() -> None:
+@pytest.mark.parametrize("page", PAGES, ids=_name)
+def test_every_marker_stands_right_before_a_python_block(page: Path) -> None:
     """A misplaced or misspelt marker would silently do nothing."""
-    text = README.read_text(encoding="utf-8")
-    markers = re.findall(r"^\s*<!--\s*readme-test.*$", text, flags=re.MULTILINE)  # not those quoted in prose
-    attached = [e for e in _EXAMPLES if e.marker is not None]
+    markers = re.findall(r"^\s*<!--\s*readme-test.*$", _read(page), flags=re.MULTILINE)  # not those quoted in prose
+    attached = [e for e in examples(_read(page), _name(page)) if e.marker is not None]
     assert len(markers) == len(attached)
     assert all(_MARKER.fullmatch(e.marker.group(0)) for e in attached)
 
 
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"`|\*\*|\[|\]\([^)]*\)", "", heading.strip().lower())
+    text = "".join(c for c in text if c in " -_" or unicodedata.category(c)[0] in "LN")
+    return text.replace(" ", "-")
+
+
+def _prose(markdown: str) -> str:
+    """``markdown`` without its fenced blocks (the lines inside them blanked)."""
+    lines = markdown.splitlines()
+    inside = False
+    for i, line in enumerate(lines):
+        fence = _FENCE.match(line) if not inside else line.strip() == "```"
+        if fence or inside:
+            lines[i] = ""
+        if fence:
+            inside = not inside
+    return "\n".join(lines)
+
+
+def _anchors(markdown: str) -> set[str]:
+    found: set[str] = set()
+    for line in _prose(markdown).splitlines():
+        if re.match(r"#+ ", line):
+            base = _slug(line.lstrip("#"))
+            slug, n = base, 1
+            while slug in found:  # GitHub numbers repeated headings
+                slug, n = f"{base}-{n}", n + 1
+            found.add(slug)
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_name)
+def test_every_relative_link_points_to_a_file_and_a_heading_that_exist(page: Path) -> None:
+    prose = re.sub(r"`+[^`\n]*`+", "", _prose(_read(page)))  # code spans are not links
+    broken = []
+    for target in _LINK.findall(prose):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, fragment = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target} (no file {file.relative_to(ROOT) if file.is_relative_to(ROOT) else file})")
+        elif fragment and file.suffix == ".md" and fragment not in _anchors(_read(file)):
+            broken.append(f"{target} (no heading #{fragment} in {_name(file)})")
+    assert broken == [], f"{_name(page)}: broken links"
+
+
+def _table(page: Path, header: str) -> str:
+    text = _read(page)
+    return text[text.index(header) :].split("\n\n", 1)[0]
+
+
 def test_the_module_table_lists_every_module_of_the_package() -> None:
-    """README's "How it works" names each file under resify/, and only files that exist."""
-    text = README.read_text(encoding="utf-8")
-    table = text[text.index("| file | stage |") :].split("\n\n", 1)[0]
+    """docs/how-it-works.md names each file under resify/, and only files that exist."""
+    table = _table(DOCS / "how-it-works.md", "| file | stage |")
     named = set(re.findall(r"`(resify/[\w/]+\.py)`", table))
     for folder in re.findall(r"`(resify/\w+)/`", table):  # a package: its modules named in the row
         row = next(line for line in table.splitlines() if f"`{folder}/`" in line)
@@ -234,8 +361,8 @@ def test_the_module_table_lists_every_module_of_the_package() -> None:
         for p in package.rglob("*.py")
         if p.name not in ("__init__.py", "__main__.py")
     }
-    assert sorted(files - named) == [], "modules the README's table does not list"
-    assert sorted(named - files) == [], "files the README's table lists that do not exist"
+    assert sorted(files - named) == [], "modules the table in docs/how-it-works.md does not list"
+    assert sorted(named - files) == [], "files the table in docs/how-it-works.md lists that do not exist"
 
 
 @pytest.mark.parametrize(
@@ -260,10 +387,36 @@ def test_matches(shown: str, actual: str, expected: bool) -> None:
     assert matches(shown, actual) is expected
 
 
+def test_a_command_block_is_split_into_its_commands() -> None:
+    block = Block("text", "$ resify convert m.py -o out\nwrote out\n$ resify inspect m.py\nplan\n...\n", 1, "")
+    assert steps(block) == [("resify convert m.py -o out", "wrote out\n"), ("resify inspect m.py", "plan\n...\n")]
+
+
+@pytest.mark.parametrize(
+    "heading, slug",
+    [
+        ("The API", "the-api"),
+        ("Quick start: two commands", "quick-start-two-commands"),
+        ("`resify.watch`: gradient flow while training", "resifywatch-gradient-flow-while-training"),
+        ("Gates, groups, dense, preserve_output", "gates-groups-dense-preserve_output"),
+    ],
+)
+def test_slug(heading: str, slug: str) -> None:
+    assert _slug(heading) == slug
+
+
+def _codes_in_table(page: Path, header: str) -> list[str]:
+    rows = _table(page, header).splitlines()[2:]  # below the header and its rule
+    return [re.match(r"\| `(\w+)` \|", row).group(1) for row in rows]
+
+
 def test_the_skip_code_table_lists_exactly_the_codes_the_planner_uses() -> None:
     from resify.sites import SKIP_CODES
 
-    text = README.read_text(encoding="utf-8")
-    table = text[text.index("| `code` | the candidate was skipped because |") :].split("\n\n", 1)[0]
-    rows = table.splitlines()[2:]  # below the header and its rule
-    assert [re.match(r"\| `(\w+)` \|", row).group(1) for row in rows] == list(SKIP_CODES)
+    assert _codes_in_table(DOCS / "api.md", "| `code` | the candidate was skipped because |") == list(SKIP_CODES)
+
+
+def test_the_kept_whole_table_lists_exactly_the_codes_resify_uses() -> None:
+    assert _codes_in_table(DOCS / "api.md", "| `code` | the module was kept whole because |") == list(
+        resify.WHOLE_CODES
+    )

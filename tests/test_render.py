@@ -11,7 +11,7 @@ from reference import LongNames
 
 import resify
 from resify.errors import ResifyError
-from resify.formats import fmt_number, fmt_shape, fmt_times
+from resify.formats import fmt_number, fmt_shape, fmt_similarity, fmt_times
 from resify.render import (
     comparison_markdown,
     comparison_text,
@@ -197,7 +197,7 @@ def _unwrapped(text):
 @pytest.mark.parametrize("which", ["before", "after"])
 def test_flow_text_writes_each_records_numbers(seed, which):
     flow = seed[which]
-    text = flow_text(flow, 100)
+    text = flow_text(flow, 120)  # wide enough for every column
     rows = _rows(text, "#  layer")
     assert [
         [
@@ -205,6 +205,7 @@ def test_flow_text_writes_each_records_numbers(seed, which):
             ("+" if r.added else "") + r.name,
             r.kind,
             *map(fmt_number, (r.mean_abs_grad, r.grad_norm, r.grad_to_weight, r.input_grad_norm, r.activation_rms)),
+            fmt_similarity(r.activation_similarity),
             r.verdict,
         ]
         for r in flow.layers
@@ -345,7 +346,7 @@ def _tables(md):
 
 @pytest.mark.parametrize(
     "which,columns",
-    [("before", [9]), ("after", [9]), ("comparison", [8, 5]), ("vanishing", [9])],
+    [("before", [10]), ("after", [10]), ("comparison", [8, 5]), ("vanishing", [10])],
 )
 def test_markdown_tables_have_one_column_count(request, seed, which, columns):
     record = request.getfixturevalue("vanishing") if which == "vanishing" else seed[which]
@@ -366,6 +367,7 @@ def test_flow_markdown_writes_each_records_numbers(seed):
             f"`{r.name}`" + (" *added*" if r.added else ""),
             r.kind,
             *map(fmt_number, (r.mean_abs_grad, r.grad_norm, r.grad_to_weight, r.input_grad_norm, r.activation_rms)),
+            fmt_similarity(r.activation_similarity),
             r.verdict,
         ]
         for r in flow.layers

@@ -83,6 +83,20 @@ def test_converted_seed_network_lists_projections_and_gates_in_forward_order():
         flow.layer("nope")
 
 
+def test_gates_follow_their_site_in_a_converted_model_inside_another():
+    """No GraphModule: each gate is placed by the applied plan, after its site's last layer to run."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 128)
+    converted = resify.apply(ImprovedResidualNetwork(SEED_SIZES, False), x, gate="rezero")
+    assert not isinstance(converted, torch.fx.GraphModule)
+    wrapper = nn.Sequential(converted, nn.Linear(1, 2))
+    names = [r.name for r in resify.gradient_flow(wrapper, x).layers]
+    for i in range(5):
+        site = [f"0.layers.{i}.0", f"0.layers.{i}.resify.0.proj", f"0.layers.{i}.resify.0.alpha"]
+        assert names[3 * i : 3 * i + 3] == site
+    assert names[-1] == "1"
+
+
 def test_input_grad_norm_and_activation_rms_match_autograd():
     torch.manual_seed(0)
     model = mlp(4, 16, nn.Tanh)
@@ -171,6 +185,165 @@ def test_documented_thresholds(first, last, verdict):
     flow = judge((rec("a", 0, first), rec("b", 1, last)), model_class="M", loss="mse to zeros", loss_value=1.0)
     assert flow.verdict == verdict
     assert (flow.recommendation is None) == (verdict == "healthy")
+
+
+# ---------------------------------------------------------------------------------------------
+# the rules behind the figures: resify's layers are not the model's, first_layer_ratio
+
+
+def _flow_of(*records, **facts):
+    """``judge`` on LayerFlows given as (name, kind, added, input_grad_norm, mean_abs_grad)."""
+    from resify.report.facts import ModelFacts
+    from resify.report.verdicts import judge
+
+    layers = tuple(
+        LayerFlow(name, kind, i, added, (2, 2) if kind != "Gate" else (1,), mean, mean, None, flow, 1.0)
+        for i, (name, kind, added, flow, mean) in enumerate(records)
+    )
+    return judge(layers, facts=ModelFacts(**facts), model_class="M", loss="mse to zeros", loss_value=1.0)
+
+
+def test_resifys_added_layers_are_left_out_of_first_and_last():
+    """Added ones first and last with flows far outside the bounds: the model's own layers decide."""
+    flow = _flow_of(
+        ("resify.0.proj", "Linear", True, 1e-6, 1.0),  # would make first/last 1e-10: vanishing
+        ("a", "Linear", False, 2.0, 1.0),
+        ("a.resify.0.alpha", "Gate", True, None, 1.0),
+        ("b", "Linear", False, 4.0, 1.0),
+        ("b.resify.0.proj", "Linear", True, 1e4, 1.0),  # would make it 2e-4, and every own layer vanishing
+    )
+    assert flow.first_to_last == 0.5 and flow.verdict == "healthy" and "from 'a' to 'b'" in flow.reason
+    assert [r.verdict for r in flow.layers] == ["vanishing", "healthy", "healthy", "healthy", "exploding"]
+    only_added = _flow_of(("a", "Linear", False, 1.0, 1.0), ("a.resify.0.proj", "Linear", True, 1e-9, 1.0))
+    assert only_added.first_to_last == 1.0 and only_added.verdict == "healthy"
+
+
+def test_first_to_last_of_a_converted_model_is_its_own_first_and_last_layers_input_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(10, 128)
+    converted = resify.apply(ImprovedResidualNetwork(SEED_SIZES, False), x, gate=None)
+    flow = resify.gradient_flow(converted, x)
+    assert flow.layers[-1].added and flow.layers[-1].name == "layers.4.resify.0.proj"
+    inputs = {}
+
+    def keep(name):
+        def hook(module, args):
+            args[0].retain_grad()
+            inputs.setdefault(name, args[0])
+
+        return hook
+
+    handles = [converted.get_submodule(n).register_forward_pre_hook(keep(n)) for n in ("layers.0.0", "layers.4.0")]
+    x_leaf = x.clone().requires_grad_()
+    out = converted(x_leaf)
+    F.mse_loss(out, torch.zeros_like(out)).backward()
+    for h in handles:
+        h.remove()
+    converted.zero_grad(set_to_none=True)
+    reference = inputs["layers.0.0"].grad.norm().item() / inputs["layers.4.0"].grad.norm().item()
+    assert flow.first_to_last == pytest.approx(reference, rel=1e-5)
+
+
+def test_first_layer_ratio_is_the_first_shared_layers_mean_abs_grad_after_over_before():
+    from resify.report.verdicts import compare
+
+    before = _flow_of(
+        ("g.alpha", "Gate", True, None, 5.0), ("a", "Linear", False, 1.0, 2.0), ("b", "Linear", False, 1.0, 1.0)
+    )
+    after = _flow_of(
+        ("resify.0.proj", "Linear", True, 1.0, 100.0),  # only after: not shared
+        ("g.alpha", "Gate", True, None, 50.0),  # shared, but a gate
+        ("a", "Linear", False, 1.0, 6.0),
+        ("b", "Linear", False, 1.0, 1.0),
+    )
+    c = compare(before, after)
+    assert c.first_layer_ratio == 3.0 and c.headline.startswith("first layer: 3.0× more gradient")
+    # and on a real model: the first layer's mean |grad| after ÷ before, by autograd
+    torch.manual_seed(0)
+    model, x = ImprovedResidualNetwork(SEED_SIZES, False), torch.randn(10, 128)
+    converted = resify.apply(model, x, gate=None)
+    c = resify.compare(resify.gradient_flow(model, x), resify.gradient_flow(converted, x))
+    grads = []
+    for m in (model, converted):
+        out = m(x)
+        F.mse_loss(out, torch.zeros_like(out)).backward()
+        grads.append(m.layers[0][0].weight.grad.abs().mean().item())
+        m.zero_grad(set_to_none=True)
+    assert c.first_layer_ratio == pytest.approx(grads[1] / grads[0], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# a gated net at its initial gate, and advice that fits the model
+
+
+def plain_cnn(depth=30, width=16):
+    """``depth`` plain 3×3 convolutions (ReLU, three max-pools, channels doubling), a linear head."""
+    layers, channels = [], 3
+    for i in range(depth):
+        out = width * 2 ** (i * 4 // depth)
+        layers += [nn.Conv2d(channels, out, 3, padding=1), nn.ReLU()]
+        if i % (depth // 4) == depth // 4 - 1 and i < depth - 1:
+            layers.append(nn.MaxPool2d(2))
+        channels = out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
+
+
+def test_a_31_layer_cnn_at_its_initial_rezero_gate_is_judged_through_its_gates():
+    torch.manual_seed(0)
+    model, x = plain_cnn(), torch.randn(8, 3, 32, 32)
+    converted = resify.apply(model, x, gate="rezero")
+    flow = resify.gradient_flow(converted, x)
+    own = [r for r in flow.layers if not r.added]
+    gates = [r for r in flow.layers if r.kind == "Gate"]
+    assert len(own) == 31 and len(gates) == 30 and all(r.mean_abs_grad > 0 for r in gates)
+    # through the shortcuts alone (projections, pooling) the first layer gets ~1/400 of the last one's
+    assert flow.first_to_last < 1e-2
+    assert flow.verdict == "healthy" and flow.recommendation is None, flow.summary()
+    assert flow.reason.startswith("every branch gate is 0 (as at initialisation) and all 30 get gradient")
+    assert "vanishing" not in {r.verdict for r in flow.layers}
+    with torch.no_grad():  # once the gates move, the usual rules again
+        for g in gates:
+            converted.get_parameter(g.name).fill_(0.1)
+    assert "every branch gate is 0" not in resify.gradient_flow(converted, x).reason
+
+
+def test_a_gate_at_zero_that_gets_no_gradient_is_vanishing():
+    records = [("a", "Linear", False, 1.0, 0.0), ("a.resify.0.alpha", "Gate", True, None, 0.0)]
+    records += [("b", "Linear", False, 1.0, 0.0), ("b.resify.0.alpha", "Gate", True, None, 1.0)]
+    flow = _flow_of(*records, gates_at_zero=True)
+    assert flow.verdict == "vanishing" and "'a.resify.0.alpha' gets no gradient" in flow.reason
+    assert flow.recommendation is None  # every branch starts at zero already: nothing of resify's to add
+    healthy = _flow_of(*records[2:], ("c", "Linear", False, 1e3, 0.0), gates_at_zero=True)
+    assert healthy.verdict == "healthy" and healthy.first_to_last == 1e-3  # not 'vanishing': gates at zero
+
+
+def test_advice_never_recommends_what_the_model_has():
+    from resify.report.facts import ModelFacts, model_facts
+    from resify.report.probe import find_layers
+    from resify.report.verdicts import advice, recommend
+
+    torch.manual_seed(0)
+    model, x = mlp(6, 16, nn.ReLU), torch.randn(8, 16)
+    vanishing = _flow_of(("0", "Linear", False, 1e-4, 1.0), ("10", "Linear", False, 1.0, 1.0)).layers
+    assert recommend("vanishing", vanishing) == f"try shortcut='auto': resify.apply(model, shortcut='auto') {_EVERY}"
+    for kwargs, expected in [
+        # identity shortcuts around every layer, no gate: neither shortcut='auto' nor group=1, the gate is new
+        ({"gate": None}, "try gate='rezero': resify.apply(model, gate='rezero') starts every branch at zero"),
+        ({"gate": None, "group": 2}, "try shortcut='auto', group=1: resify.apply(model, shortcut='auto', group=1)"),
+        ({"gate": "rezero"}, None),  # everything the advice would add, it has
+        ({"gate": "rezero", "gate_init": 0.5}, None),  # a gate at 0.5: not told gate='rezero' again
+    ]:
+        converted = resify.apply(model, x, **kwargs)
+        facts = model_facts(converted, find_layers(converted)[1])
+        assert facts.plan is resify.applied_plan(converted) and facts.shortcuts
+        found = recommend("vanishing", vanishing, facts)
+        assert found == expected if expected is None else found.startswith(expected), (kwargs, found)
+        for a in advice("vanishing", vanishing, facts):
+            assert a.unused(facts.plan.policy, facts.plan.sites), (kwargs, a)
+    bn_eval = ModelFacts(batch_norm_eval=True, normalised=True)
+    assert recommend("exploding", vanishing, bn_eval).startswith("if it is untrained, measure it in train mode")
+    collapse = advice("collapsing", vanishing, ModelFacts(normalised=True))
+    assert [a.settings for a in collapse] == [(("gate", "rezero"),)]  # not normalisation: it has some
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,29 +678,33 @@ def test_text_tables_fit_100_columns(seed_comparison):
     for text in (c.after.to_text(), c.to_text(), str(c.before)):
         assert max(len(line) for line in text.splitlines()) <= 100
     text = c.after.to_text()
-    assert "verdict: " in text and "+resify.layers_0_0.proj" in text and "Gate" in text
+    assert "verdict: " in text and "+layers.0.resify.0.proj" in text and "Gate" in text and "act sim" in text
     table = text.splitlines()[text.splitlines().index("") + 1 :]
     assert table[0].split()[:3] == ["#", "layer", "kind"] and len(table) == 2 + 15 + 1
     ctext = c.to_text()
     assert c.headline in ctext and "added by resify (10):" in ctext
     assert re.search(r"^layers\.0\.0\s+Linear\s+\S+\s+0\s+0×", ctext, flags=re.M)
-    narrow = c.after.to_text(width=90)  # long names lose their start to fit
-    assert max(len(line) for line in narrow.splitlines()) <= 90 and re.search(r"\+…\S*_0_0\.proj ", narrow)
+    narrow = c.after.to_text(width=90)  # figures the verdict does not rest on go before the names are cut
+    assert max(len(line) for line in narrow.splitlines()) <= 90 and "‖g‖/‖w‖" not in narrow
+    assert "+layers.0.resify.0.proj " in narrow
+    narrower = c.after.to_text(width=60)  # then long names lose their start to fit
+    assert max(len(line) for line in narrower.splitlines()) <= 60 and re.search(r"\+…\S*\.0\.proj ", narrower)
 
 
 def test_markdown(seed_comparison):
     md = seed_comparison.after.to_markdown()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 15 and "**Verdict: " in md
-    assert all(line.count(" | ") == 8 for line in rows)
+    assert all(line.count(" | ") == 9 for line in rows)
     cmd = seed_comparison.to_markdown()
-    assert f"**{seed_comparison.headline}**" in cmd and "`resify.layers_4_0.alpha`" in cmd
+    assert f"**{seed_comparison.headline}**" in cmd and "`layers.4.resify.0.alpha`" in cmd
+    assert "- output scale: activation RMS of 'layers.4.0' " in cmd
 
 
 def test_json_round_trips_with_a_schema_version(seed_comparison):
     c = seed_comparison
     d = json.loads(c.after.to_json())
-    assert d["schema_version"] == 1 and d["kind"] == "resify.gradient_flow"
+    assert d["schema_version"] == 2 and d["kind"] == "resify.gradient_flow"
     assert set(d["layers"][0]) >= {
         "name",
         "kind",
@@ -537,18 +714,49 @@ def test_json_round_trips_with_a_schema_version(seed_comparison):
         "grad_to_weight",
         "input_grad_norm",
         "activation_rms",
+        "activation_similarity",
         "added",
         "verdict",
     }
+    assert {"activation_growth", "output_similarity"} <= set(d) and d["thresholds"]["collapse_similarity"] == 0.9999
     assert resify.GradientFlow.from_json(c.after.to_json()) == c.after
     assert resify.FlowComparison.from_json(c.to_json()) == c
     cd = json.loads(c.to_json())
-    assert cd["schema_version"] == 1 and cd["headline"] == c.headline and len(cd["added"]) == 10
+    assert cd["schema_version"] == 2 and cd["headline"] == c.headline and len(cd["added"]) == 10
+    assert (cd["output_layer"], cd["output_ratio"]) == ("layers.4.0", c.output_ratio)
     # infinities survive as strings, never as invalid JSON
     bad = LayerFlow("x", "Linear", 0, False, (2, 2), math.inf, math.nan, None, 1.0, 1.0, "exploding")
     assert LayerFlow.from_dict(json.loads(json.dumps(bad.to_dict(), allow_nan=False))).mean_abs_grad == math.inf
-    with pytest.raises(ResifyError, match="expected a 'resify.gradient_flow' report of schema_version 1"):
+    with pytest.raises(ResifyError, match="of schema_version 2 or older, found 99: .* upgrade resify"):
         resify.GradientFlow.from_json(json.dumps({**d, "schema_version": 99}))
+    with pytest.raises(
+        ResifyError, match="of schema_version 1 to 2, found kind='resify.gradient_flow' schema_version=0"
+    ):
+        resify.GradientFlow.from_json(json.dumps({**d, "schema_version": 0}))
+
+
+def _as_schema_1(d):
+    """A report as resify wrote it before schema 2: no similarity, growth or output figures."""
+    d = {
+        k: v
+        for k, v in d.items()
+        if k not in ("activation_growth", "output_similarity", "output_layer", "output_ratio")
+    }
+    if "layers" in d and isinstance(d["layers"], list) and d["layers"] and isinstance(d["layers"][0], dict):
+        d["layers"] = [{k: v for k, v in r.items() if k != "activation_similarity"} for r in d["layers"]]
+    for side in ("before", "after"):
+        if side in d:
+            d[side] = _as_schema_1(d[side])
+    return {**d, "schema_version": 1}
+
+
+def test_a_report_of_schema_1_still_reads_back(seed_comparison):
+    c = seed_comparison
+    old = resify.FlowComparison.from_json(json.dumps(_as_schema_1(json.loads(c.to_json()))))
+    assert old.headline == c.headline and old.after.verdict == c.after.verdict
+    assert [r.name for r in old.after.layers] == [r.name for r in c.after.layers]
+    assert all(r.activation_similarity is None for r in old.after.layers) and old.after.activation_growth is None
+    assert old.output_ratio == c.output_ratio  # derived from the layers' RMS, which schema 1 has
 
 
 def test_plot_png_and_svg(seed_comparison, tmp_path):

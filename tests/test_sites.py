@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from reference import ImprovedResidualNetwork
 
 import resify
+from resify.constants import PLAN_SCHEMA_VERSION
 from resify.errors import PlanError
 from resify.sites import SKIP_CODES, Dense, Identity, Plan, Policy, Projection, Site, Skipped
 
@@ -46,7 +47,7 @@ X = torch.randn(2, 3, 16, 16)
 @pytest.fixture(scope="module")
 def cnn_plan():
     torch.manual_seed(0)
-    return resify.plan(small_cnn(), X)
+    return resify.plan(small_cnn(), X, gate=None)  # the forms and their parameters, no gate beside them
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +89,13 @@ POLICY_ERRORS = {
         {"preserve_output": True, "gate": "rezero", "gate_init": 0.5},
         r"preserve_output=True keeps outputs unchanged only with the gate at 1, found gate_init=0\.5; leave gate_init out",
     ),
-    "gate": ({"gate": "foo"}, r"gate must be one of None, 'rezero', 'layerscale', found 'foo'"),
+    "gate": ({"gate": "foo"}, r"gate must be one of 'auto', None, 'rezero', 'layerscale', found 'foo'"),
     "group 0": ({"group": 0}, r"group must be a positive integer \(layers per shortcut\), found 0"),
     "group True": ({"group": True}, r"group must be a positive integer \(layers per shortcut\), found True"),
     "group 1.5": ({"group": 1.5}, r"group must be a positive integer \(layers per shortcut\), found 1\.5"),
     "gate_init without gate": (
-        {"gate_init": 0.1},
-        r"gate_init was given without a gate; pass gate='rezero' or gate='layerscale' too",
+        {"gate": None, "gate_init": 0.1},
+        r"gate_init was given without a gate \(gate=None\); pass gate='auto', gate='rezero' or gate='layerscale'",
     ),
     "gate_init nan": ({"gate": "rezero", "gate_init": math.nan}, r"gate_init must be a finite number, found nan"),
     "gate_init inf": ({"gate": "layerscale", "gate_init": -math.inf}, r"gate_init must be a finite number, found -inf"),
@@ -290,14 +291,16 @@ def test_the_seed_plan_keeps_the_existing_shortcuts(seed_plan):
 @pytest.mark.parametrize("version", [0, None, "2"])
 def test_plan_from_dict_rejects_an_unknown_schema_version(cnn_plan, version):
     d = {**cnn_plan.to_dict(), "schema_version": version}
-    with pytest.raises(PlanError, match=rf"expected a plan of schema_version 1 to 3, found {version!r}; re-create"):
+    v = PLAN_SCHEMA_VERSION
+    with pytest.raises(PlanError, match=rf"expected a plan of schema_version 1 to {v}, found {version!r}; re-create"):
         Plan.from_dict(d)
 
 
-@pytest.mark.parametrize("version", [4, 99])
+@pytest.mark.parametrize("version", [PLAN_SCHEMA_VERSION + 1, 99])
 def test_a_plan_from_a_newer_release_is_refused_with_the_version_it_needs(cnn_plan, version):
     d = {**cnn_plan.to_dict(), "schema_version": version}
-    with pytest.raises(PlanError, match=rf"schema_version 3 or older, found {version}: .* upgrade resify"):
+    v = PLAN_SCHEMA_VERSION
+    with pytest.raises(PlanError, match=rf"schema_version {v} or older, found {version}: .* upgrade resify"):
         Plan.from_dict(d)
 
 

@@ -1,7 +1,10 @@
 """Beside the pipeline: the gradient-flow report of any ``nn.Module``, and the comparison of two.
 
-``measure`` runs the forward and backward (``gradient_flow``) through the hooks of ``probe``;
-``verdicts`` applies the rules (thresholds in ``resify.constants``) and compares two reports;
+``measure`` runs the forward and backward (``gradient_flow``) through the hooks of ``probe``, which
+take each layer's figures (``figures``: gradients, and the activations' scale and similarity);
+``facts`` says what the model has (its applied plan, its norms, gates still at zero); ``verdicts``
+applies the rules (the forward signal's in ``signal``; thresholds in ``resify.constants``) and
+compares two reports;
 ``records`` holds the frozen results and their JSON. Printing is ``resify.render``'s job.
 The README's "Reading the report" explains the figures, the verdicts and the JSON schema.
 """

@@ -53,13 +53,24 @@ class ModelFacts:
 
 def applied_plans(model: nn.Module) -> tuple[tuple[str, Plan], ...]:
     """(prefix, plan) of ``model`` and of each submodule that ``resify.apply`` converted."""
-    found = []
-    for prefix, m in model.named_modules():
-        if PLAN_ATTRIBUTE in m.__dict__ or isinstance(m, torch.fx.GraphModule):
-            plan = applied_plan(m)
-            if plan is not None:
-                found.append((prefix, plan))
-    return tuple(found)
+    return tuple((prefix, plan) for prefix, m in model.named_modules() if (plan := _plan_of(m)) is not None)
+
+
+def _plan_of(m: nn.Module) -> Plan | None:
+    if PLAN_ATTRIBUTE in m.__dict__ or isinstance(m, torch.fx.GraphModule):  # (cheaper than a getattr that fails)
+        return applied_plan(m)
+    return None
+
+
+_NORMS: dict[type, bool] = {}  # module class -> it normalises (asked once per class)
+
+
+def _is_norm(cls: type) -> bool:
+    found = _NORMS.get(cls)
+    if found is None:
+        found = issubclass(cls, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
+        found = _NORMS[cls] = found or bool(_NORM_NAME.search(cls.__name__))
+    return found
 
 
 def is_branch_gate(name: str) -> bool:
@@ -78,14 +89,18 @@ def gates_at_zero(values: Mapping[str, Sequence[float] | torch.Tensor]) -> bool:
 def model_facts(model: nn.Module, gates: Mapping[str, torch.Tensor]) -> ModelFacts:
     """Discover the facts of ``model`` (``gates``: resify's gate parameters by name, as ``probe.find_layers`` gives them)."""
     normalised = batch_norm_eval = False
+    plans = []
     for name, m in model.named_modules():
-        is_norm = isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
-        is_norm = is_norm or bool(_NORM_NAME.search(type(m).__name__))
-        normalised |= is_norm and NAMESPACE not in name.split(".")
+        plan = _plan_of(m)
+        if plan is not None:
+            plans.append((name, plan))
+        if not _is_norm(type(m)):
+            continue
+        normalised |= NAMESPACE not in name.split(".")
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             batch_norm_eval |= not m.training and m.track_running_stats and m.running_mean is not None
     return ModelFacts(
-        plans=applied_plans(model),
+        plans=tuple(plans),
         normalised=normalised,
         batch_norm_eval=batch_norm_eval,
         gates_at_zero=gates_at_zero(gates),

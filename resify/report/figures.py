@@ -14,7 +14,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["Sink", "combine", "l2_norm", "activation_figures", "figures_of", "stacked_figures", "BATCH_NUMEL"]
+__all__ = [
+    "Sink",
+    "combine",
+    "l2_norm",
+    "activation_figures",
+    "figures_of",
+    "stacked_figures",
+    "BATCH_NUMEL",
+]
 
 #: tensors of at most this many elements are measured stacked with the others of their size (one
 #: reduction for many small layers, where each call costs more than its arithmetic); larger ones one
@@ -81,8 +89,8 @@ def combine(items: list[tuple[tuple, float]], batches: int) -> dict:
     Keys of ``items``: ("loss",); ("weight", name) the weight's norm; ("mean_abs" | "grad_norm",
     name, batch); ("input", name, batch) the norm of the gradient at one input tensor (a layer
     called several times has several: root of the summed squares); ("act", name, batch, numel)
-    the norm of one output (RMS over all the layer's outputs); ("sim", name, batch) the mean cosine
-    similarity between one output's examples (mean over the layer's outputs; NaN: not measured).
+    the norm of one output (RMS over all the layer's outputs); ("sim", name, batch) how alike one
+    output's examples are (``activation_figures``; mean over the layer's outputs; NaN: not measured).
     """
     out: dict = {}
     losses: list[float] = []
@@ -144,74 +152,66 @@ def l2_norm(t: torch.Tensor, nonzero: bool = True) -> torch.Tensor | float:
 def activation_figures(
     t: torch.Tensor, sequence: bool = False
 ) -> tuple[torch.Tensor | float, torch.Tensor | float | None]:
-    """(‖t‖, the mean cosine similarity between t's examples) of one layer output ``t``.
+    """(‖t‖, how alike t's examples are) of one layer output ``t``.
 
-    The similarity is the rank-collapse measure of signal-propagation studies (the cosine between
-    token representations of Noci et al. 2022, "Signal propagation in transformers: theoretical
-    perspectives and the role of rank collapse"; the correlation map of Schoenholz et al. 2017,
-    "Deep information propagation"): the mean over pairs i ≠ j of cos(x_i, x_j), x_i being the slice
-    ``t[i]`` flattened, one example of the batch. For a ``sequence`` (a 3-D output of a layer that is
-    not a convolution, [batch, positions, features] or [positions, batch, features]) the slices
-    along the second dimension are compared too and the larger similarity is kept: the positions of
-    a sequence that become one vector are the rank collapse of a Transformer without its residuals
-    (Dong et al. 2021, "Attention is not all you need: pure attention loses rank doubly
-    exponentially with depth"), whichever dimension holds the batch. Near 1, the layer maps every
-    example (or position) to nearly the same vector. One pass and no N×N matrix: with u_i = x_i/‖x_i‖,
-    Σ_{i≠j} u_i·u_j = ‖Σ u_i‖² − N. None where fewer than two slices are nonzero, or a slice is one number.
+    The similarity is the correlation of mean-field signal propagation (Poole et al. 2016,
+    "Exponential expressivity in deep neural networks through transient chaos"; Schoenholz et al.
+    2017, "Deep information propagation"), whose fixed point 1 is the collapse of every input onto
+    one output, taken over the batch: the mean inner product of two different examples' outputs ÷
+    the mean squared norm of one, Σ_{i≠j} x_i·x_j / ((N−1) Σ_i ‖x_i‖²), x_i being the slice ``t[i]``
+    flattened. It is 1 − N/(N−1)·(std/RMS)², std being the output's standard deviation across the
+    batch and RMS its root mean square; where the examples' norms are equal it is their mean
+    pairwise cosine similarity (the rank-collapse measure of Noci et al. 2022, "Signal propagation
+    in transformers"). One pass, no N×N matrix: Σ_{i≠j} x_i·x_j = ‖Σ_i x_i‖² − Σ_i ‖x_i‖².
+
+    For a ``sequence`` (a 3-D output of a layer that is not a convolution, [batch, positions,
+    features] or [positions, batch, features]) the slices along the second dimension are compared
+    too and the larger similarity kept: a sequence whose positions become one vector is the rank
+    collapse of a Transformer without its residuals (Dong et al. 2021, "Attention is not all you
+    need: pure attention loses rank doubly exponentially with depth"), whichever dimension holds
+    the batch. Near 1, the layer maps every example (or position) to nearly one vector. None where
+    there are fewer than two slices, a slice is one number, or the output is 0. Sums and norms are
+    taken in float32 (a float64 norm of a large activation costs ~8× more on the CPU), which resolves
+    1 − similarity to a few 1e-6: finer than ``COLLAPSE_SIMILARITY`` needs by far.
 
     On the CPU both are floats (the norm as ``l2_norm`` takes it); on accelerators 0-dim float64
     tensors (no host sync; the similarity NaN where it is not measured).
     """
-    n = t.shape[0] if t.dim() >= 2 else 0
+    shape = t.shape
+    n = shape[0] if len(shape) >= 2 else 0
     if n < 2 or t.numel() < 2 * n:
         return l2_norm(t), None
-    x = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t  # (half cannot tell 1 - 1e-4 from 1)
-    norm, sim = _figures(_rows(x))
-    if sequence and x.dim() == 3 and x.shape[1] >= 2 and x.shape[2] >= 1:
-        other = _across(x, 1, wide=x.device.type != "cpu")
+    x = t.float() if t.dtype in _HALF else t  # (a half-precision sum cannot tell 1 - 1e-4 from 1)
+    norm = l2_norm(x)
+    sim = _alike(x, 0, norm)
+    if sequence and len(shape) == 3 and shape[1] >= 2:
+        other = _alike(x, 1, norm)
         if isinstance(sim, torch.Tensor):
-            sim = torch.fmax(sim, other)  # (fmax: NaN, not measured, gives way to the other)
-        else:
-            found = other.item()
-            sim = found if sim is None or (not math.isnan(found) and found > sim) else sim
-            sim = None if sim is not None and math.isnan(sim) else sim
+            sim = torch.fmax(sim, other)  # type: ignore[arg-type]  # (fmax: NaN, not measured, gives way)
+        elif other is not None and (sim is None or other > sim):
+            sim = other
     return norm, sim
 
 
-def _figures(rows: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float | None]:
-    """(‖rows‖, the mean cosine similarity between the rows): as few calls as the CPU allows."""
-    if rows.device.type != "cpu":
-        return torch.linalg.vector_norm(rows, dtype=torch.float64), _across(rows, 0, wide=True)
-    n = rows.shape[0]
-    r = torch.linalg.vector_norm(rows, dim=1)
-    s = r.reciprocal() @ rows
-    ss, q = r.dot(r).item(), s.dot(s).item()
-    if not (math.isfinite(ss) and math.isfinite(q) and ss > 0):  # a zero row, overflow, underflow
-        sim = _across(rows.double(), 0, wide=True).item()
-        return l2_norm(rows), None if math.isnan(sim) else sim
-    return math.sqrt(ss), min((q - n) / (n * (n - 1)), 1.0)  # (rounding can pass 1)
+#: activations measured in float32 (their sums and norms)
+_HALF = (torch.float16, torch.bfloat16)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as [examples, values], a view where it can be (the order of values does not matter to a
-    norm or a cosine: a channels-last tensor is read in its memory order)."""
-    if not t.is_contiguous():
-        strides = t.stride()
-        t = t.permute(0, *sorted(range(1, t.dim()), key=lambda d: -strides[d]))
-    return t.reshape(t.shape[0], -1)
-
-
-def _across(t: torch.Tensor, dim: int, wide: bool) -> torch.Tensor:
-    """The mean cosine similarity between the slices of ``t`` (2-D, or 3-D for ``dim`` 1) along
-    ``dim``, zero slices left out: a 0-dim float64 tensor, NaN where fewer than two are left
-    (``wide``: the norms summed in float64)."""
-    others = [d for d in range(t.dim()) if d != dim]
-    r = torch.linalg.vector_norm(t, dim=others, dtype=torch.float64 if wide else None)
-    nonzero = r > 0
-    kept = nonzero.sum()
-    w = torch.where(nonzero, r.reciprocal(), 0.0).to(t.dtype)
-    s = (w @ t if dim == 0 else torch.matmul(w, t)).double()
-    return ((s.square().sum() - kept) / (kept * (kept - 1))).clamp(max=1.0)
+def _alike(x: torch.Tensor, dim: int, norm: torch.Tensor | float) -> torch.Tensor | float | None:
+    """The similarity of ``activation_figures`` between the slices of ``x`` along ``dim`` (``norm``: ‖x‖)."""
+    count = x.shape[dim]
+    total = x.sum(dim)
+    if isinstance(norm, torch.Tensor):  # an accelerator: float64, no sync (0 / 0 is NaN: not measured)
+        ss = norm.square()
+        q = torch.linalg.vector_norm(total, dtype=torch.float64).square()
+        return ((q - ss) / ((count - 1) * ss)).clamp(max=1.0)
+    sq = norm * norm
+    if not (math.isfinite(sq) and sq > 0):
+        return None
+    q = torch.linalg.vector_norm(total).item()
+    if math.isinf(q) or q == 0:  # past float32's sum of squares, or below it: again in float64
+        q = torch.linalg.vector_norm(x.double().sum(dim)).item()
+    return min((q * q - sq) / ((count - 1) * sq), 1.0)  # (rounding can pass 1)
 
 
 def figures_of(t: torch.Tensor, grads: bool) -> tuple[Any, torch.Tensor | float]:

@@ -86,7 +86,7 @@ def gradient_flow(
         )
     )
     sink = Sink()
-    probe = Probe(modules, weights, model, sink)
+    probe = Probe(modules, weights, sink)
     with _no_trace(model, inputs, seed):
         for batch in _batch_inputs(inputs, batches, seed):
             for p in model.parameters():

@@ -131,11 +131,13 @@ class Probe:
     """The hooks that measure one forward and backward.
 
     Forward hooks on the layers record the call order, the norm of each output and how alike its
-    examples are (``figures.activation_figures``), and put a gradient hook on each layer's input tensor. Weight gradients are read by one of two kinds of hook:
+    examples are (``figures.activation_figures``), and put a gradient hook on each layer's input
+    tensor. Weight gradients are read by one of two kinds of hook:
 
-    - ``keep_grads=False`` (``gradient_flow``): a post-accumulate hook on every parameter reads
-      the weight gradient (mean |grad|, norm) the moment it is complete and then drops it, so the
-      report holds one gradient at a time beside the user's own (which it has put aside).
+    - ``keep_grads=False`` (``gradient_flow``): a post-accumulate hook on every weight (and gate)
+      reads its gradient (mean |grad|, norm) the moment it is complete and then drops it, so the
+      report holds one weight gradient at a time beside the user's own (which it has put aside);
+      the small gradients of the other parameters (biases, norms) go with the batch, unread.
     - ``keep_grads=True`` (``watch``): a hook on each weight reads the gradient of this backward as
       it arrives, before it is added to ``.grad``, and changes nothing: the optimizer gets it as
       it would have. The figure is the same where ``.grad`` was empty; under gradient
@@ -151,7 +153,6 @@ class Probe:
         self,
         layers: Mapping[str, nn.Module],
         weights: Mapping[str, torch.Tensor],
-        model: nn.Module,
         sink: Sink | None = None,
         *,
         keep_grads: bool = False,
@@ -166,11 +167,7 @@ class Probe:
         for name, w in weights.items():
             self._weight_names[id(w)] = (*self._weight_names.get(id(w), ()), name)
         unique = {id(w): w for w in weights.values() if w.requires_grad}
-        if keep_grads:
-            self._params: list[torch.Tensor] = list(unique.values())
-        else:
-            self._params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
-            self._params += [w for i, w in unique.items() if all(w is not p for p in self._params)]
+        self._params: list[torch.Tensor] = list(unique.values())  # (a hook on every bias would cost more than it holds)
         self._forward_hooks = {name: self._forward_hook(name) for name in layers}
         self._param_hooks = [
             self._arriving_hook(self._weight_names[id(p)]) if keep_grads else self._weight_hook for p in self._params
@@ -282,11 +279,7 @@ class Probe:
                 self.called[name] = len(self.called)
             out = output if isinstance(output, torch.Tensor) else first_tensor(output)
             if out is not None and out.is_floating_point() and out.numel():
-                # at once: a later in-place op (ReLU(inplace=True)) would change what a kept tensor holds
-                norm, similarity = activation_figures(out.detach(), sequence)
-                self.sink.add(self._key("act", name, self.batch, out.numel()), norm)
-                if similarity is not None:
-                    self.sink.add(self._key("sim", name, self.batch), similarity)
+                self._output(name, out.detach(), sequence)
             x = args[0] if args and isinstance(args[0], torch.Tensor) else first_tensor((args, kwargs))
             if x is None or not x.requires_grad:
                 return
@@ -301,11 +294,22 @@ class Probe:
 
         return hook
 
+    def _output(self, name: str, out: torch.Tensor, sequence: bool) -> None:
+        """One layer output's figures, at once: a later in-place op (ReLU(inplace=True)) would change it."""
+        norm, similarity = activation_figures(out, sequence)
+        act = self._key("act", name, self.batch, out.numel())
+        if similarity is None:
+            self.sink.extend([act], [norm])
+        else:
+            self.sink.extend([act, self._key("sim", name, self.batch)], [norm, similarity])
+
     def _weight_hook(self, p: torch.Tensor) -> None:
         g = p.grad
         names = self._weight_names.get(id(p))
         if g is not None and names:  # (backward runs without grad mode: nothing here is recorded)
-            self._measure([g], [names], "grad")
+            mean_abs, norm = figures_of(g, True)  # (what _measure does for one tensor, without its grouping)
+            keys = [self._key(kind, n, self.batch) for n in names for kind in ("mean_abs", "grad_norm")]
+            self.sink.extend(keys, [mean_abs, norm] * len(names))
         p.grad = None
 
     def _arriving_hook(self, names: tuple[str, ...]) -> Callable:

@@ -46,7 +46,7 @@ class LayerFlow:
     input_grad_norm: float | None  # L2 norm of the gradient arriving at the layer's input
     activation_rms: float | None  # root mean square of the layer's output
     verdict: Verdict = "healthy"
-    #: mean cosine similarity between the outputs of the batch's examples (``figures.activation_figures``)
+    #: how alike the outputs of the batch's examples are, 1: one vector (``figures.activation_figures``)
     activation_similarity: float | None = None
 
     @property

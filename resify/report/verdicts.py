@@ -34,6 +34,7 @@ from .signal import Signal, own_layers, signal_of
 
 if TYPE_CHECKING:
     from ..policy import Policy
+    from ..sites import Site
 
 __all__ = ["judge", "layer_verdict", "Advice", "advice", "recommend", "compare", "judge_step"]
 
@@ -192,15 +193,26 @@ class Advice:
         keywords = ", ".join(f"{k}={v!r}" for k, v in self.settings)
         return f"try {keywords}: resify.apply(model, {keywords}) {self.effect}"
 
-    def unused(self, policy: Policy) -> tuple[tuple[str, Any], ...]:
-        """The settings ``policy`` does not have already (its defaults included)."""
-        used = {"gate_init": policy.effective_gate_init}
-        return tuple((k, v) for k, v in self.settings if used.get(k, getattr(policy, k)) != v)
+    def unused(self, policy: Policy, sites: Sequence[Site] = ()) -> tuple[tuple[str, Any], ...]:
+        """The settings that a run under ``policy`` does not use already (its defaults included); with
+        the ``sites`` it planned, their gate and its start where all agree (gate='auto' chooses them site
+        by site)."""
+        has: dict[str, Any] = {"gate_init": policy.effective_gate_init}
+        for key in ("gate", "gate_init"):
+            found = {getattr(site, key) for site in sites}
+            if len(found) == 1:
+                has[key] = found.pop()
+        return tuple((k, v) for k, v in self.settings if has.get(k, getattr(policy, k)) != v)
 
 
 _EVERY_LAYER = "adds a shortcut around every layer"
 _REZERO = Advice((("gate", "rezero"),), "starts every branch at zero")
 _TRAINING = Advice((), "lower the learning rate, or clip the gradient norm (torch.nn.utils.clip_grad_norm_)")
+_TRAIN_MODE = Advice(
+    (),
+    "if it is untrained, measure it in train mode (model.train()): in eval mode its BatchNorm layers "
+    "use running statistics, which do not normalise an untrained model",
+)
 
 
 def advice(verdict: Verdict, layers: Sequence[LayerFlow], facts: ModelFacts | None = None) -> tuple[Advice, ...]:
@@ -208,8 +220,10 @@ def advice(verdict: Verdict, layers: Sequence[LayerFlow], facts: ModelFacts | No
     its normalisation), nothing the model has already."""
     facts = facts or ModelFacts()
     found = _collapse_advice(layers, facts) if verdict == "collapsing" else _gradient_advice(verdict, layers, facts)
+    if facts.batch_norm_eval and verdict != "healthy":  # at initialisation, most likely the cause
+        found = (_TRAIN_MODE, *found)
     plan = facts.plan
-    return found if plan is None else tuple(a for a in found if not a.settings or a.unused(plan.policy))
+    return found if plan is None else tuple(a for a in found if not a.settings or a.unused(plan.policy, plan.sites))
 
 
 def _gradient_advice(verdict: Verdict, layers: Sequence[LayerFlow], facts: ModelFacts) -> tuple[Advice, ...]:
@@ -237,14 +251,6 @@ def _gradient_advice(verdict: Verdict, layers: Sequence[LayerFlow], facts: Model
 
 def _collapse_advice(layers: Sequence[LayerFlow], facts: ModelFacts) -> tuple[Advice, ...]:
     found: list[Advice] = []
-    if facts.batch_norm_eval:
-        found.append(
-            Advice(
-                (),
-                "measure it in train mode (model.train()): in eval mode its BatchNorm layers use running "
-                "statistics, which do not normalise an untrained model",
-            )
-        )
     if not (facts.shortcuts or any(r.added for r in layers)):
         found.append(
             Advice((("gate", "rezero"),), f"{_EVERY_LAYER}, which carries each example's own signal past the layers")

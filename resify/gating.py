@@ -1,0 +1,413 @@
+"""Stage 3, last step: ``gate='auto'`` chooses each site's gate from its branch and a measured forward.
+
+A site computes ``out = α·F(x) + S(x)``. Under ``gate='auto'`` the planner leaves α out and
+:func:`choose_gates` decides it site by site, on the example's forward run as the converted model would
+run it (each branch F, shortcut S and their sum measured by its mean square), in forward order, the
+sites before each one gated as already decided:
+
+1. **The branch outweighs its shortcut**: ungated, the site would grow the mean square its shortcut
+   carries more than ``AUTO_OUTWEIGHS`` (2.5×; a branch as loud as its shortcut and independent of it
+   gives 2×). The block would not start near the identity, the premise of a residual network: a gate
+   (``'rezero'``) that starts at 0 (ReZero, Bachlechner et al. 2020; SkipInit, De & Smith 2020). This is
+   a He-initialised VGG, whose branches carry their input's full scale (ungated, every block doubles
+   the variance and VGG-16's logits grow 800×: the case Fixup, Zhang et al. 2019, and SkipInit were
+   made for), and a skipless Transformer, whose first normalised attention output is three times its
+   embedding and the same vector at every position: added whole, it overwrites the tokens, the rank
+   collapse of Noci et al. 2022 that T-Fixup (Huang et al. 2020) and He et al. 2023 avoid by
+   down-weighting the branches.
+
+2. **No norm ends the branch** (a plain or bounded activation, an LSTM) **and it does not outweigh its
+   shortcut** (a fresh PyTorch layer adds about 1/6 of its input's mean square, an LSTM a few percent):
+   ungated, the shortcuts compound, ``E[x²]`` grows by the product of the sites' growths,
+   exponentially in depth. Where that product passes ``AUTO_GROWTH`` (4×) in a net of ``DEEP_LAYERS``
+   (32) layers or more, or at ``AUTO_RATE`` (1.8×) a site in any net (He-initialised branches double
+   the signal: a few such sites compound), each such site gets a gate that starts at 0 (ReZero;
+   SkipInit; Fixup); in a shallower net of slower growth, or where the branches are small, none: their
+   shortcuts train best unhindered (on the digits, a 21-layer plain CNN reaches 97.4% ungated and 94.8%
+   from α = 0; a 2-LSTM stack 97.5% and 95.3%; 32 layers is where the report already recommends gated
+   shortcuts).
+
+3. **A norm ends the branch** (BatchNorm in training, LayerNorm, GroupNorm, RMSNorm) **and it does not
+   outweigh its shortcut**: it adds its own fixed scale whatever its input's, so the signal grows by
+   addition, not compounding, and the norm already down-weights deep branches against the shortcut
+   (SkipInit's account of BatchNorm ResNets): no gate.
+
+A dense shortcut keeps its branch whole and ``preserve_output`` starts every shortcut at β = 0: no gate
+for either. A learned projection is drawn as ``rewrite`` will draw it, from a generator of its own;
+the model's buffers and the random state are restored after each run. Where no forward can run (a
+model on the meta device, an example the graph refuses) the rules read the branches alone: a gate
+where no norm ends the branch in a net of ``DEEP_LAYERS`` layers or more. The figures are as good as
+the example: give a batch like the training data's (a training batch), not one or two examples. The
+cost: one forward of the example, two where rule 2 gates. Nothing here changes the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any, NamedTuple
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .analyze import Analysis
+from .bounds import is_bounded_activation
+from .constants import AUTO_GROWTH, AUTO_OUTWEIGHS, AUTO_RATE, DEEP_LAYERS
+from .formats import first_line
+from .ops import called_module, data_input, follower_role, is_layer_node, layer_kind
+from .sites import Dense, GateReason, Plan, Projection, Site
+from .state import state_kept
+from .trace import Traced
+
+__all__ = ["choose_gates", "branch_end", "measure_sites", "SiteSignal", "BranchEnd"]
+
+#: where gate='auto' starts a gate at zero and no gate_init is given (ReZero, SkipInit)
+_GATE_START = 0.0
+_NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.instance_norm}
+_RMS_NORM = getattr(F, "rms_norm", None)
+_RECURRENT = ("LSTM", "GRU", "RNN")
+
+
+class SiteSignal(NamedTuple):
+    """What the measured forward saw at one site, as the converted model computes it: the mean
+    squares of the branch F, of the shortcut S and of their ungated sum F + S."""
+
+    branch: float
+    shortcut: float
+    joined: float
+
+    @property
+    def ratio(self) -> float:
+        """E[F²] / E[S²]: how loud the branch is beside its shortcut."""
+        return _over(self.branch, self.shortcut)
+
+    @property
+    def growth(self) -> float:
+        """E[(F + S)²] / E[S²]: how much the site, ungated, grows the signal its shortcut carries."""
+        return _over(self.joined, self.shortcut)
+
+
+def _over(a: float, b: float) -> float:
+    if not math.isfinite(a) or not math.isfinite(b):
+        return math.inf
+    if b <= 0:
+        return math.inf if a > 0 else 1.0
+    return a / b
+
+
+def _mean(t: torch.Tensor) -> float:
+    return t.detach().double().mean().item() if t.numel() else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# what ends a branch
+
+
+class BranchEnd(NamedTuple):
+    """What fixes the scale of a site's branch output: ``kind`` "norm" (a norm that normalises each
+    example, or a BatchNorm in training, follows its last layer), "bounded" (a bounded activation, a
+    recurrent layer) or "plain"; ``op`` names it ("LayerNorm", "LSTM", "ReLU")."""
+
+    kind: str
+    op: str
+
+
+def branch_end(site: Site, analysis: Analysis) -> BranchEnd:
+    """What ends the site's branch: the ops from its output back to its last parametric op."""
+    gm = analysis.module
+    cur: Any = analysis.node(site.exit)
+    bounded = activation = ""
+    for _ in range(64):
+        if not isinstance(cur, torch.fx.Node):
+            break
+        if is_layer_node(gm, cur):
+            kind = layer_kind(gm, cur)
+            if kind in _RECURRENT:
+                return BranchEnd("bounded", bounded or kind)
+            return BranchEnd("bounded", bounded) if bounded else BranchEnd("plain", activation or kind)
+        norm = _normalises(gm, cur)
+        if norm:
+            return BranchEnd("norm", norm)
+        if not bounded and is_bounded_activation(gm, cur):
+            bounded = _op_name(gm, cur)
+        if not activation and follower_role(gm, cur) == "activation":
+            activation = _op_name(gm, cur)
+        cur = data_input(cur)
+    return BranchEnd("bounded", bounded) if bounded else BranchEnd("plain", activation or "unknown")
+
+
+def _op_name(gm: nn.Module, n: torch.fx.Node) -> str:
+    m = called_module(gm, n)
+    if m is not None:
+        return type(m).__name__
+    return str(getattr(n.target, "__name__", n.target))
+
+
+def _normalises(gm: nn.Module, n: torch.fx.Node) -> str:
+    """The name of the norm ``n`` where it fixes its output's scale whatever its input's: per example,
+    or per batch for a BatchNorm in training; "" otherwise (a BatchNorm in eval mode uses running
+    statistics; LocalResponseNorm barely rescales)."""
+    if follower_role(gm, n) != "norm":
+        return ""
+    m = called_module(gm, n)
+    if m is not None:
+        if isinstance(m, _BatchNorm):
+            return type(m).__name__ if m.training or not m.track_running_stats else ""
+        return "" if isinstance(m, nn.LocalResponseNorm) else type(m).__name__
+    if n.target is F.batch_norm:
+        training = n.args[5] if len(n.args) > 5 else n.kwargs.get("training", False)
+        return "batch_norm" if training is True else ""
+    if n.target in _NORM_FUNCTIONS or (_RMS_NORM is not None and n.target is _RMS_NORM):
+        return str(getattr(n.target, "__name__", "norm"))
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# the measured forward
+
+
+class Unmeasured(Exception):
+    """No forward could be run; the message says why."""
+
+
+def _strided(x: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """What a 1×1 convolution of ``stride`` keeps: every s-th position."""
+    if not stride or all(s == 1 for s in stride):
+        return x
+    index = (slice(None), slice(None), *(slice(None, None, s) for s in stride))
+    return x[index]
+
+
+def _pooled(x: torch.Tensor, form: Projection, like: torch.Tensor) -> torch.Tensor:
+    """``x`` average-pooled (or upsampled, nearest) to ``like``'s spatial size, as the shortcut does."""
+    size = tuple(like.shape[2:])
+    if form.upsample:
+        return F.interpolate(x, size=size, mode="nearest")
+    pool: Callable[..., torch.Tensor] = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[
+        len(size)
+    ]
+    return pool(x, size)
+
+
+def _fresh(shape: tuple[int, ...], fan_in: int, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Weights as torch's default init draws a fresh layer's: U(±1/√fan_in) (kaiming_uniform, a=√5)."""
+    u = torch.rand(shape, generator=generator, device=x.device, dtype=torch.float32)
+    return ((2 * u - 1) / math.sqrt(fan_in)).to(x.dtype)
+
+
+def _shortcut(site: Site, x: torch.Tensor, branch: torch.Tensor, training: bool, gen: torch.Generator) -> torch.Tensor:
+    """S(x) as the converted model computes it at initialisation; a learned projection drawn as
+    ``rewrite`` will draw it (from a generator of our own: the global random state is not touched)."""
+    form = site.shortcut
+    if not isinstance(form, Projection):
+        return x
+    cin, cout = form.channels
+    if form.op == "linear":
+        return F.linear(x, _fresh((cout, cin), cin, x, gen), _fresh((cout,), cin, x, gen))
+    if form.pool and not form.pool_last:
+        x = _pooled(x, form, branch)
+    if form.op == "conv":
+        fan_in = cin // form.groups
+        weight = _fresh((cout, fan_in, *(1,) * form.dims), fan_in, x, gen)
+        conv: Callable[..., torch.Tensor] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[form.dims]
+        x = conv(x, weight, stride=form.stride or 1, groups=form.groups)
+        if form.norm:  # a fresh BatchNorm: batch statistics in training, running ones (0, 1) in eval
+            x = F.batch_norm(x, None, None, training=True) if training else x / math.sqrt(1 + 1e-5)
+    else:  # "pool" or "pad" (ResNet's option A): no parameters
+        x = _strided(x, form.stride)
+        cd = site.channel_dim
+        if cout > cin:
+            x = F.pad(x, [0, 0] * ((x.dim() - 2) if cd == 1 else 0) + [0, cout - cin])
+        elif cout < cin:
+            x = x.narrow(cd, 0, cout)
+    if form.pool and form.pool_last:
+        x = _pooled(x, form, branch)
+    return x
+
+
+class _Forward(torch.fx.Interpreter):
+    """Runs a traced graph with the plan's shortcuts in place, each branch scaled by ``alpha(site,
+    signal)`` (1: ungated), recording every site's :class:`SiteSignal`."""
+
+    def __init__(self, traced: Traced, sites: Sequence[Site], alpha: Callable[[Site, SiteSignal], float]) -> None:
+        super().__init__(traced.root, graph=traced.graph)
+        nodes = {n.name: n for n in traced.graph.nodes}
+        self.at_exit: dict[str, list[Site]] = {}
+        self.entry: dict[str, str] = {}
+        for s in sites:
+            x = data_input(nodes[s.anchor])
+            if isinstance(s.shortcut, Dense) or not isinstance(x, torch.fx.Node):
+                continue  # a dense site's widened consumer computes what it did: nothing changes
+            self.at_exit.setdefault(s.exit, []).append(s)
+            self.entry[s.name] = x.name
+        self.wanted = set(self.entry.values())
+        self.kept: dict[str, torch.Tensor] = {}
+        self.alpha = alpha
+        self.training = traced.training
+        self.signals: dict[str, SiteSignal] = {}
+        self.generator: torch.Generator | None = None  # for the projections' weights, made on first use
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        value = super().run_node(n)
+        for site in self.at_exit.get(n.name, ()):
+            x = self.kept.get(self.entry[site.name])
+            if not isinstance(x, torch.Tensor) or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                continue
+            if self.generator is None or self.generator.device != x.device:
+                self.generator = torch.Generator(x.device).manual_seed(0)
+            s = _shortcut(site, x, value, self.training, self.generator)
+            joined = value + s
+            signal = SiteSignal(_mean(value.pow(2)), _mean(s.pow(2)), _mean(joined.pow(2)))
+            a = self.alpha(site, signal)
+            value = joined if a == 1.0 else value * a + s
+            self.signals[site.name] = signal
+        if n.name in self.wanted and isinstance(value, torch.Tensor):
+            self.kept[n.name] = value
+        return value
+
+
+def _placeholder_values(traced: Traced) -> list[Any]:
+    """The value of each of the graph's inputs: the example's, by position then by name, else the default."""
+    inputs, named = list(traced.example_inputs), dict(traced.example_kwargs)
+    values = []
+    for i, n in enumerate(n for n in traced.graph.nodes if n.op == "placeholder"):
+        name = str(n.target).lstrip("*")
+        if i < len(inputs):
+            values.append(inputs[i])
+        elif name in named:
+            values.append(named[name])
+        else:
+            values.append(n.args[0] if n.args else None)
+    return values
+
+
+def measure_sites(
+    traced: Traced, sites: Sequence[Site], alpha: Callable[[Site, SiteSignal], float]
+) -> dict[str, SiteSignal]:
+    """Run ``traced``'s graph on its example inputs with ``sites``' shortcuts in place, each branch
+    scaled by ``alpha(site, signal)`` as it is reached (1: ungated), in forward order; every site's
+    signal by name. The model's buffers and the random state are restored.
+
+    Raises:
+        Unmeasured: the graph cannot run on real values (meta tensors) or failed on the example.
+    """
+    tensors = [*traced.root.parameters(), *traced.root.buffers(), *traced.example_inputs]
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
+        raise Unmeasured("the model is on the meta device")
+    run = _Forward(traced, sites, alpha)
+    try:
+        with state_kept(traced.root), torch.no_grad():
+            torch.manual_seed(0)  # dropout draws alike on every call: the same plan for the same model
+            run.run(*_placeholder_values(traced))
+    except Exception as e:  # the measurement is advice: any failure falls back on the branches alone
+        raise Unmeasured(f"the example's forward failed: {first_line(e)}") from e
+    return run.signals
+
+
+# ---------------------------------------------------------------------------------------------
+# the choice
+
+
+class _Choice(NamedTuple):
+    reason: GateReason
+    alpha: float  # 1: no gate; else the gate's start
+
+
+def choose_gates(plan: Plan, traced: Traced, analysis: Analysis) -> Plan:
+    """Under ``gate='auto'``, the plan with every site's ``gate``, ``gate_init``, ``added_params`` and
+    ``gate_reason`` filled in (the rules are in the module's docstring); any other plan as it is.
+
+    ``traced`` and ``analysis`` are those the plan was made from; where the plan has
+    ``other_mode_sites`` (a forward that reads ``self.training``), those get their twin's choice.
+    """
+    if plan.policy.gate != "auto" or not plan.sites:
+        return plan
+    start = plan.policy.gate_init if plan.policy.gate_init is not None else _GATE_START
+    ends = {s.name: branch_end(s, analysis) for s in plan.sites}
+    layers = plan.n_layers
+    fixed: dict[str, _Choice] = {}
+    for s in plan.sites:
+        end = ends[s.name]
+        if isinstance(s.shortcut, Dense):
+            fixed[s.name] = _Choice(GateReason("dense", end.kind, end.op), 1.0)
+        elif s.preserve_output:
+            fixed[s.name] = _Choice(GateReason("preserve_output", end.kind, end.op), 1.0)
+    loose = [s.name for s in plan.sites if s.name not in fixed and ends[s.name].kind != "norm"]
+    if len(fixed) == len(plan.sites):
+        return _with_gates(plan, fixed)
+    try:
+        chosen, signals = _measured(plan, traced, ends, fixed, set(), start)
+        unweighed = [n for n in loose if n not in chosen]  # rule 2: neither fixed nor outweighing
+        growth = math.prod(signals[n].growth for n in unweighed if n in signals)
+        rate = growth ** (1 / len(unweighed)) if unweighed else 1.0
+        compounds = bool(unweighed) and growth > AUTO_GROWTH and (layers >= DEEP_LAYERS or rate >= AUTO_RATE)
+        if compounds:  # their gates change the signal the later normalised sites see: measure again
+            kept = {n: c for n, c in chosen.items() if ends[n].kind != "norm" or n in fixed}
+            chosen, _ = _measured(plan, traced, ends, kept, set(unweighed), start)
+        for n in unweighed:
+            end = ends[n]
+            reason = GateReason(
+                "compounds" if compounds else "shallow", end.kind, end.op, growth, len(unweighed), layers
+            )
+            chosen[n] = _Choice(reason, start if compounds else 1.0)
+    except Unmeasured as e:
+        deep = layers >= DEEP_LAYERS
+        chosen = dict(fixed)
+        for s in plan.sites:
+            if s.name not in fixed:
+                end = ends[s.name]
+                gated = deep and end.kind != "norm"
+                chosen[s.name] = _Choice(
+                    GateReason("unmeasured", end.kind, end.op, None, len(loose), layers, str(e)),
+                    start if gated else 1.0,
+                )
+    return _with_gates(plan, chosen)
+
+
+def _measured(
+    plan: Plan,
+    traced: Traced,
+    ends: dict[str, BranchEnd],
+    fixed: dict[str, _Choice],
+    compounding: set[str],
+    start: float,
+) -> tuple[dict[str, _Choice], dict[str, SiteSignal]]:
+    """One measured forward, choosing each site's gate as it is reached by rules 1 and 3 (the sites in
+    ``compounding`` start at ``start``, the other rule-2 sites ungated for now); with the signals."""
+    chosen: dict[str, _Choice] = dict(fixed)
+
+    def alpha(site: Site, signal: SiteSignal) -> float:
+        if site.name in chosen:
+            return chosen[site.name].alpha
+        if site.name in compounding:  # rule 2, decided on the first forward
+            return start
+        end = ends[site.name]
+        if signal.growth > AUTO_OUTWEIGHS:  # rule 1
+            chosen[site.name] = _Choice(GateReason("outweighs", end.kind, end.op, signal.growth), start)
+            return start
+        if end.kind == "norm":  # rule 3
+            chosen[site.name] = _Choice(GateReason("normalised", end.kind, end.op, signal.growth), 1.0)
+        return 1.0
+
+    signals = measure_sites(traced, plan.sites, alpha)
+    for s in plan.sites:  # a site the forward did not reach (no tensor there): as its branch says
+        if s.name not in chosen and ends[s.name].kind == "norm":
+            chosen[s.name] = _Choice(GateReason("normalised", "norm", ends[s.name].op), 1.0)
+    return chosen, signals
+
+
+def _with_gates(plan: Plan, chosen: dict[str, _Choice]) -> Plan:
+    def resolved(s: Site) -> Site:
+        choice = chosen[s.name]
+        if choice.alpha == 1.0:
+            return replace(s, gate=None, gate_init=None, gate_reason=choice.reason)
+        return replace(
+            s, gate="rezero", gate_init=choice.alpha, added_params=s.added_params + 1, gate_reason=choice.reason
+        )
+
+    others = None if plan.other_mode_sites is None else tuple(resolved(s) for s in plan.other_mode_sites)
+    return replace(plan, sites=tuple(resolved(s) for s in plan.sites), other_mode_sites=others)
