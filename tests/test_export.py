@@ -189,7 +189,9 @@ def test_a_sequential_is_written_as_a_module_dict_whose_layers_keep_their_names(
 
 
 def test_each_forward_of_a_model_that_reads_the_mode_marks_its_shortcuts():
-    converted = resify.apply(ReadsMode().train(), torch.randn(2, 4), graph_module=True)
+    converted = resify.apply(
+        ReadsMode().train(), torch.randn(2, 4), gate=None, graph_module=True
+    )  # ungated: the comments name the form only
     source = render_source(converted)
     train, evaluate = source.split("def _forward_train(")[1].split("def _forward_eval(")
     for body in (train, evaluate):
