@@ -775,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
         runs[:0] = [r for r in saved_runs if key(r) not in new]
         commands = saved_merge["commands"] + commands
         seconds += saved_merge["seconds"]
-    if args.only_cnn and not args.no_write and os.path.exists(json_path):
+    if args.only_cnn and not args.merge and not args.no_write and os.path.exists(json_path):
         with open(json_path) as f:  # keep the MLP rows of the last run, replace the CNN rows
             saved = json.load(f)
         runs[:0] = [Run(**r) for r in saved["runs"] if not r["model"].startswith("cnn")]

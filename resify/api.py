@@ -203,20 +203,29 @@ def apply(
     plan: Plan | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     **policy: Any,
 ) -> M:
-    """Return a new GraphModule: ``model`` with residual shortcuts added (``model`` is not changed).
+    """Return a copy of ``model`` with residual shortcuts added (``model`` is not changed).
 
     Takes the same arguments as :func:`plan` (``example_input``, ``example_kwargs`` and the policy
     keywords ``shortcut``, ``group``, ``include``, ``exclude``, ``gate``, ``gate_init``,
     ``preserve_output``, ``dense_max_growth``, ``leaf_modules``, ``projection``, ``max_added``,
-    ``projection_cost``; see there), and raises what it
-    raises. The plan that was carried out is in ``resify.applied_plan(result)`` and the example
-    input used (given or derived) in ``result.meta["resify_example_inputs"]`` (and
-    ``["resify_example_kwargs"]``). New modules and parameters live under ``result.resify``; the
-    result's weights are its own (copied when either side is first written).
+    ``projection_cost``; see there), and raises what it raises. The copy keeps ``model``'s class,
+    attributes, methods, hooks and modes; each shortcut is installed in the forward of its owner (the
+    smallest module whose forward holds the whole span: ``Site.owner``), and what resify adds lives
+    under ``<owner>.resify.<site>``. The plan that was carried out is ``resify.applied_plan(result)``;
+    the result's weights are its own (copied when either side is first written).
+
+    Args:
+        graph_module: return one ``torch.fx.GraphModule`` of the whole model instead (a
+            :class:`~resify.DualGraphModule` where ``forward`` reads ``self.training`` and the two
+            modes trace to different graphs), with resify's modules under ``result.resify`` and the
+            example input in ``result.meta["resify_example_inputs"]``; it needs a model whose forward
+            traces whole.
+        plan: a saved plan to carry out exactly, instead of planning (a ``Plan``, its dict, a plan
+            JSON file, or a folder ``resify.save`` wrote); no policy keywords go with it.
 
     Returns:
-        A ``torch.fx.GraphModule`` (a :class:`~resify.DualGraphModule` where ``forward`` reads
-        ``self.training`` and the two modes trace to different graphs), in ``model``'s mode.
+        A copy of ``model``, of its class, in ``model``'s mode (with ``graph_module=True``, the
+        GraphModule).
 
     >>> import torch
     >>> from torch import nn

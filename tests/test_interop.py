@@ -33,7 +33,7 @@ MODELS = [
 ]
 IDS = [b.__name__ for b, _ in MODELS]
 GATES = [
-    {},
+    {"gate": None},  # the ungated form (gate='auto' measures a forward, which a model on meta cannot run)
     {"gate": "rezero"},
     {"gate": "layerscale"},
     {"preserve_output": True},

@@ -420,3 +420,9 @@ def test_the_kept_whole_table_lists_exactly_the_codes_resify_uses() -> None:
     assert _codes_in_table(DOCS / "api.md", "| `code` | the module was kept whole because |") == list(
         resify.WHOLE_CODES
     )
+
+
+def test_the_gate_rule_table_lists_exactly_the_rules_gate_auto_uses() -> None:
+    from resify.sites import GATE_RULES
+
+    assert _codes_in_table(DOCS / "api.md", "| `rule` | the site gets | because |") == list(GATE_RULES)

@@ -13,7 +13,7 @@ def test_vgg_style_cnn_gets_identity_and_pooled_projections():
     torch.manual_seed(0)
     model = vgg_style_cnn()
     x = torch.randn(4, 3, 32, 32)
-    converted = resify.apply(model, x)
+    converted = resify.apply(model, x, gate=None)  # the forms and their parameters, no gate beside them
     plan = resify.applied_plan(converted)
     by_start = {s.start: s for s in plan.sites}
     # conv 16->16 keeps the shape: identity; 16->32 with BatchNorm then max-pool: a 1x1 conv +
@@ -51,7 +51,7 @@ def test_pooled_shortcut_computes_the_average_pool_of_its_input():
         nn.AdaptiveAvgPool2d(1),
     )
     x = torch.randn(2, 3, 7, 7)  # 7 is odd: the last pooling window is partial
-    converted = resify.apply(model, x).eval()
+    converted = resify.apply(model, x, gate=None).eval()
     plan = resify.applied_plan(converted)
     assert [s.projection for s in plan.sites] == ["AvgPool2d(→out) + Conv2d(3, 6, 1)", "AvgPool2d(→out)"]
     w = converted.get_submodule("resify.0.proj").weight

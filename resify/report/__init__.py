@@ -6,7 +6,7 @@ take each layer's figures (``figures``: gradients, and the activations' scale an
 applies the rules (the forward signal's in ``signal``; thresholds in ``resify.constants``) and
 compares two reports;
 ``records`` holds the frozen results and their JSON. Printing is ``resify.render``'s job.
-The README's "Reading the report" explains the figures, the verdicts and the JSON schema.
+docs/report.md explains the figures, the verdicts and the JSON schema.
 """
 
 from .measure import gradient_flow

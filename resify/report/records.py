@@ -1,8 +1,8 @@
 """The report's records: the gradient flow of one model, the comparison of two, and their JSON.
 
 Frozen dataclasses that ``measure.gradient_flow`` and ``verdicts.compare`` fill in; they print
-through ``resify.render`` and read back from JSON (the schema is in the README, "The report as
-JSON"; ``null`` is "not measured", infinities and NaN are the strings "inf", "-inf", "nan").
+through ``resify.render`` and read back from JSON (the schema is in docs/report.md, "The report
+as JSON"; ``null`` is "not measured", infinities and NaN are the strings "inf", "-inf", "nan").
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class GradientFlow:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        """The report as JSON (schema: README, "The report as JSON")."""
+        """The report as JSON (schema: docs/report.md, "The report as JSON")."""
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False)
 
     @classmethod
@@ -269,7 +269,7 @@ class FlowComparison:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        """The comparison as JSON (schema: README, "The report as JSON")."""
+        """The comparison as JSON (schema: docs/report.md, "The report as JSON")."""
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False)
 
     @classmethod

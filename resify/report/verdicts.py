@@ -4,8 +4,8 @@ training step against the first one recorded.
 The gradient rules compare the first layer's flow with the last's; the forward rules (``signal``)
 follow the activations' scale and how alike the examples' outputs are. The model's ``facts`` say
 what it already has: a net whose branch gates are all still 0 is judged through its gates, and the
-advice leaves out what the model has. The thresholds live in ``resify.constants``; the README's
-"Reading the report" explains them.
+advice leaves out what the model has. The thresholds live in ``resify.constants``; docs/report.md,
+"Reading the report", explains them.
 """
 
 from __future__ import annotations
