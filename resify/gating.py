@@ -18,8 +18,8 @@ sites before each one gated as already decided:
 
 2. **No norm ends the branch** (a plain or bounded activation, an LSTM) **and it does not outweigh its
    shortcut** (a fresh PyTorch layer adds about 1/6 of its input's mean square, an LSTM a few percent):
-   ungated, the shortcuts compound, ``E[x²]`` grows by the product of the sites' growths,
-   exponentially in depth. Where that product passes ``AUTO_GROWTH`` (4×) in a net of ``DEEP_LAYERS``
+   ungated, the shortcuts compound: the signal's mean square grows by the product of the sites' gains
+   ``E[(F + S)²] / E[x²]``, exponentially in depth. Where that product passes ``AUTO_GROWTH`` (4×) in a net of ``DEEP_LAYERS``
    (32) layers or more, or at ``AUTO_RATE`` (1.8×) a site in any net (He-initialised branches double
    the signal: a few such sites compound), each such site gets a gate that starts at 0 (ReZero;
    SkipInit; Fixup); in a shallower net of slower growth, or where the branches are small, none: their
@@ -33,8 +33,9 @@ sites before each one gated as already decided:
    (SkipInit's account of BatchNorm ResNets): no gate.
 
 A dense shortcut keeps its branch whole and ``preserve_output`` starts every shortcut at β = 0: no gate
-for either. A learned projection is drawn as ``rewrite`` will draw it, from a generator of its own;
-the model's buffers and the random state are restored after each run. Where no forward can run (a
+for either. A learned projection is drawn as ``rewrite`` will draw it, from a generator of its own
+(its product with the branch counted at its mean, 0: the draw is independent of the branch); the
+model's buffers and the random state are restored after each run. Where no forward can run (a
 model on the meta device, an example the graph refuses) the rules read the branches alone: a gate
 where no norm ends the branch in a net of ``DEEP_LAYERS`` layers or more. The figures are as good as
 the example: give a batch like the training data's (a training batch), not one or two examples. The
@@ -74,8 +75,11 @@ _RECURRENT = ("LSTM", "GRU", "RNN")
 
 class SiteSignal(NamedTuple):
     """What the measured forward saw at one site, as the converted model computes it: the mean
-    squares of the branch F, of the shortcut S and of their ungated sum F + S."""
+    squares of the site's input x, of the branch F, of the shortcut S and of their ungated sum F + S
+    (for a learned projection, E[F²] + E[S²]: its fresh weights are independent of the branch, so
+    the product's mean is 0 but for the chance of one draw)."""
 
+    entry: float
     branch: float
     shortcut: float
     joined: float
@@ -89,6 +93,11 @@ class SiteSignal(NamedTuple):
     def growth(self) -> float:
         """E[(F + S)²] / E[S²]: how much the site, ungated, grows the signal its shortcut carries."""
         return _over(self.joined, self.shortcut)
+
+    @property
+    def gain(self) -> float:
+        """E[(F + S)²] / E[x²]: how much the site, ungated, grows the signal it receives."""
+        return _over(self.joined, self.entry)
 
 
 def _over(a: float, b: float) -> float:
@@ -261,7 +270,9 @@ class _Forward(torch.fx.Interpreter):
                 self.generator = torch.Generator(x.device).manual_seed(0)
             s = _shortcut(site, x, value, self.training, self.generator)
             joined = value + s
-            signal = SiteSignal(_mean(value.pow(2)), _mean(s.pow(2)), _mean(joined.pow(2)))
+            f2, s2 = _mean(value.pow(2)), _mean(s.pow(2))
+            learned = isinstance(site.shortcut, Projection) and site.shortcut.learned
+            signal = SiteSignal(_mean(x.pow(2)), f2, s2, f2 + s2 if learned else _mean(joined.pow(2)))
             a = self.alpha(site, signal)
             value = joined if a == 1.0 else value * a + s
             self.signals[site.name] = signal
@@ -342,7 +353,7 @@ def choose_gates(plan: Plan, traced: Traced, analysis: Analysis) -> Plan:
     try:
         chosen, signals = _measured(plan, traced, ends, fixed, set(), start)
         unweighed = [n for n in loose if n not in chosen]  # rule 2: neither fixed nor outweighing
-        growth = math.prod(signals[n].growth for n in unweighed if n in signals)
+        growth = math.prod(signals[n].gain for n in unweighed if n in signals)
         rate = growth ** (1 / len(unweighed)) if unweighed else 1.0
         compounds = bool(unweighed) and growth > AUTO_GROWTH and (layers >= DEEP_LAYERS or rate >= AUTO_RATE)
         if compounds:  # their gates change the signal the later normalised sites see: measure again

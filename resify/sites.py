@@ -27,6 +27,7 @@ from .constants import (
 from .errors import PlanError
 from .formats import fmt_times
 from .policy import Policy
+from .skips import SKIP_CODES, SkipCode, Skipped
 from .units import WholeModule
 
 __all__ = [
@@ -154,9 +155,9 @@ class GateReason:
 
     ``value`` is, for "outweighs" and "normalised", how much the site, ungated, grows the mean square
     its shortcut carries, ``E[(F + S)²] / E[S²]`` (as the converted model computes them on the
-    example); for "compounds" and "shallow", how much the shortcuts of the ``sites`` sites whose
-    branches no norm ends, ungated, grow the signal's mean square together, in a net of ``layers``
-    layers. ``text`` words it; the rules are in ``resify.gating``.
+    example); for "compounds" and "shallow", how much the ``sites`` sites whose branches no norm ends,
+    ungated, grow the signal's mean square together (the product of their gains ``E[(F + S)²] /
+    E[x²]``), in a net of ``layers`` layers. ``text`` words it; the rules are in ``resify.gating``.
     """
 
     rule: GateRule
@@ -186,22 +187,19 @@ class GateReason:
                 f"{self.ends} ends the branch: it adds its own fixed scale (the site grows its shortcut's mean "
                 f"square {v}), so the signal grows by addition, not by compounding"
             )
-        rate = (
-            f", {fmt_times(self.value ** (1 / self.sites))} a site"
-            if self.value and self.sites and figure is None
-            else ""
-        )
-        depth = f"{self.sites} sites whose branches no norm ends (and do not outweigh), in {self.layers} layers"
-        limit = f"a gate from {AUTO_GROWTH:g}× in a net of {DEEP_LAYERS} layers or more, or at {AUTO_RATE:g}× a site"
+        per_site = fmt_times(self.value ** (1 / self.sites)) if self.value and self.sites and figure is None else ""
+        rate = f", {per_site} a site" if per_site else ""
+        depth = f"{self.sites} sites whose branches no norm ends and do not outweigh, in {self.layers} layers"
+        limit = f"a gate from {AUTO_GROWTH:g}× in a net of {DEEP_LAYERS} layers or more, or from {AUTO_RATE:g}× a site"
         if self.rule == "compounds":
             return (
                 f"no norm ends the branch ({self.ends}): ungated, the shortcuts of the {depth}, would compound, "
-                f"growing the signal's mean square {v}{rate} ({limit}); the gate starts at 0"
+                f"scaling the signal's mean square by {v}{rate} ({limit}); the gate starts at 0"
             )
         if self.rule == "shallow":
             return (
-                f"no norm ends the branch ({self.ends}), but ungated the shortcuts of the {depth}, grow the "
-                f"signal's mean square {v}{rate} ({limit})"
+                f"no norm ends the branch ({self.ends}), but ungated the shortcuts of the {depth}, scale the "
+                f"signal's mean square by {v}{rate} ({limit})"
             )
         if self.rule == "dense":
             return "a dense shortcut keeps the branch's output whole"
@@ -331,46 +329,6 @@ def _v1_shortcut(d: Mapping[str, Any]) -> dict:
 #: the forms ``Plan.counts`` counts, in the order ``Plan.summary`` writes them
 _COUNTED = ("identity", "projection", "parameter-free", "dense")
 
-SkipCode = Literal[
-    "excluded",  # an exclude pattern matched, or include did not
-    "inside_existing",  # the layer is inside a shortcut the model already has
-    "stem",  # the convolution from the input's channels to the width of a network that has its shortcuts
-    "gate_branch",  # the span only computes a gate (squeeze-excitation, attention weights, GLU)
-    "group_remainder",  # fewer layers left than group=
-    "not_single_entry_exit",  # a value joins or leaves the span between its input and output
-    "bounded_output",  # the span ends in the model's bounded output activation
-    "no_shape",  # no tensor shape was recorded
-    "not_float",  # non-float tensors, or a dtype change across the span
-    "identity_needs_same_shape",  # shortcut='identity' and the shape changes (at some input size)
-    "rank_change",  # a flatten inside the span
-    "linear_span",  # no activation, norm or pool: a projection would be one more linear map
-    "unsupported_shape",  # a shape change no projection handles
-    "no_consumer",  # dense: the span's output has no layer that can be widened
-    "dense_growth",  # dense: more than dense_max_growth channels
-    "mode_differs",  # the span differs between train and eval mode
-    "projection_cost",  # a learned projection would cost more than projection_cost × the span's parameters
-    "over_budget",  # the max_added budget was spent on sites of more value per parameter
-    "unrecorded",  # read from a schema-1 plan, which had no codes
-]
-SKIP_CODES: tuple[SkipCode, ...] = get_args(SkipCode)
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A candidate span that was not used: a stable ``code`` (see ``SkipCode``) and the reason in prose."""
-
-    start: str
-    end: str
-    code: SkipCode
-    reason: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Skipped:
-        return cls(d["start"], d["end"], d.get("code", "unrecorded"), d["reason"])
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -438,7 +396,7 @@ class Plan:
     def to_text(self, width: int | None = None) -> str:
         """The plan as an aligned table, ``width`` columns at most; None: the terminal's width
         (``shutil.get_terminal_size``: ``COLUMNS``, else the terminal, else 100)."""
-        from .render import plan_text  # the renderer imports these records' module for typing only
+        from .render_plan import plan_text  # the renderer imports these records' module for typing only
 
         return plan_text(self, width)
 

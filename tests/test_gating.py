@@ -143,9 +143,10 @@ def test_a_batchnorm_in_eval_mode_does_not_count_as_a_norm():
 def test_the_plan_says_why_in_print_and_json():
     torch.manual_seed(0)
     plan = resify.plan(plain_mlp(DEEP_LAYERS + 8), torch.randn(64, 32))
-    text = str(plan)
+    text = " ".join(str(plan).split())  # the paragraphs are wrapped at 100 columns
     assert "gates chosen (gate='auto'): rezero at 40 sites" in text
     assert "rezero at 0.0, 1.0, 2.0, … (40 in all): no norm ends the branch (ReLU): ungated, the shortcuts" in text
+    assert "would compound, scaling the signal's mean square by" in text
     d = json.loads(json.dumps(plan.to_dict()))
     assert d["policy"]["gate"] == "auto"
     assert d["sites"][0]["gate"] == "rezero" and d["sites"][0]["gate_reason"]["rule"] == "compounds"

@@ -282,7 +282,7 @@ def test_bad_policies_raise_plan_errors(kwargs, match):
 def test_plan_table_fits_its_width_and_cuts_shortcut_labels_at_their_end():
     from reference import vgg_style_cnn
 
-    from resify.render import plan_text
+    from resify.render_plan import plan_text
 
     plan = resify.plan(vgg_style_cnn(), torch.randn(2, 3, 32, 32), gate=None)
     for width in (80, 100):

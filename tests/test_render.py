@@ -17,10 +17,10 @@ from resify.render import (
     comparison_text,
     flow_markdown,
     flow_text,
-    plan_text,
     plot_flows,
     table,
 )
+from resify.render_plan import plan_text
 
 # ---------------------------------------------------------------------------------------------
 # table: exact layouts
