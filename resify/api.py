@@ -147,13 +147,13 @@ def plan(
               ``'layerscale'`` not with ``shortcut='dense'``.
             * ``gate_init``: the gate's initial value (default 0 for rezero and the gates auto
               chooses, 1e-4 for layerscale); not with ``gate=None``.
+            * ``leaf_modules``: module types or glob patterns on qualified names that the tracer
+              keeps whole instead of tracing through (e.g. code it cannot follow).
             * ``preserve_output``: ``True`` multiplies every shortcut by a learnable β that starts
               at 0 (and starts the gate at 1), so the converted model computes exactly what
               ``model`` does until training moves β (default ``False``).
             * ``dense_max_growth``: with ``shortcut='dense'``, at most this many channels or
               features added to one widened layer (default: no bound).
-            * ``leaf_modules``: module types or glob patterns on qualified names that the tracer
-              keeps whole instead of tracing through (e.g. code it cannot follow).
             * ``projection``: where shapes change, ``'auto'`` (default: a learned 1×1, grouped
               beside grouped convolutions, parameter-free past the two limits below), ``'conv'``
               (learned only; a span past a limit is skipped) or ``'pad'`` (parameter-free: the
@@ -207,7 +207,7 @@ def apply(
 
     Takes the same arguments as :func:`plan` (``example_input``, ``example_kwargs`` and the policy
     keywords ``shortcut``, ``group``, ``include``, ``exclude``, ``gate``, ``gate_init``,
-    ``preserve_output``, ``dense_max_growth``, ``leaf_modules``, ``projection``, ``max_added``,
+    ``leaf_modules``, ``preserve_output``, ``dense_max_growth``, ``projection``, ``max_added``,
     ``projection_cost``; see there), and raises what it raises. The copy keeps ``model``'s class,
     attributes, methods, hooks and modes; each shortcut is installed in the forward of its owner (the
     smallest module whose forward holds the whole span: ``Site.owner``), and what resify adds lives

@@ -27,7 +27,7 @@ from . import __version__, api
 from .cli_flags import POLICY_FLAG_NAMES, advice_text, policy_from_flags, policy_options
 from .errors import InputError, ModelLoadError, ResifyError, ResifyWarning
 from .loading import MODEL_SPEC_FORMS, LoadedModel, load_model, parse_input_kwarg, parse_input_shape, parse_input_shapes
-from .policy import Policy
+from .policy import Policy, keyword
 from .render import terminal_width
 from .sites import Plan
 
@@ -243,7 +243,7 @@ def inspect(
     if plan_path is not None:
         ctx = click.get_current_context()
         given = [
-            f"--{name.replace('_', '-')}"
+            keyword(name).option
             for name in opts
             if name in POLICY_FLAG_NAMES and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
         ]

@@ -1,8 +1,10 @@
 """The policy keywords of ``resify.apply`` as command-line flags (part of the CLI).
 
-``policy_options`` adds the flags to a click command; ``policy_from_flags`` turns the parsed flags
-into keywords, refusing contradictory combinations in the flags' own words (exit status 2);
-``advice_text`` words the report's advice as flags, leaving out what the run already uses.
+``policy_options`` adds the example-input flags and one flag per entry of ``resify.policy.KEYWORDS``
+(its help, default and choices) to a click command; ``policy_from_flags`` turns the parsed flags into
+keywords, refusing a combination that breaks one of ``resify.policy.RULES`` in the flags' own words
+(exit status 2); ``advice_text`` words the report's advice as flags, leaving out what the run
+already uses.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ from typing import Any, TypeVar
 
 import click
 
-from .constants import GATE_POLICIES, MAX_ADDED, PROJECTION_COST, PROJECTIONS, SHORTCUTS
 from .loading import DTYPES
-from .policy import Policy
+from .policy import KEYWORDS, Keyword, Policy, broken_rule, say_flag
 from .report.records import GradientFlow
 from .report.verdicts import advice
 
@@ -23,44 +24,60 @@ __all__ = ["policy_options", "policy_from_flags", "advice_text", "POLICY_FLAG_NA
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_GATE_CHOICES = ["none" if gate is None else gate for gate in GATE_POLICIES]
 
+class _Number(click.ParamType):
+    """A finite number (``non_negative``: ≥ 0), or "none" where ``none`` is allowed (no limit)."""
 
-class _Limit(click.ParamType):
-    """A non-negative number, or "none" for no limit."""
-
-    name = "NUMBER|none"
+    def __init__(self, non_negative: bool, none: bool) -> None:
+        self.non_negative, self.none = non_negative, none
+        self.name = ("non-negative number" if non_negative else "finite number") + (" or 'none'" if none else "")
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | None:
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
+        if value is None or (self.none and isinstance(value, str) and value.lower() == "none"):
             return None
         try:
             number = float(value)
         except (TypeError, ValueError):
-            self.fail(f"expected a non-negative number or 'none', found {value!r}", param, ctx)
-        if not math.isfinite(number) or number < 0:
-            self.fail(f"expected a non-negative number or 'none', found {value!r}", param, ctx)
+            number = math.nan
+        if not math.isfinite(number) or (self.non_negative and number < 0):
+            self.fail(f"expected a {self.name}, found {value!r}", param, ctx)
         return number
 
 
-#: The parameters that policy_options adds (``--plan`` refuses them where the user gave them).
-POLICY_FLAG_NAMES = (
-    "shortcut",
-    "group",
-    "include",
-    "exclude",
-    "gate",
-    "gate_init",
-    "preserve_output",
-    "dense_max_growth",
-    "projection",
-    "max_added",
-    "projection_cost",
-)
+#: The parameters that policy_options adds for the policy (``--plan`` refuses them where given).
+POLICY_FLAG_NAMES = tuple(k.name for k in KEYWORDS)
+
+
+def _cli_value(value: Any) -> Any:
+    """A keyword's value as its flag takes it: None is 'none'."""
+    return "none" if value is None else value
+
+
+def _option(entry: Keyword) -> Callable[[F], F]:
+    """The click option of one policy keyword, made from its entry in ``KEYWORDS``."""
+    help = entry.help[0].upper() + entry.help[1:] + "."
+    decls = (entry.option, entry.name)
+    if entry.kind == "choice":
+        choices = [_cli_value(c) for c in entry.choices]
+        return click.option(
+            *decls, type=click.Choice(choices), default=_cli_value(entry.default), show_default=True, help=help
+        )
+    if entry.kind in ("count", "bound"):
+        return click.option(
+            *decls, type=click.IntRange(min=1), default=entry.default, show_default=entry.default is not None, help=help
+        )
+    if entry.kind == "globs":
+        return click.option(*decls, multiple=True, metavar="GLOB", help=help + " Repeatable.")
+    if entry.kind == "switch":
+        return click.option(*decls, is_flag=True, help=help)
+    limit = entry.kind == "limit"
+    return click.option(
+        *decls, type=_Number(non_negative=limit, none=limit), default=entry.default, show_default=limit, help=help
+    )
 
 
 def policy_options(f: F) -> F:
-    """The policy keywords of resify.apply as flags (shared by inspect and convert)."""
+    """The example-input flags and one flag per policy keyword (shared by inspect and convert)."""
     options = [
         click.option(
             "--input-shape",
@@ -86,136 +103,20 @@ def policy_options(f: F) -> F:
             help="An input passed by name, e.g. attention_mask=2,16:int64 (repeatable); "
             "every other optional argument stays at its default.",
         ),
-        click.option(
-            "--shortcut",
-            type=click.Choice(list(SHORTCUTS)),
-            default="auto",
-            show_default=True,
-            help="auto: identity or projection; identity: only where shapes match; "
-            "dense: concatenate, widening the next layer.",
-        ),
-        click.option("--group", type=click.IntRange(min=1), default=1, show_default=True, help="Layers per shortcut."),
-        click.option("--include", multiple=True, metavar="GLOB", help="Only layers whose name matches (repeatable)."),
-        click.option(
-            "--exclude", multiple=True, metavar="GLOB", help="Leave out layers whose name matches (repeatable)."
-        ),
-        click.option(
-            "--gate",
-            type=click.Choice(_GATE_CHOICES),
-            default="auto",
-            show_default=True,
-            help="Scale each layer branch by a learnable gate; auto: chosen per site from the example's forward.",
-        ),
-        click.option(
-            "--gate-init",
-            type=float,
-            default=None,
-            help="Initial gate value (rezero and auto 0, layerscale 1e-4); not with --gate none.",
-        ),
-        click.option("--preserve-output", is_flag=True, help="Start every shortcut at β=0: outputs unchanged."),
-        click.option(
-            "--projection",
-            type=click.Choice(list(PROJECTIONS)),
-            default="auto",
-            show_default=True,
-            help="Where shapes change: auto: a learned 1×1 (grouped beside grouped convolutions), "
-            "parameter-free past the cost limits; conv: learned only (spans past the limits are skipped); "
-            "pad: parameter-free (channels zero-padded or sliced).",
-        ),
-        click.option(
-            "--max-added",
-            type=_Limit(),
-            default=MAX_ADDED,
-            show_default=True,
-            help="Budget of the learned projections, a share of the model's parameters ('none': no limit).",
-        ),
-        click.option(
-            "--projection-cost",
-            type=_Limit(),
-            default=PROJECTION_COST,
-            show_default=True,
-            help="Largest learned projection, a multiple of the parameters of the span it bridges ('none': no limit).",
-        ),
-        click.option(
-            "--dense-max-growth",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Dense: at most this many channels/features added per widened layer; needs --shortcut dense.",
-        ),
-        click.option(
-            "--leaf",
-            "leaf_modules",
-            multiple=True,
-            metavar="GLOB",
-            help="Module names to keep whole while tracing (repeatable).",
-        ),
+        *(_option(entry) for entry in KEYWORDS),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _contradiction(opts: dict[str, Any]) -> str | None:
-    """What is wrong with a combination of policy flags, worded in flags (None if nothing is).
-
-    The CLI's copy of Policy.from_kwargs' cross-field rules, so that the user reads about the flags
-    they typed (and exit status 2) rather than about the library's keywords.
-    """
-    gate, shortcut, gate_init = opts["gate"], opts["shortcut"], opts["gate_init"]
-    if gate_init is not None and gate == "none":
-        return (
-            f"--gate-init needs a gate: found --gate-init {gate_init} with --gate none; "
-            "drop --gate none (the default, --gate auto, takes it), or drop --gate-init"
-        )
-    if gate_init is not None and not math.isfinite(gate_init):
-        return f"--gate-init expects a finite number; found {gate_init}"
-    if gate not in ("none", "auto") and shortcut == "dense":
-        return (
-            f"--gate does not combine with --shortcut dense: found --gate {gate} (a dense shortcut keeps the "
-            "layer's output whole); drop --gate, or choose --shortcut auto or identity"
-        )
-    if opts["dense_max_growth"] is not None and shortcut != "dense":
-        return (
-            f"--dense-max-growth needs --shortcut dense: found --shortcut {shortcut}; "
-            "add --shortcut dense or drop --dense-max-growth"
-        )
-    if opts["preserve_output"] and gate_init is not None and gate_init != 1.0:
-        return (
-            f"--preserve-output needs the gate to start at 1: found --gate-init {gate_init}; "
-            "drop --gate-init (or pass --gate-init 1)"
-        )
-    return None
-
-
 def policy_from_flags(opts: dict[str, Any]) -> dict[str, Any]:
-    """The policy keywords for resify.apply; a contradictory set of flags is a click UsageError."""
-    problem = _contradiction(opts)
+    """The policy keywords for resify.apply; a set of flags that breaks a rule is a click UsageError."""
+    values = {k.name: None if opts[k.name] == "none" else opts[k.name] for k in KEYWORDS}
+    problem = broken_rule(values, say_flag)
     if problem is not None:
         raise click.UsageError(problem, ctx=click.get_current_context())
-    policy: dict[str, Any] = {
-        "shortcut": opts["shortcut"],
-        "group": opts["group"],
-        "include": opts["include"],
-        "exclude": opts["exclude"],
-        "gate": None if opts["gate"] == "none" else opts["gate"],
-        "leaf_modules": opts["leaf_modules"],
-        "projection": opts["projection"],
-        "max_added": opts["max_added"],
-        "projection_cost": opts["projection_cost"],
-    }
-    if opts["gate_init"] is not None:
-        policy["gate_init"] = opts["gate_init"]
-    if opts["preserve_output"]:
-        policy["preserve_output"] = True
-    if opts["dense_max_growth"] is not None:
-        policy["dense_max_growth"] = opts["dense_max_growth"]
-    return policy
-
-
-def _flag(keyword: str, value: Any) -> str:
-    """A policy keyword and value as the flag that sets it: ('gate_init', 0.0) -> '--gate-init 0'."""
-    shown = "none" if value is None else (f"{value:g}" if isinstance(value, float) else str(value))
-    return f"--{keyword.replace('_', '-')} {shown}"
+    return {k.name: values[k.name] for k in KEYWORDS if values[k.name] != k.default}
 
 
 def advice_text(flow: GradientFlow, policy: Policy) -> str | None:
@@ -233,5 +134,5 @@ def advice_text(flow: GradientFlow, policy: Policy) -> str | None:
             return found.effect
         new = found.unused(policy)
         if new:
-            return f"try {' '.join(_flag(k, v) for k, v in new)}: {found.effect}"
+            return f"try {' '.join(say_flag(k, v) for k, v in new)}: {found.effect}"
     return None

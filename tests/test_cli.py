@@ -285,7 +285,10 @@ def test_help_explains_model_spec_and_input_shape(command):
     "flags,message",
     [
         (["--gate", "none", "--gate-init", "0.5"], "--gate-init needs a gate: found --gate-init 0.5 with --gate none"),
-        (["--gate", "rezero", "--gate-init", "nan"], "--gate-init expects a finite number; found nan"),
+        (
+            ["--gate", "rezero", "--gate-init", "nan"],
+            "Invalid value for '--gate-init': expected a finite number, found 'nan'",
+        ),
         (["--gate", "rezero", "--shortcut", "dense"], "--gate does not combine with --shortcut dense"),
         (["--dense-max-growth", "4"], "--dense-max-growth needs --shortcut dense: found --shortcut auto"),
         (
@@ -294,7 +297,7 @@ def test_help_explains_model_spec_and_input_shape(command):
         ),
         (
             ["--gate", "layerscale", "--gate-init", "0.1", "--preserve-output"],
-            "--preserve-output needs the gate to start at 1: found --gate-init 0.1",
+            "--preserve-output needs the gate to start at 1 to keep the outputs unchanged: found --gate-init 0.1",
         ),
     ],
 )

@@ -94,7 +94,7 @@ def test_dense_pools_the_shortcut_where_the_span_downsamples():
     "kwargs,match",
     [
         ({"shortcut": "dense", "gate": "rezero"}, "does not combine with shortcut='dense'"),
-        ({"dense_max_growth": 10}, "dense_max_growth must be a positive integer used with shortcut='dense'"),
+        ({"dense_max_growth": 10}, "dense_max_growth needs shortcut='dense'"),
     ],
 )
 def test_dense_policy_errors(kwargs, match):

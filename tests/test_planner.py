@@ -270,7 +270,7 @@ def test_non_float_input_is_skipped():
         ({"gate": "sigmoid"}, "gate must be one of"),
         ({"group": 0}, "group must be a positive integer"),
         ({"group": 1.5}, "group must be a positive integer"),
-        ({"gate": None, "gate_init": 0.1}, "gate_init was given without a gate"),
+        ({"gate": None, "gate_init": 0.1}, "gate_init needs a gate"),
         ({"shorcut": "auto"}, "unknown policy keyword"),
     ],
 )

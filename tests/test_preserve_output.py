@@ -31,7 +31,7 @@ def test_outputs_unchanged_for_every_gate(gate, shortcut):
 
 
 def test_gate_init_other_than_one_is_refused():
-    with pytest.raises(resify.PlanError, match="preserve_output=True keeps outputs unchanged only with the gate at 1"):
+    with pytest.raises(resify.PlanError, match="preserve_output=True needs the gate to start at 1"):
         resify.plan(plain_mlp(), torch.randn(2, 64), gate="rezero", gate_init=0.0, preserve_output=True)
 
 

@@ -1,9 +1,8 @@
-"""The plan's records (resify/sites.py): policy validation, shortcut labels derived from typed fields,
+"""The plan's records (resify/sites.py): shortcut labels derived from typed fields,
 and Site / Skipped / Plan written by to_dict and read back by from_dict, also through JSON."""
 
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from reference import ImprovedResidualNetwork
 import resify
 from resify.constants import PLAN_SCHEMA_VERSION
 from resify.errors import PlanError
-from resify.sites import SKIP_CODES, Dense, Identity, Plan, Policy, Projection, Site, Skipped
+from resify.sites import SKIP_CODES, Dense, Identity, Plan, Projection, Site, Skipped
 
 
 def small_cnn():
@@ -61,109 +60,6 @@ def seed_plan():
     """The seed's network with its own shortcuts: every span is inside one (the plan's 'existing')."""
     torch.manual_seed(0)
     return resify.plan(ImprovedResidualNetwork([16, 8, 8, 4], True), torch.randn(3, 16))
-
-
-# ---------------------------------------------------------------------------------------------
-# Policy
-
-
-POLICY_ERRORS = {
-    "shortcut": ({"shortcut": "x"}, r"shortcut must be one of 'auto', 'identity', 'dense', found 'x'"),
-    "dense with a gate": (
-        {"shortcut": "dense", "gate": "rezero"},
-        r"gate='rezero' does not combine with shortcut='dense'.*drop the gate",
-    ),
-    "dense_max_growth without dense": (
-        {"dense_max_growth": 3},
-        r"dense_max_growth must be a positive integer used with shortcut='dense', found 3 with shortcut='auto'",
-    ),
-    "dense_max_growth 0": (
-        {"shortcut": "dense", "dense_max_growth": 0},
-        r"dense_max_growth must be a positive integer .* found 0 with shortcut='dense'",
-    ),
-    "dense_max_growth 2.5": (
-        {"shortcut": "dense", "dense_max_growth": 2.5},
-        r"dense_max_growth must be a positive integer .* found 2\.5 with shortcut='dense'",
-    ),
-    "preserve_output with gate_init": (
-        {"preserve_output": True, "gate": "rezero", "gate_init": 0.5},
-        r"preserve_output=True keeps outputs unchanged only with the gate at 1, found gate_init=0\.5; leave gate_init out",
-    ),
-    "gate": ({"gate": "foo"}, r"gate must be one of 'auto', None, 'rezero', 'layerscale', found 'foo'"),
-    "group 0": ({"group": 0}, r"group must be a positive integer \(layers per shortcut\), found 0"),
-    "group True": ({"group": True}, r"group must be a positive integer \(layers per shortcut\), found True"),
-    "group 1.5": ({"group": 1.5}, r"group must be a positive integer \(layers per shortcut\), found 1\.5"),
-    "gate_init without gate": (
-        {"gate": None, "gate_init": 0.1},
-        r"gate_init was given without a gate \(gate=None\); pass gate='auto', gate='rezero' or gate='layerscale'",
-    ),
-    "gate_init nan": ({"gate": "rezero", "gate_init": math.nan}, r"gate_init must be a finite number, found nan"),
-    "gate_init inf": ({"gate": "layerscale", "gate_init": -math.inf}, r"gate_init must be a finite number, found -inf"),
-}
-
-
-@pytest.mark.parametrize("kwargs,match", POLICY_ERRORS.values(), ids=POLICY_ERRORS.keys())
-def test_policy_rejects_invalid_values(kwargs, match):
-    with pytest.raises(PlanError, match=match):
-        Policy.from_kwargs(**kwargs)
-
-
-def test_policy_rejects_unknown_keywords_listing_the_known_ones():
-    with pytest.raises(PlanError, match=r"unknown policy keyword\(s\) bogus, zz; expected some of ") as info:
-        Policy.from_kwargs(zz=1, bogus=2, shortcut="auto")
-    listed = str(info.value).split("expected some of ")[1].split(", ")
-    assert listed == sorted(f.name for f in dataclasses.fields(Policy))
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"gate": "rezero", "gate_init": "abc"},
-        {"gate": "rezero", "gate_init": "0.5"},
-        {"include": 5},
-        {"shortcut": "dense", "dense_max_growth": True},
-    ],
-    ids=["gate_init 'abc'", "gate_init '0.5'", "include 5", "dense_max_growth True"],
-)
-def test_policy_rejects_values_of_the_wrong_type_with_PlanError(kwargs):
-    with pytest.raises(PlanError):
-        Policy.from_kwargs(**kwargs)
-
-
-@pytest.mark.parametrize(
-    "kwargs,fields",
-    [
-        ({}, {"include": (), "exclude": (), "leaf_modules": ()}),
-        ({"include": "a.*", "exclude": ["b", "c"]}, {"include": ("a.*",), "exclude": ("b", "c")}),
-        ({"include": None, "leaf_modules": nn.LSTM}, {"include": (), "leaf_modules": (nn.LSTM,)}),
-        ({"leaf_modules": [nn.GRU, "enc.*"]}, {"leaf_modules": (nn.GRU, "enc.*")}),
-    ],
-)
-def test_policy_makes_patterns_and_leaves_tuples(kwargs, fields):
-    policy = Policy.from_kwargs(**kwargs)
-    assert {k: getattr(policy, k) for k in fields} == fields
-
-
-@pytest.mark.parametrize(
-    "kwargs,expected",
-    [
-        ({}, None),
-        ({"gate": "rezero"}, 0.0),
-        ({"gate": "layerscale"}, 1e-4),
-        ({"gate": "rezero", "gate_init": 0.3}, 0.3),
-        ({"gate": "layerscale", "gate_init": -2.0}, -2.0),
-        ({"gate": "rezero", "preserve_output": True}, 1.0),  # the branch starts whole
-        ({"gate": "layerscale", "preserve_output": True, "gate_init": 1.0}, 1.0),
-        ({"preserve_output": True}, None),
-    ],
-)
-def test_effective_gate_init(kwargs, expected):
-    assert Policy.from_kwargs(**kwargs).effective_gate_init == expected
-
-
-def test_policy_to_dict_writes_leaf_classes_by_name():
-    d = Policy.from_kwargs(include="x.*", leaf_modules=[nn.LSTM, "enc.*"]).to_dict()
-    assert (d["include"], d["exclude"], d["leaf_modules"]) == (["x.*"], [], ["LSTM", "enc.*"])
 
 
 # ---------------------------------------------------------------------------------------------
