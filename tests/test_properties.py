@@ -49,10 +49,11 @@ def test_any_mlp_converts_with_every_invariant(built, gate, group):
     covered = [name for s in plan.sites for name in s.layers]
     if group == 1:
         # the sites tile the layers in order: one layer each, or 2 to 4 layers whose widths come back
-        # to the input's (an identity instead of two projections); a last layer whose bounded
-        # activation (Tanh, Sigmoid) makes the model's output range may be left out
-        assert covered == linears or (covered == linears[: len(covered)] and len(linears) - len(covered) <= 4)
-        assert covered == linears or isinstance(model[-1], (nn.Tanh, nn.Sigmoid))
+        # to the input's (an identity instead of two projections); the last layer is left out exactly
+        # when its bounded activation (Tanh, Sigmoid) makes the model's output range, and only it
+        bounded = isinstance(model[-1], (nn.Tanh, nn.Sigmoid))
+        assert covered == linears[: len(linears) - bounded]
+        assert [s.start for s in plan.skipped if s.code == "bounded_output"] == linears[len(linears) - bounded :]
         for s in plan.sites:
             assert len(s.layers) == 1 or (s.kind == "identity" and 2 <= len(s.layers) <= 4)
     else:
