@@ -43,12 +43,59 @@ def _pattern_reason(name: str, policy: Policy) -> tuple[SkipCode, str] | None:
 
 
 def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name: str, carry: int = 0) -> Site | Skipped:
-    """A Site for the span over ``layers``, or the Skipped record that says why there cannot be one."""
+    """A Site for the span over ``layers``, or the Skipped record that says why there cannot be one:
+    first the refusals that hold whatever the shortcut's form (``_refusal``), then the form."""
     first, last = layers[0], layers[-1]
 
     def skip(code: SkipCode, reason: str) -> Skipped:
         return Skipped(first.name, last.name, code, reason)
 
+    refused = _refusal(layers, analysis, skip)
+    if refused is not None:
+        return refused
+    src, dst = first.in_info, last.out_info
+    assert src is not None and dst is not None  # _refusal skips a span without them
+    # [N, C, *spatial] for convolutions (transposed too); features last for Linear, recurrent, attention
+    channel_dim = 1 if first.kind.startswith("Conv") else -1
+    # gate='auto' is decided site by site once the plan is made (``gating.choose_gates``): none until then
+    gate = None if policy.gate == "auto" else policy.gate
+
+    def site(shortcut: ShortcutForm, added: int, exit: str = last.output, out_shape: tuple = dst.shape) -> Site:
+        return Site(
+            start=first.name,
+            end=last.name,
+            layers=tuple(layer.name for layer in layers),
+            in_shape=src.shape,
+            out_shape=out_shape,
+            shortcut=shortcut,
+            gate=gate,
+            gate_init=policy.effective_gate_init if gate else None,
+            added_params=added,
+            preserve_output=policy.preserve_output and not isinstance(shortcut, Dense),
+            anchor=first.anchor,
+            exit=exit,
+            name=name,
+            channel_dim=channel_dim,
+        )
+
+    if policy.shortcut == "dense":
+        found = _dense_form(src, dst, layers, analysis, policy, channel_dim, last.output, carry, skip)
+        return site(*found) if isinstance(found, tuple) else found
+    out_c = dst.shape[channel_dim] if dst.shape else 1
+    gate_params = {None: 0, "rezero": 1, "layerscale": out_c}[gate] + int(policy.preserve_output)
+    chosen = _form(layers, analysis, policy, src, dst, channel_dim, skip)
+    if isinstance(chosen, Skipped):
+        return chosen
+    form, exit, out_shape = chosen
+    added = form.params if isinstance(form, Projection) else 0
+    return site(form, added + gate_params, exit=exit or last.output, out_shape=out_shape or dst.shape)
+
+
+def _refusal(layers: Sequence[Layer], analysis: Analysis, skip: Callable[[SkipCode, str], Skipped]) -> Skipped | None:
+    """Why the span cannot have a shortcut of any form (None if it can): it is not single-entry
+    single-exit, it only computes a gate, it ends in the model's bounded output, or its tensors have
+    no recorded shape or are not floating-point."""
+    first, last = layers[0], layers[-1]
     anchor = analysis.node(first.anchor)
     exit = analysis.node(last.output)
     problem = analysis.span_problem(data_input(anchor), exit)
@@ -81,44 +128,35 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
         return skip("not_float", f"non-float input ({src.dtype}); shortcuts need floating-point tensors")
     if src.dtype != dst.dtype:
         return skip("not_float", f"dtype changes across the span ({src.dtype} -> {dst.dtype})")
-    # [N, C, *spatial] for convolutions (transposed too); features last for Linear, recurrent, attention
-    channel_dim = 1 if first.kind.startswith("Conv") else -1
-    # gate='auto' is decided site by site once the plan is made (``gating.choose_gates``): none until then
-    gate = None if policy.gate == "auto" else policy.gate
+    return None
 
-    def site(shortcut: ShortcutForm, added: int, exit: str = last.output, out_shape: tuple = dst.shape) -> Site:
-        return Site(
-            start=first.name,
-            end=last.name,
-            layers=tuple(layer.name for layer in layers),
-            in_shape=src.shape,
-            out_shape=out_shape,
-            shortcut=shortcut,
-            gate=gate,
-            gate_init=policy.effective_gate_init if gate else None,
-            added_params=added,
-            preserve_output=policy.preserve_output and not isinstance(shortcut, Dense),
-            anchor=first.anchor,
-            exit=exit,
-            name=name,
-            channel_dim=channel_dim,
-        )
 
-    if policy.shortcut == "dense":
-        found = _dense_form(src, dst, layers, analysis, policy, channel_dim, last.output, carry, skip)
-        return site(*found) if isinstance(found, tuple) else found
-    out_c = dst.shape[channel_dim] if dst.shape else 1
-    gate_params = {None: 0, "rezero": 1, "layerscale": out_c}[gate] + int(policy.preserve_output)
+#: a shortcut's form, and where it differs from the span's, its exit node and output shape
+_Form = tuple[ShortcutForm, str | None, tuple | None]
+
+
+def _form(
+    layers: Sequence[Layer],
+    analysis: Analysis,
+    policy: Policy,
+    src: TensorInfo,
+    dst: TensorInfo,
+    channel_dim: int,
+    skip: Callable[[SkipCode, str], Skipped],
+) -> _Form | Skipped:
+    """The shortcut's form for a span ``_refusal`` let through (an identity, or a projection from the
+    span's geometry, as ``policy.shortcut`` and ``policy.projection`` allow), or why no form fits."""
+    first = layers[0]
     dims = int(first.kind[-2]) if first.kind.startswith("Conv") else 0  # "Conv2d" -> 2
     conv_geometry = dims and len(src.shape) == dims + 2 and len(dst.shape) == dims + 2
     geometry, stride = span_geometry(layers, analysis, dims) if conv_geometry else ("same", ())
     change = f"{fmt_shape(src.shape)} -> {fmt_shape(dst.shape)}"
     if src.shape == dst.shape and geometry == "same":
-        return site(Identity(), gate_params)
+        return Identity(), None, None
     if policy.shortcut == "identity":
         cut = before_trailing_pool(layers, analysis, src, dims) if src.shape != dst.shape else None
         if cut is not None:  # conv → norm → act → max-pool: the identity goes around all but the pool
-            return site(Identity(), gate_params, exit=cut, out_shape=src.shape)
+            return Identity(), cut, src.shape
         if src.shape == dst.shape:
             return skip(
                 "identity_needs_same_shape",
@@ -166,7 +204,7 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
             # Where the span pools (a max-pool ending a VGG stage, a global average pool) or its size
             # does not follow a stride, the shortcut averages its input to the branch's output size at
             # run time; where the channels do not change either, that pooling is the whole shortcut.
-            return site(Projection("pool", (cin, cout), dims, pool=True, upsample=up), gate_params)
+            return Projection("pool", (cin, cout), dims, pool=True, upsample=up), None, None
         else:
             # A norm on the projection sees what the span's norm sees: the input's size (conv → norm →
             # pool: the head of an EfficientNet normalises 7×7 maps, then pools them to 1×1, and trains
@@ -174,12 +212,12 @@ def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name:
             norm = span_norm(layers, analysis, dims) if sees else None
             form = Projection("conv", (cin, cout), dims, pool=True, pool_last=sees == "input", norm=norm, upsample=up)
     if policy.projection == "pad":  # ResNet's option A: no parameters
-        return site(form.parameter_free(), gate_params)
+        return form.parameter_free(), None, None
     if policy.projection == "auto" and form.op == "conv":
         groups = span_groups(layers, analysis)
         if groups > 1 and form.channels[0] % groups == 0 and form.channels[1] % groups == 0:
             form = replace(form, groups=groups)  # beside a grouped or depthwise convolution
-    return site(form, form.params + gate_params)
+    return form, None, None
 
 
 def _dense_form(
