@@ -38,6 +38,7 @@ import sys
 import time
 import traceback
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,9 @@ def targets(name: str, images: list[torch.Tensor]) -> list[dict[str, torch.Tenso
     for i, img in enumerate(images):
         h, w = img.shape[-2:]
         boxes = torch.tensor([[0.1 * w, 0.2 * h, 0.6 * w, 0.7 * h], [0.4 * w, 0.3 * h, 0.9 * w, 0.95 * h]])[: i + 1]
-        target = {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}  # Keypoint R-CNN: 2 classes
+        # label 1 for every box: Keypoint R-CNN has 2 classes (background, person), and a label of 2 makes
+        # the original itself raise IndexError "Target 2 is out of bounds" in its classification loss
+        target = {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}
         if "mask" in name:
             masks = torch.zeros(len(boxes), h, w, dtype=torch.uint8)
             for k, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
@@ -360,13 +363,22 @@ def _code(module: str) -> str:
     return f"`{module}`" if module else "(root)"
 
 
-def write_markdown(path: Path, rows: list[dict[str, Any]], command: str, elapsed: float, done: bool) -> None:
+def write_markdown(
+    path: Path,
+    rows: list[dict[str, Any]],
+    command: str,
+    elapsed: float,
+    done: bool,
+    started: str = "",
+    commit: str | None = None,
+) -> None:
     lines = [
         "# torchvision detection, segmentation and video models, converted",
         "",
         f"Command: `{command}`  ",
+        *([f"Date: {started}  "] if started else []),
         f"Machine: {machine()}  ",
-        f"Commit: {_commit()}  ",
+        f"Commit: {_commit() if commit is None else commit + ' (when the sweep started)'}  ",
         f"Wall time: {elapsed / 60:.1f} min" + ("" if done else " (in progress: a partial sweep)"),
         "",
         "Each model: `weights=None` (and `weights_backbone=None`), `torch.manual_seed(0)`, eval mode, small "
@@ -463,6 +475,7 @@ def main() -> int:
         flush=True,
     )
     rows = []
+    started, commit = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), _commit()
     t0 = time.perf_counter()
     for name in names:
         row = check_task(name, show_traceback=args.traceback)
@@ -472,9 +485,9 @@ def main() -> int:
             f"eval={row['eval']} train={row['train']} {row['seconds']:.1f}s {row['message']}",
             flush=True,
         )
-        write_markdown(args.out, rows, command, time.perf_counter() - t0, done=False)
+        write_markdown(args.out, rows, command, time.perf_counter() - t0, done=False, started=started, commit=commit)
     elapsed = time.perf_counter() - t0
-    write_markdown(args.out, rows, command, elapsed, done=True)
+    write_markdown(args.out, rows, command, elapsed, done=True, started=started, commit=commit)
     bad = sum(r["status"] != "passed" for r in rows)
     print(f"\n{len(rows)} models in {elapsed / 60:.1f} min, {bad} not passing. Written to {args.out}", flush=True)
     return 1 if bad else 0

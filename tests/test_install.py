@@ -14,6 +14,7 @@ from reference import assert_every_parameter_has_grad, forward_sources, is_resif
 
 import resify
 from resify.modules import FORWARD_ATTRIBUTE
+from resify.sites import Projection
 
 
 class VAE(nn.Module):
@@ -263,3 +264,32 @@ def test_a_model_none_of_whose_modules_trace_is_one_error_naming_each_childs_fai
         resify.apply(model, ([torch.randn(2, 4), torch.randn(3, 4)],))
     assert "\n" not in str(e.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", ["mnasnet0_5", "mnasnet1_0"])
+def test_mnasnet_whose_budget_leaves_parameter_free_projections_converts_in_both_modes(name, training):
+    """#21: in a zoo sweep (batch 2, seed 0, eval mode, default policy) these two crashed in
+    conversion with KeyError 'layers_14' and 'layers_13_0_layers_0': the planner's names (before
+    ``settle``) of sites whose learned projection the budget turned parameter-free (zero-padded
+    channels), one owned by the root's ``layers``, one by a block's ``layers``. The structure, pinned:
+    owners at two depths, budget-dropped projections, gates chosen on the measured forward."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).train(training)
+    x = torch.randn(2, 3, 224, 224)
+    converted = resify.apply(model, x)
+    plan = resify.applied_plan(converted)
+    padded = [s for s in plan.sites if isinstance(s.shortcut, Projection) and s.shortcut.op == "pad"]
+    assert ("layers", "layers.14", "14") in [(s.owner, s.start, s.name) for s in padded]
+    assert {s.owner for s in plan.sites} >= {"layers", "layers.13.0.layers"}
+    assert any(s.gate for s in plan.sites) and not all(s.gate for s in plan.sites)
+    assert type(converted) is type(model)
+    out = converted(x)
+    assert out.shape == model(x).shape
+    out.sum().backward()
+    added = {n: p for n, p in converted.named_parameters() if is_resify_key(n)}
+    assert added and all(p.grad is not None for p in added.values())
+    exact = resify.apply(model.eval(), x, preserve_output=True)
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x), model(x))
