@@ -1,6 +1,5 @@
 """The command line, with click's CliRunner and a fresh interpreter for the converted model."""
 
-import dataclasses
 import itertools
 import json
 import os
@@ -723,44 +722,3 @@ def test_every_layer_excluded_is_refused_with_what_to_try():
     assert code == 1 and "Traceback" not in out, out
     assert "Error: every layer was excluded (exclude=['*']): no layer is left" in out
     assert "CLI: --exclude '22'" in out
-
-
-def _flow(verdict, added=False, gate=False):
-    """A report of that verdict on three layers (with resify's projections and gates when asked)."""
-    from resify.report import GradientFlow, LayerFlow
-
-    layers = []
-    for i in range(3):
-        layers.append(LayerFlow(f"l{i}", "Linear", len(layers), False, (2, 2), 1.0, 1.0, 1.0, 1.0, 1.0))
-        if added:
-            layers.append(LayerFlow(f"l{i}.proj", "Linear", len(layers), True, (2, 2), 1.0, 1.0, 1.0, 1.0, 1.0))
-        if gate:
-            layers.append(LayerFlow(f"l{i}.alpha", "Gate", len(layers), True, (1,), 1.0, 1.0, None, None, None))
-    return GradientFlow("M", tuple(layers), verdict, "why", "(the library's)", None, "mse to zeros", 1.0)
-
-
-ADVICE_IN_FLAGS = [
-    # the original, vanishing: its advice is what the run does by default, or not
-    (_flow("vanishing"), {}, None),
-    (_flow("vanishing"), {"shortcut": "identity"}, "try --shortcut auto: adds a shortcut around every layer"),
-    # converted and still vanishing: only the settings the run does not use, else the next advice
-    (_flow("vanishing", True), {"group": 2}, "try --group 1: gives every layer, not only some, a shortcut"),
-    (_flow("vanishing", True), {"shortcut": "identity", "group": 3}, "try --shortcut auto --group 1: gives every"),
-    (_flow("vanishing", True), {}, "try --gate rezero: starts every branch at zero"),
-    (_flow("vanishing", True), {"gate": "rezero"}, None),
-    (_flow("exploding"), {}, "try --gate rezero: starts every branch at zero"),
-    (_flow("exploding", True, True), {"gate": "rezero"}, None),  # gate_init 0 is rezero's own
-    (_flow("exploding", True, True), {"gate": "rezero", "gate_init": 0.5}, "try --gate-init 0: starts every"),
-    (_flow("exploding", True, True), {"gate": "layerscale"}, "try --gate rezero --gate-init 0: starts every"),
-    (_flow("healthy"), {}, None),
-    # the report itself advised nothing (it knew the model has what the advice would add)
-    (dataclasses.replace(_flow("vanishing"), recommendation=None), {"shortcut": "identity"}, None),
-]
-
-
-@pytest.mark.parametrize("flow,policy,expected", ADVICE_IN_FLAGS)
-def test_advice_text_words_the_advice_in_flags_the_run_does_not_use(flow, policy, expected):
-    from resify.cli_flags import advice_text
-
-    text = advice_text(flow, resify.Policy.from_kwargs(**policy))
-    assert text == expected if expected is None else (text or "").startswith(expected), text
