@@ -20,8 +20,9 @@ from .gating import choose_gates
 from .inputs import as_inputs
 from .install import install
 from .owners import merge, place, settle
+from .patterns import check_patterns
 from .plan_files import read_plan
-from .planner import check_patterns, make_plan, reconcile_modes
+from .planner import make_plan, reconcile_modes
 from .policy import Policy
 from .rewrite import rewrite
 from .sites import Plan

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from .constants import EXPLODING_RATIO, VANISHING_RATIO
 from .formats import fmt_number
-from .render import plot_series  # the figure's series: one definition for the PNG and the SVG
+from .render_plots import plot_series  # the figure's series: one definition for the PNG and the SVG
 
 if TYPE_CHECKING:
     from .report import GradientFlow

@@ -7,39 +7,28 @@ changes the model; ``rewrite`` executes the Plan.
 
 from __future__ import annotations
 
-import fnmatch
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from .analyze import Analysis, Layer
 from .bounds import is_bounded_activation, reaches_output_unchanged
 from .budget import span_groups, within_budget, within_cost
-from .errors import PlanError, ResifyWarning
 from .formats import fmt_shape
 from .geometry import before_trailing_pool, norm_sees, span_geometry, span_norm
 from .ops import (
     data_input,
     describe,
 )
+from .patterns import check_patterns, pattern_reason
 from .policy import Policy
 from .sites import Dense, Identity, Plan, Projection, ShortcutForm, Site, SkipCode, Skipped
 from .trace import TensorInfo
 
-__all__ = ["make_plan", "reconcile_modes", "check_patterns"]
+__all__ = ["make_plan", "reconcile_modes"]
 
 
 # ---------------------------------------------------------------------------------------------
 # the pure planning function
-
-
-def _pattern_reason(name: str, policy: Policy) -> tuple[SkipCode, str] | None:
-    for p in policy.exclude:
-        if fnmatch.fnmatchcase(name, p):
-            return "excluded", f"excluded by pattern {p!r}"
-    if policy.include and not any(fnmatch.fnmatchcase(name, p) for p in policy.include):
-        return "excluded", f"not matched by include={list(policy.include)!r}"
-    return None
 
 
 def _site_for(layers: Sequence[Layer], analysis: Analysis, policy: Policy, name: str, carry: int = 0) -> Site | Skipped:
@@ -317,36 +306,6 @@ def _site_name(layers: Sequence[Layer], taken: set[str]) -> str:
     return name
 
 
-def check_patterns(names: Sequence[str], policy: Policy) -> None:
-    """Refuse an include pattern that matches none of ``names``, and patterns that leave out every
-    one of them; warn of an exclude pattern that matches none."""
-    shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "") or "none"
-    for kind, patterns in (("include", policy.include), ("exclude", policy.exclude)):
-        for p in patterns:
-            if any(fnmatch.fnmatchcase(n, p) for n in names):
-                continue
-            message = f"{kind} pattern {p!r} matches no layer; the layers resify can put a shortcut around are: {shown}"
-            if kind == "include":
-                raise PlanError(message)
-            warnings.warn(message, ResifyWarning, stacklevel=5)
-    if names and all(_pattern_reason(n, policy) for n in names):
-        example = _example_pattern(names)
-        given = ", ".join(
-            f"{k}={list(v)!r}" for k, v in (("include", policy.include), ("exclude", policy.exclude)) if v
-        )
-        raise PlanError(
-            f"every layer was excluded ({given}): no layer is left to put a shortcut around; the layers are: "
-            f"{shown}; exclude only some of them (e.g. exclude=['{example}']; CLI: --exclude '{example}'), "
-            "or drop the pattern"
-        )
-
-
-def _example_pattern(names: Sequence[str]) -> str:
-    """A pattern that leaves some layers in: the last layer's parent's ('classifier.*'), or its name."""
-    last = names[-1]
-    return f"{last.rsplit('.', 1)[0]}.*" if "." in last else last
-
-
 def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0, prefix: str = "") -> Plan:
     """Decide the shortcut sites for an analysed model under ``policy`` (pure: changes nothing).
 
@@ -369,7 +328,7 @@ def make_plan(analysis: Analysis, policy: Policy, params_before: int = 0, prefix
                 f"inside the existing shortcut at '{analysis.inside_existing[layer.name]}'",
             )
         else:
-            reason = _pattern_reason(f"{prefix}.{layer.name}" if prefix else layer.name, policy)
+            reason = pattern_reason(f"{prefix}.{layer.name}" if prefix else layer.name, policy)
             reason = reason or (None if prefix else _stem_reason(layer, analysis))
         if reason:
             skipped.append(Skipped(layer.name, layer.name, *reason))

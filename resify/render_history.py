@@ -1,6 +1,6 @@
 """How a ``resify.watch`` history draws: a heatmap of layers × steps, the verdict band, the gates.
 
-The sibling of ``render.py`` for the records of ``report.history`` (``FlowHistory.plot`` calls it);
+The sibling of ``render_plots.py`` for the records of ``report.history`` (``FlowHistory.plot`` calls it);
 like ``render`` it turns frozen records into a figure and computes nothing of its own: the colour
 is the figure the verdict is judged on (each layer's input-gradient norm ÷ the last layer's), the
 band is each step's verdict.

@@ -1,5 +1,5 @@
-"""How results print (resify/render.py): the table layout exactly, every line within the width asked for,
-the numbers in the text written by resify.formats from the records' own fields, Markdown tables with
+"""How results print (resify/render.py, render_tables.py, render_plots.py): the table layout exactly, every
+line within the width asked for, the numbers in the text written by resify.formats from the records' own fields, Markdown tables with
 one column count each, and plots written as real PNG and SVG files."""
 
 import re
@@ -12,15 +12,10 @@ from reference import LongNames
 import resify
 from resify.errors import ResifyError
 from resify.formats import fmt_number, fmt_shape, fmt_similarity, fmt_times
-from resify.render import (
-    comparison_markdown,
-    comparison_text,
-    flow_markdown,
-    flow_text,
-    plot_flows,
-    table,
-)
+from resify.render import table
 from resify.render_plan import plan_text
+from resify.render_plots import plot_flows
+from resify.render_tables import comparison_markdown, comparison_text, flow_markdown, flow_text
 
 # ---------------------------------------------------------------------------------------------
 # table: exact layouts

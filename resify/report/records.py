@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from .. import render
+from .. import render_plots, render_tables
 from ..constants import (
     ABS_EXPLODING,
     ABS_VANISHING,
@@ -166,15 +166,15 @@ class GradientFlow:
 
     def to_text(self, width: int = 100) -> str:
         """An aligned table for a terminal, ``width`` columns at most."""
-        return render.flow_text(self, width)
+        return render_tables.flow_text(self, width)
 
     def to_markdown(self) -> str:
         """A Markdown section: verdict, recommendation and the table with every figure."""
-        return render.flow_markdown(self)
+        return render_tables.flow_markdown(self)
 
     def plot(self, path: str | Path) -> Path:
         """Draw the flow against depth (log scale, bands shaded) into a .png or .svg file."""
-        return render.plot_flows([("", self)], path, title=f"{self.model_class}: {self.summary()}")
+        return render_plots.plot_flows([("", self)], path, title=f"{self.model_class}: {self.summary()}")
 
     def to_html(self, page: bool = True) -> str:
         """The verdict, the chart (inline SVG) and every figure: a self-contained HTML page, or a notebook fragment."""
@@ -290,14 +290,14 @@ class FlowComparison:
 
     def to_text(self, width: int = 100) -> str:
         """Headline, both verdicts, and before/after/ratio per layer, ``width`` columns at most."""
-        return render.comparison_text(self, width)
+        return render_tables.comparison_text(self, width)
 
     def to_markdown(self) -> str:
-        return render.comparison_markdown(self)
+        return render_tables.comparison_markdown(self)
 
     def plot(self, path: str | Path) -> Path:
         """Draw both flows against depth (log scale, bands shaded) into a .png or .svg file."""
-        return render.plot_flows(
+        return render_plots.plot_flows(
             [("before", self.before), ("after", self.after)], path, title=f"{self.before.model_class}: {self.headline}"
         )
 
