@@ -1,0 +1,186 @@
+"""resify.report.probe: which modules are layers, and the hooks that record one forward and backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resify
+from resify.errors import ResifyError
+from resify.report.figures import Sink, combine
+from resify.report.probe import (
+    Probe,
+    as_leaf,
+    find_layers,
+    first_tensor,
+    gate_parameters,
+    is_added,
+    is_measuring,
+    layer_modules,
+    measuring,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
+
+
+def test_measuring_marks_the_thread_and_nests():
+    assert not is_measuring()
+    with measuring():
+        assert is_measuring()
+        with measuring():
+            assert is_measuring()
+        assert is_measuring()  # the outer one still holds
+    assert not is_measuring()
+    with pytest.raises(KeyError), measuring():
+        raise KeyError
+    assert not is_measuring()  # put back after an error too
+
+
+@pytest.mark.parametrize(
+    "name,added", [("resify.0.proj", True), ("layers.0.resify.0.alpha", True), ("resify_net.0", False), ("a", False)]
+)
+def test_is_added(name, added):
+    assert is_added(name) is added
+
+
+def test_layers_are_modules_with_a_weight_of_two_or_more_dimensions():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.BatchNorm1d(4), nn.Conv1d(1, 1, 1), nn.Embedding(5, 3))
+    assert list(layer_modules(model)) == ["0", "3", "4"]  # norms' 1-D weights are not layers
+    layers, gates, weights = find_layers(model)
+    assert list(layers) == ["0", "3", "4"] and gates == {} and weights["0"] is model[0].weight
+
+
+def test_find_layers_refuses_a_model_without_any():
+    with pytest.raises(ResifyError, match=r"^Sequential has no parametric layer \(a module with a weight of 2 or more"):
+        find_layers(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))
+
+
+def test_gate_parameters_of_a_converted_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+    converted = resify.apply(model, torch.randn(2, 4), gate="rezero")
+    gates = gate_parameters(converted)
+    assert gates and all(is_added(n) and n.endswith(".alpha") for n in gates)
+    assert all(gates[n] is converted.get_parameter(n) for n in gates)
+    layers, found, weights = find_layers(converted)
+    assert found == gates and all(weights[n] is gates[n] for n in gates)
+    assert gate_parameters(model) == {}
+
+
+def test_as_leaf():
+    x = torch.ones(2, requires_grad=True) * 2  # not a leaf
+    leaf = as_leaf(x)
+    assert leaf.is_leaf and leaf.requires_grad and torch.equal(leaf, x)
+    ids = as_leaf(torch.tensor([1, 2]))
+    assert not ids.requires_grad  # integers take no gradient
+    assert as_leaf(3) == 3 and as_leaf(None) is None
+
+
+def test_first_tensor():
+    a, b = torch.zeros(1), torch.ones(1)
+    assert first_tensor(a) is a
+    assert first_tensor((1, [None, {"k": b}], a)) is b
+    assert first_tensor({"x": 1, "y": (a,)}) is a
+    assert first_tensor((1, "s", [])) is None
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(self.b(h) + h)
+
+
+def _reference(model, x):
+    """By autograd: each layer's input gradient norm, weight mean |grad|, output RMS."""
+    inputs, outputs = {}, {}
+    hooks = []
+    for name in ("a", "b", "c"):
+
+        def hook(m, args, out, name=name):
+            args[0].retain_grad()
+            inputs[name], outputs[name] = args[0], out.detach()
+
+        hooks.append(getattr(model, name).register_forward_hook(hook))
+    x = x.clone().requires_grad_()
+    out = model(x)
+    F.mse_loss(out, torch.zeros_like(out)).backward()
+    for h in hooks:
+        h.remove()
+    ref = {
+        n: {
+            "input": inputs[n].grad.norm().item(),
+            "mean_abs": getattr(model, n).weight.grad.abs().mean().item(),
+            "grad_norm": getattr(model, n).weight.grad.norm().item(),
+            "rms": outputs[n].pow(2).mean().sqrt().item(),
+            "weight": getattr(model, n).weight.norm().item(),
+        }
+        for n in ("a", "b", "c")
+    }
+    model.zero_grad(set_to_none=True)
+    return ref
+
+
+@pytest.mark.parametrize("keep_grads", [False, True])
+def test_a_probe_records_what_autograd_gives(keep_grads):
+    torch.manual_seed(0)
+    model, x = _Net(), torch.randn(5, 4)
+    ref = _reference(model, x)
+    layers, _, weights = find_layers(model)
+    sink = Sink()
+    probe = Probe(layers, weights, sink, keep_grads=keep_grads)
+    with probe.recording():
+        out = model(as_leaf(x))
+        F.mse_loss(out, torch.zeros_like(out)).backward()
+    probe.finish()
+    probe.add_weight_norms()
+    figures = combine(sink.resolve(), batches=1)
+    assert probe.called == {"a": 0, "b": 1, "c": 2}
+    for n in ("a", "b", "c"):
+        for k, v in ref[n].items():
+            assert figures[n][k] == pytest.approx(v, rel=1e-5), (n, k)
+    # gradient_flow's probe drops each weight gradient once read; a watch's leaves it to the optimizer
+    assert all((p.grad is not None) is keep_grads for p in (model.a.weight, model.b.weight, model.c.weight))
+
+
+def test_detach_leaves_no_hook_and_a_probe_can_be_attached_again():
+    torch.manual_seed(0)
+    model, x = _Net(), torch.randn(5, 4)
+    layers, _, weights = find_layers(model)
+    probe = Probe(layers, weights, keep_grads=True)
+    for _ in range(2):
+        sink = Sink()
+        probe.attach(sink)
+        model(as_leaf(x)).sum().backward()
+        probe.detach()
+        probe.finish()
+        assert probe.called == {"a": 0, "b": 1, "c": 2} and sink.resolve()
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(not getattr(p, "_backward_hooks", None) for p in model.parameters())
+    before = len(sink.resolve())
+    model(x).sum().backward()  # no probe: nothing more recorded
+    assert len(sink.resolve()) == before
+
+
+def test_layers_that_take_one_tensor_share_its_input_gradient():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p, self.q = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.p(x) * 2 + self.q(x)
+
+    torch.manual_seed(0)
+    model, x = Two(), as_leaf(torch.randn(4, 3))
+    layers, _, weights = find_layers(model)
+    sink = Sink()
+    with Probe(layers, weights, sink).recording():
+        model(x).pow(2).sum().backward()
+    figures = combine(sink.resolve(), batches=1)
+    assert figures["p"]["input"] == figures["q"]["input"] == pytest.approx(x.grad.norm().item(), rel=1e-6)
