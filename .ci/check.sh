@@ -18,7 +18,15 @@ cd "$stage"
 # the pinned one): put beside the pinned install, not over it
 if [ "$#" -eq 0 ]; then
   newest=$(mktemp -d)
-  if .venv/bin/pip install -q --disable-pip-version-check --no-deps --target "$newest" transformers >/dev/null 2>&1; then
+  add() { .venv/bin/pip install -q --disable-pip-version-check --no-deps --target "$newest" "$@" >/dev/null 2>&1; }
+  if add transformers; then
+    # what the new release needs and the pinned environment lacks, two levels deep (never torch: --no-deps)
+    for _ in 1 2; do
+      mapfile -t missing < <(.venv/bin/python .ci/missing_requirements.py "$newest")
+      [ "${#missing[@]}" -eq 0 ] && break
+      echo "check: adding ${missing[*]} beside the newest transformers"
+      add "${missing[@]}"
+    done
     echo "check: the Hugging Face tests on transformers $(PYTHONPATH="$newest" .venv/bin/python -c 'import transformers; print(transformers.__version__)')"
     PYTHONPATH="$newest" .venv/bin/pytest tests/test_huggingface.py tests/test_checkpoint.py -k "hugging or built or skipless or cache or tiny"
   else

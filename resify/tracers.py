@@ -76,6 +76,19 @@ class LeafTracer(torch.fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """A module the traced root does not hold (an instance made at import time and called from a
+        forward, such as a function the ``kernels`` package turns into a module for transformers'
+        rotary embedding) is traced through, as the function it stands for: there is no name to
+        record it under."""
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
 
 #: Tensor attributes the concrete tracer answers with the example's value (a dtype, a device).
 _METADATA = frozenset({"dtype", "device", "is_cuda", "layout", "is_sparse", "is_quantized", "is_meta"})

@@ -202,3 +202,44 @@ def test_where_an_error_was_raised_is_the_users_line():
 )
 def test_holds_tensor(value, holds):
     assert holds_tensor(value) is holds
+
+
+class _Rotate(nn.Module):
+    """A function made a module at import time (as the ``kernels`` package does to transformers'
+    rotary embedding) and called from a forward without being a submodule."""
+
+    def forward(self, x):
+        return torch.cat([-x[..., 2:], x[..., :2]], dim=-1)
+
+
+_rotate = _Rotate()
+
+
+class UsesAGlobalModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(_rotate(self.fc1(x))))
+
+
+@pytest.mark.parametrize("tracer", ["symbolic", "concrete"])
+def test_a_module_the_root_does_not_hold_is_traced_through_as_a_function(tracer):
+    torch.manual_seed(0)
+    model, x = UsesAGlobalModule(), torch.randn(3, 4)
+    t = LeafTracer() if tracer == "symbolic" else ConcreteTracer((x,))
+    gm = torch.fx.GraphModule(model, t.trace(model))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["fc1", "fc2"]
+    assert torch.cat in [n.target for n in gm.graph.nodes]  # _rotate's own ops, inline
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_a_model_calling_a_module_it_does_not_hold_converts():
+    import resify
+
+    torch.manual_seed(0)
+    model, x = UsesAGlobalModule(), torch.randn(3, 4)
+    converted = resify.apply(model, x, preserve_output=True)
+    assert [s.start for s in resify.applied_plan(converted).sites] == ["fc1", "fc2"]
+    torch.testing.assert_close(converted(x), model(x), rtol=0, atol=0)
