@@ -125,6 +125,14 @@ def test_sink_resolves_floats_and_tensors_in_order():
     ]
 
 
+@pytest.mark.xfail(strict=True, reason="Sink.pack writes NaN for an int (or an integer CPU tensor's .item())")
+def test_sink_resolves_an_integer_figure():
+    s = Sink()
+    s.add(("loss",), 3)
+    s.add(("weight", "a"), torch.tensor(2))
+    assert s.resolve() == [(("loss",), 3.0), (("weight", "a"), 2.0)]
+
+
 def test_pack_keeps_the_keys_given_where_equal_and_accumulates():
     keys = (("loss",), ("weight", "a"))
     s = Sink()

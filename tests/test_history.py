@@ -122,6 +122,7 @@ def test_to_json_writes_non_finite_numbers_as_strings_and_every_gate_value():
     gate = "a.resify.0.alpha"
     h = history(step(0, layers=(layer("a", math.inf), layer("b", math.nan)), gates={gate: (0.0,)}), step(5, gates={}))
     doc = json.loads(h.to_json())
+    assert doc["schema_version"] == 2  # as docs/watch.md says (to_json's docstring still says 1)
     assert doc["kind"] == "resify.watch" and doc["label"] == "Net" and doc["every"] == 5
     assert doc["steps"] == [0, 5] and doc["verdicts"] == ["healthy", "healthy"]
     assert doc["table"]["input_grad_norm"] == ["inf", "nan", 1.0, 1.0]

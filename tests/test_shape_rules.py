@@ -165,3 +165,23 @@ def test_method_rule():
     assert method_rule("view", (x, -1), {}) is None
     assert method_rule("relu", (x,), {"inplace": True}) is None
     assert method_rule("relu", (meta(2, dtype=torch.int32),), {}) is None
+
+
+@pytest.mark.xfail(strict=True, reason="the attention rule gives shapes where is_causal=True comes without attn_mask")
+def test_attention_rule_refuses_is_causal_without_a_mask():
+    m = nn.MultiheadAttention(8, 2)
+    x = torch.randn(5, 3, 8)
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        m(x, x, x, is_causal=True)  # the real op refuses it
+    q = meta(5, 3, 8)
+    assert module_rule(m, (q, q, q), {"is_causal": True}) is None
+
+
+@pytest.mark.xfail(
+    strict=True, reason="the convolution rule ignores padding_mode='reflect', whose padding must be < the input"
+)
+def test_conv_rule_refuses_a_reflect_padding_past_the_input():
+    conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(RuntimeError, match="Padding size should be less than"):
+        conv(torch.randn(1, 2, 1, 1))
+    assert module_rule(conv, (meta(1, 2, 1, 1),), {}) is None
