@@ -26,6 +26,7 @@ __all__ = [
     "AUTO_OUTWEIGHS",
     "AUTO_GROWTH",
     "AUTO_RATE",
+    "AUTO_SHRINK",
     "TRACERS",
     "VERDICTS",
     "PLAN_SCHEMA_VERSION",
@@ -93,6 +94,10 @@ AUTO_GROWTH = 4.0
 #: ... or in any net, where they grow it this much per site (the geometric mean): a He-initialised
 #: branch doubles it, and even a few such sites compound (a fresh PyTorch layer grows it 1.1× to 1.5×)
 AUTO_RATE = 1.8
+#: ... and where the gates at 0 beside shortcuts that shrink their input (a fresh projection, a pool,
+#: a slice) leave the output's mean square more than this below the original model's (2× in std),
+#: those gates start where the output keeps the original's
+AUTO_SHRINK = 4.0
 
 #: flow(first) / flow(last) below this is 'vanishing'.
 VANISHING_RATIO = 1e-2

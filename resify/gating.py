@@ -19,10 +19,11 @@ sites before each one gated as already decided:
 2. **No norm ends the branch** (a plain or bounded activation, an LSTM) **and it does not outweigh its
    shortcut** (a fresh PyTorch layer adds about 1/6 of its input's mean square, an LSTM a few percent):
    ungated, the shortcuts compound: the signal's mean square grows by the product of the sites' gains
-   ``E[(F + S)²] / E[x²]``, exponentially in depth. Where that product passes ``AUTO_GROWTH`` (4×) in a net of ``DEEP_LAYERS``
-   (32) layers or more, or at ``AUTO_RATE`` (1.8×) a site in any net (He-initialised branches double
-   the signal: a few such sites compound), each such site gets a gate that starts at 0 (ReZero;
-   SkipInit; Fixup); in a shallower net of slower growth, or where the branches are small, none: their
+   ``E[(F + S)²] / E[x²]``, exponentially in depth. Where that product passes ``AUTO_GROWTH`` (4×),
+   in a net of ``DEEP_LAYERS`` (32) layers or more or, in any net, at ``AUTO_RATE`` (1.8×) a site or
+   more (the product's geometric mean: He-initialised branches double the signal, so a few such sites
+   compound), each such site gets a gate that starts at 0 (ReZero; SkipInit; Fixup); where the product
+   stays under 4×, or the net is shallower and the growth slower, or the branches are small, none: their
    shortcuts train best unhindered (on the digits, a 21-layer plain CNN reaches 97.4% ungated and 94.8%
    from α = 0; a 2-LSTM stack 97.5% and 95.3%; 32 layers is where the report already recommends gated
    shortcuts).
@@ -32,6 +33,20 @@ sites before each one gated as already decided:
    addition, not compounding, and the norm already down-weights deep branches against the shortcut
    (SkipInit's account of BatchNorm ResNets): no gate.
 
+4. **The gates at 0 would shrink the output**: a gate at 0 hands its site's signal to the shortcut.
+   Beside an identity, that passes the input on, scale and all; beside a shortcut that changes the
+   shape it need not (a fresh 1×1 projection carries about a third of its input's mean square, an
+   average pool of an uncorrelated map a quarter, a slice its share), and the layers that set the
+   original's scale (He-initialised convolutions, ReLUs, max-pools) are bypassed. Site after site the
+   shrink compounds: gated at 0, SqueezeNet 1.0 and VGG-11 (every stage opens with a reshaping site)
+   start with logits 21× and 4× smaller in std than the original's. So where, with every rule-1 and
+   rule-2 gate at 0, the output's mean square (measured) falls more than ``AUTO_SHRINK`` (4×) below the
+   original model's (one forward of it), the gates at 0 beside shortcuts that shrink their input
+   (``E[S²] < E[x²]``) all start at the one α at which the output keeps the original's mean square (to
+   within 1.5×, by bisection on measured forwards; at most 1): a data-dependent start in the manner of
+   LSUV (Mishkin & Matas 2016). Gates beside identities stay at 0, and no choice of gate changes.
+   Where the output does not shrink, or ``gate_init`` is given, nothing changes.
+
 A dense shortcut keeps its branch whole and ``preserve_output`` starts every shortcut at β = 0: no gate
 for either. A learned projection is drawn as ``rewrite`` will draw it, from a generator of its own
 (its product with the branch counted at its mean, 0: the draw is independent of the branch); the
@@ -39,7 +54,8 @@ model's buffers and the random state are restored after each run. Where no forwa
 model on the meta device, an example the graph refuses) the rules read the branches alone: a gate
 where no norm ends the branch in a net of ``DEEP_LAYERS`` layers or more. The figures are as good as
 the example: give a batch like the training data's (a training batch), not one or two examples. The
-cost: one forward of the example, two where rule 2 gates. Nothing here changes the model.
+cost: one forward of the example, two where rule 2 gates; where rule 4 looks, one of the original and
+a few more (its bisection, where the output shrinks). Nothing here changes the model.
 """
 
 from __future__ import annotations
@@ -57,7 +73,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .analyze import Analysis
 from .bounds import is_bounded_activation
-from .constants import AUTO_GROWTH, AUTO_OUTWEIGHS, AUTO_RATE, DEEP_LAYERS
+from .constants import AUTO_GROWTH, AUTO_OUTWEIGHS, AUTO_RATE, AUTO_SHRINK, DEEP_LAYERS
 from .formats import first_line
 from .ops import called_module, data_input, follower_role, is_layer_node, layer_kind
 from .sites import Dense, GateReason, Plan, Projection, Site
@@ -68,6 +84,10 @@ __all__ = ["choose_gates", "branch_end", "measure_sites", "SiteSignal", "BranchE
 
 #: where gate='auto' starts a gate at zero and no gate_init is given (ReZero, SkipInit)
 _GATE_START = 0.0
+#: rule 4's bisection: at most this many steps, to an output whose mean square is within this factor
+#: of the original's
+_BISECTIONS = 8
+_CLOSE = 1.5
 _NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.instance_norm}
 _RMS_NORM = getattr(F, "rms_norm", None)
 _RECURRENT = ("LSTM", "GRU", "RNN")
@@ -306,17 +326,30 @@ def measure_sites(
     Raises:
         Unmeasured: the graph cannot run on real values (meta tensors) or failed on the example.
     """
+    run = _Forward(traced, sites, alpha)
+    _run(traced, run)
+    return run.signals
+
+
+def _run(traced: Traced, run: torch.fx.Interpreter) -> float:
+    """Run ``run`` on the example (the model's buffers and the random state restored); the mean square
+    of its output (of every floating-point tensor in it, pooled: a tuple of logits and auxiliary logits)."""
     tensors = [*traced.root.parameters(), *traced.root.buffers(), *traced.example_inputs]
     if any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
         raise Unmeasured("the model is on the meta device")
-    run = _Forward(traced, sites, alpha)
     try:
         with state_kept(traced.root), torch.no_grad():
             torch.manual_seed(0)  # dropout draws alike on every call: the same plan for the same model
-            run.run(*_placeholder_values(traced))
+            out = run.run(*_placeholder_values(traced))
     except Exception as e:  # the measurement is advice: any failure falls back on the branches alone
         raise Unmeasured(f"the example's forward failed: {first_line(e)}") from e
-    return run.signals
+    return _square(out)
+
+
+def _square(out: Any) -> float:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    n = sum(t.numel() for t in leaves)
+    return sum(t.detach().double().pow(2).sum().item() for t in leaves) / n if n else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +358,12 @@ def measure_sites(
 
 class _Choice(NamedTuple):
     reason: GateReason
-    alpha: float  # 1: no gate; else the gate's start
+    start: float | None  # the gate's start; None: no gate
+
+    @property
+    def alpha(self) -> float:
+        """What the branch is scaled by at initialisation."""
+        return 1.0 if self.start is None else self.start
 
 
 def choose_gates(plan: Plan, traced: Traced, analysis: Analysis) -> Plan:
@@ -344,27 +382,29 @@ def choose_gates(plan: Plan, traced: Traced, analysis: Analysis) -> Plan:
     for s in plan.sites:
         end = ends[s.name]
         if isinstance(s.shortcut, Dense):
-            fixed[s.name] = _Choice(GateReason("dense", end.kind, end.op), 1.0)
+            fixed[s.name] = _Choice(GateReason("dense", end.kind, end.op), None)
         elif s.preserve_output:
-            fixed[s.name] = _Choice(GateReason("preserve_output", end.kind, end.op), 1.0)
+            fixed[s.name] = _Choice(GateReason("preserve_output", end.kind, end.op), None)
     loose = [s.name for s in plan.sites if s.name not in fixed and ends[s.name].kind != "norm"]
     if len(fixed) == len(plan.sites):
         return _with_gates(plan, fixed)
     try:
-        chosen, signals = _measured(plan, traced, ends, fixed, set(), start)
+        chosen, signals, output = _measured(plan, traced, ends, fixed, set(), start)
         unweighed = [n for n in loose if n not in chosen]  # rule 2: neither fixed nor outweighing
         growth = math.prod(signals[n].gain for n in unweighed if n in signals)
         rate = growth ** (1 / len(unweighed)) if unweighed else 1.0
         compounds = bool(unweighed) and growth > AUTO_GROWTH and (layers >= DEEP_LAYERS or rate >= AUTO_RATE)
         if compounds:  # their gates change the signal the later normalised sites see: measure again
             kept = {n: c for n, c in chosen.items() if ends[n].kind != "norm" or n in fixed}
-            chosen, _ = _measured(plan, traced, ends, kept, set(unweighed), start)
+            chosen, signals, output = _measured(plan, traced, ends, kept, set(unweighed), start)
         for n in unweighed:
             end = ends[n]
             reason = GateReason(
                 "compounds" if compounds else "shallow", end.kind, end.op, growth, len(unweighed), layers
             )
-            chosen[n] = _Choice(reason, start if compounds else 1.0)
+            chosen[n] = _Choice(reason, start if compounds else None)
+        if plan.policy.gate_init is None:
+            chosen = _kept_scale(plan, traced, chosen, signals, output)
     except Unmeasured as e:
         deep = layers >= DEEP_LAYERS
         chosen = dict(fixed)
@@ -374,7 +414,7 @@ def choose_gates(plan: Plan, traced: Traced, analysis: Analysis) -> Plan:
                 gated = deep and end.kind != "norm"
                 chosen[s.name] = _Choice(
                     GateReason("unmeasured", end.kind, end.op, None, len(loose), layers, str(e)),
-                    start if gated else 1.0,
+                    start if gated else None,
                 )
     return _with_gates(plan, chosen)
 
@@ -386,9 +426,10 @@ def _measured(
     fixed: dict[str, _Choice],
     compounding: set[str],
     start: float,
-) -> tuple[dict[str, _Choice], dict[str, SiteSignal]]:
+) -> tuple[dict[str, _Choice], dict[str, SiteSignal], float]:
     """One measured forward, choosing each site's gate as it is reached by rules 1 and 3 (the sites in
-    ``compounding`` start at ``start``, the other rule-2 sites ungated for now); with the signals."""
+    ``compounding`` start at ``start``, the other rule-2 sites ungated for now); with the signals and
+    the output's mean square."""
     chosen: dict[str, _Choice] = dict(fixed)
 
     def alpha(site: Site, signal: SiteSignal) -> float:
@@ -401,23 +442,68 @@ def _measured(
             chosen[site.name] = _Choice(GateReason("outweighs", end.kind, end.op, signal.growth), start)
             return start
         if end.kind == "norm":  # rule 3
-            chosen[site.name] = _Choice(GateReason("normalised", end.kind, end.op, signal.growth), 1.0)
+            chosen[site.name] = _Choice(GateReason("normalised", end.kind, end.op, signal.growth), None)
         return 1.0
 
-    signals = measure_sites(traced, plan.sites, alpha)
+    run = _Forward(traced, plan.sites, alpha)
+    output = _run(traced, run)
     for s in plan.sites:  # a site the forward did not reach (no tensor there): as its branch says
         if s.name not in chosen and ends[s.name].kind == "norm":
-            chosen[s.name] = _Choice(GateReason("normalised", "norm", ends[s.name].op), 1.0)
-    return chosen, signals
+            chosen[s.name] = _Choice(GateReason("normalised", "norm", ends[s.name].op), None)
+    return chosen, run.signals, output
+
+
+def _kept_scale(
+    plan: Plan, traced: Traced, chosen: dict[str, _Choice], signals: dict[str, SiteSignal], output: float
+) -> dict[str, _Choice]:
+    """Rule 4: where the gates at 0 beside shortcuts that shrink their input leave the output's mean
+    square (``output``, measured with ``chosen``) more than ``AUTO_SHRINK`` below the original model's,
+    those gates start at the one α at which the output keeps the original's (by bisection on measured
+    forwards); the other choices stand."""
+    sites = {s.name: s for s in plan.sites}
+    shrinking = {
+        n
+        for n, c in chosen.items()
+        if c.start == 0.0
+        and isinstance(sites[n].shortcut, Projection)
+        and n in signals
+        and signals[n].shortcut < signals[n].entry
+    }
+    if not shrinking or not output > 0:
+        return chosen
+    original = _run(traced, torch.fx.Interpreter(traced.root, graph=traced.graph))
+    if not output * AUTO_SHRINK < original:
+        return chosen
+
+    def scale(a: float) -> float:  # log of the output's mean square over the original's, the shrinking gates at a
+        run = _Forward(traced, plan.sites, lambda site, _: a if site.name in shrinking else chosen[site.name].alpha)
+        out = _run(traced, run)
+        return math.log(out / original) if out > 0 and math.isfinite(out) else -math.inf
+
+    low, high = 0.0, 1.0
+    for _ in range(_BISECTIONS):  # bisection, to within _CLOSE of the original's mean square
+        a = (low + high) / 2
+        off = scale(a)
+        if abs(off) <= math.log(_CLOSE):
+            break
+        low, high = (a, high) if off < 0 else (low, a)
+    else:
+        a = high
+    a = float(f"{a:.2g}")
+    ratio = output / original
+    return {
+        n: c._replace(start=a, reason=replace(c.reason, start=a, shrunk=ratio)) if n in shrinking else c
+        for n, c in chosen.items()
+    }
 
 
 def _with_gates(plan: Plan, chosen: dict[str, _Choice]) -> Plan:
     def resolved(s: Site) -> Site:
         choice = chosen[s.name]
-        if choice.alpha == 1.0:
+        if choice.start is None:
             return replace(s, gate=None, gate_init=None, gate_reason=choice.reason)
         return replace(
-            s, gate="rezero", gate_init=choice.alpha, added_params=s.added_params + 1, gate_reason=choice.reason
+            s, gate="rezero", gate_init=choice.start, added_params=s.added_params + 1, gate_reason=choice.reason
         )
 
     others = None if plan.other_mode_sites is None else tuple(resolved(s) for s in plan.other_mode_sites)

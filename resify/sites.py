@@ -18,6 +18,7 @@ from .constants import (
     AUTO_GROWTH,
     AUTO_OUTWEIGHS,
     AUTO_RATE,
+    AUTO_SHRINK,
     DEEP_LAYERS,
     PLAN_SCHEMA_VERSION,
     GateChoice,
@@ -167,11 +168,26 @@ class GateReason:
     sites: int = 0
     layers: int = 0
     detail: str = ""  # "unmeasured": why no forward ran
+    #: rule 4: where the gate starts (beside a shortcut that shrinks its input), and the output's mean
+    #: square over the original's had it started at 0; None where it starts at 0 (or gate_init)
+    start: float | None = None
+    shrunk: float | None = None
 
     @property
     def text(self) -> str:
         """E.g. "the branch (LayerNorm) outweighs its shortcut: ungated, the site would grow …"."""
         return self.words()
+
+    @property
+    def starts(self) -> str:
+        """Where the gate starts, and why (rule 4: beside a shortcut that shrinks its input)."""
+        if self.start is None:
+            return "the gate starts at 0"
+        return (
+            f"the gate starts at {self.start:g}: at 0, beside shortcuts that shrink their input (a fresh "
+            f"projection, a pool, a slice), these gates would leave the output's mean square {fmt_times(self.shrunk)} "
+            f"the original's (below 1/{AUTO_SHRINK:g}); {self.start:g} keeps it"
+        )
 
     def words(self, figure: str | None = None) -> str:
         """``text``, with ``figure`` in place of ``value`` where given (a range: "3.0× to 5.8×")."""
@@ -180,7 +196,7 @@ class GateReason:
             return (
                 f"the branch ({self.ends}) outweighs its shortcut: ungated, the site would grow the mean square "
                 f"its shortcut carries {v} (more than {AUTO_OUTWEIGHS:g}×) and not start near the identity; "
-                "the gate starts at 0"
+                f"{self.starts}"
             )
         if self.rule == "normalised":
             return (
@@ -190,11 +206,11 @@ class GateReason:
         per_site = fmt_times(self.value ** (1 / self.sites)) if self.value and self.sites and figure is None else ""
         rate = f", {per_site} a site" if per_site else ""
         depth = f"{self.sites} sites whose branches no norm ends and do not outweigh, in {self.layers} layers"
-        limit = f"a gate from {AUTO_GROWTH:g}× in a net of {DEEP_LAYERS} layers or more, or from {AUTO_RATE:g}× a site"
+        limit = f"a gate past {AUTO_GROWTH:g}×, in a net of {DEEP_LAYERS} layers or more or at {AUTO_RATE:g}× a site"
         if self.rule == "compounds":
             return (
                 f"no norm ends the branch ({self.ends}): ungated, the shortcuts of the {depth}, would compound, "
-                f"scaling the signal's mean square by {v}{rate} ({limit}); the gate starts at 0"
+                f"scaling the signal's mean square by {v}{rate} ({limit}); {self.starts}"
             )
         if self.rule == "shallow":
             return (

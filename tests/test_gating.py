@@ -16,7 +16,7 @@ import torch.nn as nn
 from reference import assert_every_parameter_has_grad
 
 import resify
-from resify.constants import AUTO_GROWTH, AUTO_OUTWEIGHS, DEEP_LAYERS
+from resify.constants import AUTO_GROWTH, AUTO_OUTWEIGHS, AUTO_SHRINK, DEEP_LAYERS
 from resify.sites import GATE_RULES, GateReason, Plan
 
 
@@ -247,9 +247,9 @@ def test_the_same_model_gets_the_same_plan():
 
 def test_vgg11_keeps_its_output_scale_at_initialisation():
     """torchvision's VGG-11 (He-initialised, no norm) in train mode, as the first step sees it: ungated,
-    its logits grow ~40×; with the default gates they stay within 4× of the original's. Every branch
-    starts gated at 0 here, so the logits start smaller than the original's (from the shortcuts alone,
-    ReZero's start), never larger."""
+    its logits grow ~40×; with the default gates they stay within 4× of the original's either way (the
+    gates beside its pooled projections and its slice start where the logits keep the original's
+    scale, rule 4: at 0 they would start 4× smaller in std at 224×224)."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.vgg11(weights=None).train()
@@ -260,5 +260,64 @@ def test_vgg11_keeps_its_output_scale_at_initialisation():
         with torch.no_grad():
             stds.append(m(x).std().item())
     original, default, ungated = stds
-    assert 0 < default <= 4 * original, stds
+    assert original / 4 <= default <= 4 * original, stds
     assert ungated > 4 * original, stds  # what the gates prevent
+
+
+def small_vgg(widths: tuple[int, ...] = (16, 32, 64, 128)) -> nn.Sequential:
+    """VGG in small: He-initialised 3×3 conv → ReLU → 2×2 max-pool stages, the channels widening, on
+    32×32 images; every stage's shortcut is a pooled 1×1 projection."""
+    layers: list[nn.Module] = []
+    c = 3
+    for w in widths:
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c = w
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * 4, 10))
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def _output_std(model: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(x).std().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gates_beside_shrinking_shortcuts_start_where_the_output_keeps_its_scale(seed):
+    """Rule 4, on what shrank SqueezeNet's and VGG-11's logits 21× and 4×: each stage's branch outweighs
+    its pooled projection (rule 1), which carries a fraction of its input's mean square (a fresh 1×1
+    conv about 1/3, the average pool of an uncorrelated map 1/4). Gated at 0, the stages would hand
+    the signal from one shrinking shortcut to the next, bypassing the ReLUs and max-pools that keep
+    the original's scale: the logits would start more than 4× smaller in std. The gates start instead
+    at the one α at which the output keeps the original's mean square."""
+    torch.manual_seed(seed)
+    model, x = small_vgg().train(), torch.randn(8, 3, 32, 32)
+    plan = resify.plan(model, x)
+    assert plan.sites and all(s.kind == "projection" and s.gate == "rezero" for s in plan.sites)
+    reasons = [s.gate_reason for s in plan.sites]
+    assert {r.rule for r in reasons} == {"outweighs"}
+    (start,) = {s.gate_init for s in plan.sites}  # one start for them all
+    assert 0 < start <= 1 and all(r.start == start and r.shrunk < 1 / AUTO_SHRINK for r in reasons)
+    assert f"the gate starts at {start:g}" in str(plan) and f"{start:g} keeps it" in str(plan)
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+    original = _output_std(model, x)
+    at_zero = _output_std(resify.apply(model, x, gate="rezero"), x)  # every gate at 0: the shrink
+    assert at_zero < original / 4
+    default = _output_std(resify.apply(model, x), x)
+    assert original / 4 < default < 4 * original
+
+
+def test_rule_4_leaves_identity_shortcuts_and_a_given_start_alone():
+    """Gates beside identities stay at 0 (the He-initialised plain CNN: no shortcut shrinks its
+    input), and a given gate_init is where every chosen gate starts."""
+    torch.manual_seed(0)
+    he = resify.plan(plain_cnn(6, he=True), torch.randn(8, 8, 8, 8))
+    assert {(s.gate, s.gate_init) for s in he.sites} == {("rezero", 0.0)}
+    assert all(s.gate_reason.start is None for s in he.sites)
+    given = resify.plan(small_vgg(), torch.randn(8, 3, 32, 32), gate_init=0.0)
+    assert {(s.gate, s.gate_init) for s in given.sites} == {("rezero", 0.0)}
+    assert all(s.gate_reason.start is None for s in given.sites)
