@@ -85,3 +85,12 @@ def test_plot_writes_the_file_with_gates_overflow_and_gaps(tmp_path, suffix, mag
         text = path.read_text()
         for said in ("vanishing", "skipped (GradScaler overflow)", "not measured", "gate value", "1 gate(s)"):
             assert said in text, said
+
+
+@pytest.mark.xfail(strict=True, reason="relative_flows divides by an earlier layer where the last one has no flow")
+def test_a_step_whose_last_layer_has_no_flow_gives_none_as_documented():
+    names, rows = relative_flows(
+        history(step(0, layer("a", 2.0), layer("b", 1.0)), step(1, layer("a", 2.0), layer("b", None)))
+    )
+    assert names == ["a", "b"]
+    assert rows == [[2.0, 1.0], [None, None]]  # step 1 has no last-layer flow: "gives None"
