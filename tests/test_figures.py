@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from resify.report.figures import (
-    BATCH_NUMEL,
     Sink,
     activation_figures,
     combine,
@@ -179,7 +178,3 @@ def test_combine_by_hand():
 
 def test_combine_without_a_loss_has_no_loss_key():
     assert combine([(("weight", "a"), 1.0)], batches=1) == {"a": {"weight": 1.0}}
-
-
-def test_batch_numel_is_a_power_of_two():
-    assert BATCH_NUMEL == 4096

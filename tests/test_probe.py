@@ -184,3 +184,22 @@ def test_layers_that_take_one_tensor_share_its_input_gradient():
         model(x).pow(2).sum().backward()
     figures = combine(sink.resolve(), batches=1)
     assert figures["p"]["input"] == figures["q"]["input"] == pytest.approx(x.grad.norm().item(), rel=1e-6)
+
+
+def test_small_tensors_measured_together_give_each_ones_figures_to_the_bit():
+    from resify.report.figures import BATCH_NUMEL, figures_of
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(8, 16) for _ in range(4)] + [
+        torch.randn(3),
+        torch.randn(BATCH_NUMEL + 1),
+        torch.zeros(8, 16),
+    ]
+    names = [(f"t{i}",) for i in range(len(tensors))]
+    probe = Probe({}, {}, Sink())
+    probe._measure(tensors, names, "grad")
+    got = dict(probe.sink.resolve())
+    for (name,), t in zip(names, tensors):
+        mean, norm = figures_of(t, True)  # one at a time
+        assert got[("mean_abs", name, 0)] == mean and got[("grad_norm", name, 0)] == norm, name
+        assert norm == pytest.approx(t.double().norm().item(), rel=1e-6)
