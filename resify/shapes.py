@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.node import map_arg
 
 from .errors import TraceError
@@ -70,6 +71,12 @@ class ShapeRecorder(torch.fx.Interpreter):
             raise TraceError(self.message) from e
         n.meta["resify"] = tensor_info(result)
         return result
+
+    def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return super().call_function(target, _mutable(args), _mutable(kwargs))
+
+    def call_method(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return super().call_method(target, (args[0], *_mutable(args[1:])), _mutable(kwargs))
 
     def _arg_shapes(self, n: torch.fx.Node) -> list[TensorInfo]:
         return [a.meta["resify"] for a in n.all_input_nodes if a.meta.get("resify") is not None]
@@ -193,6 +200,22 @@ def node_keys(graph: torch.fx.Graph, interned: dict[tuple, int]) -> dict[torch.f
     return keys
 
 
+def _mutable(value: Any) -> Any:
+    """``value`` with fx's immutable lists and dicts made fresh, mutable copies. fx hands the lists
+    written in a node's arguments over as its own ``immutable_list``s, where the forward built a new
+    list on every call: a function that fills in a list it is given (Swin3D's
+    ``_get_window_and_shift_size``, which ``torch.fx.wrap`` keeps as one call) gets its own copy, as
+    in the model's own forward. A list another node returned is passed on as it is (its mutations
+    are the forward's own)."""
+    if isinstance(value, immutable_list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, immutable_dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
+
+
 def _hashable(value: Any) -> Any:
     """``value`` with lists, dicts and slices made tuples, so that it can be a dict key."""
     if isinstance(value, (list, tuple)):
@@ -255,11 +278,11 @@ def _propagate_on_meta(
             elif op == "call_function":
                 value = function_rule(n.target, args, kwargs)
                 if value is None:
-                    value = n.target(*args, **kwargs)
+                    value = n.target(*_mutable(args), **_mutable(kwargs))
             else:  # call_method
                 value = method_rule(n.target, args, kwargs)
                 if value is None:
-                    value = getattr(args[0], n.target)(*args[1:], **kwargs)
+                    value = getattr(args[0], n.target)(*_mutable(args[1:]), **_mutable(kwargs))
         env[n] = value
         n.meta["resify"] = tensor_info(value)
 
