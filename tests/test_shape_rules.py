@@ -185,3 +185,11 @@ def test_conv_rule_refuses_a_reflect_padding_past_the_input():
     with pytest.raises(RuntimeError, match="Padding size should be less than"):
         conv(torch.randn(1, 2, 1, 1))
     assert module_rule(conv, (meta(1, 2, 1, 1),), {}) is None
+
+
+@pytest.mark.xfail(strict=True, reason="a BatchNorm without running statistics uses the batch's in eval mode too")
+def test_a_batchnorm_without_running_statistics_needs_two_values_in_eval_mode():
+    bn = nn.BatchNorm1d(3, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        bn(torch.randn(1, 3))  # the real op refuses it
+    assert module_rule(bn, (meta(1, 3),), {}) is None
