@@ -193,3 +193,14 @@ def test_a_batchnorm_without_running_statistics_needs_two_values_in_eval_mode():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         bn(torch.randn(1, 3))  # the real op refuses it
     assert module_rule(bn, (meta(1, 3),), {}) is None
+
+
+@pytest.mark.xfail(strict=True, reason="add_bias_kv and add_zero_attn each add a key position the rule does not count")
+@pytest.mark.parametrize("kwargs", [{"add_bias_kv": True}, {"add_zero_attn": True}])
+def test_attention_weights_count_the_added_key_positions(kwargs):
+    m = nn.MultiheadAttention(8, 2, **kwargs)
+    q = meta(5, 3, 8)
+    with torch.no_grad():
+        _, weights = m(real(q), real(q), real(q))
+    assert tuple(weights.shape) == (3, 5, 6)  # one key position more than the 5 given
+    _same(module_rule(m, (q, q, q), {})[1], weights)
