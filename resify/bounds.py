@@ -73,6 +73,18 @@ _SHAPE_METHODS = {
     "movedim",
     "expand",
     "expand_as",
+    # casts and copies keep the values (and their range): a model that ends in `probs.float()`
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "to",
+    "type",
+    "type_as",
+    "clone",
+    "detach",
+    "cpu",
+    "cuda",
 }
 
 
@@ -87,7 +99,8 @@ def is_bounded_activation(gm: nn.Module, n: torch.fx.Node) -> bool:
 
 
 def is_shape_op(gm: nn.Module, n: torch.fx.Node) -> bool:
-    """True for an op that only moves or reshapes its input's values (view, flatten, getitem, …)."""
+    """True for an op that only moves, reshapes, casts or copies its input's values (view, flatten,
+    getitem, .float(), .clone(), …)."""
     return (
         isinstance(called_module(gm, n), _SHAPE_MODULES)
         or (n.op == "call_function" and n.target in _SHAPE_FUNCTIONS)

@@ -135,11 +135,27 @@ class _CastOutput(nn.Module):
         return s.to(torch.float32) if self.method == "to" else getattr(s, self.method)()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a value-keeping cast or copy after the bounded output hides it from the planner"
-)
 @pytest.mark.parametrize("method", ["float", "clone", "detach", "to"])
 def test_a_cast_or_copy_of_the_output_keeps_it_unchanged(method):
     gm = torch.fx.symbolic_trace(_CastOutput(method))
     # the values in [0, 1] are the model's output all the same
     assert reaches_output_unchanged(gm, _node(gm, "sigmoid"))
+
+
+def test_the_planner_leaves_a_cast_bounded_output_alone():
+    """A model that ends in ``torch.sigmoid(logits).float()`` keeps its outputs in [0, 1]."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.sigmoid(self.fc2(torch.relu(self.fc1(x)))).float()
+
+    import resify
+
+    torch.manual_seed(0)
+    plan = resify.plan(Net(), torch.randn(3, 4))
+    assert [s.start for s in plan.sites] == ["fc1"]
+    assert [(s.start, s.code) for s in plan.skipped] == [("fc2", "bounded_output")]
