@@ -68,6 +68,8 @@ def _attention_rule(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Any:
     q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
     if set(bound) - set(names) or bound.get("key_padding_mask") is not None or bound.get("attn_mask") is not None:
         return None  # masks are checked against the shapes by the real op: let it
+    if bound.get("is_causal"):
+        return None  # the real op needs a mask with it: let it say so
     if not (_meta_float(q) and _meta_float(k) and _meta_float(v)):
         return None
     assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
@@ -85,7 +87,8 @@ def _attention_rule(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Any:
         return _like(q), None
     lead = (q.shape[1 - seq],) if batched else ()
     heads = () if bound.get("average_attn_weights", True) else (m.num_heads,)
-    return _like(q), _like(q, (*lead, *heads, q.shape[seq], k.shape[seq]))
+    keys = k.shape[seq] + (m.bias_k is not None) + bool(m.add_zero_attn)  # each adds a key position
+    return _like(q), _like(q, (*lead, *heads, q.shape[seq], keys))
 
 
 def module_rule(m: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -113,7 +116,8 @@ def module_rule(m: nn.Module, args: tuple, kwargs: dict) -> Any:
         except ValueError:
             return None
         one_value = x.numel() // max(x.shape[1], 1) <= 1
-        if x.shape[1] != m.num_features or (m.training and one_value):
+        batch_stats = m.training or m.running_mean is None  # without running statistics, in eval too
+        if x.shape[1] != m.num_features or (batch_stats and one_value):
             return None  # the real op raises: let it
         return _like(x)
     if isinstance(m, nn.LayerNorm):
@@ -128,6 +132,8 @@ def _conv_rule(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor | No
     n = len(m.kernel_size)
     if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != m.in_channels:
         return None
+    if m.padding_mode != "zeros":
+        return None  # reflect and replicate padding must fit the input: the real op checks it
     if m.padding == "same":
         spatial = list(x.shape[-n:])
     else:

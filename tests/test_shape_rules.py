@@ -167,7 +167,6 @@ def test_method_rule():
     assert method_rule("relu", (meta(2, dtype=torch.int32),), {}) is None
 
 
-@pytest.mark.xfail(strict=True, reason="the attention rule gives shapes where is_causal=True comes without attn_mask")
 def test_attention_rule_refuses_is_causal_without_a_mask():
     m = nn.MultiheadAttention(8, 2)
     x = torch.randn(5, 3, 8)
@@ -177,9 +176,6 @@ def test_attention_rule_refuses_is_causal_without_a_mask():
     assert module_rule(m, (q, q, q), {"is_causal": True}) is None
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the convolution rule ignores padding_mode='reflect', whose padding must be < the input"
-)
 def test_conv_rule_refuses_a_reflect_padding_past_the_input():
     conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
     with pytest.raises(RuntimeError, match="Padding size should be less than"):
@@ -187,7 +183,6 @@ def test_conv_rule_refuses_a_reflect_padding_past_the_input():
     assert module_rule(conv, (meta(1, 2, 1, 1),), {}) is None
 
 
-@pytest.mark.xfail(strict=True, reason="a BatchNorm without running statistics uses the batch's in eval mode too")
 def test_a_batchnorm_without_running_statistics_needs_two_values_in_eval_mode():
     bn = nn.BatchNorm1d(3, track_running_stats=False).eval()
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
@@ -195,7 +190,6 @@ def test_a_batchnorm_without_running_statistics_needs_two_values_in_eval_mode():
     assert module_rule(bn, (meta(1, 3),), {}) is None
 
 
-@pytest.mark.xfail(strict=True, reason="add_bias_kv and add_zero_attn each add a key position the rule does not count")
 @pytest.mark.parametrize("kwargs", [{"add_bias_kv": True}, {"add_zero_attn": True}])
 def test_attention_weights_count_the_added_key_positions(kwargs):
     m = nn.MultiheadAttention(8, 2, **kwargs)
