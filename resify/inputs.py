@@ -49,6 +49,8 @@ def check_device(model: nn.Module, inputs: tuple[Any, ...]) -> None:
     if first is None or first.device.type == "meta":
         return
     for i, t in enumerate(inputs):
+        if isinstance(t, PackedSequence):
+            t = t.data  # its values: the batch sizes stay on the CPU
         if isinstance(t, torch.Tensor) and t.device != first.device:
             where = "example_input" if len(inputs) == 1 else f"example_input[{i}]"
             raise InputError(

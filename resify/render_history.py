@@ -28,7 +28,8 @@ _VERDICT_COLOURS = {"healthy": "#2ca02c", "vanishing": "#1f4e9c", "exploding": "
 def relative_flows(history: FlowHistory) -> tuple[list[str], list[list[float | None]]]:
     """The model's own layers in forward order, and per layer the flow ÷ the last layer's at each step.
 
-    A layer absent from a step, or a step without the last layer's flow, gives None.
+    The last layer is the verdict's (``GradientFlow.last_flow``: the last own layer with an input
+    gradient). A layer absent from a step, or a step whose last flow is missing or 0, gives None.
     """
     names: dict[str, None] = {}
     for r in history.records:
@@ -36,8 +37,7 @@ def relative_flows(history: FlowHistory) -> tuple[list[str], list[list[float | N
     rows: dict[str, list[float | None]] = {n: [] for n in names}
     for r in history.records:
         own = {lf.name: lf.flow for lf in r.flow.layers if not lf.added and lf.kind != "Gate"}
-        flows = [f for f in own.values() if f is not None]
-        last = flows[-1] if flows else None
+        last = r.flow.last_flow
         for n in names:
             f = own.get(n)
             rows[n].append(None if f is None or not last else f / last)

@@ -118,7 +118,7 @@ def plot_flows(flows: Sequence[tuple[str, GradientFlow]], path: str | Path, titl
 def plot_series(flow: GradientFlow, xpos: Mapping[str, int]) -> tuple[list, list, list]:
     """(x, flow ÷ last flow) and (x, mean |grad|) for the own layers; (x, flow ÷ last) for projections."""
     own = [r for r in flow.layers if not r.added and r.kind != "Gate"]
-    last = next((r.flow for r in reversed(own) if r.flow), None)
+    last = flow.last_flow  # the verdict's: what the chart says the verdict is judged on
     rel = [(xpos[r.name], (None if r.flow is None or not last else r.flow / last)) for r in own]
     grads = [(xpos[r.name], r.mean_abs_grad) for r in own]
     added, prev = [], -1.0

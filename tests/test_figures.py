@@ -124,7 +124,6 @@ def test_sink_resolves_floats_and_tensors_in_order():
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="Sink.pack writes NaN for an int (or an integer CPU tensor's .item())")
 def test_sink_resolves_an_integer_figure():
     s = Sink()
     s.add(("loss",), 3)

@@ -105,7 +105,6 @@ def test_derive_example_input_says_what_to_pass_where_it_cannot(model, hint):
     assert message.startswith("no example_input given and the first layer (") and hint in message
 
 
-@pytest.mark.xfail(strict=True, reason="check_device looks only at tensors: a PackedSequence's data is not checked")
 def test_check_device_refuses_a_packed_sequence_on_another_device():
     packed = pack_sequence([torch.ones(3, 2, device="meta"), torch.ones(2, 2, device="meta")])
     with pytest.raises(InputError, match="example_input is on meta but LSTM's parameters are on cpu"):

@@ -87,10 +87,13 @@ def test_plot_writes_the_file_with_gates_overflow_and_gaps(tmp_path, suffix, mag
             assert said in text, said
 
 
-@pytest.mark.xfail(strict=True, reason="relative_flows divides by an earlier layer where the last one has no flow")
-def test_a_step_whose_last_layer_has_no_flow_gives_none_as_documented():
-    names, rows = relative_flows(
-        history(step(0, layer("a", 2.0), layer("b", 1.0)), step(1, layer("a", 2.0), layer("b", None)))
-    )
+def test_each_step_is_divided_by_the_verdicts_last_layer():
+    """The heatmap, the charts and the verdict read one last layer: the last with an input gradient."""
+    h = history(step(0, layer("a", 2.0), layer("b", 1.0)), step(1, layer("a", 2.0), layer("b", None)))
+    names, rows = relative_flows(h)
     assert names == ["a", "b"]
-    assert rows == [[2.0, 1.0], [None, None]]  # step 1 has no last-layer flow: "gives None"
+    # step 1: 'b' has no input gradient, so 'a' is the last layer the verdict judges
+    assert [r.flow.last_flow for r in h.records] == [1.0, 2.0]
+    assert rows == [[2.0, 1.0], [1.0, None]]
+    zero = history(step(0, layer("a", 2.0), layer("b", 0.0)))  # a last flow of 0: no ratio
+    assert relative_flows(zero)[1] == [[None], [None]]

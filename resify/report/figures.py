@@ -50,6 +50,8 @@ class Sink:
     def add(self, key: tuple, value: torch.Tensor | float) -> None:
         if isinstance(value, torch.Tensor) and value.device.type == "cpu":
             value = value.item()
+        if not isinstance(value, torch.Tensor):
+            value = float(value)  # an int (a count, an integer tensor's item) is a figure too
         self._keys.append(key)
         self._items.append(value)
 

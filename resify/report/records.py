@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -104,6 +104,13 @@ class GradientFlow:
     seed: int = 0
     activation_growth: float | None = None  # the largest activation RMS ÷ the first layer's (own layers)
     output_similarity: float | None = None  # activation_similarity of the last own layer that has one
+
+    @property
+    def last_flow(self) -> float | None:
+        """The flow every ratio is taken against: the last judged layer's (``judged_layers``), as the
+        verdict's first/last, the watch heatmap and the charts read it; None where none has one."""
+        judged = judged_layers(self.layers)
+        return judged[-1].flow if judged else None
 
     def layer(self, name: str) -> LayerFlow:
         """The record called ``name``; raises ResifyError listing some names when there is none."""
@@ -315,6 +322,14 @@ class FlowComparison:
 
 
 # JSON
+
+
+def judged_layers(records: Sequence[LayerFlow]) -> list[LayerFlow]:
+    """The layers the gradient verdict compares, in forward order: the model's own (not resify's, not
+    a gate) with an input gradient; where no layer input carries one (token ids into embeddings
+    only), those with a weight gradient."""
+    own = [r for r in records if not r.added and r.kind != "Gate" and r.input_grad_norm is not None]
+    return own or [r for r in records if not r.added and r.kind != "Gate" and r.flow is not None]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

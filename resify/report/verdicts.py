@@ -29,7 +29,7 @@ from ..errors import ResifyError
 from ..formats import fmt_number, fmt_times
 from .facts import ModelFacts, is_branch_gate
 from .history import LOSS_SEEN, StepFlow
-from .records import FlowComparison, GradientFlow, LayerChange, LayerFlow
+from .records import FlowComparison, GradientFlow, LayerChange, LayerFlow, judged_layers
 from .signal import Signal, own_layers, signal_of
 
 if TYPE_CHECKING:
@@ -79,9 +79,7 @@ class _Gradient:
 
 
 def _gradient(records: Sequence[LayerFlow]) -> _Gradient:
-    own = [r for r in records if not r.added and r.kind != "Gate" and r.input_grad_norm is not None]
-    if not own:  # no layer input carries a gradient (token ids into embeddings only): weight gradients
-        own = [r for r in records if not r.added and r.kind != "Gate" and r.flow is not None]
+    own = judged_layers(records)
     flows = [r.flow for r in records if r.flow is not None and r.kind != "Gate"]
     # a first layer that takes integers (an embedding of token ids) has no input gradient: its weight
     # gradient, against the last layer's, says whether the gradient reaches it
