@@ -91,8 +91,9 @@ AUTO_OUTWEIGHS = 2.5
 #: ... and the sites whose branches no norm ends get one where their shortcuts, ungated, would together
 #: grow the signal's mean square more than this (they compound) in a net of DEEP_LAYERS layers or more ...
 AUTO_GROWTH = 4.0
-#: ... or in any net, where they grow it this much per site (the geometric mean): a He-initialised
-#: branch doubles it, and even a few such sites compound (a fresh PyTorch layer grows it 1.1× to 1.5×)
+#: ... or, in a net of any depth, where they also grow it at least this much per site (the geometric
+#: mean): a He-initialised branch doubles it, and even a few such sites compound (a fresh PyTorch layer
+#: grows it 1.1× to 1.5×)
 AUTO_RATE = 1.8
 #: ... and where the gates at 0 beside shortcuts that shrink their input (a fresh projection, a pool,
 #: a slice) leave the output's mean square more than this below the original model's (2× in std),

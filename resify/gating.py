@@ -44,7 +44,10 @@ sites before each one gated as already decided:
    original model's (one forward of it), the gates at 0 beside shortcuts that shrink their input
    (``E[S²] < E[x²]``) all start at the one α at which the output keeps the original's mean square (to
    within 1.5×, by bisection on measured forwards; at most 1): a data-dependent start in the manner of
-   LSUV (Mishkin & Matas 2016). Gates beside identities stay at 0, and no choice of gate changes.
+   LSUV (Mishkin & Matas 2016). One α for them all, fitted on the output, not one a site fitted on
+   the original's scale there: a shortcut around a small-initialised head (SqueezeNet's zero-padded
+   classifier) carries more than the original's logits, and site-by-site starts would leave it to
+   overshoot. Gates beside identities stay at 0, and no choice of gate changes.
    Where the output does not shrink, or ``gate_init`` is given, nothing changes.
 
 A dense shortcut keeps its branch whole and ``preserve_output`` starts every shortcut at β = 0: no gate
