@@ -78,6 +78,7 @@ def test_gradient_flow_json_round_trips_and_carries_the_thresholds():
             "schema_version 1 to 2, found kind='resify.gradient_flow' schema_version=None",
         ),
         ('{"kind": "resify.gradient_flow", "schema_version": "2"}', "schema_version='2'"),
+        ('{"kind": "resify.gradient_flow", "schema_version": true}', "schema_version=True"),  # not version 1
         ('{"kind": "resify.gradient_flow", "schema_version": 3}', "found 3: it was written by a newer resify"),
     ],
 )

@@ -190,7 +190,7 @@ class FlowHistory:
     def to_json(self, indent: int | None = None) -> str:
         """The history as JSON: the table of ``to_dict`` and every gate's full values per step.
 
-        ``{"schema_version": 1, "kind": "resify.watch", "model_class", "label", "every",
+        ``{"schema_version": 2, "kind": "resify.watch", "model_class", "label", "every",
         "steps": [int], "verdicts": [str], "table": {column: [...]}, "gates": {name: [[float]]}}``;
         infinities and NaN are the strings "inf", "-inf", "nan", as in the report's JSON.
         """

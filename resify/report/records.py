@@ -378,7 +378,7 @@ def _check_schema(d: Mapping[str, Any], kind: str) -> None:
             f"expected a '{kind}' report of schema_version {REPORT_SCHEMA_VERSION} or older, found {version}: "
             f"it was written by a newer resify; upgrade resify to one that reads schema {version}"
         )
-    if d.get("kind") != kind or version not in range(1, REPORT_SCHEMA_VERSION + 1):
+    if d.get("kind") != kind or isinstance(version, bool) or version not in range(1, REPORT_SCHEMA_VERSION + 1):
         raise ResifyError(
             f"expected a '{kind}' report of schema_version 1 to {REPORT_SCHEMA_VERSION}, found "
             f"kind={d.get('kind')!r} schema_version={version!r}; re-create it with this resify"
