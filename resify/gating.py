@@ -406,8 +406,6 @@ def choose_gates(plan: Plan, traced: Traced, analysis: Analysis) -> Plan:
                 "compounds" if compounds else "shallow", end.kind, end.op, growth, len(unweighed), layers
             )
             chosen[n] = _Choice(reason, start if compounds else None)
-        if plan.policy.gate_init is None:
-            chosen = _kept_scale(plan, traced, chosen, signals, output)
     except Unmeasured as e:
         deep = layers >= DEEP_LAYERS
         chosen = dict(fixed)
@@ -419,6 +417,9 @@ def choose_gates(plan: Plan, traced: Traced, analysis: Analysis) -> Plan:
                     GateReason("unmeasured", end.kind, end.op, None, len(loose), layers, str(e)),
                     start if gated else None,
                 )
+    else:
+        if plan.policy.gate_init is None:
+            chosen = _kept_scale(plan, traced, chosen, signals, output)
     return _with_gates(plan, chosen)
 
 
@@ -474,6 +475,16 @@ def _kept_scale(
     }
     if not shrinking or not output > 0:
         return chosen
+    try:
+        return _started(plan, traced, chosen, shrinking, output)
+    except Unmeasured:  # a refinement: where its forwards fail, the choices stand, their gates at 0
+        return chosen
+
+
+def _started(
+    plan: Plan, traced: Traced, chosen: dict[str, _Choice], shrinking: set[str], output: float
+) -> dict[str, _Choice]:
+    """Rule 4's measurement: ``chosen`` with the ``shrinking`` gates' start, where the output shrinks."""
     original = _run(traced, torch.fx.Interpreter(traced.root, graph=traced.graph))
     if not output * AUTO_SHRINK < original:
         return chosen
@@ -481,7 +492,9 @@ def _kept_scale(
     def scale(a: float) -> float:  # log of the output's mean square over the original's, the shrinking gates at a
         run = _Forward(traced, plan.sites, lambda site, _: a if site.name in shrinking else chosen[site.name].alpha)
         out = _run(traced, run)
-        return math.log(out / original) if out > 0 and math.isfinite(out) else -math.inf
+        if not math.isfinite(out):
+            return math.inf
+        return math.log(out / original) if out > 0 else -math.inf
 
     low, high = 0.0, 1.0
     for _ in range(_BISECTIONS):  # bisection, to within _CLOSE of the original's mean square
