@@ -45,9 +45,9 @@ import torch.nn as nn
 import resify
 from benchmarks.common import SeedMLP, machine, table
 from resify import api
-from resify import rewrite as rewrite_stage
 from resify.constants import image_size
-from resify.trace import trace
+from resify.rewriting import rewrite as rewrite_stage
+from resify.tracing.trace import trace
 
 __all__ = ["Timing", "time_conversion", "stage_times", "mlp", "zoo_names", "main"]
 

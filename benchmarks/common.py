@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import resify
 from resify.constants import NAMESPACE
-from resify.owners import qualified
+from resify.planning.owners import qualified
 
 __all__ = [
     "ACTIVATIONS",

@@ -27,8 +27,8 @@ from resify.constants import NAMESPACE, image_size
 
 def shape_mismatches(model: torch.nn.Module, x: torch.Tensor) -> tuple[str, list[str]]:
     """How resify found the shapes ("meta" or "run"), and the nodes where a real run disagrees."""
-    from resify.shapes import ShapeRecorder
-    from resify.trace import trace
+    from resify.tracing.shapes import ShapeRecorder
+    from resify.tracing.trace import trace
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,17 +1,17 @@
 """resify: add residual shortcuts to a PyTorch model by graph surgery, and show the gradient flow."""
 
-from .analyze import ExistingShortcut, Layer
+from .analysis.analyze import ExistingShortcut, Layer
 from .api import apply, plan
 from .checkpoint import load, remove, save
 from .errors import InputError, ModelLoadError, PlanError, ResifyError, ResifyWarning, RewriteError, TraceError
-from .install import applied_plan
-from .modules import DualGraphModule, Shortcut
-from .policy import Policy
+from .planning.policy import Policy
+from .planning.sites import SKIP_CODES, Dense, Identity, Plan, Projection, Site, Skipped
 from .report import FlowComparison, GradientFlow, LayerChange, LayerFlow, compare, gradient_flow
 from .report.history import FlowHistory, StepFlow, VerdictChange, VerdictTimeline
-from .sites import SKIP_CODES, Dense, Identity, Plan, Projection, Site, Skipped
-from .units import WHOLE_CODES, WholeModule
-from .watch import Watch, watch
+from .report.watch import Watch, watch
+from .rewriting.install import applied_plan
+from .rewriting.modules import DualGraphModule, Shortcut
+from .tracing.units import WHOLE_CODES, WholeModule
 
 __version__ = "0.1.0"
 

@@ -13,21 +13,21 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from .analyze import analyze
-from .calls import Call
+from .analysis.analyze import analyze
 from .errors import PlanError, ResifyWarning, RewriteError
-from .gating import choose_gates
-from .inputs import as_inputs
-from .install import install
-from .owners import merge, place, settle
-from .patterns import check_patterns
-from .plan_files import read_plan
-from .planner import make_plan, reconcile_modes
-from .policy import Policy
-from .rewrite import rewrite
-from .sites import Plan
-from .trace import Traced, trace
-from .units import trace_units
+from .planning.gating import choose_gates
+from .planning.owners import merge, place, settle
+from .planning.patterns import check_patterns
+from .planning.plan_files import read_plan
+from .planning.planner import make_plan, reconcile_modes
+from .planning.policy import Policy
+from .planning.sites import Plan
+from .rewriting.install import install
+from .rewriting.rewrite import rewrite
+from .tracing.calls import Call
+from .tracing.inputs import as_inputs
+from .tracing.trace import Traced, trace
+from .tracing.units import trace_units
 
 __all__ = ["apply", "plan", "converted", "Converted"]
 
@@ -141,7 +141,7 @@ def plan(
               qualified module names, e.g. ``exclude="classifier.*"``; an ``include`` that matches
               no layer raises PlanError.
             * ``gate``: ``'auto'`` (default: chosen site by site from the branch and a forward of
-              the example, see :mod:`resify.gating`; each site's ``gate`` and ``gate_reason`` say
+              the example, see :mod:`resify.planning.gating`; each site's ``gate`` and ``gate_reason`` say
               what was built and why), ``None`` (exactly ``x + F(x)``), ``'rezero'``
               (``x + α·F(x)``, one learnable scalar per site) or ``'layerscale'`` (a learnable γ per
               channel); the gate scales the layer branch, never the shortcut. ``'rezero'`` and

@@ -26,13 +26,13 @@ from torch import nn
 
 from .api import apply
 from .constants import NAMESPACE
-from .copying import structural_copy
 from .errors import ModelLoadError, PlanError, ResifyWarning
-from .install import EXAMPLE_ATTRIBUTE, PLAN_ATTRIBUTE, applied_plan, example_spec
-from .modules import strip_forward
-from .plan_files import CONVERSION_FILE, FILE_SCHEMA_VERSION, check_file_version
-from .rewrite import own_tensors
-from .sites import Dense, Plan
+from .planning.plan_files import CONVERSION_FILE, FILE_SCHEMA_VERSION, check_file_version
+from .planning.sites import Dense, Plan
+from .rewriting.install import EXAMPLE_ATTRIBUTE, PLAN_ATTRIBUTE, applied_plan, example_spec
+from .rewriting.modules import strip_forward
+from .rewriting.rewrite import own_tensors
+from .tracing.copying import structural_copy
 
 __all__ = [
     "TENSORS_FILE",

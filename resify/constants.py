@@ -49,7 +49,7 @@ NAMESPACE = "resify"
 ShortcutChoice = Literal["auto", "identity", "dense"]
 #: the gates ``rewrite`` builds (a Site's ``gate``; None is "no gate")
 GateChoice = Literal["rezero", "layerscale"]
-#: what ``gate=`` may ask for: a gate, None, or "auto" (chosen site by site: ``resify.gating``)
+#: what ``gate=`` may ask for: a gate, None, or "auto" (chosen site by site: ``resify.planning.gating``)
 GatePolicy = Literal["auto", "rezero", "layerscale"]
 TracerChoice = Literal["symbolic", "concrete"]
 #: "auto": a learned 1×1 projection, grouped like the span's convolution; "conv": a dense one;

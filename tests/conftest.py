@@ -14,6 +14,8 @@ import pytest
 import torch
 from reference import SEED_SIZES, ImprovedResidualNetwork
 
+import resify
+
 
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
@@ -40,3 +42,17 @@ def seed_network() -> Callable[..., tuple[ImprovedResidualNetwork, torch.Tensor]
         return model, torch.randn(10, 128)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def seed_reports(seed_network):
+    """The seed network's plan, its report before and after the default conversion, and their comparison."""
+    model, x = seed_network(0)
+    converted = resify.apply(model, x)
+    before, after = resify.gradient_flow(model, x), resify.gradient_flow(converted, x)
+    return {
+        "plan": resify.plan(model, x),
+        "before": before,
+        "after": after,
+        "comparison": resify.compare(before, after),
+    }

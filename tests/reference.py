@@ -140,7 +140,7 @@ def is_resify_key(name: str) -> bool:
 def forward_sources(module):
     """The source of the forward resify installed on ``module``, per mode (``{True: train, False: eval}``;
     one entry where forward does not read ``self.training``); empty where resify installed none."""
-    from resify.modules import FORWARD_ATTRIBUTE
+    from resify.rewriting.modules import FORWARD_ATTRIBUTE
 
     forward = module.__dict__.get(FORWARD_ATTRIBUTE)
     if forward is None:

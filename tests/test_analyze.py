@@ -1,4 +1,4 @@
-"""The analyze stage (resify/analyze.py): the layers, the shortcuts a model already has, and which
+"""The analyze stage (resify/analysis/analyze.py): the layers, the shortcuts a model already has, and which
 spans are single-entry single-exit regions."""
 
 import warnings
@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 import resify
-from resify.analyze import NAMESPACE, ExistingShortcut, Layer, analyze
-from resify.shapes import TensorInfo
-from resify.trace import trace
+from resify.analysis.analyze import NAMESPACE, ExistingShortcut, Layer, analyze
+from resify.tracing.shapes import TensorInfo
+from resify.tracing.trace import trace
 
 
 class ResBlock(nn.Module):

@@ -1,4 +1,4 @@
-"""resify.bounds: which ops bound their output, which only reshape it, and what reaches the output unchanged."""
+"""resify.analysis.bounds: which ops bound their output, which only reshape it, and what reaches the output unchanged."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from resify.bounds import is_bounded_activation, is_shape_op, reaches_output_unchanged
+from resify.analysis.bounds import is_bounded_activation, is_shape_op, reaches_output_unchanged
 
 
 def _node(gm, target_name):

@@ -14,7 +14,7 @@ from browser import chromium, probe
 from reference import ImprovedResidualNetwork
 
 import resify
-from resify.html import report_page
+from resify.views.html import report_page
 
 pytestmark = pytest.mark.skipif(
     chromium() is None,

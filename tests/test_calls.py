@@ -1,9 +1,9 @@
-"""resify.calls: what each module receives in one run of the example, and the run leaves no trace."""
+"""resify.tracing.calls: what each module receives in one run of the example, and the run leaves no trace."""
 
 import torch
 import torch.nn as nn
 
-from resify.calls import as_call, record_calls, record_calls_on_meta
+from resify.tracing.calls import as_call, record_calls, record_calls_on_meta
 
 
 class Block(nn.Module):

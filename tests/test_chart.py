@@ -1,12 +1,12 @@
-"""resify.chart: the gradient-flow chart as inline SVG (``flow_chart_svg``)."""
+"""resify.views.chart: the gradient-flow chart as inline SVG (``flow_chart_svg``)."""
 
 import re
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from resify.chart import SERIES_COLOURS, flow_chart_svg
 from resify.report import GradientFlow, LayerFlow
+from resify.views.chart import SERIES_COLOURS, flow_chart_svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 

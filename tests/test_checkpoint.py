@@ -14,7 +14,7 @@ from reference import is_resify_key
 
 import resify
 from resify import checkpoint
-from resify.plan_files import CONVERSION_FILE
+from resify.planning.plan_files import CONVERSION_FILE
 
 
 def build():
@@ -75,7 +75,9 @@ def test_a_checkpoint_reloads_after_a_release_changes_the_defaults(tmp_path, mon
     converted = _trained(resify.apply(build(), X, gate="layerscale", max_added=None))
     resify.save(converted, tmp_path)
     # a later release plans otherwise by default: no projections at all
-    monkeypatch.setattr(resify.policy.Policy, "from_kwargs", _identity_only(resify.policy.Policy.from_kwargs))
+    monkeypatch.setattr(
+        resify.planning.policy.Policy, "from_kwargs", _identity_only(resify.planning.policy.Policy.from_kwargs)
+    )
     assert all(s.kind == "identity" for s in resify.plan(build(), X).sites)
     loaded = resify.load(build(), tmp_path)
     assert loaded.state_dict().keys() == converted.state_dict().keys()

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 import resify
 import resify.api
 from resify.cli import cli
+from resify.cli.loading import DTYPES, MODEL_SPEC_FORMS
 from resify.constants import GATE_POLICIES, PLAN_SCHEMA_VERSION, SHORTCUTS
-from resify.loading import DTYPES, MODEL_SPEC_FORMS
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = str(ROOT / "examples" / "seed_mlp.py")
@@ -127,7 +127,7 @@ def test_convert_then_load_in_a_fresh_interpreter(tmp_path, spec, extra):
     line = out.strip().splitlines()[-1]
     assert line.startswith("import runpy; model = runpy.run_path(")
     # the same conversion in-process
-    from resify.loading import load_model
+    from resify.cli.loading import load_model
 
     loaded = load_model(spec)
     policy = {"gate": "layerscale"} if extra else {}
@@ -404,7 +404,7 @@ def test_writing_the_plot_where_it_cannot_go_is_one_line(tmp_path):
 
 def test_export_names_settings_a_repr_leaves_out():
     """AvgPool2d's repr leaves out ceil_mode: the written source must still set it."""
-    from resify.export import render_source
+    from resify.cli.export import render_source
 
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.AvgPool2d(2, ceil_mode=True)
@@ -418,7 +418,7 @@ def test_export_round_trip_keeps_pooled_shortcuts_exact_on_odd_sizes(tmp_path):
     import torch.nn as nn
 
     import resify
-    from resify.export import load, save
+    from resify.cli.export import load, save
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -467,7 +467,7 @@ def test_convert_keeps_what_forward_does_in_each_mode(tmp_path):
     assert code == 0, text
     source = (out / "model.py").read_text()
     assert "def _forward_train(" in source and "def _forward_eval(" in source
-    from resify.export import load
+    from resify.cli.export import load
 
     loaded = load(out)
     x = torch.randn(4, 8)
@@ -541,7 +541,7 @@ def test_token_models_take_an_integer_dtype_and_inputs_by_name(tmp_path):
 def test_export_keeps_a_module_registered_under_two_names(tmp_path):
     import torch.nn as nn
 
-    from resify.export import load, save
+    from resify.cli.export import load, save
 
     class Net(nn.Module):
         def __init__(self):

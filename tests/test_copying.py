@@ -1,4 +1,4 @@
-"""The structural copy (resify/copying.py): new modules and containers over the user's tensors, and
+"""The structural copy (resify/tracing/copying.py): new modules and containers over the user's tensors, and
 the user's model untouched by apply."""
 
 import collections
@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrizations
 
 import resify
-from resify.copying import own_containers, structural_copy
+from resify.tracing.copying import own_containers, structural_copy
 
 
 class Block(nn.Module):

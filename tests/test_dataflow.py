@@ -1,4 +1,4 @@
-"""The data flow of each input (resify/dataflow.py): a projection of a second input joined into the
+"""The data flow of each input (resify/analysis/dataflow.py): a projection of a second input joined into the
 main path (a time or class embedding, FiLM, a cross-attention context) is conditioning, not an
 existing shortcut, and the main path keeps its sites; real residuals keep theirs."""
 
@@ -8,9 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import resify
-from resify.analyze import analyze
-from resify.dataflow import input_masks, main_input
-from resify.trace import trace
+from resify.analysis.analyze import analyze
+from resify.analysis.dataflow import input_masks, main_input
+from resify.tracing.trace import trace
 
 
 class Additive(nn.Module):

@@ -1,4 +1,4 @@
-"""The architecture diagram (resify/diagram.py): one row per layer in forward order, one arc per new and
+"""The architecture diagram (resify/views/diagram.py): one row per layer in forward order, one arc per new and
 per existing shortcut, coloured by kind, with tooltips; checked on the parsed SVG."""
 
 import re
@@ -11,7 +11,7 @@ import torch.nn as nn
 from reference import ImprovedResidualNetwork
 
 import resify
-from resify.diagram import COLOURS, architecture_svg, layer_order
+from resify.views.diagram import COLOURS, architecture_svg, layer_order
 
 SVG = "{http://www.w3.org/2000/svg}"
 try:

@@ -1,4 +1,4 @@
-"""Source export (resify/export.py): the written model.py re-loads without resify and computes what
+"""Source export (resify/cli/export.py): the written model.py re-loads without resify and computes what
 the converted model computes; a failed export leaves nothing behind."""
 
 import json
@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 import resify
+from resify.cli.export import load, load_line, render_source, save
 from resify.errors import ResifyError
-from resify.export import load, load_line, render_source, save
 
 
 def _cnn():

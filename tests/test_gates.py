@@ -1,4 +1,4 @@
-"""Gates (resify/gates.py): a branch computed only to scale another value (squeeze-excitation,
+"""Gates (resify/analysis/gates.py): a branch computed only to scale another value (squeeze-excitation,
 attention weights, a sigmoid gate) gets no site, and the values it scales keep theirs."""
 
 import pytest
@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import resify
-from resify.analyze import analyze
-from resify.trace import trace
+from resify.analysis.analyze import analyze
+from resify.tracing.trace import trace
 
 
 class SE(nn.Module):

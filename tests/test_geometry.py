@@ -1,4 +1,4 @@
-"""Spatial geometry (resify/geometry.py): each Window read from an op's hyperparameters gives, at every
+"""Spatial geometry (resify/planning/geometry.py): each Window read from an op's hyperparameters gives, at every
 input size, the output size that torch itself gives on a real tensor, and None exactly where torch raises."""
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from resify.geometry import SAME, Window, size_functions
-from resify.trace import trace
+from resify.planning.geometry import SAME, Window, size_functions
+from resify.tracing.trace import trace
 
 SIZES = range(1, 41)
 SAFE = 24  # a size every op of the tables accepts, for the spatial dims not under test

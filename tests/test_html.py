@@ -1,4 +1,4 @@
-"""HTML views (resify/html.py, resify/chart.py): notebook fragments and pages are valid, self-contained
+"""HTML views (resify/views/html.py, resify/views/chart.py): notebook fragments and pages are valid, self-contained
 HTML, and every figure in them is the one the text rendering prints."""
 
 import html
@@ -11,7 +11,7 @@ import torch
 from reference import ImprovedResidualNetwork
 
 import resify
-from resify.html import report_page
+from resify.views.html import report_page
 
 SEED_SIZES = [128, 64, 32, 16, 8, 1]
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}

@@ -1,4 +1,4 @@
-"""resify.inputs: example inputs normalised to a tuple, checked against the model's device, or derived."""
+"""resify.tracing.inputs: example inputs normalised to a tuple, checked against the model's device, or derived."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 from resify.errors import InputError
-from resify.inputs import as_inputs, check_device, derive_example_input
+from resify.tracing.inputs import as_inputs, check_device, derive_example_input
 
 
 def test_as_inputs_normalises_to_a_tuple():

@@ -1,4 +1,4 @@
-"""resify.install: the converted model is the user's model (same class, attributes, methods, hooks,
+"""resify.rewriting.install: the converted model is the user's model (same class, attributes, methods, hooks,
 modes), with the shortcuts in the forwards of the modules that own them; models whose root does
 not trace are converted in the children that do."""
 
@@ -13,8 +13,8 @@ import torch.nn as nn
 from reference import assert_every_parameter_has_grad, forward_sources, is_resify_key
 
 import resify
-from resify.modules import FORWARD_ATTRIBUTE
-from resify.sites import Projection
+from resify.planning.sites import Projection
+from resify.rewriting.modules import FORWARD_ATTRIBUTE
 
 
 class VAE(nn.Module):

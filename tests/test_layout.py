@@ -45,7 +45,7 @@ def _imports(path: Path) -> set[str]:
             else:
                 target = node.module or ""
             if target.startswith("resify"):
-                for alias in node.names:  # "from . import render" imports the module resify.render
+                for alias in node.names:  # "from . import render" imports the module resify.views.cells
                     sub = f"{target}.{alias.name}"
                     found.add(sub if (PACKAGE.parent / (sub.replace(".", "/") + ".py")).exists() else target)
         elif isinstance(node, ast.Import):
@@ -78,9 +78,9 @@ def test_the_import_graph_has_no_cycle():
 def test_the_graph_sees_the_imports_that_made_the_old_cycle():
     """The checker is not blind: it sees a function-level import and a module imported by name."""
     g = _graph()
-    assert g.has_edge("resify.sites", "resify.render_plan")  # inside Plan.__str__
-    assert g.has_edge("resify.report.records", "resify.render_tables")  # "from .. import render_plots, render_tables"
-    assert not g.has_edge("resify.render", "resify.sites")  # only under TYPE_CHECKING
+    assert g.has_edge("resify.planning.sites", "resify.views.plan_table")  # inside Plan.__str__
+    assert g.has_edge("resify.report.records", "resify.views.tables")  # "from ..views import plots, tables"
+    assert not g.has_edge("resify.views.cells", "resify.planning.sites")  # only under TYPE_CHECKING
 
 
 def test_leaf_modules_import_nothing_of_resify():
@@ -111,3 +111,34 @@ def test_the_public_api_is_pinned_and_dir_shows_only_it():
     for name in resify.__all__:
         assert getattr(resify, name) is not None, name
     assert callable(resify.watch) and resify.Watch.__name__ == "Watch"  # the function, not the module
+
+
+#: the stage packages, in pipeline order, and the modules left at the top: the entry points and what
+#: every stage shares
+STAGES = ("tracing", "analysis", "planning", "rewriting", "report", "views", "cli")
+TOP = {"__init__", "__main__", "api", "checkpoint", "constants", "errors", "formats", "ops", "state"}
+
+
+def test_the_folder_shows_the_pipeline():
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert packages == set(STAGES)
+    assert {p.stem for p in PACKAGE.glob("*.py")} == TOP
+    for name in STAGES:  # each package says what its modules do
+        doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text())) or ""
+        modules = {p.stem for p in (PACKAGE / name).glob("*.py")} - {"__init__"}
+        assert all(f"``{m}``" in doc for m in modules), (name, sorted(m for m in modules if f"``{m}``" not in doc))
+    # a package never shadows a public function: resify.plan, apply and watch stay the functions
+    assert not set(STAGES) & set(resify.__all__)
+
+
+def test_every_module_has_a_test_file_of_its_own():
+    """tests/test_<module>.py, or tests/test_<package>.py for a package's main module (cli/commands)."""
+    tests = {p.stem for p in Path(__file__).parent.glob("test_*.py")}
+    missing = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        package = path.parent.name
+        if f"test_{path.stem}" not in tests and not (path.stem == "commands" and f"test_{package}" in tests):
+            missing.append(str(path.relative_to(PACKAGE)))
+    assert sorted(missing) == []

@@ -1,4 +1,4 @@
-"""resify.loading: MODEL_SPEC → model and example input; --input-shape, --input-kwarg and --dtype values."""
+"""resify.cli.loading: MODEL_SPEC → model and example input; --input-shape, --input-kwarg and --dtype values."""
 
 import textwrap
 from pathlib import Path
@@ -7,9 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from resify.constants import image_size
-from resify.errors import ModelLoadError, ResifyError
-from resify.loading import (
+from resify.cli.loading import (
     BUILDER_NAMES,
     DTYPES,
     MODEL_SPEC_FORMS,
@@ -18,6 +16,8 @@ from resify.loading import (
     parse_input_shape,
     parse_input_shapes,
 )
+from resify.constants import image_size
+from resify.errors import ModelLoadError, ResifyError
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = str(ROOT / "examples" / "seed_mlp.py")

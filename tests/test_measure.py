@@ -9,9 +9,9 @@ from torch import nn
 
 import resify
 from resify.errors import ResifyError
-from resify.inputs import derive_example_input
 from resify.report.facts import ModelFacts
 from resify.report.measure import _ancestors, _batch_inputs, _loss, _order, _output_tensors, build_flow, gradient_flow
+from resify.tracing.inputs import derive_example_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 

@@ -1,4 +1,4 @@
-"""The modules a converted model is made of (resify/modules.py): a Shortcut's reset_parameters gives the
+"""The modules a converted model is made of (resify/rewriting/modules.py): a Shortcut's reset_parameters gives the
 documented initial values, and a DualGraphModule runs the graph of its mode, computing what the original
 does in each mode, through train()/eval() and through pickle, deepcopy and torch.save."""
 
@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import resify
-from resify.modules import GATE_PARAMETERS, DualGraphModule, Shortcut
+from resify.rewriting.modules import GATE_PARAMETERS, DualGraphModule, Shortcut
 
 
 def test_gate_parameters_name_each_gate_kind():

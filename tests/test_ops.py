@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
 
-from resify.bounds import is_bounded_activation, reaches_output_unchanged
+from resify.analysis.bounds import is_bounded_activation, reaches_output_unchanged
 from resify.ops import (
     ACTIVATION_METHODS,
     DROPOUT_FUNCTIONS,

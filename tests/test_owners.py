@@ -1,11 +1,11 @@
-"""resify.owners: each site's owner is the smallest module whose forward holds its span; nested
+"""resify.planning.owners: each site's owner is the smallest module whose forward holds its span; nested
 owners whose spans meet merge; names are under the owner."""
 
 import torch
 import torch.nn as nn
 
 import resify
-from resify.owners import aliases, qualified
+from resify.planning.owners import aliases, qualified
 
 
 def _plan(model, x, **policy):

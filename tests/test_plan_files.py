@@ -1,4 +1,4 @@
-"""resify.plan_files: a saved plan from a Plan, a dict, a JSON file or a conversion folder."""
+"""resify.planning.plan_files: a saved plan from a Plan, a dict, a JSON file or a conversion folder."""
 
 import json
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import resify
-from resify.plan_files import CONVERSION_FILE, read_plan
+from resify.planning.plan_files import CONVERSION_FILE, read_plan
 
 
 def _plan():

@@ -1,4 +1,4 @@
-"""The policy keywords (resify/policy.py): one table, ``KEYWORDS`` and ``RULES``, that ``Policy``, the
+"""The policy keywords (resify/planning/policy.py): one table, ``KEYWORDS`` and ``RULES``, that ``Policy``, the
 CLI's flags, the docstrings of ``apply`` and ``plan`` and the README and docs tables agree with; and
 ``Policy.from_kwargs``' validation."""
 
@@ -15,7 +15,7 @@ from torch import nn
 import resify
 from resify.cli import cli
 from resify.errors import PlanError
-from resify.policy import KEYWORDS, RULES, Policy, say_flag, say_keyword
+from resify.planning.policy import KEYWORDS, RULES, Policy, say_flag, say_keyword
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -411,7 +411,7 @@ def _codes_in_table(page: Path, header: str) -> list[str]:
 
 
 def test_the_skip_code_table_lists_exactly_the_codes_the_planner_uses() -> None:
-    from resify.sites import SKIP_CODES
+    from resify.planning.sites import SKIP_CODES
 
     assert _codes_in_table(DOCS / "api.md", "| `code` | the candidate was skipped because |") == list(SKIP_CODES)
 
@@ -423,6 +423,6 @@ def test_the_kept_whole_table_lists_exactly_the_codes_resify_uses() -> None:
 
 
 def test_the_gate_rule_table_lists_exactly_the_rules_gate_auto_uses() -> None:
-    from resify.sites import GATE_RULES
+    from resify.planning.sites import GATE_RULES
 
     assert _codes_in_table(DOCS / "api.md", "| `rule` | the site gets | because |") == list(GATE_RULES)

@@ -1,4 +1,4 @@
-"""resify.shape_rules: an op's output shape and dtype from its meta input, checked against the real op."""
+"""resify.tracing.shape_rules: an op's output shape and dtype from its meta input, checked against the real op."""
 
 import operator
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resify.shape_rules import function_rule, method_rule, module_rule
+from resify.tracing.shape_rules import function_rule, method_rule, module_rule
 
 
 def meta(*shape, dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""Shape recording (resify/shapes.py): rules and meta tensors give the shapes a real run gives,
+"""Shape recording (resify/tracing/shapes.py): rules and meta tensors give the shapes a real run gives,
 a real run only where values are needed, and a rejected input is named with its layer and shape."""
 
 import operator
@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from resify.errors import TraceError
-from resify.shapes import ShapeRecorder, TensorInfo, node_keys, record_shapes, tensor_info
+from resify.tracing.shapes import ShapeRecorder, TensorInfo, node_keys, record_shapes, tensor_info
 
 
 class Attention(nn.Module):

@@ -1,4 +1,4 @@
-"""The plan's records (resify/sites.py): shortcut labels derived from typed fields,
+"""The plan's records (resify/planning/sites.py): shortcut labels derived from typed fields,
 and Site / Skipped / Plan written by to_dict and read back by from_dict, also through JSON."""
 
 import dataclasses
@@ -13,7 +13,7 @@ from reference import ImprovedResidualNetwork
 import resify
 from resify.constants import PLAN_SCHEMA_VERSION
 from resify.errors import PlanError
-from resify.sites import SKIP_CODES, Dense, Identity, Plan, Projection, Site, Skipped
+from resify.planning.sites import SKIP_CODES, Dense, Identity, Plan, Projection, Site, Skipped
 
 
 def small_cnn():

@@ -1,11 +1,11 @@
-"""resify.skips: the plan's Skipped records, their codes and their dict form."""
+"""resify.planning.skips: the plan's Skipped records, their codes and their dict form."""
 
 import json
 import typing
 
 import pytest
 
-from resify.skips import SKIP_CODES, SkipCode, Skipped
+from resify.planning.skips import SKIP_CODES, SkipCode, Skipped
 
 
 def test_skip_codes_are_the_literal_in_order_and_unique():

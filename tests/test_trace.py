@@ -9,8 +9,8 @@ from reference import ImprovedResidualNetwork, vgg_style_cnn
 
 import resify
 from resify.errors import InputError
-from resify.shapes import ShapeRecorder
-from resify.trace import trace
+from resify.tracing.shapes import ShapeRecorder
+from resify.tracing.trace import trace
 
 
 class TakesTwo(nn.Module):
@@ -322,7 +322,7 @@ def test_batchnorm_statistics_updated_by_the_converted_model_stay_out_of_the_use
 
 
 def test_without_lazy_clone_the_weights_are_copied_at_once(monkeypatch):
-    import resify.rewrite as rewrite_stage
+    import resify.rewriting.rewrite as rewrite_stage
 
     def refuse(t):
         raise RuntimeError("this storage cannot be shared lazily")
@@ -533,7 +533,7 @@ def test_a_python_function_activation_is_the_layers_activation():
             return self.c(mish(self.b(h)))
 
     traced = trace(Net(), torch.randn(2, 8))
-    from resify.analyze import analyze
+    from resify.analysis.analyze import analyze
 
     layers = {layer.name: layer for layer in analyze(traced).layers}
     assert layers["a"].roles == ("activation",) and layers["a"].output == "mul"

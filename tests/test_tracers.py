@@ -1,4 +1,4 @@
-"""The tracers (resify/tracers.py): leaves kept whole, concrete values that decide control flow,
+"""The tracers (resify/tracing/tracers.py): leaves kept whole, concrete values that decide control flow,
 the probe of self.training, and where a failed trace stopped."""
 
 import threading
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from resify.tracers import (
+from resify.tracing.tracers import (
     ConcreteTracer,
     LeafTracer,
     current_module,

@@ -1,4 +1,4 @@
-"""resify.units: the parts of a model that trace, where the whole model does not."""
+"""resify.tracing.units: the parts of a model that trace, where the whole model does not."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from resify.errors import TraceError
-from resify.units import WHOLE_CODES, is_layer_module, relative_leaves, trace_units
+from resify.tracing.units import WHOLE_CODES, is_layer_module, relative_leaves, trace_units
 
 
 class Body(nn.Module):

@@ -4,8 +4,9 @@
 take each layer's figures (``figures``: gradients, and the activations' scale and similarity);
 ``facts`` says what the model has (its applied plan, its norms, gates still at zero); ``verdicts``
 applies the rules (the forward signal's in ``signal``; thresholds in ``resify.constants``) and
-compares two reports;
-``records`` holds the frozen results and their JSON. Printing is ``resify.render``'s job.
+compares two reports; ``records`` holds the frozen results and their JSON. ``watch`` takes the same
+figures at every N-th backward of a training loop, and ``history`` holds its records. Printing is the
+job of ``resify.views``.
 docs/report.md explains the figures, the verdicts and the JSON schema.
 """
 

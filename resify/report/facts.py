@@ -18,9 +18,9 @@ import torch.fx
 from torch import nn
 
 from ..constants import NAMESPACE
-from ..install import PLAN_ATTRIBUTE, applied_plan
-from ..modules import GATE_PARAMETERS
-from ..sites import Plan
+from ..planning.sites import Plan
+from ..rewriting.install import PLAN_ATTRIBUTE, applied_plan
+from ..rewriting.modules import GATE_PARAMETERS
 
 __all__ = ["ModelFacts", "model_facts", "applied_plans", "is_branch_gate", "gates_at_zero"]
 

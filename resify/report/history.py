@@ -4,7 +4,7 @@ Frozen dataclasses beside ``records.py``: a :class:`StepFlow` holds one recorded
 very :class:`GradientFlow` that ``gradient_flow`` returns (the same fields, built and judged by the
 same code), the gates' values and the GradScaler's scale; :class:`FlowHistory` holds the steps
 and turns them into a dict of lists or JSON; :class:`VerdictTimeline` says which verdict held
-from which step on, and in which layers. Plots go through ``resify.render_history``.
+from which step on, and in which layers. Plots go through ``resify.views.history_plot``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import render_history
 from ..constants import REPORT_SCHEMA_VERSION, Verdict
 from ..errors import ResifyError
+from ..views import history_plot
 from .records import GradientFlow, _jnum
 from .signal import own_layers
 
@@ -217,7 +217,7 @@ class FlowHistory:
         """
         histories = [self, *beside]
         title = " | ".join(f"{h.label}: {h.verdicts.last or 'no step recorded'}" for h in histories)
-        return render_history.plot_histories(histories, path, title=f"gradient flow while training — {title}")
+        return history_plot.plot_histories(histories, path, title=f"gradient flow while training — {title}")
 
     def summary(self) -> str:
         """What was recorded and the verdict timeline."""

@@ -21,9 +21,9 @@ from torch import nn
 from ..constants import NAMESPACE
 from ..errors import ResifyError
 from ..formats import first_line
-from ..inputs import as_inputs, check_device, derive_example_input
-from ..sites import Plan
+from ..planning.sites import Plan
 from ..state import state_kept
+from ..tracing.inputs import as_inputs, check_device, derive_example_input
 from .facts import ModelFacts, model_facts
 from .figures import Sink, combine
 from .probe import Probe, as_leaf, find_layers, is_added, layer_kind, measuring

@@ -20,9 +20,9 @@ from torch import nn
 
 from ..constants import NAMESPACE
 from ..errors import ResifyError
-from ..modules import Shortcut
 from ..ops import module_kind as layer_kind
 from ..ops import stored_weight
+from ..rewriting.modules import Shortcut
 from .figures import BATCH_NUMEL, Sink, activation_figures, figures_of, l2_norm, stacked_figures
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The report's records: the gradient flow of one model, the comparison of two, and their JSON.
 
 Frozen dataclasses that ``measure.gradient_flow`` and ``verdicts.compare`` fill in; they print
-through ``resify.render`` and read back from JSON (the schema is in docs/report.md, "The report
+through ``resify.views.tables`` (and ``plots``) and read back from JSON (the schema is in docs/report.md, "The report
 as JSON"; ``null`` is "not measured", infinities and NaN are the strings "inf", "-inf", "nan").
 """
 
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from .. import render_plots, render_tables
 from ..constants import (
     ABS_EXPLODING,
     ABS_VANISHING,
@@ -27,6 +26,7 @@ from ..constants import (
     Verdict,
 )
 from ..errors import ResifyError
+from ..views import plots, tables
 
 __all__ = ["LayerFlow", "GradientFlow", "LayerChange", "FlowComparison"]
 
@@ -173,19 +173,19 @@ class GradientFlow:
 
     def to_text(self, width: int = 100) -> str:
         """An aligned table for a terminal, ``width`` columns at most."""
-        return render_tables.flow_text(self, width)
+        return tables.flow_text(self, width)
 
     def to_markdown(self) -> str:
         """A Markdown section: verdict, recommendation and the table with every figure."""
-        return render_tables.flow_markdown(self)
+        return tables.flow_markdown(self)
 
     def plot(self, path: str | Path) -> Path:
         """Draw the flow against depth (log scale, bands shaded) into a .png or .svg file."""
-        return render_plots.plot_flows([("", self)], path, title=f"{self.model_class}: {self.summary()}")
+        return plots.plot_flows([("", self)], path, title=f"{self.model_class}: {self.summary()}")
 
     def to_html(self, page: bool = True) -> str:
         """The verdict, the chart (inline SVG) and every figure: a self-contained HTML page, or a notebook fragment."""
-        from ..html import flow_html  # html imports these records for typing only
+        from ..views.html import flow_html  # html imports these records for typing only
 
         return flow_html(self, page=page)
 
@@ -297,20 +297,20 @@ class FlowComparison:
 
     def to_text(self, width: int = 100) -> str:
         """Headline, both verdicts, and before/after/ratio per layer, ``width`` columns at most."""
-        return render_tables.comparison_text(self, width)
+        return tables.comparison_text(self, width)
 
     def to_markdown(self) -> str:
-        return render_tables.comparison_markdown(self)
+        return tables.comparison_markdown(self)
 
     def plot(self, path: str | Path) -> Path:
         """Draw both flows against depth (log scale, bands shaded) into a .png or .svg file."""
-        return render_plots.plot_flows(
+        return plots.plot_flows(
             [("before", self.before), ("after", self.after)], path, title=f"{self.before.model_class}: {self.headline}"
         )
 
     def to_html(self, page: bool = True) -> str:
         """Headline, verdicts, chart (inline SVG) and before/after per layer: an HTML page, or a notebook fragment."""
-        from ..html import comparison_html  # html imports these records for typing only
+        from ..views.html import comparison_html  # html imports these records for typing only
 
         return comparison_html(self, page=page)
 

@@ -33,8 +33,8 @@ from .records import FlowComparison, GradientFlow, LayerChange, LayerFlow, judge
 from .signal import Signal, own_layers, signal_of
 
 if TYPE_CHECKING:
-    from ..policy import Policy
-    from ..sites import Site
+    from ..planning.policy import Policy
+    from ..planning.sites import Site
 
 __all__ = ["judge", "layer_verdict", "Advice", "advice", "recommend", "compare", "judge_step"]
 
@@ -178,7 +178,7 @@ class Advice:
     to the model itself, in ``effect``).
 
     The report words it in Python (:meth:`python`); the command line words the same keywords as its
-    flags, leaving out those the run already uses (``resify.cli_flags.advice_text``).
+    flags, leaving out those the run already uses (``resify.cli.flags.advice_text``).
     """
 
     settings: tuple[tuple[str, Any], ...]  # (keyword, value), e.g. (("gate", "rezero"),)
