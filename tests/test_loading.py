@@ -49,6 +49,12 @@ def test_parse_input_shape_takes_any_rank(text, shape):
     assert isinstance(x, torch.Tensor) and tuple(x.shape) == shape and x.dtype == torch.float32
 
 
+@pytest.mark.parametrize("text", ["3,x", "3,,4", "x", "3x", ",4", "4,a", "2.5,4"])
+def test_parse_input_shape_refuses_a_part_that_is_not_a_number(text):
+    with pytest.raises(ModelLoadError, match=r"--input-shape expects positive integers separated by commas"):
+        parse_input_shape(text)
+
+
 def test_parse_input_shape_without_a_shape_is_none():
     assert parse_input_shape(None) is None
     assert parse_input_shape("") is None

@@ -115,8 +115,9 @@ def _random_input(text: str, dtype: str, seed: int) -> torch.Tensor:
     """'2,16' or '2,16:int64' → a random tensor of that shape and dtype (``dtype`` without a suffix)."""
     text, _, own = text.partition(":")
     dtype = own or dtype
-    try:
-        shape = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
+    parts = text.strip().removesuffix(",").split(",")
+    try:  # '8,3,32,32' or '8x3x32x32', a trailing comma allowed; '3,x' and '3,,4' are typos, not shapes
+        shape = tuple(int(x) for part in parts for x in part.split("x"))
     except ValueError:
         shape = ()
     if not shape or any(s <= 0 for s in shape):
