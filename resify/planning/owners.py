@@ -9,7 +9,7 @@ graph) and makes every name relative to the model's root; ``merge`` joins the un
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch.fx
@@ -151,14 +151,10 @@ def settle(plan: Plan, model: nn.Module) -> Plan:
             names = set(s.layers) | ({s.shortcut.consumer} if isinstance(s.shortcut, Dense) else set())
             touched.setdefault(s.owner, set()).update(a for n in names for a in also.get(n, {n}))
         for outer, names in touched.items():
-            for inner in touched:
-                if inner == outer or not _inside(inner, outer):
-                    continue
-                if any(n == inner or n.startswith(inner + ".") for n in names):
-                    sites = [replace(s, owner=outer) if s.owner == inner else s for s in sites]
-                    changed = True
-                    break
-            if changed:
+            inner = _entered_owner(outer, names, touched)
+            if inner is not None:
+                sites = [replace(s, owner=outer) if s.owner == inner else s for s in sites]
+                changed = True
                 break
     taken: dict[str, set[str]] = {}
     named = []
@@ -179,6 +175,19 @@ def settle(plan: Plan, model: nn.Module) -> Plan:
             replace(o, owner=t.owner, name=t.name) for o in plan.other_mode_sites for t in [by_key[(o.start, o.end)]]
         )
     return replace(plan, sites=tuple(named), other_mode_sites=other)
+
+
+def _entered_owner(outer: str, names: set[str], owners: Mapping[str, object]) -> str | None:
+    """Another owner inside ``outer`` that one of ``names`` (the layers ``outer``'s spans touch) lies
+    in, or None: each name's dotted prefixes looked up, not every pair of owners (a net of 10,000
+    blocks has 10,000 owners)."""
+    for n in sorted(names):
+        parts = n.split(".")
+        for k in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:k])
+            if prefix != outer and prefix in owners and _inside(prefix, outer):
+                return prefix
+    return None
 
 
 def _inside(inner: str, outer: str) -> bool:

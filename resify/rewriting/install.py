@@ -11,6 +11,7 @@ code: the owner's trace keeps whole each child that no span enters.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -304,8 +305,13 @@ def install(
         user_leaves = tuple(relative_leaves(leaf_modules, owner))
         codes = None
         errors = []
-        for extra in (_untouched_subtrees(module, owner, _touched(sites, also)), _nested(owner, by_owner)):
-            maker = _Maker(owner, sites, user_leaves + tuple(extra), also, checked)
+        # the second way is made only where the first fails (every owner's name: long in a deep net)
+        ways = (
+            functools.partial(_untouched_subtrees, module, owner, _touched(sites, also)),
+            functools.partial(_nested, owner, by_owner),
+        )
+        for way in ways:
+            maker = _Maker(owner, sites, user_leaves + tuple(way()), also, checked)
             try:
                 codes = maker.build(module, call, modules=True, values=owner in valued)
                 break
