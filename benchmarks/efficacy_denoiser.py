@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 import resify
 from benchmarks.common import machine, table
-from benchmarks.efficacy_digits import EXAMPLE_BATCH, SPLIT_SEED, Digits, load_data
+from benchmarks.efficacy_digits import EXAMPLE_BATCH, LABELS, SPLIT_SEED, VARIANTS, Digits, load_data
 
 __all__ = [
     "Block",
@@ -79,14 +79,6 @@ FEATURES, WIDTH, EMBED = 64, 64, 16
 SIGMA = (0.1, 1.0)  # the relative noise level's range, in units of the training data's std
 TEST_NOISE_SEED = 1234
 EXAMPLE_SEED = 4321
-VARIANTS = ("plain", "resify", "resify+rezero", "hand", "default")
-_LABEL = {
-    "plain": "plain",
-    "resify": "resify gate=None",
-    "resify+rezero": "resify gate='rezero'",
-    "hand": "hand-written",
-    "default": "resify default",
-}
 _GATE = {"resify": None, "resify+rezero": "rezero"}
 
 
@@ -330,7 +322,7 @@ def mse_table(runs: Sequence[DenRun], markdown: bool = False) -> str:
     depths = sorted({r.depth for r in runs})
     variants = [v for v in VARIANTS if any(r.variant == v for r in runs)]
     rows = [[d, *[_cell(_group(runs, depth=d, variant=v)) for v in variants]] for d in depths]
-    return table(["depth", *[_LABEL[v] for v in variants]], rows, markdown)
+    return table(["depth", *[LABELS[v] for v in variants]], rows, markdown)
 
 
 def init_table(runs: Sequence[DenRun], markdown: bool = False) -> str:
@@ -340,7 +332,7 @@ def init_table(runs: Sequence[DenRun], markdown: bool = False) -> str:
         [d, *[f"{statistics.fmean(r.mse_init for r in _group(runs, depth=d, variant=v)):.4g}" for v in variants]]
         for d in depths
     ]
-    return table(["depth", *[_LABEL[v] for v in variants]], rows, markdown)
+    return table(["depth", *[LABELS[v] for v in variants]], rows, markdown)
 
 
 def plan_table(checks: Sequence[PlanCheck], markdown: bool = False) -> str:
@@ -383,7 +375,7 @@ def targets(runs: Sequence[DenRun]) -> list[str]:
             best = others[best_v]
             rel = m / best - 1
             parts.append(
-                f"best of the others {best:.4f} ({_LABEL[best_v]}), {100 * rel:+.1f}% "
+                f"best of the others {best:.4f} ({LABELS[best_v]}), {100 * rel:+.1f}% "
                 f"(within 5%: {'met' if rel <= 0.05 else 'missed'})"
             )
         if not math.isnan(plain):

@@ -63,13 +63,15 @@ __all__ = [
     "run_mlp",
     "run_cnn",
     "VARIANTS",
+    "LABELS",
     "main",
 ]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLIT_SEED = 0
 VARIANTS = ("plain", "resify", "resify+rezero", "hand", "default")
-_LABEL = {
+#: the variants' names in tables, one for every efficacy benchmark
+LABELS = {
     "plain": "plain",
     "resify": "resify gate=None",
     "resify+rezero": "resify gate='rezero'",
@@ -344,7 +346,7 @@ def accuracy_tables(runs: Sequence[Run], markdown: bool = False) -> str:
             ("### " if markdown else "")
             + title
             + "\n\n"
-            + table(["depth", *[_LABEL[v] for v in variants]], rows, markdown)
+            + table(["depth", *[LABELS[v] for v in variants]], rows, markdown)
         )
     return "\n\n".join(out)
 
@@ -362,7 +364,7 @@ def grad_tables(runs: Sequence[Run], markdown: bool = False) -> str:
                 row.append("0 (gate = 0)" if zero else _fmt_ratio([r.grad_ratio for r in rs]))
             rows.append(row)
     return table(
-        ["activation", "depth", "plain mean |grad|", *[_LABEL[v] + " / plain" for v in VARIANTS[1:]]], rows, markdown
+        ["activation", "depth", "plain mean |grad|", *[LABELS[v] + " / plain" for v in VARIANTS[1:]]], rows, markdown
     )
 
 
@@ -377,7 +379,7 @@ def report_table(runs: Sequence[Run], markdown: bool = False) -> str:
                 row.append("/".join(verdicts) or "-")
             row.append(_recommended(runs, act, d) or "-")
             rows.append(row)
-    return table(["activation", "depth", *[_LABEL[v] for v in VARIANTS], "recommended setting"], rows, markdown)
+    return table(["activation", "depth", *[LABELS[v] for v in VARIANTS], "recommended setting"], rows, markdown)
 
 
 def _recommended(runs: Sequence[Run], act: str, depth: int) -> str | None:
@@ -409,7 +411,7 @@ def cnn_table(runs: Sequence[Run], markdown: bool = False) -> str:
                 cell += f" (grad ×{'0' if zero else _fmt_ratio([r.grad_ratio for r in vs])})"
             row.append(cell)
         rows.append(row)
-    return table(["VGG-style CNN", *[_LABEL[v] for v in CNN_VARIANTS]], rows, markdown)
+    return table(["VGG-style CNN", *[LABELS[v] for v in CNN_VARIANTS]], rows, markdown)
 
 
 #: the CNN's variants (no hand-written CNN)
@@ -424,7 +426,7 @@ def big_table(runs: Sequence[Run], markdown: bool = False) -> str:
             rows.append(
                 [
                     rs[0].depth,
-                    _LABEL[v],
+                    LABELS[v],
                     _mean_std([r.accuracy for r in rs]),
                     ", ".join(f"{100 * r.accuracy:.1f}" for r in rs),
                     f"{statistics.fmean(r.seconds for r in rs):.0f} s",
@@ -466,7 +468,7 @@ def figure(runs: Sequence[Run], path: str) -> None:
                 depths,
                 mean,
                 yerr=std,
-                label=_LABEL[v],
+                label=LABELS[v],
                 color=color,
                 marker=marker,
                 linestyle=ls,
@@ -591,7 +593,7 @@ def default_targets(runs: Sequence[Run]) -> list[str]:
         ok = gap >= -0.01 and over_plain >= -0.01
         lines.append(
             f"- default, {model} {act} depth {depth}: {100 * mean['default']:.1f}%; best of the others "
-            f"{100 * others[best]:.1f}% ({_LABEL[best]}), {100 * gap:+.1f} points; plain {100 * (mean['plain'] or 0):.1f}% "
+            f"{100 * others[best]:.1f}% ({LABELS[best]}), {100 * gap:+.1f} points; plain {100 * (mean['plain'] or 0):.1f}% "
             f"({'met' if ok else 'missed'})"
         )
     if worst:
@@ -618,7 +620,7 @@ def _targets(runs: Sequence[Run]) -> list[str]:
         rec = _recommended(runs, act, deepest)
         if rec is not None:
             lines.append(
-                f"- {act} depth {deepest}, the report's recommended setting ({_LABEL[rec]}): "
+                f"- {act} depth {deepest}, the report's recommended setting ({LABELS[rec]}): "
                 f"{100 * m[rec]:.1f}% (≥ 95%: {verdict(m[rec])}); plain {100 * m['plain']:.1f}%"
             )
         lines.append(
