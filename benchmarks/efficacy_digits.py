@@ -703,7 +703,10 @@ def main(argv: Sequence[str] | None = None) -> list[Run]:
             runs = rejudge(runs)
             rejudged = "python -m benchmarks.efficacy_digits --rejudge"
             saved["commands"] = [c for c in saved["commands"] if c != rejudged] + [rejudged]
-        _write(runs, args, saved["commands"], saved["machine"], saved["seconds"], json_path)
+        if args.no_write:
+            print(report_table(runs))
+        else:
+            _write(runs, args, saved["commands"], saved["machine"], saved["seconds"], json_path)
         return runs
     if args.quick:
         args.depths, args.seeds, args.epochs, args.no_cnn, args.no_write = [8, 32], [0], 5, True, True
