@@ -212,7 +212,7 @@ def stored_weight(m: nn.Module) -> torch.Tensor | None:
     [(2, 3), (16, 3), (5, 2)]
     """
     w: torch.Tensor | None = None
-    if parametrize.is_parametrized(m, "weight"):
+    if "parametrizations" in m._modules and parametrize.is_parametrized(m, "weight"):  # (no failing getattr)
         w = max(parametrized_originals(m), key=lambda p: (p.dim(), p.numel()), default=None)
     else:
         w = next((p for p in map(m._parameters.get, _WEIGHT_NAMES) if p is not None), None)

@@ -24,10 +24,11 @@ def state_kept(
     the CPU and of every CUDA device that its parameters, buffers or ``tensors`` use (yielded, for
     seeding). With ``grads``, the parameters' ``.grad`` are set aside (None inside, so that a backward
     cannot add into them in place) and put back; with ``modes``, every submodule's ``training`` flag."""
-    params = list({id(p): p for p in module.parameters()}.values())
+    modules = list(module.modules())
+    params = list({id(p): p for m in modules for p in m._parameters.values() if p is not None}.values())
     saved_grads = [p.grad for p in params] if grads else []
-    buffers = [(m, name, b, b.clone()) for m in module.modules() for name, b in m._buffers.items() if b is not None]
-    saved_modes = [(m, m.training) for m in module.modules()] if modes else []
+    buffers = [(m, name, b, b.clone()) for m in modules for name, b in m._buffers.items() if b is not None]
+    saved_modes = [(m, m.training) for m in modules] if modes else []
     devices = sorted(
         {
             t.device.index or 0
@@ -49,4 +50,5 @@ def state_kept(
                 if b.shape == saved.shape:
                     b.copy_(saved)
         for m, training in saved_modes:
-            m.training = training
+            if m.training != training:  # (nn.Module.__setattr__ is slow; most modes are unchanged)
+                m.training = training

@@ -30,6 +30,19 @@ def test_l2_norm_neither_overflows_nor_underflows_in_float32(value):
     assert l2_norm(t) == pytest.approx(10 * v, rel=1e-6)  # √100 · v
 
 
+@pytest.mark.parametrize("value", [1e20, 1e-30, 0.0])
+def test_l2_norm_of_a_large_tensor_by_its_dot_product_neither_overflows_nor_underflows(value):
+    t = torch.full((64, 128), value, dtype=torch.float32)  # past BATCH_NUMEL: a BLAS dot product
+    v = float(torch.tensor(value, dtype=torch.float32))
+    assert l2_norm(t) == pytest.approx(math.sqrt(t.numel()) * v, rel=1e-6)
+
+
+def test_l2_norm_of_a_large_tensor_against_float64():
+    torch.manual_seed(0)
+    for t in (torch.randn(300, 500), torch.randn(500, 300).T):  # contiguous (dot) and not (vector_norm)
+        assert l2_norm(t) == pytest.approx(t.double().norm().item(), rel=1e-6)
+
+
 def test_l2_norm_of_a_float64_tensor_is_its_own():
     t = torch.tensor([3e-5, 4e-5], dtype=torch.float64)
     assert l2_norm(t) == pytest.approx(5e-5, rel=1e-15)
@@ -45,6 +58,14 @@ def test_figures_of_is_mean_abs_and_norm():
     t = torch.tensor([[3.0, -4.0], [0.0, 0.0]])
     assert figures_of(t, grads=True) == (1.75, 5.0)
     assert figures_of(t, grads=False) == (None, 5.0)
+
+
+def test_figures_of_in_place_are_the_same_figures_and_leave_the_absolute_values():
+    torch.manual_seed(0)
+    for t in (torch.randn(5, 7), torch.randn(100, 100), torch.zeros(80, 80)):
+        scratch = t.clone()
+        assert figures_of(scratch, True, in_place=True) == figures_of(t, True)
+        assert torch.equal(scratch, t.abs())
 
 
 def test_stacked_figures_are_figures_of_each():

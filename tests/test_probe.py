@@ -203,3 +203,42 @@ def test_small_tensors_measured_together_give_each_ones_figures_to_the_bit():
         mean, norm = figures_of(t, True)  # one at a time
         assert got[("mean_abs", name, 0)] == mean and got[("grad_norm", name, 0)] == norm, name
         assert norm == pytest.approx(t.double().norm().item(), rel=1e-6)
+
+
+def test_a_large_weight_is_normed_once_in_its_gradient_hook_and_tied_names_share_it():
+    from resify.report.figures import BATCH_NUMEL
+
+    torch.manual_seed(0)
+    big, small = nn.Linear(80, 80), nn.Linear(8, 8)  # 6,400 > BATCH_NUMEL elements, and 64
+    assert big.weight.numel() > BATCH_NUMEL >= small.weight.numel()
+    model = nn.Sequential(big, nn.ReLU(), nn.Linear(80, 8), small)
+    layers, _, weights = find_layers(model)
+    weights = {**weights, "tied": big.weight}  # one parameter under a second name
+    probe = Probe(layers, weights, Sink())
+    for _ in range(2):  # two batches: the hook fires twice, the norm is taken once
+        with probe.recording():
+            out = model(torch.randn(4, 80))
+            out.square().mean().backward()
+        probe.batch += 1
+    taken = [k for k, _ in probe.sink.resolve() if k[0] == "weight"]
+    assert taken.count(("weight", "0")) == taken.count(("weight", "tied")) == 1
+    assert ("weight", "3") not in taken  # a small weight: measured with the rest, below
+    probe.add_weight_norms()
+    figures = combine(probe.sink.resolve(), batches=2)
+    for name, w in weights.items():
+        assert figures[name]["weight"] == pytest.approx(w.double().norm().item(), rel=1e-6), name
+    assert [k for k, _ in probe.sink.resolve() if k[0] == "weight"].count(("weight", "0")) == 1
+    assert all(p.grad is None for p in model.parameters() if p.dim() >= 2)  # read and dropped
+
+
+def test_a_gradient_that_a_hook_of_the_users_kept_is_not_overwritten():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(80, 80), nn.Linear(80, 4))
+    kept = []
+    handle = model[0].weight.register_post_accumulate_grad_hook(lambda p: kept.append(p.grad))
+    layers, _, weights = find_layers(model)
+    probe = Probe(layers, weights, Sink())
+    with probe.recording():
+        model(torch.randn(4, 80)).square().mean().backward()
+    handle.remove()
+    assert len(kept) == 1 and (kept[0] < 0).any()  # the gradient itself, not its absolute values

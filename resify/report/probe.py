@@ -175,10 +175,12 @@ class Probe:
         self._keys: dict[tuple, tuple] = {}
         self._hook_dict = "_backward_hooks" if keep_grads else "_post_accumulate_grad_hooks"
         self._bare: list[torch.Tensor] = []  # parameters that had no hook dict before attach()
+        self._own: set[int] = set()
         self._on_input = self._input_grad  # one bound method for every input hook
         self._tensors: dict[int, tuple[torch.Tensor, str]] = {}  # id -> (input tensor, the first layer taking it)
         self._also: dict[str, list[str]] = {}  # that layer -> every layer taking the same tensor
         self._handles: list[Any] = []
+        self._normed: set[int] = set()  # the weights whose norm a gradient hook took (add_weight_norms: the rest)
         # put aside until finish() (keep_grads): tensors, the names each is measured for, and whether it is
         # a weight's gradient (mean |grad| and norm) or an input's (norm)
         self._later: list[torch.Tensor] = []
@@ -201,6 +203,7 @@ class Probe:
             self._later, self._later_names, self._later_weight = [], [], []
         handles = self._handles
         self._bare = [p for p in self._params if getattr(p, self._hook_dict, None) is None]
+        self._own = {id(p) for p in self._bare}  # no hook of the user's sees their gradients: ours to overwrite
         for name, m in self.layers.items():
             handles.append(m.register_forward_hook(self._forward_hooks[name], with_kwargs=True))
         for p, hook in zip(self._params, self._param_hooks):
@@ -218,14 +221,17 @@ class Probe:
         for p in self._bare:  # no empty hook dict left behind: autograd would call into it at every backward
             if not getattr(p, self._hook_dict, None):
                 setattr(p, self._hook_dict, None)
-        self._bare = []
+        self._bare, self._own = [], set()
         self._also = {}  # (a new one: the hooks put aside may still hold lists of the old)
 
     def add_weight_norms(self) -> None:
-        """The norm of each weight, for ``grad_to_weight`` (small weights of one size in one reduction)."""
+        """The norm of each weight, for ``grad_to_weight``: those a gradient hook has not taken already
+        (``keep_grads=False`` takes a large weight's norm beside its gradient's, while the backward
+        still has it in cache); small weights of one size in one reduction."""
         with torch.no_grad():
-            names = list(self.weights)
+            names = [n for n, w in self.weights.items() if id(w) not in self._normed]
             self._measure([self.weights[n] for n in names], [(n,) for n in names], "weight")
+        self._normed = set()
 
     def finish(self) -> None:
         """Measure what the hooks put aside (``keep_grads``: the small gradients of this backward)."""
@@ -307,9 +313,13 @@ class Probe:
         g = p.grad
         names = self._weight_names.get(id(p))
         if g is not None and names:  # (backward runs without grad mode: nothing here is recorded)
-            mean_abs, norm = figures_of(g, True)  # (what _measure does for one tensor, without its grouping)
+            mean_abs, norm = figures_of(g, True, in_place=id(p) in self._own)  # (the gradient is dropped next)
             keys = [self._key(kind, n, self.batch) for n in names for kind in ("mean_abs", "grad_norm")]
             self.sink.extend(keys, [mean_abs, norm] * len(names))
+            if p.numel() > BATCH_NUMEL and id(p) not in self._normed:  # now, while the backward has it in cache
+                self._normed.add(id(p))
+                weight = l2_norm(p.detach())
+                self.sink.extend([self._key("weight", n) for n in names], [weight] * len(names))
         p.grad = None
 
     def _arriving_hook(self, names: tuple[str, ...]) -> Callable:
