@@ -134,11 +134,15 @@ class TakesTwo(nn.Module):
         return self.b(torch.relu(self.a(x)) + y)
 
 
-def test_a_second_input_joining_a_span_is_named_and_a_join_of_inputs_is_no_shortcut():
+def test_a_second_input_joining_a_span_conditions_it_and_a_join_of_inputs_is_no_shortcut():
     analysis = analyze(trace(TakesTwo(), (torch.randn(2, 8), torch.randn(2, 8))))
     assert analysis.existing == []
-    assert _span(analysis, "a", "b") == (
-        "another value ('y' into 'add') joins the span between its input and output: not single-entry single-exit"
+    # judged on x's flow, y joining between a and b conditions the span: it has one entry, x
+    assert _span(analysis, "a", "b") is None
+    assert next(layer.roles for layer in analysis.layers if layer.name == "a") == ("activation", "condition")
+    # a span that starts on y, the other input, is entered by x's path too: named
+    assert analysis.span_problem(analysis.node("y"), analysis.node("b")) == (
+        "another value ('relu' into 'add') joins the span between its input and output: not single-entry single-exit"
     )
     assert _span(analysis, "a", "a") is None and _span(analysis, "b", "b") is None
     assert analysis.span_problem(3.0, analysis.node("b")) == (

@@ -16,40 +16,43 @@ from resify.tracing.trace import trace
 class Additive(nn.Module):
     """The issue's case: a projection of ``c`` added in every block (a diffusion model's time embedding)."""
 
-    def __init__(self, cond=True, conv=True, depth=4):
+    def __init__(self, cond=True, conv=True, depth=4, residual=False):
         super().__init__()
-        self.cond, self.conv = cond, conv
+        self.cond, self.conv, self.residual = cond, conv, residual
         self.main = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) if conv else nn.Linear(8, 8) for _ in range(depth))
         self.cproj = nn.ModuleList(nn.Linear(8, 8) for _ in range(depth))
 
     def forward(self, x, c):
         for layer, proj in zip(self.main, self.cproj):
             e = proj(c)[:, :, None, None] if self.conv else proj(c)
-            x = torch.relu(layer(x) + (e if self.cond else 0))
+            y = torch.relu(layer(x) + (e if self.cond else 0))
+            x = x + y if self.residual else y
         return x
 
 
 class ClassEmbedding(nn.Module):
     """One embedding of the label, added into every block."""
 
-    def __init__(self, depth=4):
+    def __init__(self, depth=4, residual=False):
         super().__init__()
+        self.residual = residual
         self.emb = nn.Embedding(10, 8)
         self.main = nn.ModuleList(nn.Linear(8, 8) for _ in range(depth))
 
     def forward(self, x, y):
         e = self.emb(y)
         for layer in self.main:
-            x = torch.relu(layer(x) + e)
+            y = torch.relu(layer(x) + e)
+            x = x + y if self.residual else y
         return x
 
 
 class FiLM(nn.Module):
     """relu(conv(x) * g + b) with g, b = f(c).chunk(2): scale and shift from the conditioning input."""
 
-    def __init__(self, conv=True, depth=4):
+    def __init__(self, conv=True, depth=4, residual=False):
         super().__init__()
-        self.conv = conv
+        self.conv, self.residual = conv, residual
         self.main = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) if conv else nn.Linear(8, 8) for _ in range(depth))
         self.film = nn.ModuleList(nn.Linear(6, 16) for _ in range(depth))
 
@@ -58,7 +61,8 @@ class FiLM(nn.Module):
             g, b = film(c).chunk(2, dim=1)
             if self.conv:
                 g, b = g[:, :, None, None], b[:, :, None, None]
-            x = torch.relu(layer(x) * g + b)
+            y = torch.relu(layer(x) * g + b)
+            x = x + y if self.residual else y
         return x
 
 
@@ -140,6 +144,31 @@ def test_a_projection_of_another_input_is_conditioning_not_an_existing_shortcut(
     main_layers = [name for name in plan.layers if name.startswith(main[:-1])]
     assert [s.start for s in plan.sites if s.start in main_layers] == main_layers
     assert not [s.start for s in plan.skipped if s.code == "inside_existing" and s.start in main_layers]
+
+
+# the conditioned nets and their hand-written residual twins (x = x + block(x, c): the same weights)
+TWINS = {
+    "time embedding, conv": (lambda **k: Additive(**k), lambda: (_image(), torch.randn(2, 8))),
+    "time embedding, MLP": (lambda **k: Additive(conv=False, **k), lambda: (torch.randn(2, 8), torch.randn(2, 8))),
+    "class embedding": (lambda **k: ClassEmbedding(**k), lambda: (torch.randn(2, 8), torch.randint(0, 10, (2,)))),
+    "FiLM, conv": (lambda **k: FiLM(**k), lambda: (_image(), torch.randn(2, 6))),
+    "FiLM, MLP": (lambda **k: FiLM(conv=False, **k), lambda: (torch.randn(2, 8), torch.randn(2, 6))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TWINS))
+def test_a_conditioned_block_gets_the_hand_written_shortcut_around_its_conditioning(case):
+    """x + relu(layer(x) + e), as people write it, not relu(layer(x) + x + e): the block's span goes
+    through the conditioning's add (or FiLM's scale and shift) to the activation."""
+    make, inputs = TWINS[case]
+    torch.manual_seed(0)
+    plain, args = make(), inputs()
+    hand = make(residual=True)
+    hand.load_state_dict(plain.state_dict())
+    converted = resify.apply(plain, args, gate=None)
+    assert [s.layers for s in resify.applied_plan(converted).sites] == [(f"main.{i}",) for i in range(4)]
+    torch.testing.assert_close(converted(*args), hand(*args), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(converted(*args), plain(*args), rtol=1e-2)
 
 
 def test_the_conditioned_net_gets_the_sites_of_its_unconditioned_twin():

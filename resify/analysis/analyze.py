@@ -41,6 +41,7 @@ from .dataflow import (
     SOURCE,
     MainFlow,
     backward_walk,
+    conditions,
     dataflow,
     input_masks,
     latest_common_ancestor,
@@ -103,6 +104,9 @@ class Analysis:
     _idom: dict = field(repr=False, default_factory=dict)
     _ipdom: dict = field(repr=False, default_factory=dict)
     _merges: list = field(repr=False, default_factory=list)
+    _flow: nx.DiGraph = field(repr=False, default_factory=nx.DiGraph)
+    _masks: dict = field(repr=False, default_factory=dict)
+    _flows: dict = field(repr=False, default_factory=dict)  # main input's bit -> its MainFlow (main_flow, cached)
 
     @property
     def module(self) -> nn.Module:
@@ -190,10 +194,14 @@ class Analysis:
         if exit not in self._ipdom:
             return "the span's result does not reach the model's output"
         lo, hi = self._order[entry], self._order[exit]
-        n = exit
-        while n is not entry and self._order.get(n, -1) > lo:
-            n = self._idom[n]
-        if n is not entry:
+        # judged on the flow of the result's main input: a value of another input that joins the span
+        # (a time step's embedding, FiLM's scale) conditions it; it is not a second way in (and a
+        # span that starts on another input than its result's main one has no single entry)
+        idom = self.main_flow(exit).idom
+        at: object = exit
+        while at is not entry and at in idom and self._order.get(at, -1) > lo:
+            at = idom[at]
+        if at is not entry:
             joiner = self._first_outside_input(entry, exit)
             return f"another value ({joiner}) joins the span between its input and output: not single-entry single-exit"
         n = entry
@@ -206,6 +214,13 @@ class Analysis:
         if i < len(self._merges) and self._order[self._merges[i]] <= hi:
             return f"the span would enclose the existing shortcut at '{self._merges[i].name}'"
         return None
+
+    def main_flow(self, n: torch.fx.Node) -> MainFlow:
+        """The data flow of ``n``'s main input (``dataflow.main_flow``, computed once per input)."""
+        bit = main_input(self._masks, n)
+        if bit not in self._flows:
+            self._flows[bit] = main_flow(self._flow, self._idom, self._masks, bit)
+        return self._flows[bit]
 
     def _region(self, entry: torch.fx.Node, exit: torch.fx.Node) -> list[torch.fx.Node]:
         lo, hi = self._order[entry], self._order[exit]
@@ -238,7 +253,7 @@ class Analysis:
         return "a value inside the span is also used outside it"
 
 
-def _find_layers(traced: Traced) -> list[Layer]:
+def _find_layers(traced: Traced, masks: dict[torch.fx.Node, int]) -> list[Layer]:
     gm = traced.root
     layers = []
     for n in traced.graph.nodes:
@@ -258,6 +273,11 @@ def _find_layers(traced: Traced) -> list[Layer]:
                 role = follower_role(gm, u)
                 if role is not None and data_input(u) is cur and not is_layer_node(gm, u):
                     roles.append(role)
+                    chain.append(u.name)
+                    cur = u
+                    continue
+                if conditions(u, cur, masks):
+                    roles.append("condition")
                     chain.append(u.name)
                     cur = u
                     continue
@@ -323,7 +343,9 @@ def _weight(gm: torch.fx.GraphModule, n: torch.fx.Node, anchors: set) -> tuple[i
     return 0, params, act
 
 
-def _find_existing(gm, graph, order, flow, idom, masks, layers) -> tuple[list[ExistingShortcut], dict[str, str], list]:
+def _find_existing(
+    gm, graph, order, flow, idom, masks, layers, flows: dict[int, MainFlow]
+) -> tuple[list[ExistingShortcut], dict[str, str], list]:
     anchors = {n for n in graph.nodes if is_layer_node(gm, n)}
     layer_by_anchor = {layer.anchor: layer for layer in layers}
     existing: list[ExistingShortcut] = []
@@ -331,7 +353,6 @@ def _find_existing(gm, graph, order, flow, idom, masks, layers) -> tuple[list[Ex
     merges: list = []
     weight = functools.lru_cache(maxsize=None)(lambda n: _weight(gm, n, anchors))  # once per node
     not_a_bypass = lambda w: w[2] > 0 or w[0] > 1
-    flows: dict[int, MainFlow] = {}
     for m in graph.nodes:
         found = merge_operands(m)
         if found is None or m not in idom:
@@ -402,7 +423,8 @@ def analyze(traced: Traced) -> Analysis:
     idom = nx.immediate_dominators(flow, SOURCE)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     ipdom = nx.immediate_dominators(flow.reverse(copy=False), output) if output in flow else {}
-    layers = _find_layers(traced)
-    existing, inside, merges = _find_existing(gm, graph, order, flow, idom, masks, layers)
+    layers = _find_layers(traced, masks)
+    flows: dict[int, MainFlow] = {}
+    existing, inside, merges = _find_existing(gm, graph, order, flow, idom, masks, layers, flows)
     gated = gate_branches(gm, graph, ipdom, masks, order)
-    return Analysis(traced, layers, existing, inside, gated, order, idom, ipdom, merges)
+    return Analysis(traced, layers, existing, inside, gated, order, idom, ipdom, merges, flow, masks, flows)

@@ -10,11 +10,15 @@ path of the same signal. It changes nothing.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Collection, Mapping
 from typing import NamedTuple
 
 import networkx as nx
+import torch
 import torch.fx
+
+from ..ops import merge_operands
 
 __all__ = [
     "SOURCE",
@@ -25,6 +29,7 @@ __all__ = [
     "main_flow",
     "backward_walk",
     "latest_common_ancestor",
+    "conditions",
 ]
 
 SOURCE = "__resify_source__"
@@ -152,3 +157,27 @@ def latest_common_ancestor(
         seen.add(stop)
         common = seen if common is None else common & seen
     return max(common or (), key=order.__getitem__, default=None)
+
+
+#: the element-wise products through which a value of another input scales a layer's output (FiLM)
+_SCALINGS = {operator.mul, torch.mul}
+
+
+def conditions(u: torch.fx.Node, cur: torch.fx.Node, masks: Mapping[torch.fx.Node, int]) -> bool:
+    """``u`` adds to the main path's value ``cur``, or scales it by, a value computed from the model's
+    other inputs only: conditioning (a time step's or a class embedding, FiLM's
+    scale and shift), which a layer passes through to the activation after it, as
+    ``act(lin(h) + cond(t))`` does. The main path is that of ``u``'s main input (``main_input``):
+    from the conditioning's own layers (FiLM's ``sigmoid(film(c))``), the join is no follower."""
+    found = merge_operands(u)
+    if found is not None and found[0] == "add":
+        ops = found[1]
+    elif (u.op == "call_function" and u.target in _SCALINGS) or (u.op == "call_method" and u.target == "mul"):
+        ops = [a for a in u.args[:2] if isinstance(a, torch.fx.Node)]
+    else:
+        return False
+    if len(ops) != 2 or cur not in ops or ops[0] is ops[1]:
+        return False
+    other = ops[1] if ops[0] is cur else ops[0]
+    bit, theirs = main_input(masks, u), masks.get(other, 0)
+    return bool(bit and masks.get(cur, 0) & bit and theirs and not theirs & bit)
