@@ -51,7 +51,17 @@ import torch.nn.functional as F
 
 import resify
 from benchmarks.common import copy_shortcut_weights, machine, table
-from benchmarks.efficacy_digits import EXAMPLE_BATCH, SPLIT_SEED, Digits, _mean_std, accuracy, load_data, train
+from benchmarks.efficacy_digits import (
+    EXAMPLE_BATCH,
+    LABELS,
+    SPLIT_SEED,
+    VARIANTS,
+    Digits,
+    _mean_std,
+    accuracy,
+    load_data,
+    train,
+)
 
 __all__ = [
     "LSTMStack",
@@ -72,14 +82,6 @@ __all__ = [
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, FEATURES, WIDTH, CLASSES = 8, 8, 64, 10
-VARIANTS = ("plain", "resify", "resify+rezero", "hand", "default")
-_LABEL = {
-    "default": "resify default",
-    "plain": "plain",
-    "resify": "resify gate=None",
-    "resify+rezero": "resify gate='rezero'",
-    "hand": "hand-written",
-}
 _GATE = {"resify": None, "resify+rezero": "rezero"}
 _TITLE = {"lstm": "stacked LSTM", "transformer": "post-norm Transformer"}
 #: output and gradient differences above this fail the resify-vs-hand-written check
@@ -346,7 +348,7 @@ def accuracy_table(runs: Sequence[SeqRun], markdown: bool = False) -> str:
                 cell += f" ({sum(r.diverged for r in rs)} diverged)"
             row.append(cell)
         rows.append(row)
-    return table(["model", "depth", *[_LABEL[v] for v in VARIANTS]], rows, markdown)
+    return table(["model", "depth", *[LABELS[v] for v in VARIANTS]], rows, markdown)
 
 
 def default_lines(runs: Sequence[SeqRun]) -> list[str]:
@@ -366,7 +368,7 @@ def default_lines(runs: Sequence[SeqRun]) -> list[str]:
         ok = default >= others[best] - 0.01 and default >= plain - 0.01
         lines.append(
             f"- {_TITLE[model]} depth {depth}: default {100 * default:.1f}%, best of the others "
-            f"{100 * others[best]:.1f}% ({_LABEL[best]}, {100 * (default - others[best]):+.1f} points), plain "
+            f"{100 * others[best]:.1f}% ({LABELS[best]}, {100 * (default - others[best]):+.1f} points), plain "
             f"{100 * plain:.1f}%: {'met' if ok else 'missed'}"
         )
     return lines
@@ -388,7 +390,7 @@ def grad_table(runs: Sequence[SeqRun], markdown: bool = False) -> str:
             row.append(f"{_geo([r.grad_ratio for r in rs])} ({'/'.join(sorted({r.verdict for r in rs})) or '-'})")
         rows.append(row)
     header = ["model", "depth", "plain: first layer's mean abs grad", "plain: verdict"]
-    return table(header + [f"{_LABEL[v]}: gain (verdict)" for v in VARIANTS[1:]], rows, markdown)
+    return table(header + [f"{LABELS[v]}: gain (verdict)" for v in VARIANTS[1:]], rows, markdown)
 
 
 def spread_table(runs: Sequence[SeqRun], markdown: bool = False) -> str:
@@ -404,7 +406,7 @@ def spread_table(runs: Sequence[SeqRun], markdown: bool = False) -> str:
             before, after = statistics.fmean(r.spread_init for r in rs), statistics.fmean(r.spread for r in rs)
             row.append(f"{before:.2g} → {after:.2g}")
         rows.append(row)
-    return table(["model", "depth", *[_LABEL[v] for v in VARIANTS]], rows, markdown)
+    return table(["model", "depth", *[LABELS[v] for v in VARIANTS]], rows, markdown)
 
 
 def equivalence_table(checks: Sequence[Equivalence], markdown: bool = False) -> str:
