@@ -96,39 +96,50 @@ def combine(items: list[tuple[tuple, float]], batches: int) -> dict:
     """
     out: dict = {}
     losses: list[float] = []
-    per_batch: dict[tuple[str, str, int], list[float]] = {}
-    act: dict[tuple[str, int], list[float]] = {}
+    means: dict[tuple[str, str], list[float]] = {}  # (name, "mean_abs" | "grad_norm") -> [sum, count]
+    inputs: dict[tuple[str, int], float] = {}  # (name, batch) -> sum of squared norms
+    act: dict[tuple[str, int], list[float]] = {}  # (name, batch) -> [sum of squared norms, elements]
+    sim: dict[tuple[str, int], list[float]] = {}  # (name, batch) -> [sum, count]
     for key, v in items:
         kind = key[0]
-        if kind == "loss":
-            losses.append(v)
+        if kind == "mean_abs" or kind == "grad_norm":
+            acc = means.get((key[1], kind))
+            if acc is None:
+                means[(key[1], kind)] = [v, 1.0]
+            else:
+                acc[0] += v
+                acc[1] += 1.0
+        elif kind == "act":
+            acc = act.get((key[1], key[2]))
+            if acc is None:
+                act[(key[1], key[2])] = [v * v, key[3]]
+            else:
+                acc[0] += v * v
+                acc[1] += key[3]
+        elif kind == "input":
+            inputs[(key[1], key[2])] = inputs.get((key[1], key[2]), 0.0) + v * v
+        elif kind == "sim":
+            if math.isfinite(v):
+                acc = sim.setdefault((key[1], key[2]), [0.0, 0.0])
+                acc[0] += v
+                acc[1] += 1.0
         elif kind == "weight":
             out.setdefault(key[1], {})["weight"] = v
-        elif kind in ("mean_abs", "grad_norm"):
-            per_batch.setdefault((key[1], kind, key[2]), []).append(v)
-        elif kind == "input":
-            per_batch.setdefault((key[1], "input", key[2]), []).append(v * v)
-        elif kind == "act":
-            acc = act.setdefault((key[1], key[2]), [0.0, 0.0])
-            acc[0] += v * v
-            acc[1] += key[3]
-        elif kind == "sim" and math.isfinite(v):
-            per_batch.setdefault((key[1], "similarity", key[2]), []).append(v)
-    for (name, b), (ss, count) in act.items():
-        per_batch[(name, "rms", b)] = [ss / count]
-    collected: dict[tuple[str, str], list[float]] = {}
-    for (name, kind, _), vs in per_batch.items():
-        if kind == "input":
-            vs = [math.sqrt(sum(vs))]
-        elif kind == "rms":
-            vs = [math.sqrt(vs[0])]
-        elif kind == "similarity":
-            vs = [sum(vs) / len(vs)]
-        collected.setdefault((name, kind), []).extend(vs)
-    for (name, kind), vs in collected.items():
-        # input gradients: mean over all batches (a batch where none arrived counts as zero)
-        denominator = batches if kind == "input" else len(vs)
-        out.setdefault(name, {})[kind] = sum(vs) / denominator
+        elif kind == "loss":
+            losses.append(v)
+    for (name, kind), (total, count) in means.items():
+        out.setdefault(name, {})[kind] = total / count
+    # per batch, then the mean over batches: input gradients over all of them (a batch where none
+    # arrived counts as zero), the others over those that measured the layer
+    per_batch: dict[tuple[str, str], list[float]] = {}
+    for (name, _), ss in inputs.items():
+        per_batch.setdefault((name, "input"), []).append(math.sqrt(ss))
+    for (name, _), (ss, count) in act.items():
+        per_batch.setdefault((name, "rms"), []).append(math.sqrt(ss / count))
+    for (name, _), (total, count) in sim.items():
+        per_batch.setdefault((name, "similarity"), []).append(total / count)
+    for (name, kind), vs in per_batch.items():
+        out.setdefault(name, {})[kind] = sum(vs) / (batches if kind == "input" else len(vs))
     if losses:  # (a watched training step: the loss is the user's, not seen)
         out["loss"] = sum(losses) / len(losses)
     return out

@@ -79,11 +79,12 @@ def find_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, torch
     """
     weights: dict[str, torch.Tensor] = {}
     layers: dict[str, nn.Module] = {}
-    for name, m in model.named_modules():
+    gates: dict[str, torch.Tensor] = {}
+    for name, m in model.named_modules():  # (one walk: a report's fixed cost)
         w = stored_weight(m)
         if w is not None:
             layers[name], weights[name] = m, w
-    gates = gate_parameters(model)
+        _add_gates(name, m, gates)
     if not layers and not gates:
         raise ResifyError(
             f"{type(model).__name__} has no parametric layer (a module with a weight of 2 or more "
@@ -106,12 +107,15 @@ def gate_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Bare parameters resify inserted (gates): owned by a Shortcut (or a plain container) under the namespace."""
     found: dict[str, torch.Tensor] = {}
     for mname, m in model.named_modules():
-        if not (type(m) is nn.Module or isinstance(m, Shortcut)) or not is_added(mname):
-            continue
+        _add_gates(mname, m, found)
+    return found
+
+
+def _add_gates(mname: str, m: nn.Module, found: dict[str, torch.Tensor]) -> None:
+    if (type(m) is nn.Module or isinstance(m, Shortcut)) and is_added(mname):
         for pname, p in m._parameters.items():
             if p is not None:
                 found[f"{mname}.{pname}"] = p
-    return found
 
 
 def first_tensor(args: Any) -> torch.Tensor | None:
