@@ -68,6 +68,17 @@ def test_figures_of_in_place_are_the_same_figures_and_leave_the_absolute_values(
         assert torch.equal(scratch, t.abs())
 
 
+def test_a_sparse_tensor_is_measured_as_the_dense_one_it_stands_for_and_left_as_it_was():
+    i = torch.tensor([[0, 2, 2], [1, 0, 0]])
+    sparse = torch.sparse_coo_tensor(i, torch.tensor([3.0, -4.0, 1.0]), (3, 2), check_invariants=True)  # (2, 0) twice
+    dense = sparse.to_dense()  # [[0, 3], [0, 0], [-3, 0]]
+    assert figures_of(sparse, True) == figures_of(dense, True) == (1.0, pytest.approx(math.sqrt(18)))
+    coalesced = sparse.coalesce()
+    assert figures_of(coalesced, True)[0] == 1.0
+    assert torch.equal(coalesced.to_dense(), dense)  # its values are the gradient itself: not made |g|
+    assert figures_of(sparse, False) == (None, pytest.approx(math.sqrt(18)))
+
+
 def test_stacked_figures_are_figures_of_each():
     torch.manual_seed(0)
     tensors = [torch.randn(3, 4) for _ in range(5)] + [torch.zeros(3, 4), torch.full((3, 4), 1e20)]

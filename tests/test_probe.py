@@ -242,3 +242,23 @@ def test_a_gradient_that_a_hook_of_the_users_kept_is_not_overwritten():
         model(torch.randn(4, 80)).square().mean().backward()
     handle.remove()
     assert len(kept) == 1 and (kept[0] < 0).any()  # the gradient itself, not its absolute values
+
+
+@pytest.mark.parametrize("keep_grads", [False, True])
+def test_a_sparse_embedding_gradient_is_measured_as_its_dense_twin(keep_grads):
+    def figures(sparse):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(50, 8, sparse=sparse), nn.Linear(8, 4))
+        layers, _, weights = find_layers(model)
+        probe = Probe(layers, weights, Sink(), keep_grads=keep_grads)
+        with probe.recording():
+            model(torch.tensor([[1, 2, 2, 7]])).square().mean().backward()
+        probe.finish()
+        grad = model[0].weight.grad
+        return combine(probe.sink.resolve(), batches=1)["0"], grad
+
+    (dense, dense_grad), (sparse, sparse_grad) = figures(False), figures(True)
+    assert sparse["mean_abs"] == pytest.approx(dense["mean_abs"], rel=1e-6)
+    assert sparse["grad_norm"] == pytest.approx(dense["grad_norm"], rel=1e-6)
+    if keep_grads:  # a watch leaves the gradient to the optimizer as it was
+        torch.testing.assert_close(sparse_grad.to_dense(), dense_grad)

@@ -234,11 +234,18 @@ def _alike(x: torch.Tensor, dim: int, norm: torch.Tensor | float) -> torch.Tenso
 def figures_of(t: torch.Tensor, grads: bool, *, in_place: bool = False) -> tuple[Any, torch.Tensor | float]:
     """(mean |t| or None, ‖t‖) of one tensor: mean |grad| is the seed's print_gradients expression.
 
-    ``in_place``: ``t`` may be overwritten (by |t|: a tensor about to be dropped, no copy made)."""
+    ``in_place``: ``t`` may be overwritten (by |t|: a tensor about to be dropped, no copy made). A
+    sparse tensor (an ``nn.Embedding(sparse=True)``'s gradient) is measured by its stored values,
+    as the dense tensor it stands for: its mean over every element, the zeros too."""
+    if t.layout != torch.strided:
+        in_place = in_place or not t.is_coalesced()  # (where coalesce makes new values, they are ours)
+        t, mean_of = t.coalesce().values(), t.numel()
+    else:
+        mean_of = 0
     if not grads:
         return None, l2_norm(t)
     a = t.abs_() if in_place else t.abs()
-    mean_abs: torch.Tensor | float = a.mean()
+    mean_abs: torch.Tensor | float = a.sum() / mean_of if mean_of else a.mean()
     if t.device.type == "cpu":
         mean_abs = mean_abs.item()  # type: ignore[union-attr]
     return mean_abs, l2_norm(a, nonzero=not isinstance(mean_abs, float) or mean_abs != 0)

@@ -260,7 +260,7 @@ class Probe:
         """
         groups: dict[Any, list[int]] = {}
         for i, t in enumerate(tensors):
-            small = 0 < t.numel() <= BATCH_NUMEL
+            small = 0 < t.numel() <= BATCH_NUMEL and t.layout == torch.strided
             groups.setdefault((t.device, t.dtype, t.shape) if small else i, []).append(i)
         grads, batch, cache = kind == "grad", self.batch, self._keys
         keys: list[tuple] = []
@@ -328,7 +328,7 @@ class Probe:
 
     def _arriving_hook(self, names: tuple[str, ...]) -> Callable:
         def hook(grad: torch.Tensor) -> None:
-            if grad.numel() <= BATCH_NUMEL:  # kept until finish(): the clone that costs autograd is small
+            if grad.numel() <= BATCH_NUMEL and grad.layout == torch.strided:  # kept until finish(): a small clone
                 self._later.append(grad.detach())
                 self._later_names.append(names)
                 self._later_weight.append(True)
