@@ -43,6 +43,16 @@ def test_l2_norm_of_a_large_tensor_against_float64():
         assert l2_norm(t) == pytest.approx(t.double().norm().item(), rel=1e-6)
 
 
+def test_l2_norm_of_a_tensor_subclass_keeps_its_own_norm(monkeypatch):
+    class Sharded(torch.Tensor):  # (as DTensor: its norm may be a reduction over ranks, not a dot product)
+        pass
+
+    t = torch.randn(100, 100)
+    sub = t.as_subclass(Sharded)
+    monkeypatch.setattr(torch, "dot", lambda *a: pytest.fail("a subclass went to torch.dot"))
+    assert l2_norm(sub) == pytest.approx(t.double().norm().item(), rel=1e-6)
+
+
 def test_l2_norm_of_a_float64_tensor_is_its_own():
     t = torch.tensor([3e-5, 4e-5], dtype=torch.float64)
     assert l2_norm(t) == pytest.approx(5e-5, rel=1e-15)
