@@ -63,6 +63,21 @@ LAYOUTS = {
             "…ks.11.attention.qkv  VeryLongModule…  1",
         ],
     ),
+    "then: cut only once the shrink columns are at their headers (width 20; at 36 the name alone is cut)": (
+        dict(
+            header=["layer", "shape", "n"],
+            rows=[["encoder.blocks.11.attention.qkv", "[2, 8, 8] -> [2, 16, 8]", "1"]],
+            width=20,
+            shrink=0,
+            right=[False, False, True],
+            then=(1,),
+        ),
+        [
+            "layer  shape       n",
+            "-----  ----------  -",
+            "….qkv  …2, 16, 8]  1",
+        ],
+    ),
     "an added name keeps its mark": (
         dict(
             header=["layer", "n"],

@@ -98,19 +98,21 @@ def table(
     right: Sequence[bool],
     min_widths: Sequence[int] = (),
     cut_end: Sequence[int] = (),
+    then: Sequence[int] = (),
 ) -> list[str]:
     """Aligned columns two spaces apart, cut to fit ``width``: the ``shrink`` columns in turn (each
-    down to 20 characters or its header, the last one further), at their start (the end of a layer
-    name names it) or, for the ``cut_end`` columns, at their end."""
+    down to 20 characters or its header, the last one further), then, where that is not enough,
+    the ``then`` columns and after them the ``shrink`` ones in turn down to their headers; at their
+    start (the end of a layer name names it) or, for the ``cut_end`` columns, at their end."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for i, w in enumerate(min_widths):
         widths[i] = max(widths[i], w)
     order = [shrink] if isinstance(shrink, int) else list(shrink)
-    for k, c in enumerate(order):
+    floors = [max(len(header[c]), 20) for c in order[:-1]] + [len(header[order[-1]])]
+    for c, floor in [*zip(order, floors), *((c, len(header[c])) for c in (*then, *order))]:
         over = sum(widths) + 2 * (len(widths) - 1) - width
         if over <= 0:
             break
-        floor = len(header[c]) if k == len(order) - 1 else max(len(header[c]), 20)
         widths[c] = max(min(floor, widths[c]), widths[c] - over)
 
     def cut(c: str, w: int, i: int) -> str:

@@ -43,6 +43,7 @@ def plan_text(plan: Plan, width: int | None = 100) -> str:
                 rows,
                 width=width,
                 shrink=(0, 2),
+                then=(1,),  # the shapes last, below ~58 columns
                 right=[False, False, False, False, True],
                 cut_end=(2,),
             ),
