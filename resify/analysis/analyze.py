@@ -117,6 +117,11 @@ class Analysis:
 
     def __post_init__(self) -> None:
         self._nodes = {n.name: n for n in self.traced.graph.nodes}
+        self._layer_at = {layer.anchor: i for i, layer in enumerate(self.layers)}
+
+    def layer_at(self, anchor: str) -> int | None:
+        """The index in ``layers`` of the layer whose parametric op is the node ``anchor`` (None: none is)."""
+        return self._layer_at.get(anchor)
 
     def has_batchnorm(self, layer: Layer) -> bool:
         """True when one of the layer's ops is a batch norm (a conv projection then gets one too)."""

@@ -52,12 +52,11 @@ def _stack(n: torch.fx.Node) -> list[str]:
 
 def span_nodes(site: Site, analysis: Analysis) -> list[str] | None:
     """The node names of the span's layers in order, or None where the site's layers are not consecutive."""
-    names = [layer.name for layer in analysis.layers]
-    k = len(site.layers)
-    for i in range(len(names) - k + 1):
-        if tuple(names[i : i + k]) == site.layers and analysis.layers[i].anchor == site.anchor:
-            return [n for layer in analysis.layers[i : i + k] for n in layer.nodes]
-    return None
+    i, k = analysis.layer_at(site.anchor), len(site.layers)
+    span = analysis.layers[i : i + k] if i is not None else []
+    if tuple(layer.name for layer in span) != site.layers:
+        return None
+    return [n for layer in span for n in layer.nodes]
 
 
 def _owner(site: Site, analysis: Analysis) -> tuple[str, int]:
