@@ -10,9 +10,10 @@ from the repository root as ``python -m benchmarks.<name>``.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,7 @@ __all__ = [
     "copy_shortcut_weights",
     "machine",
     "table",
+    "write_json",
 ]
 
 #: The activations the efficacy sweep covers, by the name used on the command line.
@@ -212,3 +214,9 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]], markdown: boo
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([fmt(cells[0]), fmt(["-" * w for w in widths]), *map(fmt, cells[1:])])
+
+
+def write_json(path: str, doc: Mapping[str, object]) -> None:
+    """A results file's JSON twin (one space of indentation, as every benchmark writes it)."""
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)

@@ -40,7 +40,6 @@ It prints plain tables and writes ``benchmarks/results/efficacy-denoiser.md`` (a
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -54,8 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import resify
-from benchmarks.common import machine, table
-from benchmarks.efficacy_digits import EXAMPLE_BATCH, LABELS, SPLIT_SEED, VARIANTS, Digits, load_data
+from benchmarks.common import machine, table, write_json
+from benchmarks.efficacy_digits import EXAMPLE_BATCH, LABELS, SPLIT_SEED, VARIANTS, Digits, fit, load_data
 
 __all__ = [
     "Block",
@@ -170,23 +169,14 @@ def build(variant: str, depth: int, seed: int, data: Noisy, width: int = WIDTH) 
 
 def train(model: nn.Module, data: Noisy, epochs: int, seed: int, lr: float = 1e-3, batch: int = 64) -> bool:
     """Adam on the MSE to the clean images, fresh σ and noise every step (from ``seed``); True if it went non-finite."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    diverged = False
     clean = data.clean_train
-    for _ in range(epochs):
-        perm = torch.randperm(len(clean), generator=g)
-        for i in range(0, len(clean), batch):
-            y = clean[perm[i : i + batch]]
-            x, sigma = corrupt(y, data.std, g)
-            loss = F.mse_loss(model(x, sigma), y)
-            if not torch.isfinite(loss):
-                diverged = True
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return diverged
+
+    def batch_loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        y = clean[idx]
+        x, sigma = corrupt(y, data.std, g)
+        return F.mse_loss(model(x, sigma), y)
+
+    return fit(model, len(clean), batch_loss, epochs, seed, lr, batch)
 
 
 @torch.no_grad()
@@ -500,20 +490,18 @@ def main(argv: Sequence[str] | None = None) -> list[DenRun]:
         os.makedirs(os.path.dirname(args.results), exist_ok=True)
         date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         write_markdown(runs, checks, base, args.results, [command.strip()], machine(), seconds, date)
-        with open(os.path.splitext(args.results)[0] + ".json", "w") as f:
-            json.dump(
-                {
-                    "machine": machine(),
-                    "commands": [command.strip()],
-                    "date": date,
-                    "seconds": seconds,
-                    "baselines": base,
-                    "checks": [asdict(c) for c in checks],
-                    "runs": [asdict(r) for r in runs],
-                },
-                f,
-                indent=1,
-            )
+        write_json(
+            os.path.splitext(args.results)[0] + ".json",
+            {
+                "machine": machine(),
+                "commands": [command.strip()],
+                "date": date,
+                "seconds": seconds,
+                "baselines": base,
+                "checks": [asdict(c) for c in checks],
+                "runs": [asdict(r) for r in runs],
+            },
+        )
         print(f"\nwrote {os.path.relpath(args.results, ROOT)} and its .json")
     return runs
 

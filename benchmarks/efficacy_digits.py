@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import resify
-from benchmarks.common import ACTIVATIONS, SeedMLP, VGGNet, machine, mlp_sizes, table
+from benchmarks.common import ACTIVATIONS, SeedMLP, VGGNet, machine, mlp_sizes, table, write_json
 
 __all__ = [
     "Digits",
@@ -58,6 +58,7 @@ __all__ = [
     "load_data",
     "build",
     "train",
+    "fit",
     "accuracy",
     "first_layer_grad",
     "run_mlp",
@@ -188,15 +189,29 @@ def train(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, lr: float = 1e-3, batch: int = 64
 ) -> bool:
     """Adam on cross-entropy for ``epochs`` epochs, shuffled from ``seed``; True if the loss went non-finite."""
+    return fit(model, len(x), lambda idx, g: F.cross_entropy(model(x[idx]), y[idx]), epochs, seed, lr, batch)
+
+
+def fit(
+    model: nn.Module,
+    n: int,
+    batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    epochs: int,
+    seed: int,
+    lr: float = 1e-3,
+    batch: int = 64,
+) -> bool:
+    """Adam for ``epochs`` epochs over ``n`` examples shuffled from ``seed``, on ``batch_loss(indices,
+    generator)`` (the generator the shuffles draw from, for a loss that draws too); True if the loss
+    went non-finite (every efficacy benchmark trains through it)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     diverged = False
     for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch):
-            idx = perm[i : i + batch]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, batch):
+            loss = batch_loss(perm[i : i + batch], g)
             if not torch.isfinite(loss):
                 diverged = True
             opt.zero_grad(set_to_none=True)
@@ -835,12 +850,10 @@ def _write(
 ) -> None:
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
     write_markdown(runs, args.results, commands, machine_line, seconds)
-    with open(json_path, "w") as f:
-        json.dump(
-            {"machine": machine_line, "commands": commands, "seconds": seconds, "runs": [asdict(r) for r in runs]},
-            f,
-            indent=1,
-        )
+    write_json(
+        json_path,
+        {"machine": machine_line, "commands": commands, "seconds": seconds, "runs": [asdict(r) for r in runs]},
+    )
     if any(r.model == "mlp" for r in runs):
         figure(runs, args.figure)
     print(

@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import resify
-from benchmarks.common import copy_shortcut_weights, machine, table
+from benchmarks.common import copy_shortcut_weights, machine, table, write_json
 from benchmarks.efficacy_digits import (
     EXAMPLE_BATCH,
     LABELS,
@@ -589,18 +589,16 @@ def main(argv: Sequence[str] | None = None) -> list[SeqRun]:
     if not args.no_write:
         os.makedirs(os.path.dirname(args.results), exist_ok=True)
         write_markdown(runs, checks, args.results, commands, machine(), seconds)
-        with open(json_path, "w") as f:
-            json.dump(
-                {
-                    "machine": machine(),
-                    "commands": commands,
-                    "seconds": seconds,
-                    "checks": [asdict(c) for c in checks],
-                    "runs": [asdict(r) for r in runs],
-                },
-                f,
-                indent=1,
-            )
+        write_json(
+            json_path,
+            {
+                "machine": machine(),
+                "commands": commands,
+                "seconds": seconds,
+                "checks": [asdict(c) for c in checks],
+                "runs": [asdict(r) for r in runs],
+            },
+        )
         print(f"\nwrote {os.path.relpath(args.results, ROOT)} and its .json")
     return runs
 
