@@ -28,6 +28,7 @@ __all__ = [
     "follower_role",
     "merge_operands",
     "product_operands",
+    "is_multiply",
     "describe",
     "is_elementwise",
     "is_nonlinear",
@@ -366,6 +367,13 @@ _PRODUCTS = _MULTIPLIES | {operator.truediv, torch.div}
 #: products that scale one value by another: element-wise, and attention's weights @ values
 _SCALING_FUNCTIONS = _MULTIPLIES | {operator.matmul, torch.matmul, torch.bmm}
 _SCALING_METHODS = {"mul", "mul_", "__mul__", "matmul", "bmm"}
+
+
+def is_multiply(n: torch.fx.Node) -> bool:
+    """An element-wise product (``x * g``, ``torch.mul``, ``x.mul(g)``), not a matrix product."""
+    if n.op == "call_function":
+        return n.target in _MULTIPLIES
+    return n.op == "call_method" and n.target in ("mul", "mul_", "__mul__")
 
 
 def product_operands(n: torch.fx.Node) -> list[torch.fx.Node] | None:

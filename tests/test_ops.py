@@ -21,6 +21,7 @@ from resify.ops import (
     follower_role,
     is_elementwise,
     is_layer_node,
+    is_multiply,
     is_nonlinear,
     layer_kind,
     layer_name,
@@ -277,6 +278,16 @@ def test_elementwise_and_nonlinear(functional, name, expected):
 def test_a_sum_of_two_graph_values_is_linear(functional, name):
     _, gm = functional
     assert is_nonlinear(_node(gm, name)) is False
+
+
+def test_is_multiply_is_an_element_wise_product_not_a_matrix_product():
+    class Products(nn.Module):
+        def forward(self, x, g):
+            return x * g, torch.mul(x, g), x.mul(g), x @ g, torch.matmul(x, g), x + g
+
+    gm = torch.fx.symbolic_trace(Products())
+    found = [is_multiply(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    assert found == [True, True, True, False, False, False]
 
 
 def test_called_module_is_the_models_own_submodule(modules):

@@ -10,15 +10,13 @@ path of the same signal. It changes nothing.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Collection, Mapping
 from typing import NamedTuple
 
 import networkx as nx
-import torch
 import torch.fx
 
-from ..ops import merge_operands
+from ..ops import is_multiply, merge_operands, product_operands
 
 __all__ = [
     "SOURCE",
@@ -159,10 +157,6 @@ def latest_common_ancestor(
     return max(common or (), key=order.__getitem__, default=None)
 
 
-#: the element-wise products through which a value of another input scales a layer's output (FiLM)
-_SCALINGS = {operator.mul, torch.mul}
-
-
 def conditions(u: torch.fx.Node, cur: torch.fx.Node, masks: Mapping[torch.fx.Node, int]) -> bool:
     """``u`` adds to the main path's value ``cur``, or scales it by, a value computed from the model's
     other inputs only: conditioning (a time step's or a class embedding, FiLM's
@@ -172,8 +166,8 @@ def conditions(u: torch.fx.Node, cur: torch.fx.Node, masks: Mapping[torch.fx.Nod
     found = merge_operands(u)
     if found is not None and found[0] == "add":
         ops = found[1]
-    elif (u.op == "call_function" and u.target in _SCALINGS) or (u.op == "call_method" and u.target == "mul"):
-        ops = [a for a in u.args[:2] if isinstance(a, torch.fx.Node)]
+    elif is_multiply(u):  # (FiLM's scale)
+        ops = product_operands(u) or []
     else:
         return False
     if len(ops) != 2 or cur not in ops or ops[0] is ops[1]:
