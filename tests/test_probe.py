@@ -136,7 +136,11 @@ def test_a_probe_records_what_autograd_gives(keep_grads):
     probe = Probe(layers, weights, sink, keep_grads=keep_grads)
     with probe.recording():
         out = model(as_leaf(x))
-        F.mse_loss(out, torch.zeros_like(out)).backward()
+        loss = F.mse_loss(out, torch.zeros_like(out))
+        if keep_grads:  # a watch: the user's own backward
+            loss.backward()
+        else:  # gradient_flow's: only the gradients it reads
+            probe.backward(loss)
     probe.finish()
     probe.add_weight_norms()
     figures = combine(sink.resolve(), batches=1)
@@ -146,6 +150,81 @@ def test_a_probe_records_what_autograd_gives(keep_grads):
             assert figures[n][k] == pytest.approx(v, rel=1e-5), (n, k)
     # gradient_flow's probe drops each weight gradient once read; a watch's leaves it to the optimizer
     assert all((p.grad is not None) is keep_grads for p in (model.a.weight, model.b.weight, model.c.weight))
+
+
+def test_gradient_flow_makes_only_the_gradients_it_reads():
+    """No bias or norm gradient is computed: the user's hooks on those never run, their gradients stay as
+    they were, and every figure is still autograd's (an in-place op after a layer took its input too)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    x = torch.randn(5, 6)
+    ran = []
+    hooks = [
+        model[0].bias.register_hook(lambda g: ran.append("bias")),
+        model[1].weight.register_post_accumulate_grad_hook(lambda p: ran.append("norm")),
+    ]
+    kept = torch.full_like(model[3].bias, 7.0)
+    model[3].bias.grad = kept
+    flow = resify.gradient_flow(model, x)
+    assert ran == [] and model[3].bias.grad is kept and model[0].bias.grad is None
+    for h in hooks:
+        h.remove()
+    model[3].bias.grad = None
+    inputs, outputs = {}, {}
+
+    def keep(name):
+        def hook(m, args, out):
+            args[0].retain_grad()
+            inputs[name], outputs[name] = args[0], out.detach().clone()
+
+        return hook
+
+    handles = [model[i].register_forward_hook(keep(str(i))) for i in (0, 3)]
+    out = model(x.clone().requires_grad_())
+    F.mse_loss(out, torch.zeros_like(out)).backward()
+    for h in handles:
+        h.remove()
+    for name in ("0", "3"):
+        rec, weight = flow.layer(name), model.get_submodule(name).weight
+        assert rec.input_grad_norm == pytest.approx(inputs[name].grad.norm().item(), rel=1e-5), name
+        assert rec.grad_norm == pytest.approx(weight.grad.norm().item(), rel=1e-5), name
+        assert rec.mean_abs_grad == pytest.approx(weight.grad.abs().mean().item(), rel=1e-5), name
+        assert rec.activation_rms == pytest.approx(outputs[name].pow(2).mean().sqrt().item(), rel=1e-5), name
+
+
+class _InPlace(nn.Module):
+    """``c`` takes the tensor ``b`` took, changed in place in between (``b`` is frozen: it saves no input)."""
+
+    def __init__(self, in_place):
+        super().__init__()
+        self.in_place = in_place
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.requires_grad_(False)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = self.b(h)
+        h = h.mul_(2) if self.in_place else h * 2
+        return self.c(h) + y
+
+
+@pytest.mark.parametrize("keep_grads", [False, True])
+def test_a_tensor_changed_in_place_is_another_layer_input(keep_grads):
+    # the same object, another value: before, `c` was given `b`'s input gradient (1.23 for 0.49)
+    def input_norms(in_place):
+        torch.manual_seed(0)
+        model = _InPlace(in_place)
+        layers, _, weights = find_layers(model)
+        probe = Probe(layers, weights, Sink(), keep_grads=keep_grads)
+        with probe.recording():
+            loss = model(as_leaf(torch.randn(3, 4))).square().mean()
+            loss.backward() if keep_grads else probe.backward(loss)
+        probe.finish()
+        figures = combine(probe.sink.resolve(), batches=1)
+        return [figures[n]["input"] for n in "abc"]
+
+    changed, twin = input_norms(True), input_norms(False)
+    assert changed == pytest.approx(twin, rel=1e-6) and changed[1] != pytest.approx(changed[2], rel=0.1)
 
 
 def test_detach_leaves_no_hook_and_a_probe_can_be_attached_again():

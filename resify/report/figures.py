@@ -158,7 +158,8 @@ def l2_norm(t: torch.Tensor, nonzero: bool = True) -> torch.Tensor | float:
         return torch.linalg.vector_norm(t, dtype=torch.float64)
     if type(t) is torch.Tensor and t.numel() > BATCH_NUMEL and t.dtype == torch.float32 and t.is_contiguous():
         # a BLAS dot product: ~25% faster than vector_norm on the CPU, and as exact (subclasses such as
-        # DTensor, whose norm is a reduction over ranks, keep vector_norm)
+        # DTensor, whose norm is a reduction over ranks, keep vector_norm; small tensors keep it too,
+        # to the bit what ``stacked_figures`` gives them)
         flat = t.view(-1)
         v = math.sqrt(torch.dot(flat, flat).item())
     else:

@@ -89,8 +89,6 @@ def gradient_flow(
     probe = Probe(modules, weights, sink)
     with _no_trace(model, inputs, seed):
         for batch in _batch_inputs(inputs, batches, seed):
-            for p in model.parameters():
-                p.grad = None
             with probe.recording():
                 output = _forward(model, batch, example_kwargs or {})
                 loss = _loss(output, loss_fn, target)
@@ -99,7 +97,7 @@ def gradient_flow(
                         f"the loss of {type(model).__name__} does not depend on any parameter that requires "
                         "grad; unfreeze some (requires_grad=True) or pass a loss_fn that uses the output"
                     )
-                loss.backward()
+                probe.backward(loss)
             sink.add(("loss",), loss.detach())
             probe.batch += 1
         probe.add_weight_norms()
