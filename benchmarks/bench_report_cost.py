@@ -6,8 +6,9 @@ Run from the repository root::
     python -m benchmarks.bench_report_cost --reps 15 --threads 2 mlp vgg --no-write
 
 The baseline is what a training step does: zero the gradients, forward, MSE to zeros, backward.
-The report does the same once (batches=1) plus its hooks, norms and the restoring of gradients,
-buffers, modes and random state. Runs alternate between the two; the table gives medians and the
+The report does the same once (batches=1; its backward computes only the gradients it reads, the
+weights' and the layers' inputs') plus its hooks, norms and the restoring of gradients, buffers,
+modes and random state. Runs alternate between the two; the table gives medians and the
 ratio (target: at most 1.5×), and the extra time per layer. Part of that extra is fixed (hooks
 and bookkeeping in Python, ~0.1 ms per layer on one CPU thread), part grows with the tensors
 (norms of activations and gradients), so a network of tiny layers (the seed's) shows it most.
@@ -158,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {what}",
         "",
         "*fwd+bwd*: zero the gradients, forward, MSE to zeros, backward. *report*: `resify.gradient_flow(model, x)` "
-        "(batches=1: the same forward and backward, plus its hooks, norms and the restoring of gradients, buffers, "
+        "(batches=1: the same forward, and a backward that computes only the gradients it reads, the weights' and "
+        "the layers' inputs', plus its hooks, norms and the restoring of gradients, buffers, "
         f"modes and random state). The two alternate after one warm-up of each; {args.reps} repetitions, medians "
         f"of the {'process CPU' if args.clock == 'cpu' else 'wall-clock'} time. "
         "*ratio* = report / fwd+bwd (target ≤ 1.5×); *best ratio* = the fastest report / the fastest fwd+bwd "
-        "(the two without the machine's noise: on a shared VM the medians of a 20-layer MLP move by ±0.1× from one "
-        "run to the next, the fastest by ±0.03×); *extra µs/layer* = (report − fwd+bwd) / layers.",
+        "(the two with the least of the machine's noise; on this VM the medians of the 20-layer MLP moved by "
+        "±0.04× from one run to the next); *extra µs/layer* = (report − fwd+bwd) / layers.",
         "",
         table(HEADER, rows, True),
         "",
