@@ -162,3 +162,24 @@ def small_cnn():
         nn.Flatten(),
         nn.Linear(16, 4),
     )
+
+
+class CheckpointedMLP(nn.Module):
+    """Blocks of two layers under activation checkpointing (``use_reentrant``: True, False) or none (None):
+    the same function and parameters whichever, for a given seed."""
+
+    def __init__(self, use_reentrant=None, depth=3, width=8):
+        super().__init__()
+        self.use_reentrant = use_reentrant
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width)) for _ in range(depth)
+        )
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            if self.use_reentrant is None:
+                x = block(x)
+            else:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.use_reentrant)
+        return self.head(x)

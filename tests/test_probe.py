@@ -227,6 +227,26 @@ def test_a_tensor_changed_in_place_is_another_layer_input(keep_grads):
     assert changed == pytest.approx(twin, rel=1e-6) and changed[1] != pytest.approx(changed[2], rel=0.1)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_figures_of_the_model_without_it(use_reentrant):
+    """The recompute inside the backward is not measured again (reentrant checkpointing counted the
+    first layer's input gradient twice, √2 too large), and reentrant checkpointing, which refuses a
+    backward with inputs=, gets the whole backward."""
+    from styles import CheckpointedMLP
+
+    x = torch.randn(4, 8)
+    torch.manual_seed(0)
+    plain = resify.gradient_flow(CheckpointedMLP(None), x)
+    torch.manual_seed(0)
+    model = CheckpointedMLP(use_reentrant)
+    flow = resify.gradient_flow(model, x)
+    assert [r.name for r in flow.layers] == [r.name for r in plain.layers]
+    for a, b in zip(flow.layers, plain.layers):
+        for f in ("input_grad_norm", "grad_norm", "mean_abs_grad", "activation_rms", "activation_similarity"):
+            assert getattr(a, f) == pytest.approx(getattr(b, f), rel=1e-6), (a.name, f)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_detach_leaves_no_hook_and_a_probe_can_be_attached_again():
     torch.manual_seed(0)
     model, x = _Net(), torch.randn(5, 4)

@@ -107,6 +107,8 @@ CASES = {
     "layerscale_mlp": (lambda: _rezero_mlp("layerscale", 0.5), (16, 8), lambda out, y: F.cross_entropy(out, y)),
     "small_cnn_bn": (styles.small_cnn, (4, 3, 8, 8), lambda out, y: F.cross_entropy(out, y)),
     "inplace_cnn": (inplace_cnn, (4, 3, 8, 8), lambda out, y: F.cross_entropy(out, y)),
+    "checkpointed": (lambda: styles.CheckpointedMLP(False), (16, 8), lambda out, y: F.cross_entropy(out, y)),
+    "checkpointed_reentrant": (lambda: styles.CheckpointedMLP(True), (16, 8), lambda out, y: F.cross_entropy(out, y)),
     "two_heads": (
         TwoHeads,
         (16, 8),
@@ -116,6 +118,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # (reentrant checkpointing's, for x)
 def test_recorded_figures_equal_gradient_flow_on_the_same_batch_and_loss(case):
     build, shape, loss_of = CASES[case]
     torch.manual_seed(1)

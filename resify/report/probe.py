@@ -45,6 +45,10 @@ _state = threading.local()
 #: (torch 2.2+) names a tensor's place in the graph as the forward left it: ``Probe.backward`` asks for
 #: the gradients there, and only there
 _gradient_edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
+#: the autograd node running now, None outside a backward: a layer called inside one is activation
+#: checkpointing's recompute, whose figures the forward took (all but the input gradients that reentrant
+#: checkpointing only makes there)
+_backward_node = getattr(torch._C, "_current_autograd_node", lambda: None)
 
 
 @contextlib.contextmanager
@@ -191,6 +195,8 @@ class Probe:
         self._tensors: dict[int, tuple[torch.Tensor, str, int]] = {}
         self._also: dict[str, list[str]] = {}  # that layer -> every layer taking the same tensor
         self._edges: list[Any] = []  # (keep_grads=False) the gradient edge of each input tensor hooked
+        self._grad_off = False  # a layer ran without grad mode (reentrant checkpointing): the whole backward
+        self._input_seen: set[str] = set()  # the layers whose input the forward hooked (not again in a recompute)
         self._handles: list[Any] = []
         self._normed: set[int] = set()  # the weights whose norm a gradient hook took (add_weight_norms: the rest)
         # put aside until finish() (keep_grads): tensors, the names each is measured for, and whether it is
@@ -231,8 +237,9 @@ class Probe:
         aside again, and the user's hooks on those never run. The report then allocates about what
         a plain step does, in the blocks it has just freed: a 20-layer MLP's report went from
         1.65-1.77× a plain step to 1.39-1.44× (medians; benchmarks/README.md). A torch without
-        ``get_gradient_edge`` (before 2.2) runs the whole backward."""
-        inputs = [*self._params, *self._edges] if _gradient_edge is not None else []
+        ``get_gradient_edge`` (before 2.2), and a model that ran a layer without grad mode (reentrant
+        activation checkpointing, whose backward refuses ``inputs=``), run the whole backward."""
+        inputs = [*self._params, *self._edges] if _gradient_edge is not None and not self._grad_off else []
         if inputs:
             torch.autograd.backward(loss, inputs=inputs)
         else:
@@ -244,7 +251,8 @@ class Probe:
             h.remove()
         self._handles.clear()
         self._tensors.clear()
-        self._edges = []
+        self._edges, self._grad_off = [], False
+        self._input_seen = set()
         for p in self._bare:  # no empty hook dict left behind: autograd would call into it at every backward
             if not getattr(p, self._hook_dict, None):
                 setattr(p, self._hook_dict, None)
@@ -308,14 +316,22 @@ class Probe:
         sequence = not isinstance(self.layers[name], nn.modules.conv._ConvNd)
 
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            if name not in self.called:
-                self.called[name] = len(self.called)
-            out = output if isinstance(output, torch.Tensor) else first_tensor(output)
-            if out is not None and out.is_floating_point() and out.numel():
-                self._output(name, out.detach(), sequence)
+            recompute = _backward_node() is not None  # (checkpointing)
+            if recompute and name in self._input_seen:
+                return
+            if not recompute:
+                if not torch.is_grad_enabled():  # reentrant checkpointing, which refuses a backward with inputs=
+                    self._grad_off = True
+                if name not in self.called:
+                    self.called[name] = len(self.called)
+                out = output if isinstance(output, torch.Tensor) else first_tensor(output)
+                if out is not None and out.is_floating_point() and out.numel():
+                    self._output(name, out.detach(), sequence)
             x = args[0] if args and isinstance(args[0], torch.Tensor) else first_tensor((args, kwargs))
             if x is None or not x.requires_grad:
                 return
+            if not recompute:
+                self._input_seen.add(name)
             first = self._tensors.get(id(x))
             if first is not None and first[0] is x and first[2] == x._version:  # an earlier layer takes it too
                 also = self._also.setdefault(first[1], [first[1]])
