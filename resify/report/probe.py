@@ -236,7 +236,7 @@ class Probe:
         them). No other parameter's gradient (biases, norms) is made, so none is written and set
         aside again, and the user's hooks on those never run. The report then allocates about what
         a plain step does, in the blocks it has just freed: a 20-layer MLP's report went from
-        1.65-1.77× a plain step to 1.39-1.44× (medians; benchmarks/README.md). A torch without
+        1.65-1.77× a plain step to 1.45-1.49× (medians; benchmarks/README.md). A torch without
         ``get_gradient_edge`` (before 2.2), and a model that ran a layer without grad mode (reentrant
         activation checkpointing, whose backward refuses ``inputs=``), run the whole backward."""
         inputs = [*self._params, *self._edges] if _gradient_edge is not None and not self._grad_off else []
