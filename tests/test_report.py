@@ -648,3 +648,95 @@ def test_plot_without_matplotlib_says_how_to_install(seed_comparison, tmp_path, 
     with pytest.raises(ResifyError, match=r"pip install 'resify\[plot\]'"):
         seed_comparison.plot(tmp_path / "flow.png")
     assert not (tmp_path / "flow.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP over gloo, 2 processes: a report mid-training measures this rank and leaves DDP as it was
+
+
+def _ddp_report_worker(rank, world, path, out):
+    import copy
+
+    import torch.distributed as dist
+    from test_interop import _finish, _init
+
+    _init(rank, world, path)
+    try:
+        torch.manual_seed(0)  # the same weights on both ranks; different data per rank
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1 + rank)
+        reports, references = [], []
+        for _ in range(3):
+            x, y = torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+            reports.append(resify.gradient_flow(ddp, x, target=y).to_json())
+            references.append(resify.gradient_flow(copy.deepcopy(model), x, target=y).to_json())
+            opt.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()  # (it raised here: a reduction left pending)
+            opt.step()
+        params = {k: v.detach().clone() for k, v in model.named_parameters()}
+        torch.save({"reports": reports, "references": references, "params": params}, f"{out}.{rank}")
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available in this build")
+def test_a_report_on_a_ddp_model_mid_training_is_this_ranks_and_training_goes_on(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "state")
+    mp.spawn(_ddp_report_worker, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    for rank, r in enumerate(ranks):
+        for report, reference in zip(r["reports"], r["references"]):
+            got, ref = resify.GradientFlow.from_json(report), resify.GradientFlow.from_json(reference)
+            assert [x.name for x in got.layers] == ["module." + x.name for x in ref.layers], rank
+            for a, b in zip(got.layers, ref.layers):
+                assert a.input_grad_norm == pytest.approx(b.input_grad_norm, rel=1e-6), (rank, a.name)
+                assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-6), (rank, a.name)
+    first = [json.loads(r["reports"][0])["layers"][0]["input_grad_norm"] for r in ranks]
+    assert first[0] != first[1]  # each rank its own batch, not the all-reduced gradient
+    for k in ranks[0]["params"]:  # and DDP still keeps the ranks equal
+        torch.testing.assert_close(ranks[0]["params"][k], ranks[1]["params"][k], rtol=0, atol=0, msg=k)
+
+
+def _fsdp2_report_worker(rank, world, path, out):
+    import torch.distributed as dist
+    from test_interop import _finish, _init
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, world, path)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        x = torch.randn(4, 8)
+        reference = resify.gradient_flow(model, x).to_json()
+        fully_shard(model)
+        torch.save({"report": resify.gradient_flow(model, x).to_json(), "reference": reference}, f"{out}.{rank}")
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _finish()
+
+
+def test_a_report_on_an_fsdp2_model_has_its_weight_gradients(tmp_path):
+    # its weights are DTensors whose gradients FSDP's own hooks move: naming them as the backward's
+    # inputs left every weight figure None, so such a model gets the whole backward
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    fsdp = pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("FSDP2 (fully_shard) needs torch >= 2.6")
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "state")
+    mp.spawn(_fsdp2_report_worker, args=(1, str(tmp_path / "rendezvous"), out), nprocs=1, join=True)
+    r = torch.load(f"{out}.0")
+    got, ref = resify.GradientFlow.from_json(r["report"]), resify.GradientFlow.from_json(r["reference"])
+    assert [a.name for a in got.layers] == [b.name for b in ref.layers]
+    for a, b in zip(got.layers, ref.layers):
+        for f in ("mean_abs_grad", "grad_norm", "grad_to_weight", "input_grad_norm", "activation_rms"):
+            assert getattr(a, f) == pytest.approx(getattr(b, f), rel=1e-6), (a.name, f)

@@ -47,7 +47,10 @@ def gradient_flow(
 
     Args:
         model: any ``nn.Module``; it is left exactly as it was (gradients, buffers, modes, hooks,
-            and the global random state too).
+            and the global random state too). A ``DistributedDataParallel`` (or ``DataParallel``)
+            model is run through the module it wraps, under the wrapper's names: its own forward
+            would ready an all-reduce for the report's backward, and leave it pending for the next
+            training step. The figures are this process's.
         example_input: a tensor or tuple of tensors (the forward's positional arguments); derived
             when the first layer is an nn.Linear.
         loss_fn: ``loss_fn(output) -> scalar``. Default: MSE between each floating-point output
@@ -87,10 +90,13 @@ def gradient_flow(
     )
     sink = Sink()
     probe = Probe(modules, weights, sink)
+    wrapped = isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+    runner = model.module if wrapped else model
+    assert isinstance(runner, nn.Module)
     with _no_trace(model, inputs, seed):
         for batch in _batch_inputs(inputs, batches, seed):
             with probe.recording():
-                output = _forward(model, batch, example_kwargs or {})
+                output = _forward(runner, batch, example_kwargs or {})
                 loss = _loss(output, loss_fn, target)
                 if not loss.requires_grad:
                     raise ResifyError(

@@ -182,6 +182,8 @@ class Probe:
             self._weight_names[id(w)] = (*self._weight_names.get(id(w), ()), name)
         unique = {id(w): w for w in weights.values() if w.requires_grad}
         self._params: list[torch.Tensor] = list(unique.values())  # (a hook on every bias would cost more than it holds)
+        # plain parameters: ``backward`` may name them (a DTensor's gradient reaches it by FSDP's own hooks)
+        self._plain = all(type(p) in (nn.Parameter, torch.Tensor) for p in self._params)
         self._forward_hooks = {name: self._forward_hook(name) for name in layers}
         self._param_hooks = [
             self._arriving_hook(self._weight_names[id(p)]) if keep_grads else self._weight_hook for p in self._params
@@ -237,9 +239,11 @@ class Probe:
         aside again, and the user's hooks on those never run. The report then allocates about what
         a plain step does, in the blocks it has just freed: a 20-layer MLP's report went from
         1.65-1.77× a plain step to 1.45-1.49× (medians; benchmarks/README.md). A torch without
-        ``get_gradient_edge`` (before 2.2), and a model that ran a layer without grad mode (reentrant
-        activation checkpointing, whose backward refuses ``inputs=``), run the whole backward."""
-        inputs = [*self._params, *self._edges] if _gradient_edge is not None and not self._grad_off else []
+        ``get_gradient_edge`` (before 2.2), a model that ran a layer without grad mode (reentrant
+        activation checkpointing, whose backward refuses ``inputs=``) and one whose weights are not
+        plain parameters (FSDP2's DTensors, whose gradients its own hooks move) run the whole backward."""
+        named = _gradient_edge is not None and self._plain and not self._grad_off
+        inputs = [*self._params, *self._edges] if named else []
         if inputs:
             torch.autograd.backward(loss, inputs=inputs)
         else:
