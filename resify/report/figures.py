@@ -166,6 +166,10 @@ def l2_norm(t: torch.Tensor, nonzero: bool = True) -> torch.Tensor | float:
         v = torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in _HALF else None).item()
     if t.dtype != torch.float64 and (math.isinf(v) or (v == 0 and nonzero)):
         v = torch.linalg.vector_norm(t, dtype=torch.float64).item()
+    if math.isinf(v):  # past float64's sum of squares (a float64 tensor beyond ~1e154): scaled by its largest
+        largest = t.detach().abs().max().double()
+        if math.isfinite(largest.item()):
+            v = (largest * torch.linalg.vector_norm(t.double() / largest)).item()
     return v
 
 

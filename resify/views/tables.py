@@ -87,26 +87,19 @@ def flow_markdown(flow: GradientFlow) -> str:
 
 
 def comparison_text(c: FlowComparison, width: int) -> str:
-    lines = [f"gradient flow: {c.before.model_class} → {c.after.model_class}", c.headline]
+    lines = textwrap.wrap(
+        f"gradient flow: {c.before.model_class} → {c.after.model_class}", width, subsequent_indent="  "
+    )
+    lines.append(c.headline)
     scale = output_scale(c)
     if scale:
         lines += textwrap.wrap(scale, width, subsequent_indent="  ")
     for tag, flow in (("before", c.before), ("after", c.after)):
         lines += textwrap.wrap(f"{tag}: {flow.summary()}", width, subsequent_indent="  ")
-    header = ["layer", "kind", "before", "after", "×", "before", "after", "×"]
-    rows = [[ch.name, kind_cell(ch.after.kind), *change_figures(ch)] for ch in c.layers]
-    groups = ("mean |grad| of weight", "‖input grad‖")
-    # widen the 'before' columns so that each group label fits over its three columns
-    mins = [0, 0, 0, 0, 0, 0, 0, 0]
-    for k, label in enumerate(groups):
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(2 + 3 * k, 5 + 3 * k)]
-        mins[2 + 3 * k] = max(widths[0], len(label) - widths[1] - widths[2] - 4)
-    rendered = table(header, rows, width=width, shrink=0, right=[False, False] + [True] * 6, min_widths=mins)
-    cols = rendered[1].split("  ")
-    starts = [sum(len(x) + 2 for x in cols[:i]) for i in range(len(cols))]
-    spans = [sum(len(x) for x in cols[i : i + 3]) + 4 for i in (2, 5)]
-    group = " " * starts[2] + groups[0].center(spans[0]) + "  " + groups[1].center(spans[1])
-    lines += ["", group.rstrip(), *rendered]
+    changes = _change_table(c, width, kinds=True)
+    if any(len(line) > width for line in changes):  # too narrow: the kind column goes first
+        changes = _change_table(c, width, kinds=False)
+    lines += ["", *changes]
     if c.added:
         lines += ["", f"added by resify ({len(c.added)}):"]
         rows = [[r.name, kind_cell(r.kind), *added_figures(r)] for r in c.added]
@@ -120,6 +113,26 @@ def comparison_text(c: FlowComparison, width: int) -> str:
     if c.removed:
         lines += textwrap.wrap(f"only before: {', '.join(c.removed)}", width, subsequent_indent="  ")
     return "\n".join(lines)
+
+
+def _change_table(c: FlowComparison, width: int, *, kinds: bool) -> list[str]:
+    """The per-layer table of ``comparison_text``: its group labels over before/after/×, then the table."""
+    header = ["layer", *(["kind"] if kinds else []), "before", "after", "×", "before", "after", "×"]
+    rows = [[ch.name, *([kind_cell(ch.after.kind)] if kinds else []), *change_figures(ch)] for ch in c.layers]
+    first = 2 if kinds else 1  # the column of the first 'before'
+    groups = ("mean |grad| of weight", "‖input grad‖")
+    # widen the 'before' columns so that each group label fits over its three columns
+    mins = [0] * len(header)
+    for k, label in enumerate(groups):
+        at = first + 3 * k
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(at, at + 3)]
+        mins[at] = max(widths[0], len(label) - widths[1] - widths[2] - 4)
+    rendered = table(header, rows, width=width, shrink=0, right=[False] * first + [True] * 6, min_widths=mins)
+    cols = rendered[1].split("  ")
+    starts = [sum(len(x) + 2 for x in cols[:i]) for i in range(len(cols))]
+    spans = [sum(len(x) for x in cols[i : i + 3]) + 4 for i in (first, first + 3)]
+    group = " " * starts[first] + groups[0].center(spans[0]) + "  " + groups[1].center(spans[1])
+    return [group.rstrip(), *rendered]
 
 
 def comparison_markdown(c: FlowComparison) -> str:
