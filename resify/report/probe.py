@@ -238,7 +238,7 @@ class Probe:
         them). No other parameter's gradient (biases, norms) is made, so none is written and set
         aside again, and the user's hooks on those never run. The report then allocates about what
         a plain step does, in the blocks it has just freed: a 20-layer MLP's report went from
-        1.65-1.77× a plain step to 1.45-1.49× (medians; benchmarks/README.md). A torch without
+        1.65-1.77× a plain step to 1.43-1.49× (medians; benchmarks/README.md). A torch without
         ``get_gradient_edge`` (before 2.2), a model that ran a layer without grad mode (reentrant
         activation checkpointing, whose backward refuses ``inputs=``) and one whose weights are not
         plain parameters (FSDP2's DTensors, whose gradients its own hooks move) run the whole backward."""
