@@ -163,7 +163,7 @@ def l2_norm(t: torch.Tensor, nonzero: bool = True) -> torch.Tensor | float:
         flat = t.view(-1)
         v = math.sqrt(torch.dot(flat, flat).item())
     else:  # (half precision in float32: a float16 norm of a million 0.1s comes out 99.3, not 100.0)
-        v = torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in _HALF else None).item()
+        v = torch.linalg.vector_norm(t, dtype=_widened(t)).item()
     if t.dtype != torch.float64 and (math.isinf(v) or (v == 0 and nonzero)):
         v = torch.linalg.vector_norm(t, dtype=torch.float64).item()
     if math.isinf(v):  # past float64's sum of squares (a float64 tensor beyond ~1e154): scaled by its largest
@@ -256,7 +256,7 @@ def figures_of(t: torch.Tensor, grads: bool, *, in_place: bool = False) -> tuple
     # on the CPU), and the count divides in float64; a half-precision sum is taken in float32 (a float16
     # one passes 65,504 at a mean of 0.1 over a million elements)
     count = mean_of or t.numel()
-    total = a.sum(dtype=torch.float32) if a.dtype in _HALF else a.sum()
+    total = a.sum(dtype=_widened(a))
     mean_abs: torch.Tensor | float = (total.item() if t.device.type == "cpu" else total) / count if count else math.nan
     return mean_abs, l2_norm(a, nonzero=not isinstance(mean_abs, float) or mean_abs != 0)
 
@@ -268,11 +268,11 @@ def stacked_figures(tensors: list[torch.Tensor], grads: bool) -> list[tuple[Any,
     if stacked.device.type != "cpu":  # as l2_norm: float64 inside the reduction, no host sync
         norms: list[Any] = list(torch.linalg.vector_norm(stacked, dim=1, dtype=torch.float64))
         if grads:
-            means = list(_abs_sums(stacked) / stacked.shape[1])
+            means = list(stacked.abs().sum(dim=1, dtype=_widened(stacked)) / stacked.shape[1])
         return list(zip(means, norms))
-    norms = torch.linalg.vector_norm(stacked, dim=1, dtype=torch.float32 if stacked.dtype in _HALF else None).tolist()
+    norms = torch.linalg.vector_norm(stacked, dim=1, dtype=_widened(stacked)).tolist()
     if grads:
-        means = [v / stacked.shape[1] for v in _abs_sums(stacked).tolist()]
+        means = [v / stacked.shape[1] for v in stacked.abs().sum(dim=1, dtype=_widened(stacked)).tolist()]
     # as l2_norm: again in float64 where the norm overflowed, or underflowed to 0 (a true 0 has mean 0)
     again = [i for i, (v, m) in enumerate(zip(norms, means)) if math.isinf(v) or (v == 0 and m != 0)]
     if again:
@@ -282,7 +282,6 @@ def stacked_figures(tensors: list[torch.Tensor], grads: bool) -> list[tuple[Any,
     return list(zip(means, norms))
 
 
-def _abs_sums(stacked: torch.Tensor) -> torch.Tensor:
-    """Σ|x| of each row, as ``figures_of`` sums one tensor (half precision in float32)."""
-    a = stacked.abs()
-    return a.sum(dim=1, dtype=torch.float32) if a.dtype in _HALF else a.sum(dim=1)
+def _widened(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype a gradient's sum or norm is taken in: float32 for half precision, else its own (None)."""
+    return torch.float32 if t.dtype in _HALF else None

@@ -344,7 +344,7 @@ class Probe:
                 return
             # (the reference keeps the id from being reused; an in-place op since makes it another input)
             self._tensors[id(x)] = (x, name, x._version)
-            if not self.keep_grads and _gradient_edge is not None:
+            if not (self.keep_grads or recompute) and _gradient_edge is not None:
                 self._edges.append(_gradient_edge(x))  # (now: an in-place op later would move the tensor's)
             self._handles.append(x.register_hook(functools.partial(self._on_input, name, self.batch)))
 
